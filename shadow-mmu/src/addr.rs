@@ -1,0 +1,188 @@
+//! Address newtypes for the three address spaces a VMM juggles, and the page-fault error code.
+//!
+//! Keeping guest-virtual, guest-physical and host-physical addresses in different types makes the
+//! compiler catch the classic shadow-paging bug: using a guest-physical address where a host one
+//! is needed. Arithmetic is checked (`checked_add -> Option`); nothing here panics on guest data.
+
+use core::fmt;
+
+/// Size of a 4 KiB page.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Returns true when `addr` is canonical for 48-bit linear addresses: bits 63..47 all equal
+/// (SDM vol. 1 §3.3.7.1).
+pub const fn is_canonical(addr: u64) -> bool {
+    let top = addr >> 47;
+    top == 0 || top == 0x1_ffff
+}
+
+/// A guest-virtual (linear) address, as the guest's code and page tables see it.
+///
+/// Always canonical: the constructor rejects anything else, because a non-canonical access is a
+/// #GP (or #SS) in the guest, never a page walk.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct GuestVirtAddr(u64);
+
+impl GuestVirtAddr {
+    /// Returns the address when it is canonical, `None` otherwise.
+    pub const fn new(addr: u64) -> Option<Self> {
+        if is_canonical(addr) {
+            Some(Self(addr))
+        } else {
+            None
+        }
+    }
+
+    /// The raw value.
+    pub const fn as_u64(self) -> u64 {
+        self.0
+    }
+
+    /// Adds `offset`, returning `None` on overflow or when the result is not canonical.
+    pub const fn checked_add(self, offset: u64) -> Option<Self> {
+        match self.0.checked_add(offset) {
+            Some(v) => Self::new(v),
+            None => None,
+        }
+    }
+
+    /// The address of the 4 KiB page that contains this address.
+    pub const fn page_base(self) -> Self {
+        Self(self.0 & !(PAGE_SIZE - 1))
+    }
+
+    /// Offset of the address inside its 4 KiB page.
+    pub const fn page_offset(self) -> u64 {
+        self.0 & (PAGE_SIZE - 1)
+    }
+
+    /// Index into the page table at `level` (4 = PML4, 3 = PDPT, 2 = PD, 1 = PT), 0..512.
+    pub const fn table_index(self, level: u8) -> usize {
+        ((self.0 >> (12 + 9 * (level as u64 - 1))) & 0x1ff) as usize
+    }
+}
+
+/// A guest-physical address: what the guest believes is a physical address.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct GuestPhysAddr(u64);
+
+impl GuestPhysAddr {
+    /// Wraps a raw guest-physical address.
+    pub const fn new(addr: u64) -> Self {
+        Self(addr)
+    }
+
+    /// The raw value.
+    pub const fn as_u64(self) -> u64 {
+        self.0
+    }
+
+    /// Adds `offset`, returning `None` on overflow.
+    pub const fn checked_add(self, offset: u64) -> Option<Self> {
+        match self.0.checked_add(offset) {
+            Some(v) => Some(Self(v)),
+            None => None,
+        }
+    }
+
+    /// The guest frame number (address / 4 KiB).
+    pub const fn frame_number(self) -> u64 {
+        self.0 / PAGE_SIZE
+    }
+
+    /// Offset of the address inside its 4 KiB frame.
+    pub const fn page_offset(self) -> u64 {
+        self.0 & (PAGE_SIZE - 1)
+    }
+}
+
+/// A host-physical address: a real frame the VMM owns.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct HostPhysAddr(u64);
+
+impl HostPhysAddr {
+    /// Wraps a raw host-physical address.
+    pub const fn new(addr: u64) -> Self {
+        Self(addr)
+    }
+
+    /// The raw value.
+    pub const fn as_u64(self) -> u64 {
+        self.0
+    }
+
+    /// Adds `offset`, returning `None` on overflow.
+    pub const fn checked_add(self, offset: u64) -> Option<Self> {
+        match self.0.checked_add(offset) {
+            Some(v) => Some(Self(v)),
+            None => None,
+        }
+    }
+}
+
+macro_rules! impl_hex_debug {
+    ($($t:ident),*) => {$(
+        impl fmt::Debug for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, concat!(stringify!($t), "({:#x})"), self.0)
+            }
+        }
+        impl fmt::LowerHex for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::LowerHex::fmt(&self.0, f)
+            }
+        }
+    )*};
+}
+impl_hex_debug!(GuestVirtAddr, GuestPhysAddr, HostPhysAddr);
+
+bitflags::bitflags! {
+    /// The page-fault error code pushed with #PF (SDM vol. 3 §4.7).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+    pub struct PageFaultErrorCode: u32 {
+        /// P: 0 = the page was not present, 1 = a protection violation.
+        const PRESENT = 1 << 0;
+        /// W/R: the access was a write.
+        const WRITE = 1 << 1;
+        /// U/S: the access was a user-mode access (CPL 3).
+        const USER = 1 << 2;
+        /// RSVD: a reserved bit was set in some paging-structure entry.
+        const RESERVED_BIT = 1 << 3;
+        /// I/D: the access was an instruction fetch (only reported with NX or SMEP enabled).
+        const INSTRUCTION_FETCH = 1 << 4;
+        /// PK: protection-key violation.
+        const PROTECTION_KEY = 1 << 5;
+        /// SS: shadow-stack access.
+        const SHADOW_STACK = 1 << 6;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_boundaries() {
+        assert!(GuestVirtAddr::new(0x0000_7fff_ffff_ffff).is_some());
+        assert!(GuestVirtAddr::new(0x0000_8000_0000_0000).is_none());
+        assert!(GuestVirtAddr::new(0xffff_7fff_ffff_ffff).is_none());
+        assert!(GuestVirtAddr::new(0xffff_8000_0000_0000).is_some());
+    }
+
+    #[test]
+    fn checked_add_rejects_crossing_the_hole() {
+        let a = GuestVirtAddr::new(0x0000_7fff_ffff_f000).unwrap();
+        assert!(a.checked_add(0xfff).is_some());
+        assert!(a.checked_add(0x1000).is_none());
+        assert!(GuestPhysAddr::new(u64::MAX).checked_add(1).is_none());
+    }
+
+    #[test]
+    fn table_indices() {
+        let a = GuestVirtAddr::new(0xffff_ff80_0020_3000).unwrap();
+        assert_eq!(a.table_index(4), 511);
+        assert_eq!(a.table_index(3), 0);
+        assert_eq!(a.table_index(2), 1);
+        assert_eq!(a.table_index(1), 3);
+    }
+}

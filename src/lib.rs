@@ -1,0 +1,1 @@
+//! Host-side helpers for the QEMU integration tests.
