@@ -16,3 +16,8 @@ extern crate alloc;
 
 #[cfg(test)]
 extern crate std;
+
+pub mod accounting;
+pub mod cpu;
+pub mod devices;
+pub mod io;

@@ -1,0 +1,1 @@
+//! Trap accounting: counts and costs per trap kind, and the exit table.

@@ -1,0 +1,1 @@
+//! The virtual CPU: state, decode and emulation, event delivery and injection.
