@@ -18,6 +18,7 @@ extern crate alloc;
 extern crate std;
 
 pub mod accounting;
+pub mod config;
 pub mod cpu;
 pub mod devices;
 pub mod io;

@@ -1,0 +1,237 @@
+//! The host kernel's command line: `key=value` words, then `--` and the guest's own words.
+//!
+//! Parsed here rather than in the kernel so the rules (valid keys, ranges, error messages) are
+//! host-tested. An unknown key or a bad value is an error that names every valid key, because the
+//! person who typed it is reading the serial console and has nothing else to go on.
+
+use core::fmt;
+
+/// How shadow page tables are kept across guest CR3 loads (see shadow-mmu).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShadowPolicy {
+    /// Drop every shadow on each CR3 load: simple, slow context switches.
+    Flush,
+    /// Keep shadows per guest CR3 and write-protect guest page tables.
+    Cached,
+}
+
+/// A fault the host can be told to commit on purpose, to test its own failure paths.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DebugAction {
+    /// Nothing.
+    None,
+    /// Panic right after parsing the command line (tests the panic path and its exit code).
+    Panic,
+}
+
+/// Everything the host command line configures.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostConfig<'a> {
+    /// Host timer (PIT channel 0) rate in Hz.
+    pub timer_hz: u32,
+    /// Guest RAM in MiB.
+    pub guest_mem_mib: u32,
+    /// Print one line per trap for the first N traps (0 = off).
+    pub trace: u64,
+    /// Shadow page-table policy.
+    pub shadow: ShadowPolicy,
+    /// Stop the guest when it has made no progress (no trap other than timer ticks) for this many
+    /// timer ticks (0 = never).
+    pub watchdog_ticks: u64,
+    /// A deliberate host failure for tests.
+    pub debug: DebugAction,
+    /// The guest's command line: everything after `--`, as typed.
+    pub guest_cmdline: &'a str,
+}
+
+impl Default for HostConfig<'_> {
+    fn default() -> Self {
+        Self {
+            timer_hz: 1000,
+            guest_mem_mib: 32,
+            trace: 0,
+            shadow: ShadowPolicy::Flush,
+            watchdog_ticks: 10_000,
+            debug: DebugAction::None,
+            guest_cmdline: "",
+        }
+    }
+}
+
+/// The keys [`HostConfig::parse`] accepts, with their syntax, for error messages and docs.
+pub const VALID_KEYS: &str = "timer_hz=<1..10000> mem=<4..3072 MiB> trace=<N> shadow=flush|cached \
+watchdog=<ticks, 0=off> debug=none|panic";
+
+/// Why a host command line was rejected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConfigError<'a> {
+    /// A word that is not `key=value` (and not `--`).
+    NotKeyValue(&'a str),
+    /// A key this VMM does not know.
+    UnknownKey(&'a str),
+    /// A known key with a value out of range or of the wrong form.
+    BadValue {
+        /// The key.
+        key: &'a str,
+        /// The value given.
+        value: &'a str,
+    },
+}
+
+impl fmt::Display for ConfigError<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NotKeyValue(w) => write!(f, "'{w}' is not key=value"),
+            Self::UnknownKey(k) => write!(f, "unknown key '{k}'"),
+            Self::BadValue { key, value } => write!(f, "bad value '{value}' for '{key}'"),
+        }?;
+        write!(f, "; valid keys: {VALID_KEYS}")
+    }
+}
+
+fn parse_in_range<'a>(
+    key: &'a str,
+    value: &'a str,
+    lo: u64,
+    hi: u64,
+) -> Result<u64, ConfigError<'a>> {
+    match value.parse::<u64>() {
+        Ok(v) if (lo..=hi).contains(&v) => Ok(v),
+        _ => Err(ConfigError::BadValue { key, value }),
+    }
+}
+
+impl<'a> HostConfig<'a> {
+    /// Parses the host command line. Multiboot loaders (QEMU, GRUB) put the kernel's own path
+    /// first; pass `skip_image_path = true` to drop that first word.
+    pub fn parse(cmdline: &'a str, skip_image_path: bool) -> Result<Self, ConfigError<'a>> {
+        let mut config = Self::default();
+        let (host_part, guest_part) = split_guest_words(cmdline);
+        config.guest_cmdline = guest_part;
+        let mut words = host_part.split_ascii_whitespace();
+        if skip_image_path {
+            words.next();
+        }
+        for word in words {
+            let (key, value) = word.split_once('=').ok_or(ConfigError::NotKeyValue(word))?;
+            let bad = ConfigError::BadValue { key, value };
+            match key {
+                "timer_hz" => config.timer_hz = parse_in_range(key, value, 1, 10_000)? as u32,
+                "mem" => config.guest_mem_mib = parse_in_range(key, value, 4, 3072)? as u32,
+                "trace" => config.trace = parse_in_range(key, value, 0, u64::MAX)?,
+                "watchdog" => config.watchdog_ticks = parse_in_range(key, value, 0, u64::MAX)?,
+                "shadow" => {
+                    config.shadow = match value {
+                        "flush" => ShadowPolicy::Flush,
+                        "cached" => ShadowPolicy::Cached,
+                        _ => return Err(bad),
+                    }
+                }
+                "debug" => {
+                    config.debug = match value {
+                        "none" => DebugAction::None,
+                        "panic" => DebugAction::Panic,
+                        _ => return Err(bad),
+                    }
+                }
+                _ => return Err(ConfigError::UnknownKey(key)),
+            }
+        }
+        Ok(config)
+    }
+}
+
+/// Splits a command line at the first `--` word: (host words, guest words, trimmed).
+pub fn split_guest_words(cmdline: &str) -> (&str, &str) {
+    let mut offset = 0;
+    for word in cmdline.split(' ') {
+        if word == "--" {
+            let rest = &cmdline[offset + word.len()..];
+            return (&cmdline[..offset], rest.trim());
+        }
+        offset += word.len() + 1;
+    }
+    (cmdline, "")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::string::ToString;
+
+    #[test]
+    fn defaults_when_empty() {
+        let c = HostConfig::parse("", false).unwrap();
+        assert_eq!(c, HostConfig::default());
+        assert_eq!(c.timer_hz, 1000);
+        assert_eq!(c.guest_mem_mib, 32);
+    }
+
+    #[test]
+    fn image_path_is_skipped_and_guest_words_split() {
+        let c =
+            HostConfig::parse("/path/kernel timer_hz=250 mem=64 -- bench iters=10", true).unwrap();
+        assert_eq!(c.timer_hz, 250);
+        assert_eq!(c.guest_mem_mib, 64);
+        assert_eq!(c.guest_cmdline, "bench iters=10");
+    }
+
+    #[test]
+    fn every_key_parses() {
+        let c = HostConfig::parse("trace=5 shadow=cached debug=panic watchdog=0", false).unwrap();
+        assert_eq!(c.trace, 5);
+        assert_eq!(c.shadow, ShadowPolicy::Cached);
+        assert_eq!(c.debug, DebugAction::Panic);
+        assert_eq!(c.watchdog_ticks, 0);
+    }
+
+    #[test]
+    fn unknown_key_names_the_valid_ones() {
+        let e = HostConfig::parse("bogus=1", false).unwrap_err();
+        assert_eq!(e, ConfigError::UnknownKey("bogus"));
+        let msg = e.to_string();
+        assert!(msg.contains("unknown key 'bogus'"));
+        for key in [
+            "timer_hz=",
+            "mem=",
+            "trace=",
+            "shadow=",
+            "watchdog=",
+            "debug=",
+        ] {
+            assert!(msg.contains(key), "{msg} lacks {key}");
+        }
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        for line in [
+            "timer_hz=0",
+            "timer_hz=x",
+            "mem=1",
+            "mem=99999",
+            "shadow=maybe",
+            "debug=oops",
+        ] {
+            assert!(
+                matches!(
+                    HostConfig::parse(line, false),
+                    Err(ConfigError::BadValue { .. })
+                ),
+                "{line}"
+            );
+        }
+        assert_eq!(
+            HostConfig::parse("justaword", false),
+            Err(ConfigError::NotKeyValue("justaword"))
+        );
+    }
+
+    #[test]
+    fn guest_words_after_double_dash_are_not_parsed() {
+        let c = HostConfig::parse("-- bogus=1 --", false).unwrap();
+        assert_eq!(c.guest_cmdline, "bogus=1 --");
+        let (h, g) = split_guest_words("a=1 --x b");
+        assert_eq!((h, g), ("a=1 --x b", ""));
+    }
+}
