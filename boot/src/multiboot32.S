@@ -16,7 +16,8 @@
  *
  * State on leaving: CR0 = PE|MP|ET|NE|WP|PG, CR4 = PAE, EFER = LME|LMA|NXE, CR3 = boot_pml4,
  * GDTR = boot_gdt (0x08 64-bit code DPL 0, 0x10 data DPL 0). All of the boot data (tables, GDT,
- * stack) lies between `boot_area_start` and `boot_area_end`.
+ * stack, and `boot_info_page`, 4 KiB for the guest's BootInfo and command line) lies between
+ * `boot_area_start` and `boot_area_end`.
  */
 
 .set MB_MAGIC,        0x1BADB002
@@ -221,6 +222,10 @@ boot_stack_bottom:
     .zero 16 * 1024
 .global boot_stack_top
 boot_stack_top:
+/* Room for the guest's BootInfo and command line (native guest boot fills it). */
+.global boot_info_page
+boot_info_page:
+    .zero 4096
 .global boot_area_end
 boot_area_end:
 

@@ -1,0 +1,73 @@
+//! The host console: COM1 through `uart_16550`, behind the `log` facade.
+//!
+//! Every host line starts with `[vmm]` (errors with `[vmm] error:`, warnings with
+//! `[vmm] warning:`), so a reader and the tests can tell host lines from guest lines.
+
+use core::fmt::{self, Write};
+use spin::Mutex;
+use uart_16550::SerialPort;
+
+const COM1: u16 = 0x3F8;
+
+// SAFETY: COM1 at 0x3F8 is the standard PC serial port; this is the only owner of its ports.
+static SERIAL: Mutex<SerialPort> = Mutex::new(unsafe { SerialPort::new(COM1) });
+
+struct Logger;
+
+impl log::Log for Logger {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let level = match record.level() {
+            log::Level::Error => "error: ",
+            log::Level::Warn => "warning: ",
+            _ => "",
+        };
+        write_line(format_args!("[vmm] {level}{}", record.args()));
+    }
+
+    fn flush(&self) {}
+}
+
+static LOGGER: Logger = Logger;
+
+/// Initialises COM1 (115200 8N1, FIFOs on) and installs the logger.
+pub fn init() {
+    SERIAL.lock().init();
+    // A second call would fail only if a logger were already set, which is harmless.
+    let _ = log::set_logger(&LOGGER);
+    log::set_max_level(log::LevelFilter::Info);
+}
+
+/// Writes one line (CR LF terminated) with interrupts off, so a trap cannot interleave its own
+/// output with it.
+pub fn write_line(args: fmt::Arguments<'_>) {
+    without_interrupts(|| {
+        let mut port = SERIAL.lock();
+        let _ = port.write_fmt(args);
+        let _ = port.write_str("\r\n");
+    });
+}
+
+/// Writes a line even if the lock is held (a panic while printing): used by the panic handler.
+pub fn panic_print(args: fmt::Arguments<'_>) {
+    // SAFETY: called once on the way to the exit; if the lock was held, its owner will never run
+    // again (we exit right after), so taking the port over cannot race with it.
+    unsafe { SERIAL.force_unlock() };
+    write_line(args);
+}
+
+/// Runs `f` with interrupts disabled, restoring the previous IF afterwards.
+pub fn without_interrupts<R>(f: impl FnOnce() -> R) -> R {
+    let rflags: u64;
+    // SAFETY: reading RFLAGS and clearing IF only changes interrupt delivery on this CPU.
+    unsafe { core::arch::asm!("pushfq; pop {}; cli", out(reg) rflags, options(nomem)) };
+    let result = f();
+    if rflags & (1 << 9) != 0 {
+        // SAFETY: IF was set before we cleared it; setting it again restores the caller's state.
+        unsafe { core::arch::asm!("sti", options(nomem, nostack)) };
+    }
+    result
+}

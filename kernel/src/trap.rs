@@ -1,0 +1,277 @@
+//! The IDT and the one trap dispatcher.
+//!
+//! All 256 vectors enter through the assembly stubs in `asm/trap_entry.S`, which build one
+//! [`TrapFrame`] and call [`trap_dispatch`]. There is no `x86-interrupt` ABI: a VMM needs every
+//! general register of the interrupted context anyway, and one frame shape for every vector
+//! keeps the path from stub to handler easy to follow (docs/ARCHITECTURE.md, "The trap path").
+
+use core::cell::UnsafeCell;
+use core::fmt;
+use core::sync::atomic::{AtomicU64, Ordering};
+use x86::dtables::{lidt, DescriptorTablePointer};
+
+use crate::{gdt, timer};
+
+/// Every general register plus the vector, the error code and the CPU's interrupt frame, in the
+/// order the entry stub pushes them (lowest address first).
+#[repr(C)]
+#[derive(Clone, Debug, Default)]
+#[allow(missing_docs)]
+pub struct TrapFrame {
+    pub r15: u64,
+    pub r14: u64,
+    pub r13: u64,
+    pub r12: u64,
+    pub r11: u64,
+    pub r10: u64,
+    pub r9: u64,
+    pub r8: u64,
+    pub rbp: u64,
+    pub rdi: u64,
+    pub rsi: u64,
+    pub rdx: u64,
+    pub rcx: u64,
+    pub rbx: u64,
+    pub rax: u64,
+    /// The IDT vector (pushed by the stub).
+    pub vector: u64,
+    /// The CPU's error code, or 0 for vectors without one (pushed by the stub).
+    pub error_code: u64,
+    pub rip: u64,
+    pub cs: u64,
+    pub rflags: u64,
+    pub rsp: u64,
+    pub ss: u64,
+}
+
+impl TrapFrame {
+    /// True when the trap interrupted Ring 3 (the guest), false when it interrupted the host.
+    pub fn interrupted_ring3(&self) -> bool {
+        self.cs & 3 == 3
+    }
+}
+
+/// Line break inside a multi-line host report: every line still starts with `[vmm]`.
+pub const REPORT_NEWLINE: &str = "\r\n[vmm]   ";
+
+impl fmt::Display for TrapFrame {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let nl = REPORT_NEWLINE;
+        write!(
+            f,
+            "vector={} error={:#x} rip={:#018x} cs={:#x} rflags={:#x} rsp={:#018x} ss={:#x}",
+            self.vector, self.error_code, self.rip, self.cs, self.rflags, self.rsp, self.ss
+        )?;
+        write!(
+            f,
+            "{nl}rax={:#018x} rbx={:#018x} rcx={:#018x} rdx={:#018x}",
+            self.rax, self.rbx, self.rcx, self.rdx
+        )?;
+        write!(
+            f,
+            "{nl}rsi={:#018x} rdi={:#018x} rbp={:#018x} r8 ={:#018x}",
+            self.rsi, self.rdi, self.rbp, self.r8
+        )?;
+        write!(
+            f,
+            "{nl}r9 ={:#018x} r10={:#018x} r11={:#018x} r12={:#018x}",
+            self.r9, self.r10, self.r11, self.r12
+        )?;
+        write!(
+            f,
+            "{nl}r13={:#018x} r14={:#018x} r15={:#018x}",
+            self.r13, self.r14, self.r15
+        )
+    }
+}
+
+/// Exception vectors by their manual names (SDM vol. 3 §6.3.1, table 6-1).
+pub mod vector {
+    /// #DE divide error.
+    pub const DIVIDE_ERROR: u64 = 0;
+    /// NMI.
+    pub const NMI: u64 = 2;
+    /// #BP breakpoint (INT3).
+    pub const BREAKPOINT: u64 = 3;
+    /// #DF double fault.
+    pub const DOUBLE_FAULT: u64 = 8;
+    /// #GP general protection.
+    pub const GENERAL_PROTECTION: u64 = 13;
+    /// #PF page fault.
+    pub const PAGE_FAULT: u64 = 14;
+    /// #MC machine check.
+    pub const MACHINE_CHECK: u64 = 18;
+    /// First vector of the remapped master 8259 (IRQ 0, the PIT).
+    pub const IRQ_BASE: u64 = 0x20;
+}
+
+const EXCEPTION_NAMES: [&str; 32] = [
+    "#DE divide error",
+    "#DB debug",
+    "NMI",
+    "#BP breakpoint",
+    "#OF overflow",
+    "#BR bound range",
+    "#UD invalid opcode",
+    "#NM device not available",
+    "#DF double fault",
+    "coprocessor segment overrun",
+    "#TS invalid TSS",
+    "#NP segment not present",
+    "#SS stack fault",
+    "#GP general protection",
+    "#PF page fault",
+    "reserved (15)",
+    "#MF x87 error",
+    "#AC alignment check",
+    "#MC machine check",
+    "#XM SIMD exception",
+    "#VE virtualization exception",
+    "#CP control protection",
+    "reserved (22)",
+    "reserved (23)",
+    "reserved (24)",
+    "reserved (25)",
+    "reserved (26)",
+    "reserved (27)",
+    "#HV hypervisor injection",
+    "#VC VMM communication",
+    "#SX security exception",
+    "reserved (31)",
+];
+
+/// The manual's name for an exception vector, or "interrupt" for vectors 32..=255.
+pub fn vector_name(vector: u64) -> &'static str {
+    EXCEPTION_NAMES
+        .get(vector as usize)
+        .copied()
+        .unwrap_or("interrupt")
+}
+
+/// A 64-bit IDT gate descriptor (SDM vol. 3 §6.14.1, figure 6-8).
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct Gate {
+    offset_low: u16,
+    selector: u16,
+    ist: u8,
+    type_attr: u8,
+    offset_mid: u16,
+    offset_high: u32,
+    reserved: u32,
+}
+
+impl Gate {
+    const MISSING: Gate = Gate {
+        offset_low: 0,
+        selector: 0,
+        ist: 0,
+        type_attr: 0,
+        offset_mid: 0,
+        offset_high: 0,
+        reserved: 0,
+    };
+
+    /// A present 64-bit interrupt gate (type 0xE: IF cleared on entry), DPL 0, so a software
+    /// INT n from Ring 3 faults with #GP instead of entering the host (the VMM then emulates it).
+    fn interrupt(handler: u64, ist: u8) -> Gate {
+        Gate {
+            offset_low: handler as u16,
+            selector: gdt::HOST_CODE,
+            ist,
+            type_attr: 0x8E,
+            offset_mid: (handler >> 16) as u16,
+            offset_high: (handler >> 32) as u32,
+            reserved: 0,
+        }
+    }
+}
+
+struct Idt(UnsafeCell<[Gate; 256]>);
+// SAFETY: filled once by `init` before interrupts are enabled; afterwards only the CPU reads it.
+unsafe impl Sync for Idt {}
+static IDT: Idt = Idt(UnsafeCell::new([Gate::MISSING; 256]));
+
+extern "C" {
+    static trap_stubs: u8;
+    fn fixup_read_u64(addr: *const u64, out: *mut u64) -> u64;
+    static fixup_read_u64_insn: u8;
+    static fixup_read_u64_recover: u8;
+}
+
+/// Size of one entry stub in `asm/trap_entry.S`.
+const STUB_SIZE: u64 = 16;
+
+/// Fills all 256 gates with the entry stubs and loads the IDT.
+pub fn init() {
+    let stubs = core::ptr::addr_of!(trap_stubs) as u64;
+    // SAFETY: single-threaded boot with interrupts off; nothing else touches the IDT yet.
+    let idt = unsafe { &mut *IDT.0.get() };
+    for (vector, gate) in idt.iter_mut().enumerate() {
+        let ist = match vector as u64 {
+            vector::DOUBLE_FAULT => gdt::IST_DOUBLE_FAULT,
+            vector::NMI => gdt::IST_NMI,
+            vector::MACHINE_CHECK => gdt::IST_MACHINE_CHECK,
+            _ => 0,
+        };
+        *gate = Gate::interrupt(stubs + STUB_SIZE * vector as u64, ist);
+    }
+    let pointer = DescriptorTablePointer::new(idt);
+    // SAFETY: the IDT is static, every gate points at a stub in this image, and the IST slots it
+    // names were set up by gdt::init.
+    unsafe { lidt(&pointer) };
+}
+
+/// Traps seen by the dispatcher, by vector (for the self-checks and the exit report).
+pub static TRAP_COUNTS: [AtomicU64; 256] = [const { AtomicU64::new(0) }; 256];
+/// The CR2 of the last page fault recovered through the fixup table.
+pub static LAST_RECOVERED_CR2: AtomicU64 = AtomicU64::new(0);
+
+/// Reads a u64 at `addr`, returning `None` instead of faulting when it is not mapped.
+pub fn read_u64_or_fault(addr: u64) -> Option<u64> {
+    let mut value = 0;
+    // SAFETY: `fixup_read_u64` only reads `addr` (a fault there is recovered by the dispatcher)
+    // and writes `value`, a valid local.
+    let faulted = unsafe { fixup_read_u64(addr as *const u64, &mut value) };
+    (faulted == 0).then_some(value)
+}
+
+/// The one Rust entry for every trap, called by `trap_common` with the saved frame.
+#[no_mangle]
+extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
+    if let Some(counter) = TRAP_COUNTS.get(frame.vector as usize) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+    match frame.vector {
+        vector::BREAKPOINT if !frame.interrupted_ring3() => {} // INT3 is a trap: RIP is already past it
+        vector::PAGE_FAULT if frame.rip == core::ptr::addr_of!(fixup_read_u64_insn) as u64 => {
+            // SAFETY: reading CR2 has no side effects; we are in the #PF handler, so it holds
+            // the faulting address.
+            LAST_RECOVERED_CR2.store(unsafe { x86::controlregs::cr2() } as u64, Ordering::Relaxed);
+            frame.rip = core::ptr::addr_of!(fixup_read_u64_recover) as u64;
+        }
+        v if (vector::IRQ_BASE..vector::IRQ_BASE + 16).contains(&v) => {
+            timer::handle_irq((v - vector::IRQ_BASE) as u8)
+        }
+        _ => fatal(frame),
+    }
+}
+
+/// A trap the host cannot handle: print everything and panic (exit code HOST_PANIC).
+fn fatal(frame: &TrapFrame) -> ! {
+    // SAFETY: reading CR2 has no side effects.
+    let cr2 = unsafe { x86::controlregs::cr2() };
+    crate::serial::write_line(format_args!(
+        "[vmm] unexpected {} in the host, cr2={:#x}{}{}",
+        vector_name(frame.vector),
+        cr2,
+        REPORT_NEWLINE,
+        frame
+    ));
+    panic!(
+        "unexpected {} (vector {}) at rip={:#x}",
+        vector_name(frame.vector),
+        frame.vector,
+        frame.rip
+    )
+}

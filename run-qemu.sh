@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# Builds the kernels and boots them in QEMU: the one way to start this VMM.
+#
+#   ./run-qemu.sh                 the host kernel (the VMM) with the guest kernel as its module
+#   ./run-qemu.sh --native        the guest kernel alone on bare QEMU, no VMM
+#   ./run-qemu.sh -- bench        words after -- are the guest's own command line
+#
+# Exit status: 0 guest success, 1 guest failure, 3 host panic, 4 guest stopped by the VMM,
+# 2 anything else (bad usage, configuration error, timeout, QEMU failure).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+TARGET=x86_64-unknown-none
+TARGET_DIR="$ROOT/target/qemu"
+BIN_DIR="$TARGET_DIR/$TARGET/release"
+
+usage() {
+    cat <<'EOF'
+usage: ./run-qemu.sh [options] [-- guest words...]
+
+Boots the trap-and-emulate VMM (the host kernel) in QEMU with a guest as its Multiboot module.
+
+options:
+  --help             show this help and exit
+  --native           boot the guest kernel itself on bare QEMU (no VMM)
+  --guest PATH       run this guest ELF instead of the built guest-kernel
+  --mem MiB          guest RAM in MiB (default 32)
+  --icount           deterministic instruction counting (-icount shift=0,sleep=off): the guest's
+                     rdtsc then counts retired instructions
+  --gdb              QEMU waits for gdb on localhost:1234 (prints the gdb command to use)
+  --trace            the VMM prints one line per trap (host option trace=1000)
+  --timeout S        stop QEMU after S seconds (default 120); a timeout exits with status 2
+  --append "k=v ..." extra host command-line options (timer_hz=, mem=, trace=, shadow=,
+                     watchdog=, debug=)
+  --no-build         do not run cargo build first (the tests build once, then use this)
+  -- words...        everything after -- is passed to the guest's command line
+
+exit status: 0 guest success, 1 guest failure, 3 host panic, 4 guest stopped by the VMM,
+             2 anything else (bad usage, configuration error, timeout)
+EOF
+}
+
+die_usage() {
+    echo "run-qemu.sh: $1" >&2
+    usage >&2
+    exit 2
+}
+
+native=0 guest="" mem=32 icount=0 gdb=0 trace=0 timeout_s=120 append="" build=1
+guest_words=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --help|-h) usage; exit 0 ;;
+        --native) native=1 ;;
+        --guest) [ $# -ge 2 ] || die_usage "--guest needs a path"; guest=$2; shift ;;
+        --mem) [ $# -ge 2 ] || die_usage "--mem needs a size in MiB"; mem=$2; shift ;;
+        --icount) icount=1 ;;
+        --gdb) gdb=1 ;;
+        --trace) trace=1 ;;
+        --timeout) [ $# -ge 2 ] || die_usage "--timeout needs seconds"; timeout_s=$2; shift ;;
+        --append) [ $# -ge 2 ] || die_usage "--append needs a string"; append=$2; shift ;;
+        --no-build) build=0 ;;
+        --) shift; guest_words=("$@"); break ;;
+        *) die_usage "unknown option '$1'" ;;
+    esac
+    shift
+done
+
+[[ "$mem" =~ ^[0-9]+$ ]] && [ "$mem" -ge 4 ] && [ "$mem" -le 3072 ] \
+    || die_usage "--mem must be a number of MiB between 4 and 3072, not '$mem'"
+[[ "$timeout_s" =~ ^[0-9]+$ ]] && [ "$timeout_s" -ge 1 ] \
+    || die_usage "--timeout must be a positive number of seconds, not '$timeout_s'"
+if [ -n "$guest" ] && [ ! -f "$guest" ]; then
+    die_usage "--guest: no such file '$guest'"
+fi
+
+if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "run-qemu.sh: qemu-system-x86_64 is missing; installing qemu-system-x86 with apt-get" >&2
+        apt-get update -qq >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-system-x86 >&2
+    else
+        echo "run-qemu.sh: qemu-system-x86_64 is missing; install it with:" >&2
+        echo "    sudo apt-get install -y qemu-system-x86" >&2
+        exit 2
+    fi
+fi
+
+if [ "$build" = 1 ]; then
+    # A separate target directory, so this nested cargo never waits on an outer one's lock.
+    (cd "$ROOT" && cargo build --quiet --release --target "$TARGET" --target-dir "$TARGET_DIR" \
+        -p kernel -p guest-kernel) || { echo "run-qemu.sh: build failed" >&2; exit 2; }
+fi
+
+kernel="$BIN_DIR/kernel"
+guest_kernel="$BIN_DIR/guest-kernel"
+[ -n "$guest" ] || guest="$guest_kernel"
+
+qemu=(qemu-system-x86_64
+    -machine q35 -cpu max,vendor=GenuineIntel
+    -serial stdio -display none -monitor none -no-reboot
+    -device isa-debug-exit,iobase=0xf4,iosize=0x04)
+if [ "$icount" = 1 ]; then
+    qemu+=(-icount shift=0,sleep=off)
+fi
+
+if [ "$native" = 1 ]; then
+    [ -f "$guest" ] || die_usage "guest image '$guest' not found (build failed?)"
+    qemu+=(-m "$mem" -kernel "$guest" -append "${guest_words[*]:-}")
+    symbols="$guest"
+else
+    [ -f "$kernel" ] || die_usage "host kernel '$kernel' not found (build failed?)"
+    host_cmdline="mem=$mem"
+    [ "$trace" = 1 ] && host_cmdline+=" trace=1000"
+    [ -n "$append" ] && host_cmdline+=" $append"
+    [ ${#guest_words[@]} -gt 0 ] && host_cmdline+=" -- ${guest_words[*]}"
+    # QEMU RAM: the guest's plus room for the host kernel, shadow page tables and heap.
+    qemu+=(-m "$((mem + 96))" -kernel "$kernel" -append "$host_cmdline")
+    if [ -f "$guest" ]; then
+        # QEMU splits -initrd at commas: a path with a comma cannot be a module.
+        [[ "$guest" != *,* ]] || die_usage "--guest: the path must not contain a comma"
+        qemu+=(-initrd "$guest")
+    fi
+    symbols="$kernel"
+fi
+
+if [ "$gdb" = 1 ]; then
+    qemu+=(-s -S)
+    echo "run-qemu.sh: QEMU waits for gdb on localhost:1234; in another terminal run:" >&2
+    echo "    gdb $symbols -ex 'target remote localhost:1234'" >&2
+    [ "$native" = 1 ] || echo "    (guest symbols: add-symbol-file $guest)" >&2
+fi
+
+set +e
+timeout --foreground "$timeout_s" "${qemu[@]}"
+status=$?
+set -e
+
+# isa-debug-exit makes QEMU exit with (code << 1) | 1; see boot::exit_code.
+case $status in
+    33) exit 0 ;;   # 0x10 guest success
+    35) exit 1 ;;   # 0x11 guest failure
+    37) exit 3 ;;   # 0x12 host panic
+    39) exit 4 ;;   # 0x13 guest stopped by the VMM
+    41) exit 2 ;;   # 0x14 configuration error (the kernel printed why)
+    124) echo "run-qemu.sh: timed out after ${timeout_s}s" >&2; exit 2 ;;
+    *) echo "run-qemu.sh: QEMU exited with status $status" >&2; exit 2 ;;
+esac
