@@ -21,6 +21,6 @@ pub fn halt_forever() -> ! {
 
 /// Reports an unusable configuration (`[vmm] error: ...`) and exits with CONFIG_ERROR.
 pub fn config_error(why: fmt::Arguments<'_>) -> ! {
-    log::error!("error: {why}");
+    log::error!("{why}");
     exit(boot::exit_code::CONFIG_ERROR)
 }

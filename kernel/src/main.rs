@@ -74,12 +74,42 @@ extern "C" fn kernel_main(multiboot_info: u64) -> ! {
     }
     cpu::enable_host_features(&features);
     boot.report_modules();
+    check_memory_fits(&config, boot);
 
     let result = selfcheck::run();
     if result.failed == 0 {
         exit::exit(boot::exit_code::SUCCESS)
     } else {
         exit::exit(boot::exit_code::FAILURE)
+    }
+}
+
+/// Frames the VMM keeps for itself beyond guest RAM (shadow page tables, host structures).
+const VMM_RESERVE_FRAMES: u64 = 1024;
+
+/// Refuses configurations the machine cannot hold: guest RAM (plus the VMM's reserve) larger
+/// than the free frames, or a guest image larger than guest RAM.
+fn check_memory_fits(config: &HostConfig<'_>, boot: &multiboot::BootData) {
+    let guest_bytes = u64::from(config.guest_mem_mib) << 20;
+    let needed = guest_bytes / memory::FRAME_SIZE + VMM_RESERVE_FRAMES;
+    let free = memory::frames::free_frames();
+    if free < needed {
+        exit::config_error(format_args!(
+            "memory map too small: {} MiB free, but the guest needs {} MiB (mem=) plus {} MiB for the VMM",
+            free * memory::FRAME_SIZE >> 20,
+            config.guest_mem_mib,
+            VMM_RESERVE_FRAMES * memory::FRAME_SIZE >> 20
+        ));
+    }
+    for m in boot.modules() {
+        let size = m.range.end.saturating_sub(m.range.start);
+        if size > guest_bytes {
+            exit::config_error(format_args!(
+                "guest image '{}' is {size} bytes, larger than guest RAM ({} MiB)",
+                m.name(),
+                config.guest_mem_mib
+            ));
+        }
     }
 }
 

@@ -1,0 +1,96 @@
+//! QEMU boots of the host kernel on its own: self-checks, command-line errors, the panic path,
+//! and run-qemu.sh's option handling.
+
+use trapvmm::{boot, run_script};
+
+#[test]
+fn host_boot_passes_its_self_checks() {
+    let run = boot(&["--timeout", "60"]);
+    run.expect_status(0);
+    run.expect_line("[vmm] trap-and-emulate VMM host kernel");
+    run.expect_line("[vmm] cpu: vendor-intel=yes long-mode=yes nx=yes");
+    for check in [
+        "breakpoint-returns",
+        "trap-frame-preserves-registers",
+        "page-fault-caught",
+        "timer-ticks",
+        "frame-allocator",
+        "heap",
+    ] {
+        run.expect_line(&format!("[vmm] self-check {check}: ok"));
+    }
+    run.expect_line("[vmm] self-checks: 6 passed, 0 failed");
+    run.expect_line("[vmm] module 0: ");
+    assert!(
+        run.lines()
+            .all(|l| l.starts_with("[vmm] ") || l.starts_with("[guest] ")),
+        "every line must carry its [vmm] or [guest] prefix\n{run}"
+    );
+}
+
+#[test]
+fn unknown_host_key_is_an_error_naming_the_valid_keys() {
+    let run = boot(&["--timeout", "60", "--append", "bogus=1"]);
+    run.expect_status(2);
+    run.expect_line("[vmm] error: unknown key 'bogus'; valid keys: timer_hz=");
+    assert!(
+        !run.has_line("self-check"),
+        "the host must stop before running anything\n{run}"
+    );
+}
+
+#[test]
+fn bad_host_value_is_an_error() {
+    let run = boot(&["--timeout", "60", "--append", "timer_hz=0"]);
+    run.expect_status(2);
+    run.expect_line("[vmm] error: bad value '0' for 'timer_hz'; valid keys:");
+}
+
+#[test]
+fn forced_host_panic_exits_with_status_3() {
+    let run = boot(&["--timeout", "60", "--append", "debug=panic"]);
+    run.expect_status(3);
+    run.expect_line("[vmm] PANIC: panicked at kernel/src/main.rs:");
+    run.expect_line("forced host panic");
+}
+
+#[test]
+fn guest_ram_larger_than_the_machine_is_an_error() {
+    // QEMU gets --mem + 96 MiB; asking the host for far more guest RAM than that must be refused.
+    let run = boot(&["--timeout", "60", "--mem", "32", "--append", "mem=1024"]);
+    run.expect_status(2);
+    run.expect_line("[vmm] error: memory map too small");
+}
+
+#[test]
+fn unknown_script_option_prints_usage_and_exits_2() {
+    let run = run_script(&["--bogus"]);
+    assert_eq!(run.status, 2, "{run}");
+    assert!(run.stderr.contains("unknown option '--bogus'"), "{run}");
+    assert!(run.stderr.contains("usage: ./run-qemu.sh"), "{run}");
+    assert!(
+        run.stderr.contains("--native"),
+        "usage must list the options\n{run}"
+    );
+}
+
+#[test]
+fn bad_script_values_are_rejected() {
+    for args in [
+        &["--mem", "lots"][..],
+        &["--timeout", "0"],
+        &["--guest", "/nonexistent/guest.elf"],
+        &["--mem"],
+    ] {
+        let run = run_script(args);
+        assert_eq!(run.status, 2, "{args:?}\n{run}");
+        assert!(run.stderr.contains("usage:"), "{args:?}\n{run}");
+    }
+}
+
+#[test]
+fn help_exits_0() {
+    let run = run_script(&["--help"]);
+    assert_eq!(run.status, 0, "{run}");
+    assert!(run.serial.contains("--icount"), "{run}");
+}
