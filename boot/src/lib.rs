@@ -65,6 +65,18 @@ pub struct BootInfo {
     pub reserved_va_start: u64,
 }
 
+/// CR0 at the guest entry: PE | MP | ET | NE | WP | PG.
+pub const ENTRY_CR0: u64 = 0x8001_0033;
+/// CR4 at the guest entry: PAE.
+pub const ENTRY_CR4: u64 = 0x20;
+/// IA32_EFER at the guest entry: LME | LMA | NXE.
+pub const ENTRY_EFER: u64 = 0xD00;
+/// RFLAGS at the guest entry: only the always-one bit 1 (IF = 0).
+pub const ENTRY_RFLAGS: u64 = 0x2;
+/// The boot GDT's descriptors, indexed by selector / 8: null, 64-bit code DPL 0 (L = 1),
+/// data DPL 0 (writable). The same values as the native trampoline's GDT.
+pub const BOOT_GDT: [u64; 3] = [0, 0x00AF_9A00_0000_FFFF, 0x00CF_9200_0000_FFFF];
+
 /// Values written to the isa-debug-exit port ([`EXIT_PORT`], 32-bit write). QEMU exits with
 /// status `(code << 1) | 1`; run-qemu.sh turns that into its own exit status.
 pub mod exit_code {
@@ -104,6 +116,15 @@ mod tests {
         assert_eq!(offset_of!(BootInfo, boot_area_start), 32);
         assert_eq!(offset_of!(BootInfo, boot_area_end), 40);
         assert_eq!(offset_of!(BootInfo, reserved_va_start), 48);
+    }
+
+    #[test]
+    fn entry_control_registers_are_the_documented_bits() {
+        // CR0: PE(0) MP(1) ET(4) NE(5) WP(16) PG(31); CR4: PAE(5); EFER: LME(8) LMA(10) NXE(11).
+        let cr0 = [0, 1, 4, 5, 16, 31].iter().fold(0u64, |a, b| a | 1 << b);
+        assert_eq!(ENTRY_CR0, cr0);
+        assert_eq!(ENTRY_CR4, 1 << 5);
+        assert_eq!(ENTRY_EFER, 1 << 8 | 1 << 10 | 1 << 11);
     }
 
     #[test]

@@ -22,3 +22,4 @@ pub mod config;
 pub mod cpu;
 pub mod devices;
 pub mod io;
+pub mod loader;
