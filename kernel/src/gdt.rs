@@ -32,7 +32,6 @@ pub const IST_NMI: u8 = 2;
 pub const IST_MACHINE_CHECK: u8 = 3;
 
 const STACK_SIZE: usize = 16 * 1024;
-const TRAP_STACK_SIZE: usize = 64 * 1024;
 
 #[repr(C, align(16))]
 struct Stack<const N: usize>(UnsafeCell<[u8; N]>);
@@ -47,7 +46,6 @@ impl<const N: usize> Stack<N> {
     }
 }
 
-static TRAP_STACK: Stack<TRAP_STACK_SIZE> = Stack::new();
 static DOUBLE_FAULT_STACK: Stack<STACK_SIZE> = Stack::new();
 static NMI_STACK: Stack<STACK_SIZE> = Stack::new();
 static MACHINE_CHECK_STACK: Stack<STACK_SIZE> = Stack::new();
@@ -89,7 +87,7 @@ fn tss_descriptor(base: u64, limit: u32) -> [u64; 2] {
 pub fn init() {
     // SAFETY: single-threaded boot, interrupts off: nothing else accesses TABLES yet.
     let tables = unsafe { &mut *TABLES.0.get() };
-    tables.tss.rsp[0] = TRAP_STACK.top();
+    tables.tss.rsp[0] = trap_stack_top();
     tables.tss.ist[(IST_DOUBLE_FAULT - 1) as usize] = DOUBLE_FAULT_STACK.top();
     tables.tss.ist[(IST_NMI - 1) as usize] = NMI_STACK.top();
     tables.tss.ist[(IST_MACHINE_CHECK - 1) as usize] = MACHINE_CHECK_STACK.top();
@@ -125,7 +123,13 @@ pub fn init() {
     }
 }
 
-/// Top of the stack the CPU switches to on a trap from Ring 3 (TSS.RSP0).
+extern "C" {
+    /// Top of the trap stack, defined in asm/trap_entry.S (the SYSCALL stub needs its address).
+    #[link_name = "trap_stack_top"]
+    static TRAP_STACK_TOP: u8;
+}
+
+/// Top of the stack the CPU switches to on a trap from Ring 3 (TSS.RSP0, IA32_SYSENTER_ESP).
 pub fn trap_stack_top() -> u64 {
-    TRAP_STACK.top()
+    core::ptr::addr_of!(TRAP_STACK_TOP) as u64
 }

@@ -53,6 +53,8 @@ trap_common:
     mov %rsp, %rdi
     cld
     call trap_dispatch
+.global trap_exit
+trap_exit:
     popq %r15
     popq %r14
     popq %r13
@@ -72,6 +74,59 @@ trap_common:
     iretq
 
 /*
+ * trap_return(frame): leaves through the common exit path with `frame`, which the caller has
+ * placed at the top of the trap stack (TSS.RSP0), exactly where a trap from Ring 3 would have
+ * built it. This is how the host first enters the guest: it makes up the frame of a trap that
+ * "interrupted" the guest at its entry point, and returns from it.
+ */
+.global trap_return
+trap_return:
+    mov %rdi, %rsp
+    jmp trap_exit
+
+/*
+ * SYSCALL and SYSENTER from Ring 3 (the guest) enter here: IA32_LSTAR and IA32_SYSENTER_EIP point
+ * at these stubs. Neither instruction switches stacks the way an interrupt does, so each stub
+ * moves to the trap stack itself and builds the same TrapFrame a trap would, with a pseudo-vector
+ * (256 = SYSCALL, 257 = SYSENTER) for the dispatcher. The VMM always returns with IRETQ, never
+ * with a real SYSRET or SYSEXIT, so a guest can never make the host execute SYSRET to a
+ * non-canonical address (CVE-2012-0217).
+ *
+ * SYSCALL (SDM vol. 2B): RCX = return RIP, R11 = RFLAGS, RSP is still the guest's; IA32_FMASK has
+ * cleared IF, so nothing can interrupt us before the stack switch.
+ */
+.set GUEST_CODE_SELECTOR, 0x23
+.set GUEST_DATA_SELECTOR, 0x1b
+.global syscall_entry
+syscall_entry:
+    mov %rsp, syscall_saved_rsp(%rip)
+    lea trap_stack_top(%rip), %rsp
+    pushq $GUEST_DATA_SELECTOR
+    pushq syscall_saved_rsp(%rip)
+    pushq %r11
+    pushq $GUEST_CODE_SELECTOR
+    pushq %rcx
+    pushq $0
+    pushq $256
+    jmp trap_common
+
+/*
+ * SYSENTER (SDM vol. 2B): RSP = IA32_SYSENTER_ESP (the trap stack top), IF cleared; the caller's
+ * RIP and RSP are not saved anywhere (by convention the guest passes them in registers), so the
+ * frame carries zeros there and the VMM takes the new ones from the guest's virtual MSRs.
+ */
+.global sysenter_entry
+sysenter_entry:
+    pushq $GUEST_DATA_SELECTOR
+    pushq $0
+    pushq $0x202
+    pushq $GUEST_CODE_SELECTOR
+    pushq $0
+    pushq $0
+    pushq $257
+    jmp trap_common
+
+/*
  * u64 fixup_read_u64(const u64 *addr, u64 *out): reads *addr into *out and returns 0, or returns
  * 1 if the read faulted. The trap dispatcher knows `fixup_read_u64_insn`: a fault there resumes
  * at `fixup_read_u64_recover` instead of being fatal (Linux calls this an exception table).
@@ -88,3 +143,16 @@ fixup_read_u64_insn:
 fixup_read_u64_recover:
     mov $1, %eax
     ret
+
+.section .bss
+.balign 16
+syscall_saved_rsp:
+    .quad 0
+/* The trap stack: TSS.RSP0 and IA32_SYSENTER_ESP point at its top. */
+.balign 4096
+.global trap_stack_bottom
+trap_stack_bottom:
+    .zero 64 * 1024
+.global trap_stack_top
+trap_stack_top:
+.section .text
