@@ -96,9 +96,9 @@ fn check_memory_fits(config: &HostConfig<'_>, boot: &multiboot::BootData) {
     if free < needed {
         exit::config_error(format_args!(
             "memory map too small: {} MiB free, but the guest needs {} MiB (mem=) plus {} MiB for the VMM",
-            free * memory::FRAME_SIZE >> 20,
+            (free * memory::FRAME_SIZE) >> 20,
             config.guest_mem_mib,
-            VMM_RESERVE_FRAMES * memory::FRAME_SIZE >> 20
+            (VMM_RESERVE_FRAMES * memory::FRAME_SIZE) >> 20
         ));
     }
     for m in boot.modules() {
