@@ -143,3 +143,168 @@ pub fn boot(args: &[&str]) -> Run {
 pub fn repo_path(relative: &str) -> PathBuf {
     root().join(Path::new(relative))
 }
+
+/// One line of guest output that the equivalence test compares: a selftest check
+/// (`[guest] check <name>: <result>`) or a probe (`probe,<name>,<value>`), keyed by name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Observation {
+    /// The check's or probe's name.
+    pub name: String,
+    /// What it reported.
+    pub value: String,
+}
+
+/// Extracts the observations from a run's serial output, in order.
+pub fn observations(serial: &str) -> Vec<Observation> {
+    let mut out = Vec::new();
+    for line in serial.lines() {
+        let line = line.trim_end_matches('\r');
+        let Some(rest) = line.strip_prefix("[guest] ") else {
+            continue;
+        };
+        if let Some(check) = rest.strip_prefix("check ") {
+            if let Some((name, value)) = check.split_once(": ") {
+                out.push(Observation {
+                    name: name.to_string(),
+                    value: value.to_string(),
+                });
+            }
+        } else if let Some(probe) = rest.strip_prefix("probe,") {
+            if let Some((name, value)) = probe.split_once(',') {
+                out.push(Observation {
+                    name: name.to_string(),
+                    value: value.to_string(),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// A known virtualization hole: an observation that differs between native and VMM runs, with
+/// the reason, from `docs/virtualization-holes.md`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hole {
+    /// The observation's name.
+    pub name: String,
+    /// Why it differs (for messages).
+    pub why: String,
+}
+
+/// Parses the holes table of `docs/virtualization-holes.md`: rows `| name | line | why | how |`
+/// after the header row; the name is in backticks.
+pub fn parse_holes(markdown: &str) -> Vec<Hole> {
+    let mut holes = Vec::new();
+    for line in markdown.lines() {
+        let cells: Vec<&str> = line
+            .trim()
+            .trim_matches('|')
+            .split('|')
+            .map(str::trim)
+            .collect();
+        if cells.len() < 4 || !line.trim_start().starts_with('|') {
+            continue;
+        }
+        let name = cells[0].trim_matches('`');
+        if name.is_empty() || name == "name" || name.starts_with('-') {
+            continue;
+        }
+        holes.push(Hole {
+            name: name.to_string(),
+            why: cells[2].to_string(),
+        });
+    }
+    holes
+}
+
+/// Compares native and VMM observations. Every difference must be a listed hole, and every
+/// listed hole that appears in these runs must still differ (so the list stays true). Returns
+/// the problems, one line each.
+pub fn compare_observations(
+    native: &[Observation],
+    vmm: &[Observation],
+    holes: &[Hole],
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    let names = |obs: &[Observation]| obs.iter().map(|o| o.name.clone()).collect::<Vec<_>>();
+    if names(native) != names(vmm) {
+        problems.push(format!(
+            "different observations, or a different order:\n  native: {:?}\n  vmm:    {:?}",
+            names(native),
+            names(vmm)
+        ));
+        return problems;
+    }
+    for (n, v) in native.iter().zip(vmm) {
+        let hole = holes.iter().find(|h| h.name == n.name);
+        match (n.value == v.value, hole) {
+            (true, None) => {}
+            (false, Some(_)) => {}
+            (false, None) => problems.push(format!(
+                "{}: native '{}' but under the VMM '{}' (not a listed virtualization hole)",
+                n.name, n.value, v.value
+            )),
+            (true, Some(h)) => problems.push(format!(
+                "{}: listed as a virtualization hole ({}) but native and VMM agree ('{}'): \
+                 remove it from docs/virtualization-holes.md",
+                n.name, h.why, n.value
+            )),
+        }
+    }
+    problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NATIVE: &str =
+        "[guest] check timer: ok\n[guest] probe,cs_rpl,0\n[vmm] x\n[guest] probe,cpuid_hv,0\n";
+
+    #[test]
+    fn observations_are_extracted_in_order() {
+        let obs = observations(NATIVE);
+        let names: Vec<_> = obs.iter().map(|o| o.name.as_str()).collect();
+        assert_eq!(names, ["timer", "cs_rpl", "cpuid_hv"]);
+        assert_eq!(obs[0].value, "ok");
+        assert_eq!(obs[1].value, "0");
+    }
+
+    #[test]
+    fn holes_table_is_parsed() {
+        let md = "intro\n\n| name | probe line | why | how to close |\n|---|---|---|---|\n| `cs_rpl` | `probe,cs_rpl,0` | ring aliasing | patch |\n";
+        assert_eq!(
+            parse_holes(md),
+            vec![Hole {
+                name: "cs_rpl".into(),
+                why: "ring aliasing".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn differences_must_be_listed_and_listed_holes_must_show() {
+        let native = observations(NATIVE);
+        let vmm = observations(
+            &NATIVE
+                .replace("cs_rpl,0", "cs_rpl,3")
+                .replace("cpuid_hv,0", "cpuid_hv,1"),
+        );
+        let hole = |n: &str| Hole {
+            name: n.into(),
+            why: "w".into(),
+        };
+        assert!(compare_observations(&native, &native, &[]).is_empty());
+        let p = compare_observations(&native, &vmm, &[hole("cs_rpl")]);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].starts_with("cpuid_hv: native '0' but under the VMM '1'"));
+        assert!(
+            compare_observations(&native, &vmm, &[hole("cs_rpl"), hole("cpuid_hv")]).is_empty()
+        );
+        let stale = compare_observations(&native, &native, &[hole("cs_rpl")]);
+        assert_eq!(stale.len(), 1);
+        assert!(stale[0].contains("remove it"));
+        let shorter = observations("[guest] check timer: ok\n");
+        assert_eq!(compare_observations(&native, &shorter, &[]).len(), 1);
+    }
+}
