@@ -1,22 +1,37 @@
 //! shadow-mmu: the memory half of a software VMM (the article's "影子页表" challenge).
 //!
 //! The guest's page tables map guest-virtual to guest-physical addresses; the real MMU needs
-//! guest-virtual to host-physical. This crate will hold:
-//! - the guest page walker (SDM vol. 3 ch. 4: 4-level paging, access rights §4.6, page-fault error
-//!   codes §4.7, accessed/dirty bits §4.8), which reads and updates the guest's own tables;
-//! - the P2M, guest frame -> host frame, allocated and zeroed on first touch;
-//! - shadow page tables, two views per guest address space (kernel view, user view), filled on
-//!   #PF and invalidated on INVLPG / CR3 loads, with a `flush` and a `cached` policy.
+//! guest-virtual to host-physical. This crate holds:
+//! - [`walk`]: the guest page walker (SDM vol. 3 ch. 4: 4-level paging, access rights §4.6,
+//!   page-fault error codes §4.7, accessed/dirty bits §4.8), which reads and updates the guest's
+//!   own tables;
+//! - [`p2m`]: the P2M, guest frame -> host frame, allocated and zeroed on first touch;
+//! - [`shadow`]: shadow page tables, two views per guest address space (kernel view, user view),
+//!   filled on #PF and invalidated on INVLPG / CR3 loads, with a `flush` and a `cached` policy.
 //!
 //! It never touches hardware: guest-physical memory, host frames and the shadow tables are reached
-//! through small traits, so every rule is unit-tested on the host.
+//! through small traits ([`machine`]), so every rule is unit-tested on the host.
 #![no_std]
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
 pub mod addr;
+pub mod machine;
+pub mod p2m;
+pub mod pte;
+pub mod walk;
 
-pub use addr::{GuestPhysAddr, GuestVirtAddr, HostPhysAddr, PageFaultErrorCode};
+#[cfg(test)]
+mod tests;
+
+pub use addr::{GuestPhysAddr, GuestVirtAddr, HostPhysAddr, PageFaultErrorCode, PAGE_SIZE};
+pub use machine::{FrameAllocator, HostMemory};
+pub use p2m::{GuestPhysMemory, GuestRam, MemoryError, P2m};
+pub use pte::{PageSize, PageTableEntry, PteFlags};
+pub use walk::{
+    walk, Access, AccessKind, PageFault, PagingMode, Privilege, Translation, WalkError,
+};

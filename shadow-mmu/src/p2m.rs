@@ -1,0 +1,196 @@
+//! The P2M: guest frame number -> host frame, allocated and zeroed the first time the guest (or
+//! the VMM on its behalf) touches a frame (DESIGN.md "Memory"; the article's "VMM 分配一页物理内存").
+//!
+//! Guest-physical memory is `[0, ram_bytes)`. An address outside it is a typed
+//! [`MemoryError::OutsideRam`], which the fault path turns into a stop reason today (an MMIO hook
+//! later); nothing here panics on a guest-chosen address.
+
+use alloc::collections::BTreeMap;
+
+use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
+use crate::machine::{FrameAllocator, HostMemory};
+
+/// Why a guest-physical access could not be done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemoryError {
+    /// The guest-physical address lies outside the guest's RAM.
+    OutsideRam(GuestPhysAddr),
+    /// The host has no free frame left to back this guest frame.
+    OutOfHostFrames,
+}
+
+/// Guest-physical memory as the page walker sees it: aligned 8-byte loads and stores.
+pub trait GuestPhysMemory {
+    /// Reads the 8-byte entry at `gpa` (8-byte aligned).
+    fn read_u64(&mut self, gpa: GuestPhysAddr) -> Result<u64, MemoryError>;
+    /// Writes the 8-byte entry at `gpa` (8-byte aligned).
+    fn write_u64(&mut self, gpa: GuestPhysAddr, value: u64) -> Result<(), MemoryError>;
+}
+
+/// The guest-physical to host-physical map of one guest.
+#[derive(Debug)]
+pub struct P2m {
+    ram_bytes: u64,
+    frames: BTreeMap<u64, HostPhysAddr>,
+    owners: BTreeMap<u64, u64>,
+}
+
+impl P2m {
+    /// An empty map for a guest with `ram_bytes` of RAM (rounded down to whole frames).
+    pub fn new(ram_bytes: u64) -> Self {
+        Self {
+            ram_bytes: ram_bytes & !(PAGE_SIZE - 1),
+            frames: BTreeMap::new(),
+            owners: BTreeMap::new(),
+        }
+    }
+
+    /// The guest's RAM size in bytes.
+    pub fn ram_bytes(&self) -> u64 {
+        self.ram_bytes
+    }
+
+    /// True when `gpa` is inside guest RAM.
+    pub fn contains(&self, gpa: GuestPhysAddr) -> bool {
+        gpa.as_u64() < self.ram_bytes
+    }
+
+    /// Number of host frames currently backing guest RAM.
+    pub fn frames_used(&self) -> usize {
+        self.frames.len()
+    }
+
+    /// The host frame already backing guest frame `gfn`, if it was touched.
+    pub fn lookup(&self, gfn: u64) -> Option<HostPhysAddr> {
+        self.frames.get(&gfn).copied()
+    }
+
+    /// The guest frame a host frame backs, if it is one of this guest's frames.
+    pub fn guest_frame_of(&self, frame: HostPhysAddr) -> Option<u64> {
+        self.owners.get(&frame.as_u64()).copied()
+    }
+
+    /// The host frame backing guest frame `gfn`, allocated and zeroed on first touch.
+    pub fn host_frame<M: HostMemory, A: FrameAllocator>(
+        &mut self,
+        gfn: u64,
+        mem: &mut M,
+        alloc: &mut A,
+    ) -> Result<HostPhysAddr, MemoryError> {
+        if let Some(f) = self.frames.get(&gfn) {
+            return Ok(*f);
+        }
+        let gpa = GuestPhysAddr::new(gfn.saturating_mul(PAGE_SIZE));
+        if gfn >= self.ram_bytes / PAGE_SIZE {
+            return Err(MemoryError::OutsideRam(gpa));
+        }
+        let frame = alloc.allocate_frame().ok_or(MemoryError::OutOfHostFrames)?;
+        mem.zero_frame(frame);
+        self.frames.insert(gfn, frame);
+        self.owners.insert(frame.as_u64(), gfn);
+        Ok(frame)
+    }
+
+    /// Reads guest-physical bytes; untouched frames read as zeros without being allocated.
+    pub fn read<M: HostMemory>(
+        &self,
+        gpa: GuestPhysAddr,
+        buf: &mut [u8],
+        mem: &M,
+    ) -> Result<(), MemoryError> {
+        self.check_range(gpa, buf.len())?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = gpa.as_u64() + done as u64;
+            let in_frame = (PAGE_SIZE - (at & (PAGE_SIZE - 1))) as usize;
+            let n = in_frame.min(buf.len() - done);
+            let chunk = &mut buf[done..done + n];
+            match self.lookup(at / PAGE_SIZE) {
+                Some(f) => mem.read_bytes(HostPhysAddr::new(f.as_u64() + (at & 0xfff)), chunk),
+                None => chunk.fill(0),
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes guest-physical bytes, allocating frames on first touch.
+    pub fn write<M: HostMemory, A: FrameAllocator>(
+        &mut self,
+        gpa: GuestPhysAddr,
+        data: &[u8],
+        mem: &mut M,
+        alloc: &mut A,
+    ) -> Result<(), MemoryError> {
+        self.check_range(gpa, data.len())?;
+        let mut done = 0usize;
+        while done < data.len() {
+            let at = gpa.as_u64() + done as u64;
+            let in_frame = (PAGE_SIZE - (at & (PAGE_SIZE - 1))) as usize;
+            let n = in_frame.min(data.len() - done);
+            let f = self.host_frame(at / PAGE_SIZE, mem, alloc)?;
+            mem.write_bytes(
+                HostPhysAddr::new(f.as_u64() + (at & 0xfff)),
+                &data[done..done + n],
+            );
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Gives every host frame back to `alloc` and empties the map.
+    pub fn release_all<A: FrameAllocator>(&mut self, alloc: &mut A) {
+        for (_, f) in core::mem::take(&mut self.frames) {
+            alloc.deallocate_frame(f);
+        }
+        self.owners.clear();
+    }
+
+    /// Rejects a range that does not lie entirely inside RAM, naming its first outside byte.
+    fn check_range(&self, gpa: GuestPhysAddr, len: usize) -> Result<(), MemoryError> {
+        let end = gpa.as_u64().checked_add(len as u64);
+        match end {
+            Some(end) if end <= self.ram_bytes => Ok(()),
+            _ => Err(MemoryError::OutsideRam(GuestPhysAddr::new(
+                gpa.as_u64().max(self.ram_bytes),
+            ))),
+        }
+    }
+}
+
+/// [`GuestPhysMemory`] over a [`P2m`]: what the walker uses on real guest memory.
+#[derive(Debug)]
+pub struct GuestRam<'a, M, A> {
+    /// The guest's P2M.
+    pub p2m: &'a mut P2m,
+    /// Host memory behind it.
+    pub mem: &'a mut M,
+    /// Where first-touch frames come from.
+    pub alloc: &'a mut A,
+}
+
+impl<M: HostMemory, A: FrameAllocator> GuestPhysMemory for GuestRam<'_, M, A> {
+    fn read_u64(&mut self, gpa: GuestPhysAddr) -> Result<u64, MemoryError> {
+        if !self.p2m.contains(gpa) {
+            return Err(MemoryError::OutsideRam(gpa));
+        }
+        // Reading an untouched frame needs no host frame: it reads as zeros.
+        Ok(match self.p2m.lookup(gpa.frame_number()) {
+            Some(f) => self
+                .mem
+                .read_u64(HostPhysAddr::new(f.as_u64() + (gpa.page_offset() & !7))),
+            None => 0,
+        })
+    }
+
+    fn write_u64(&mut self, gpa: GuestPhysAddr, value: u64) -> Result<(), MemoryError> {
+        let f = self
+            .p2m
+            .host_frame(gpa.frame_number(), self.mem, self.alloc)?;
+        self.mem.write_u64(
+            HostPhysAddr::new(f.as_u64() + (gpa.page_offset() & !7)),
+            value,
+        );
+        Ok(())
+    }
+}
