@@ -8,28 +8,7 @@
 use super::{frames, DIRECT_MAP_BASE, FRAME_SIZE, KERNEL_VMA};
 use crate::multiboot::BootData;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-
-bitflags::bitflags! {
-    /// Paging-structure entry bits (SDM vol. 3 §4.5, tables 4-15 to 4-20).
-    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    pub struct PteFlags: u64 {
-        /// P: the entry maps something.
-        const PRESENT = 1 << 0;
-        /// R/W: writes allowed.
-        const WRITABLE = 1 << 1;
-        /// U/S: user-mode (CPL 3) accesses allowed.
-        const USER = 1 << 2;
-        /// PS: this PDE/PDPTE maps a 2 MiB / 1 GiB page.
-        const HUGE = 1 << 7;
-        /// G: global (kept across CR3 loads when CR4.PGE = 1).
-        const GLOBAL = 1 << 8;
-        /// XD: no instruction fetches (needs EFER.NXE).
-        const NO_EXECUTE = 1 << 63;
-    }
-}
-
-/// Bits 51:12 of an entry: the physical address of the next table or of the page.
-pub const ADDRESS_MASK: u64 = 0x000F_FFFF_FFFF_F000;
+use shadow_mmu::pte::{PteFlags, ADDRESS_MASK};
 
 /// Physical address of the host PML4 (whose slot 511 every shadow root copies).
 static HOST_ROOT: AtomicU64 = AtomicU64::new(0);
@@ -63,15 +42,15 @@ pub fn map(root: u64, va: u64, pa: u64, size: u64, flags: PteFlags) -> Option<()
         let entry = unsafe { &mut *table_ptr(table).add(index) };
         if *entry & PteFlags::PRESENT.bits() == 0 {
             let next = frames::allocate_zeroed()?;
-            *entry = next | (PteFlags::PRESENT | PteFlags::WRITABLE).bits();
-        } else if *entry & PteFlags::HUGE.bits() != 0 {
+            *entry = next | (PteFlags::PRESENT | PteFlags::READ_WRITE).bits();
+        } else if *entry & PteFlags::PS.bits() != 0 {
             return None;
         }
         table = *entry & ADDRESS_MASK;
     }
     let index = ((va >> (12 + 9 * (leaf_level - 1))) & 0x1FF) as usize;
     let leaf_flags = if leaf_level == 2 {
-        flags | PteFlags::HUGE
+        flags | PteFlags::PS
     } else {
         flags
     };
@@ -105,7 +84,7 @@ pub fn init(boot: &BootData) {
     let direct_end = ram_end.next_multiple_of(HUGE);
     let mut pa = 0;
     while pa < direct_end {
-        let flags = PteFlags::WRITABLE | PteFlags::NO_EXECUTE;
+        let flags = PteFlags::READ_WRITE | PteFlags::XD;
         map(root, DIRECT_MAP_BASE + pa, pa, HUGE, flags).unwrap_or_else(|| out_of_memory());
         pa += HUGE;
     }
@@ -119,9 +98,9 @@ pub fn init(boot: &BootData) {
         let flags = if va < text_end {
             PteFlags::empty()
         } else if va < rodata_end {
-            PteFlags::NO_EXECUTE
+            PteFlags::XD
         } else {
-            PteFlags::WRITABLE | PteFlags::NO_EXECUTE
+            PteFlags::READ_WRITE | PteFlags::XD
         };
         map(root, va, va - KERNEL_VMA, FRAME_SIZE, flags).unwrap_or_else(|| out_of_memory());
         va += FRAME_SIZE;
