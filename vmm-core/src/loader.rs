@@ -26,6 +26,7 @@ use elf::abi::{EM_X86_64, ET_EXEC, PF_W, PF_X, PT_LOAD};
 use elf::endian::AnyEndian;
 use elf::file::Class;
 use elf::ElfBytes;
+use shadow_mmu::pte::{PteFlags, ADDRESS_MASK};
 
 /// Guest-physical address of the boot area the loader builds.
 pub const BOOT_AREA_BASE: u64 = 0x1_0000;
@@ -44,11 +45,10 @@ pub const MAX_CMDLINE: usize = (GDT_OFFSET - CMDLINE_OFFSET) as usize;
 
 const PAGE: u64 = 4096;
 const HUGE_PAGE: u64 = 2 * 1024 * 1024;
-const PTE_PRESENT: u64 = 1 << 0;
-const PTE_WRITABLE: u64 = 1 << 1;
-const PTE_HUGE: u64 = 1 << 7;
-const PTE_NO_EXECUTE: u64 = 1 << 63;
-const ADDRESS_MASK: u64 = 0x000F_FFFF_FFFF_F000;
+const PTE_PRESENT: u64 = PteFlags::PRESENT.bits();
+const PTE_WRITABLE: u64 = PteFlags::READ_WRITE.bits();
+const PTE_HUGE: u64 = PteFlags::PS.bits();
+const PTE_NO_EXECUTE: u64 = PteFlags::XD.bits();
 
 /// Writes into guest-physical memory (the P2M behind it allocates frames on first touch).
 pub trait GuestPhysWrite {
