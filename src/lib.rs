@@ -102,7 +102,7 @@ pub fn build_images() {
                 "--target-dir",
             ])
             .arg(root().join("target/qemu"))
-            .args(["-p", "kernel", "-p", "guest-kernel"])
+            .args(["-p", "kernel", "-p", "guest-kernel", "-p", "test-guests"])
             .output()
             .map_err(|e| format!("cannot run cargo: {e}"))?;
         if out.status.success() {
@@ -252,6 +252,11 @@ pub fn compare_observations(
         }
     }
     problems
+}
+
+/// The path of a built test guest (`tests/guests/src/bin/<name>.rs`, dashes in the name).
+pub fn test_guest(name: &str) -> String {
+    image_dir().join(name).to_string_lossy().into_owned()
 }
 
 #[cfg(test)]
