@@ -15,6 +15,15 @@ pub enum ShadowPolicy {
     Cached,
 }
 
+/// What the host does after its boot self-checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunMode {
+    /// Stop after the self-checks (the host kernel on its own).
+    SelfCheck,
+    /// Load the guest module and run it at Ring 3.
+    Guest,
+}
+
 /// A fault the host can be told to commit on purpose, to test its own failure paths.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DebugAction {
@@ -40,6 +49,8 @@ pub struct HostConfig<'a> {
     pub watchdog_ticks: u64,
     /// A deliberate host failure for tests.
     pub debug: DebugAction,
+    /// Whether to run the guest after the self-checks.
+    pub mode: RunMode,
     /// The guest's command line: everything after `--`, as typed.
     pub guest_cmdline: &'a str,
 }
@@ -53,6 +64,9 @@ impl Default for HostConfig<'_> {
             shadow: ShadowPolicy::Flush,
             watchdog_ticks: 10_000,
             debug: DebugAction::None,
+            // The guest run loop does not emulate privileged instructions yet (vmm-core is being
+            // wired in), so the host alone is the default until a guest can run to its end.
+            mode: RunMode::SelfCheck,
             guest_cmdline: "",
         }
     }
@@ -60,7 +74,7 @@ impl Default for HostConfig<'_> {
 
 /// The keys [`HostConfig::parse`] accepts, with their syntax, for error messages and docs.
 pub const VALID_KEYS: &str = "timer_hz=<1..10000> mem=<4..3072 MiB> trace=<N> shadow=flush|cached \
-watchdog=<ticks, 0=off> debug=none|panic";
+watchdog=<ticks, 0=off> debug=none|panic mode=selfcheck|guest";
 
 /// Why a host command line was rejected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,6 +141,13 @@ impl<'a> HostConfig<'a> {
                         _ => return Err(bad),
                     }
                 }
+                "mode" => {
+                    config.mode = match value {
+                        "selfcheck" => RunMode::SelfCheck,
+                        "guest" => RunMode::Guest,
+                        _ => return Err(bad),
+                    }
+                }
                 "debug" => {
                     config.debug = match value {
                         "none" => DebugAction::None,
@@ -178,7 +199,12 @@ mod tests {
 
     #[test]
     fn every_key_parses() {
-        let c = HostConfig::parse("trace=5 shadow=cached debug=panic watchdog=0", false).unwrap();
+        let c = HostConfig::parse(
+            "trace=5 shadow=cached debug=panic watchdog=0 mode=guest",
+            false,
+        )
+        .unwrap();
+        assert_eq!(c.mode, RunMode::Guest);
         assert_eq!(c.trace, 5);
         assert_eq!(c.shadow, ShadowPolicy::Cached);
         assert_eq!(c.debug, DebugAction::Panic);
