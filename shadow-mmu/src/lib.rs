@@ -23,6 +23,7 @@ pub mod addr;
 pub mod machine;
 pub mod p2m;
 pub mod pte;
+pub mod shadow;
 pub mod walk;
 
 #[cfg(test)]
@@ -32,6 +33,10 @@ pub use addr::{GuestPhysAddr, GuestVirtAddr, HostPhysAddr, PageFaultErrorCode, P
 pub use machine::{FrameAllocator, HostMemory};
 pub use p2m::{GuestPhysMemory, GuestRam, MemoryError, P2m};
 pub use pte::{PageSize, PageTableEntry, PteFlags};
+pub use shadow::{
+    ConfigError, FaultOutcome, MmuConfig, Policy, ShadowMapping, ShadowMmu, Stats, StopReason,
+    TranslateError, View,
+};
 pub use walk::{
     walk, Access, AccessKind, PageFault, PagingMode, Privilege, Translation, WalkError,
 };

@@ -2,4 +2,6 @@
 //! the machine traits, scenario tests of the shadow fault path and property tests.
 
 mod exhaustive;
+mod fake;
 mod reference;
+mod scenarios;

@@ -1,0 +1,461 @@
+//! Scenario tests of the fault path, the views, invalidation and the two policies.
+
+use super::fake::*;
+use crate::addr::{GuestPhysAddr, GuestVirtAddr, HostPhysAddr, PageFaultErrorCode as E};
+use crate::machine::HostMemory;
+use crate::shadow::{FaultOutcome, Policy, StopReason, View, MIN_SHADOW_QUOTA};
+use crate::walk::{Access, AccessKind, PagingMode, Privilege};
+use crate::TranslateError;
+
+const T: [u64; 4] = [0x10000, 0x11000, 0x12000, 0x13000];
+const CR3: u64 = T[0];
+const KVA: u64 = 0xffff_8000_0000_5000;
+const UVA: u64 = 0x0000_0000_0040_3000;
+
+fn gva(v: u64) -> GuestVirtAddr {
+    GuestVirtAddr::new(v).unwrap()
+}
+
+/// A hardware error code as the real CPU reports it (the guest runs at CPL 3).
+fn hw(write: bool, present: bool) -> E {
+    let mut c = E::USER;
+    c.set(E::WRITE, write);
+    c.set(E::PRESENT, present);
+    c
+}
+
+fn frame_of(m: &Mmu, gpa: u64) -> HostPhysAddr {
+    m.p2m().lookup(gpa / 4096).unwrap()
+}
+
+#[test]
+fn new_rejects_a_tiny_quota_and_copies_the_vmm_slot_supervisor_only() {
+    let m = mmu(Policy::Flush, MIN_SHADOW_QUOTA, CR3);
+    for view in [View::Kernel, View::User] {
+        let root = m.current_root(view);
+        let e = m
+            .host_memory()
+            .read_u64(HostPhysAddr::new(root.as_u64() + 511 * 8));
+        assert_eq!(e, VMM_SLOT_ENTRY & !US);
+    }
+    assert_ne!(m.current_root(View::Kernel), m.current_root(View::User));
+    let mut mem = FakeMemory::default();
+    mem.zero_frame(HostPhysAddr::new(VMM_ROOT));
+    let r = crate::ShadowMmu::new(
+        mem,
+        FakeAllocator::new(100),
+        crate::MmuConfig {
+            ram_bytes: RAM,
+            shadow_quota: MIN_SHADOW_QUOTA - 1,
+            policy: Policy::Flush,
+            vmm_root: HostPhysAddr::new(VMM_ROOT),
+            mode: PagingMode::ENTRY,
+            guest_cr3: CR3,
+        },
+    );
+    assert!(matches!(r, Err(crate::ConfigError::QuotaTooSmall)));
+}
+
+#[test]
+fn kernel_view_fill_then_dirty_upgrade() {
+    let mut m = mmu(Policy::Flush, 64, CR3);
+    map_4k(&mut m, T, KVA, 0x20_0000, P | RW, P | RW);
+    assert_eq!(
+        m.handle_page_fault(View::Kernel, gva(KVA), hw(false, false)),
+        FaultOutcome::Filled
+    );
+    let s = m.shadow_lookup(View::Kernel, gva(KVA)).unwrap();
+    assert_eq!(s.frame, frame_of(&m, 0x20_0000));
+    assert!(s.user, "kernel view maps guest supervisor pages U=1");
+    assert!(!s.writable, "not writable before the guest's D bit is set");
+    let pte = T[3] + ((KVA >> 12) & 0x1ff) * 8;
+    assert_eq!(peek(&m, pte) & (A | D), A, "A set by the read, D not");
+    // The first write faults (protection), sets D and upgrades.
+    assert_eq!(
+        m.handle_page_fault(View::Kernel, gva(KVA), hw(true, true)),
+        FaultOutcome::Filled
+    );
+    assert_eq!(peek(&m, pte) & (A | D), A | D);
+    assert!(m.shadow_lookup(View::Kernel, gva(KVA)).unwrap().writable);
+    let st = m.stats();
+    assert_eq!((st.fills, st.dirty_upgrades), (1, 1));
+    // The user view never maps it: the guest sees a protection fault with U/S = 1.
+    assert!(m.shadow_lookup(View::User, gva(KVA)).is_none());
+    assert_eq!(
+        m.handle_page_fault(View::User, gva(KVA), hw(false, false)),
+        FaultOutcome::Reflect(crate::PageFault {
+            error_code: E::PRESENT | E::USER,
+            cr2: gva(KVA)
+        })
+    );
+    assert!(m.shadow_lookup(View::User, gva(KVA)).is_none());
+    m.audit().unwrap();
+}
+
+#[test]
+fn supervisor_error_code_is_computed_from_the_virtual_privilege() {
+    let mut m = mmu(Policy::Flush, 64, CR3);
+    // Not mapped at all: the guest kernel sees P=0, U/S=0 although the hardware said U/S=1.
+    assert_eq!(
+        m.handle_page_fault(View::Kernel, gva(KVA), hw(true, false)),
+        FaultOutcome::Reflect(crate::PageFault {
+            error_code: E::WRITE,
+            cr2: gva(KVA)
+        })
+    );
+    assert_eq!(m.stats().reflections, 1);
+}
+
+#[test]
+fn wp0_lets_the_kernel_view_write_read_only_pages_but_not_the_user_view() {
+    let mode = PagingMode {
+        cr0_wp: false,
+        ..PagingMode::ENTRY
+    };
+    let mut m = mmu_with(Policy::Flush, 64, CR3, mode, usize::MAX);
+    map_4k(&mut m, T, UVA, 0x20_0000, P | RW | US, P | US);
+    assert_eq!(
+        m.handle_page_fault(View::Kernel, gva(UVA), hw(true, false)),
+        FaultOutcome::Filled
+    );
+    assert!(m.shadow_lookup(View::Kernel, gva(UVA)).unwrap().writable);
+    assert_eq!(
+        m.handle_page_fault(View::User, gva(UVA), hw(true, false)),
+        FaultOutcome::Reflect(crate::PageFault {
+            error_code: E::PRESENT | E::WRITE | E::USER,
+            cr2: gva(UVA)
+        })
+    );
+    assert_eq!(
+        m.handle_page_fault(View::User, gva(UVA), hw(false, false)),
+        FaultOutcome::Filled
+    );
+    assert!(!m.shadow_lookup(View::User, gva(UVA)).unwrap().writable);
+    // Turning WP on drops the WP=0 writable entry.
+    m.set_paging_mode(PagingMode::ENTRY);
+    assert!(m.shadow_lookup(View::Kernel, gva(UVA)).is_none());
+    assert!(m.take_tlb_flush());
+    assert!(matches!(
+        m.handle_page_fault(View::Kernel, gva(UVA), hw(true, false)),
+        FaultOutcome::Reflect(_)
+    ));
+}
+
+#[test]
+fn execute_disable_is_kept_and_fetch_faults_report_i_d() {
+    let mut m = mmu(Policy::Flush, 64, CR3);
+    map_4k(&mut m, T, KVA, 0x20_0000, P | RW, P | RW | XD);
+    assert_eq!(
+        m.handle_page_fault(View::Kernel, gva(KVA), hw(false, false)),
+        FaultOutcome::Filled
+    );
+    assert!(
+        m.shadow_lookup(View::Kernel, gva(KVA))
+            .unwrap()
+            .execute_disable
+    );
+    assert_eq!(
+        m.handle_page_fault(
+            View::Kernel,
+            gva(KVA),
+            E::USER | E::PRESENT | E::INSTRUCTION_FETCH
+        ),
+        FaultOutcome::Reflect(crate::PageFault {
+            error_code: E::PRESENT | E::INSTRUCTION_FETCH,
+            cr2: gva(KVA)
+        })
+    );
+}
+
+#[test]
+fn vmm_range_and_gpa_outside_ram_stop_the_guest() {
+    let mut m = mmu(Policy::Flush, 64, CR3);
+    let vmm = gva(0xffff_ff80_0000_1000);
+    assert_eq!(
+        m.handle_page_fault(View::Kernel, vmm, hw(false, false)),
+        FaultOutcome::Stop(StopReason::VmmRange { gva: vmm })
+    );
+    assert!(matches!(
+        m.translate(vmm, Access::new(AccessKind::Read, Privilege::Supervisor)),
+        Err(TranslateError::Stop(StopReason::VmmRange { .. }))
+    ));
+    // A guest mapping of slot 511 is reported on CR3 load and never honoured.
+    poke(&mut m, CR3 + 511 * 8, T[1] | P | RW);
+    m.load_cr3(CR3).unwrap();
+    assert_eq!(m.stats().guest_vmm_slot_mappings, 1);
+    // A leaf beyond RAM.
+    map_4k(&mut m, T, KVA, RAM + 0x1000, P | RW, P | RW);
+    assert_eq!(
+        m.handle_page_fault(View::Kernel, gva(KVA + 8), hw(false, false)),
+        FaultOutcome::Stop(StopReason::GpaOutsideRam {
+            gpa: GuestPhysAddr::new(RAM + 0x1008),
+            gva: Some(gva(KVA + 8))
+        })
+    );
+    // A paging structure beyond RAM.
+    poke(&mut m, T[0] + 5 * 8, (RAM + 0x10_0000) | P | RW | US);
+    let far = gva(5 << 39);
+    assert!(matches!(
+        m.handle_page_fault(View::Kernel, far, hw(false, false)),
+        FaultOutcome::Stop(StopReason::GpaOutsideRam { .. })
+    ));
+    // Guest-physical helpers report outside RAM as a typed error.
+    let mut b = [0u8; 16];
+    assert!(m
+        .read_guest_phys(GuestPhysAddr::new(RAM - 8), &mut b)
+        .is_err());
+    assert!(m.host_frame(GuestPhysAddr::new(RAM)).is_err());
+    assert!(m.host_frame(GuestPhysAddr::new(RAM - 1)).is_ok());
+    m.audit().unwrap();
+}
+
+#[test]
+fn guest_large_pages_are_split_and_invlpg_drops_the_whole_page() {
+    let mut m = mmu(Policy::Flush, 64, CR3);
+    let base = 0x0000_0000_4000_0000u64; // PML4 0, PDPT 1, PD 0
+    poke(&mut m, T[0], T[1] | P | RW | US);
+    poke(&mut m, T[1] + 8, T[2] | P | RW | US);
+    poke(&mut m, T[2], 0x40_0000 | P | RW | US | PS | D);
+    // A 4 KiB neighbour in the next 2 MiB, through a PT.
+    poke(&mut m, T[2] + 8, T[3] | P | RW | US);
+    poke(&mut m, T[3], 0x30_0000 | P | RW | US | D);
+    for off in [0u64, 0x1000, 0x1f_f000] {
+        assert_eq!(
+            m.handle_page_fault(View::User, gva(base + off), hw(false, false)),
+            FaultOutcome::Filled
+        );
+        let s = m.shadow_lookup(View::User, gva(base + off)).unwrap();
+        assert_eq!(s.frame, frame_of(&m, 0x40_0000 + off));
+        assert!(s.writable);
+    }
+    assert_eq!(
+        m.handle_page_fault(View::User, gva(base + 0x20_0000), hw(false, false)),
+        FaultOutcome::Filled
+    );
+    m.invlpg(gva(base + 0x1000));
+    for off in [0u64, 0x1000, 0x1f_f000] {
+        assert!(m.shadow_lookup(View::User, gva(base + off)).is_none());
+    }
+    assert!(
+        m.shadow_lookup(View::User, gva(base + 0x20_0000)).is_some(),
+        "neighbour kept"
+    );
+    // 1 GiB page.
+    poke(&mut m, T[1] + 2 * 8, 0xC000_0000 | P | RW | US | PS);
+    let big = 0x8000_0000u64; // PML4 0, PDPT index 2
+    let r = m.handle_page_fault(View::User, gva(big + 0x1234), hw(false, false));
+    // 0xC000_0000 is beyond the 16 MiB of RAM: a typed stop, not a panic.
+    assert!(matches!(
+        r,
+        FaultOutcome::Stop(StopReason::GpaOutsideRam { .. })
+    ));
+    poke(&mut m, T[1] + 2 * 8, P | RW | US | PS);
+    assert_eq!(
+        m.handle_page_fault(View::User, gva(big + 0x5000), hw(false, false)),
+        FaultOutcome::Filled
+    );
+    assert_eq!(
+        m.shadow_lookup(View::User, gva(big + 0x5000))
+            .unwrap()
+            .frame,
+        frame_of(&m, 0x5000)
+    );
+    m.invlpg(gva(big + 0x3f00_0000));
+    assert!(m.shadow_lookup(View::User, gva(big + 0x5000)).is_none());
+    m.audit().unwrap();
+}
+
+fn two_spaces(m: &mut Mmu, global: u64) {
+    // Address space 1 at CR3, space 2 at 0x20000 sharing the kernel PDPT (T[1]).
+    map_4k(m, T, KVA, 0x20_0000, P | RW, P | RW | D | global);
+    map_4k(m, T, UVA, 0x21_0000, P | RW | US, P | RW | US | D);
+    let cr3b = 0x20000;
+    let kidx = (KVA >> 39) & 0x1ff;
+    poke(m, cr3b + kidx * 8, T[1] | P | RW);
+    map_4k(
+        m,
+        [cr3b, 0x21000, 0x22000, 0x23000],
+        UVA,
+        0x22_0000,
+        P | RW | US,
+        P | RW | US | D,
+    );
+}
+
+#[test]
+fn flush_policy_drops_shadows_on_cr3_load_but_keeps_globals_with_pge() {
+    for pge in [false, true] {
+        let mode = PagingMode {
+            cr4_pge: pge,
+            ..PagingMode::ENTRY
+        };
+        let mut m = mmu_with(Policy::Flush, 64, CR3, mode, usize::MAX);
+        two_spaces(&mut m, G);
+        for a in [KVA, UVA] {
+            assert_eq!(
+                m.handle_page_fault(View::Kernel, gva(a), hw(false, false)),
+                FaultOutcome::Filled
+            );
+        }
+        m.load_cr3(0x20000).unwrap();
+        assert!(m.take_tlb_flush());
+        assert!(m.shadow_lookup(View::Kernel, gva(UVA)).is_none());
+        assert_eq!(m.shadow_lookup(View::Kernel, gva(KVA)).is_some(), pge);
+        assert_eq!(m.stats().roots_live, 2);
+        assert_eq!(
+            m.handle_page_fault(View::Kernel, gva(UVA), hw(false, false)),
+            FaultOutcome::Filled
+        );
+        assert_eq!(
+            m.shadow_lookup(View::Kernel, gva(UVA)).unwrap().frame,
+            frame_of(&m, 0x22_0000)
+        );
+        m.flush_all();
+        assert!(m.shadow_lookup(View::Kernel, gva(KVA)).is_none());
+        m.audit().unwrap();
+    }
+}
+
+#[test]
+fn cached_policy_keeps_shadows_per_cr3_and_zaps_exactly_on_pte_writes() {
+    let mut m = mmu(Policy::Cached, 64, CR3);
+    two_spaces(&mut m, 0);
+    for a in [KVA, UVA] {
+        assert_eq!(
+            m.handle_page_fault(View::Kernel, gva(a), hw(false, false)),
+            FaultOutcome::Filled
+        );
+    }
+    m.load_cr3(0x20000).unwrap();
+    assert_eq!(
+        m.handle_page_fault(View::User, gva(UVA), hw(false, false)),
+        FaultOutcome::Filled
+    );
+    m.load_cr3(CR3).unwrap();
+    assert_eq!(m.stats().roots_live, 4);
+    assert!(
+        m.shadow_lookup(View::Kernel, gva(UVA)).is_some(),
+        "kept across CR3 loads"
+    );
+    // The guest's tables are write-protected.
+    for t in T {
+        assert!(m.is_write_protected_gpa(GuestPhysAddr::new(t + 8)));
+    }
+    assert!(!m.is_write_protected_gpa(GuestPhysAddr::new(0x20_0000)));
+    // Map the PT page itself at a guest address and write through it: emulate.
+    let pt_alias = 0x0000_0000_0040_7000u64;
+    map_4k(&mut m, T, pt_alias, T[3], P | RW | US, P | RW | US | D);
+    assert_eq!(
+        m.handle_page_fault(View::Kernel, gva(pt_alias), hw(true, false)),
+        FaultOutcome::EmulatePageTableWrite {
+            gpa: GuestPhysAddr::new(T[3])
+        }
+    );
+    assert!(
+        !m.shadow_lookup(View::Kernel, gva(pt_alias))
+            .unwrap()
+            .writable
+    );
+    // (Rewriting the upper entries above zapped the shared subtree: refill UVA.)
+    for a in [KVA, UVA] {
+        assert_eq!(
+            m.handle_page_fault(View::Kernel, gva(a), hw(false, false)),
+            FaultOutcome::Filled
+        );
+    }
+    // Emulated write of the UVA PTE (make it read-only): exactly that leaf goes.
+    let upte = T[3] + ((UVA >> 12) & 0x1ff) * 8;
+    let zaps = m.stats().zaps;
+    poke(&mut m, upte, 0x21_0000 | P | US | D);
+    assert_eq!(m.stats().zaps, zaps + 1);
+    assert!(m.shadow_lookup(View::Kernel, gva(UVA)).is_none());
+    assert!(
+        m.shadow_lookup(View::Kernel, gva(KVA)).is_some(),
+        "other entries untouched"
+    );
+    assert!(m.take_tlb_flush());
+    // A data page that becomes a page table loses its writable mappings.
+    assert_eq!(
+        m.handle_page_fault(View::Kernel, gva(KVA), hw(true, true)),
+        FaultOutcome::Filled
+    );
+    assert!(m.shadow_lookup(View::Kernel, gva(KVA)).unwrap().writable);
+    let new_pt_user = 0x0000_0000_8000_0000u64; // PML4 0, PDPT 2
+    poke(&mut m, T[1] + 2 * 8, 0x20_0000 | P | RW | US); // frame 0x20_0000 is now a PD
+    m.notify_guest_pte_write(GuestPhysAddr::new(T[1] + 16), 8);
+    poke(&mut m, 0x20_0000, 0x60_0000 | P | RW | US | PS);
+    assert_eq!(
+        m.handle_page_fault(View::Kernel, gva(new_pt_user), hw(false, false)),
+        FaultOutcome::Filled
+    );
+    assert!(m.is_write_protected_gpa(GuestPhysAddr::new(0x20_0000)));
+    assert!(!m.shadow_lookup(View::Kernel, gva(KVA)).unwrap().writable);
+    m.audit().unwrap();
+}
+
+#[test]
+fn quota_is_respected_by_reclaiming_least_recently_used_roots() {
+    let mut m = mmu(Policy::Cached, MIN_SHADOW_QUOTA, CR3);
+    for i in 0..12u64 {
+        let cr3 = 0x100_000 + i * 0x10_000;
+        let tables = [cr3, cr3 + 0x1000, cr3 + 0x2000, cr3 + 0x3000];
+        map_4k(
+            &mut m,
+            tables,
+            UVA + i * 0x20_0000,
+            0x40_0000 + i * 0x1000,
+            P | RW | US,
+            P | RW | US,
+        );
+        m.load_cr3(cr3).unwrap();
+        for view in [View::Kernel, View::User] {
+            assert_eq!(
+                m.handle_page_fault(view, gva(UVA + i * 0x20_0000), hw(false, false)),
+                FaultOutcome::Filled
+            );
+        }
+        assert!(m.stats().shadow_pages <= MIN_SHADOW_QUOTA);
+        m.audit().unwrap();
+    }
+    assert!(m.stats().reclaims > 0);
+}
+
+#[test]
+fn host_memory_exhaustion_is_a_stop_not_a_panic() {
+    let mut m = mmu_with(Policy::Flush, 64, CR3, PagingMode::ENTRY, 8);
+    map_4k(&mut m, T, KVA, 0x20_0000, P | RW, P | RW);
+    // 2 roots + 4 tables + nothing left for 3 shadow tables and the data frame.
+    let r = m.handle_page_fault(View::Kernel, gva(KVA), hw(false, false));
+    assert_eq!(r, FaultOutcome::Stop(StopReason::HostMemoryExhausted));
+    m.audit().unwrap();
+}
+
+#[test]
+fn translate_sets_accessed_and_dirty_and_policy_switch_rebuilds() {
+    let mut m = mmu(Policy::Flush, 64, CR3);
+    map_4k(&mut m, T, UVA, 0x20_0000, P | RW | US, P | RW | US);
+    let t = m
+        .translate(
+            gva(UVA + 5),
+            Access::new(AccessKind::Write, Privilege::User),
+        )
+        .unwrap();
+    assert_eq!(t.gpa, GuestPhysAddr::new(0x20_0005));
+    assert!(t.dirty);
+    m.write_guest_phys(t.gpa, b"hi").unwrap();
+    let mut b = [0u8; 2];
+    m.read_guest_phys(t.gpa, &mut b).unwrap();
+    assert_eq!(&b, b"hi");
+    m.set_policy(Policy::Cached).unwrap();
+    assert_eq!(m.policy(), Policy::Cached);
+    assert_eq!(
+        m.handle_page_fault(View::User, gva(UVA), hw(true, false)),
+        FaultOutcome::Filled
+    );
+    assert!(m.is_write_protected_gpa(GuestPhysAddr::new(CR3)));
+    m.set_policy(Policy::Flush).unwrap();
+    assert!(!m.is_write_protected_gpa(GuestPhysAddr::new(CR3)));
+    m.audit().unwrap();
+    let (_, alloc) = m.into_parts();
+    assert!(alloc.live.is_empty(), "every frame given back");
+}
