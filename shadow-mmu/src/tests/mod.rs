@@ -3,5 +3,6 @@
 
 mod exhaustive;
 mod fake;
+mod props;
 mod reference;
 mod scenarios;

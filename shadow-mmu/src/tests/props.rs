@@ -1,0 +1,383 @@
+//! Property tests: random guest page tables and random sequences of accesses, guest page-table
+//! writes, INVLPG, CR3 loads, flushes and CR0.WP changes, in both policies. After every step:
+//! - the structural invariants of [`crate::ShadowMmu::audit`] hold (VMM slot intact in every
+//!   root, every shadow leaf points at a frame the P2M gave this guest, quota respected, no
+//!   writable mapping of a write-protected guest table);
+//! - whatever the shadow of the current address space allows (the real CPU at CPL 3), the guest
+//!   allows at the view's virtual privilege, to the same frame (never more); in particular the
+//!   user view never maps a guest supervisor page, and a writable leaf has the guest D bit set.
+//!
+//! Each access is played like the real CPU: if the shadow allows it nothing happens; otherwise the
+//! fault goes to `handle_page_fault`, whose outcome is checked against a side-effect-free walk of
+//! the guest's tables (a reflected fault carries exactly the guest's error code).
+//!
+//! In the flush policy the guest behaves as the SDM requires (§4.10.4.2): after changing an entry
+//! it invalidates the addresses that entry maps. In the cached policy it does not, and the
+//! write-protection must keep the shadows exact on its own.
+
+use proptest::prelude::*;
+use std::vec::Vec;
+
+use super::fake::*;
+use crate::addr::{GuestPhysAddr, GuestVirtAddr, PageFaultErrorCode as E};
+use crate::p2m::{GuestPhysMemory, MemoryError};
+use crate::shadow::{FaultOutcome, Policy, StopReason, View, MIN_SHADOW_QUOTA};
+use crate::walk::{walk, Access, AccessKind, PagingMode, Translation, WalkError};
+
+const PML4S: [u64; 2] = [0x10000, 0x11000];
+const PDPTS: [u64; 2] = [0x20000, 0x21000];
+const PDS: [u64; 2] = [0x30000, 0x31000];
+const PTS: [u64; 2] = [0x40000, 0x41000];
+/// Leaf targets of a PTE: data frames, two guest tables (the guest maps its own page tables),
+/// and a frame outside RAM.
+const FRAMES: [u64; 6] = [0x100000, 0x101000, 0x102000, 0x40000, 0x30000, 0x2000_0000];
+const OUTSIDE: u64 = 0x2000_0000;
+
+const PML4_IDX: [u64; 3] = [0, 1, 511];
+const LOW_IDX: [u64; 2] = [0, 1];
+/// 16 addresses below the VMM slot, two inside it.
+const ADDRS: usize = 18;
+
+/// Every entry slot the test addresses can reach: (level, entry gpa).
+fn slots() -> Vec<(u8, u64)> {
+    let mut v = Vec::new();
+    for t in PML4S {
+        for i in PML4_IDX {
+            v.push((4, t + i * 8));
+        }
+    }
+    for (level, tables) in [(3u8, PDPTS), (2, PDS), (1, PTS)] {
+        for t in tables {
+            for i in LOW_IDX {
+                v.push((level, t + i * 8));
+            }
+        }
+    }
+    v
+}
+
+fn addresses() -> Vec<GuestVirtAddr> {
+    let mut v = Vec::new();
+    for a in PML4_IDX {
+        for b in LOW_IDX {
+            for c in LOW_IDX {
+                for d in LOW_IDX {
+                    // The VMM's slot needs only two probes.
+                    if a == 511 && !(b == c && c == d) {
+                        continue;
+                    }
+                    let raw = (a << 39) | (b << 30) | (c << 21) | (d << 12) | 0x18;
+                    let canon = if a >= 256 {
+                        raw | 0xffff_0000_0000_0000
+                    } else {
+                        raw
+                    };
+                    v.push(GuestVirtAddr::new(canon).unwrap());
+                }
+            }
+        }
+    }
+    v
+}
+
+/// Builds an entry for `level` from three random bytes.
+fn entry(level: u8, kind: u8, target: u8, flags: u8) -> u64 {
+    if kind.is_multiple_of(8) {
+        return 0;
+    }
+    let mut e = P;
+    for (bit, f) in [(0, RW), (1, US), (3, A), (7, G)] {
+        if flags & (1 << bit) != 0 {
+            e |= f;
+        }
+    }
+    if flags & 0x18 == 0x18 {
+        e |= D;
+    }
+    // Mostly user-accessible and writable so walks reach the leaf often.
+    if kind % 4 != 1 {
+        e |= US;
+    }
+    if kind % 5 != 1 {
+        e |= RW;
+    }
+    if flags & 4 != 0 && kind.is_multiple_of(3) {
+        e |= XD;
+    }
+    if kind == 255 {
+        e |= 1 << 51; // reserved
+    }
+    let t = target as usize;
+    let large = flags & 0x60 == 0x60;
+    match level {
+        4 => e | PDPTS[t % 2] | if kind == 254 { PS } else { 0 },
+        3 if large => e | PS | if t.is_multiple_of(4) { OUTSIDE << 1 } else { 0 },
+        3 => e | PDS[t % 2],
+        2 if large => {
+            e | PS
+                | if t.is_multiple_of(4) {
+                    OUTSIDE
+                } else {
+                    0x20_0000
+                }
+        }
+        2 => e | PTS[t % 2],
+        _ => e | FRAMES[t % FRAMES.len()],
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Step {
+    Access {
+        view: bool,
+        addr: usize,
+        kind: u8,
+    },
+    PteWrite {
+        slot: usize,
+        kind: u8,
+        target: u8,
+        flags: u8,
+    },
+    ReadThenWrite {
+        view: bool,
+        addr: usize,
+    },
+    Invlpg {
+        addr: usize,
+    },
+    LoadCr3 {
+        which: usize,
+    },
+    FlushAll,
+    ToggleWp,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        8 => (any::<bool>(), 0..ADDRS, 0..3u8).prop_map(|(view, addr, kind)| Step::Access { view, addr, kind }),
+        3 => (any::<bool>(), 0..ADDRS).prop_map(|(view, addr)| Step::ReadThenWrite { view, addr }),
+        3 => (0..18usize, any::<u8>(), any::<u8>(), any::<u8>())
+            .prop_map(|(slot, kind, target, flags)| Step::PteWrite { slot, kind, target, flags }),
+        1 => (0..ADDRS).prop_map(|addr| Step::Invlpg { addr }),
+        2 => (0..2usize).prop_map(|which| Step::LoadCr3 { which }),
+        1 => Just(Step::FlushAll),
+        1 => Just(Step::ToggleWp),
+    ]
+}
+
+/// Guest memory read through the MMU, writes discarded: a walk without side effects.
+struct Pure<'a>(&'a Mmu);
+
+impl GuestPhysMemory for Pure<'_> {
+    fn read_u64(&mut self, gpa: GuestPhysAddr) -> Result<u64, MemoryError> {
+        let mut b = [0u8; 8];
+        self.0.read_guest_phys(gpa, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+    fn write_u64(&mut self, _gpa: GuestPhysAddr, _value: u64) -> Result<(), MemoryError> {
+        Ok(())
+    }
+}
+
+fn pure_walk(m: &Mmu, gva: GuestVirtAddr, access: Access) -> Result<Translation, WalkError> {
+    walk(&mut Pure(m), m.guest_cr3(), gva, access, m.paging_mode())
+}
+
+fn view_of(kernel: bool) -> View {
+    if kernel {
+        View::Kernel
+    } else {
+        View::User
+    }
+}
+
+fn kind_of(k: u8) -> AccessKind {
+    match k {
+        0 => AccessKind::Read,
+        1 => AccessKind::Write,
+        _ => AccessKind::Fetch,
+    }
+}
+
+fn shadow_allows(m: &Mmu, view: View, gva: GuestVirtAddr, kind: AccessKind) -> bool {
+    match m.shadow_lookup(view, gva) {
+        Some(s) => {
+            s.user
+                && match kind {
+                    AccessKind::Read => true,
+                    AccessKind::Write => s.writable,
+                    AccessKind::Fetch => !s.execute_disable,
+                }
+        }
+        None => false,
+    }
+}
+
+/// Whatever the current shadows allow, the guest allows, to the same frame.
+fn check_shadow_never_exceeds_guest(m: &Mmu) {
+    m.audit().unwrap();
+    for gva in addresses() {
+        for view in [View::Kernel, View::User] {
+            let Some(s) = m.shadow_lookup(view, gva) else {
+                continue;
+            };
+            assert!(s.user, "shadow leaf not reachable at CPL 3");
+            let p = view.privilege();
+            let t = pure_walk(m, gva, Access::new(AccessKind::Read, p)).unwrap_or_else(|e| {
+                panic!("{view:?} shadow maps {gva:?} but the guest says {e:?}")
+            });
+            assert_eq!(
+                m.p2m().lookup(t.frame_number()),
+                Some(s.frame),
+                "{view:?} {gva:?} wrong frame"
+            );
+            if s.writable {
+                assert!(
+                    pure_walk(m, gva, Access::new(AccessKind::Write, p)).is_ok(),
+                    "{view:?} {gva:?} writable"
+                );
+                assert!(t.dirty, "writable shadow before the guest's D bit");
+                assert!(!m.is_write_protected_gpa(t.gpa));
+            }
+            if !s.execute_disable {
+                assert!(
+                    pure_walk(m, gva, Access::new(AccessKind::Fetch, p)).is_ok(),
+                    "{view:?} {gva:?} exec"
+                );
+            }
+        }
+    }
+}
+
+fn play(m: &mut Mmu, view: View, gva: GuestVirtAddr, kind: AccessKind) {
+    let access = Access::new(kind, view.privilege());
+    let expected = pure_walk(m, gva, access);
+    if shadow_allows(m, view, gva, kind) {
+        assert!(
+            expected.is_ok(),
+            "shadow allowed what the guest denies: {expected:?}"
+        );
+        return;
+    }
+    let mut hw = E::USER;
+    hw.set(E::WRITE, kind == AccessKind::Write);
+    hw.set(E::INSTRUCTION_FETCH, kind == AccessKind::Fetch);
+    hw.set(E::PRESENT, m.shadow_lookup(view, gva).is_some());
+    let outcome = m.handle_page_fault(view, gva, hw);
+    if gva.table_index(4) == 511 {
+        assert_eq!(outcome, FaultOutcome::Stop(StopReason::VmmRange { gva }));
+        return;
+    }
+    match outcome {
+        FaultOutcome::Filled => {
+            assert!(
+                expected.is_ok(),
+                "filled what the guest denies: {expected:?}"
+            );
+            assert!(
+                shadow_allows(m, view, gva, kind),
+                "filled but the retry would fault again"
+            );
+        }
+        FaultOutcome::Reflect(pf) => assert_eq!(expected, Err(WalkError::PageFault(pf))),
+        FaultOutcome::EmulatePageTableWrite { gpa } => {
+            assert_eq!(m.policy(), Policy::Cached);
+            assert_eq!(kind, AccessKind::Write);
+            assert_eq!(expected.map(|t| t.gpa), Ok(gpa));
+            assert!(m.is_write_protected_gpa(gpa));
+            // Emulate: the guest stores the same value again.
+            let at = gpa.as_u64() & !7;
+            let v = peek(m, at);
+            poke(m, at, v);
+        }
+        FaultOutcome::Stop(StopReason::GpaOutsideRam { gpa, .. }) => {
+            assert!(gpa.as_u64() >= RAM);
+            match expected {
+                Ok(t) => assert!(t.gpa.as_u64() >= RAM),
+                Err(e) => assert!(matches!(e, WalkError::Memory(MemoryError::OutsideRam(_)))),
+            }
+        }
+        FaultOutcome::Stop(other) => panic!("unexpected stop {other:?}"),
+    }
+}
+
+fn run(policy: Policy, quota: usize, initial: Vec<(u8, u8, u8)>, steps: Vec<Step>) {
+    let mode = PagingMode {
+        cr4_pge: false,
+        ..PagingMode::ENTRY
+    };
+    let mut m = mmu_with(policy, quota, PML4S[0], mode, usize::MAX);
+    let slots = slots();
+    for (&(level, at), &(kind, target, flags)) in slots.iter().zip(initial.iter()) {
+        poke(&mut m, at, entry(level, kind, target, flags));
+    }
+    m.load_cr3(PML4S[0]).unwrap();
+    let addrs = addresses();
+    assert_eq!(addrs.len(), ADDRS);
+    check_shadow_never_exceeds_guest(&m);
+    for s in steps {
+        match s {
+            Step::Access { view, addr, kind } => {
+                play(&mut m, view_of(view), addrs[addr], kind_of(kind))
+            }
+            Step::PteWrite {
+                slot,
+                kind,
+                target,
+                flags,
+            } => {
+                let (level, at) = slots[slot];
+                poke(&mut m, at, entry(level, kind, target, flags));
+                if policy == Policy::Flush {
+                    // The guest keeps its side of the contract: invalidate what the entry maps.
+                    for &a in &addrs {
+                        m.invlpg(a);
+                    }
+                }
+            }
+            Step::ReadThenWrite { view, addr } => {
+                play(&mut m, view_of(view), addrs[addr], AccessKind::Read);
+                check_shadow_never_exceeds_guest(&m);
+                play(&mut m, view_of(view), addrs[addr], AccessKind::Write);
+            }
+            Step::Invlpg { addr } => m.invlpg(addrs[addr]),
+            Step::LoadCr3 { which } => m.load_cr3(PML4S[which]).unwrap(),
+            Step::FlushAll => m.flush_all(),
+            Step::ToggleWp => {
+                let mut mode = m.paging_mode();
+                mode.cr0_wp = !mode.cr0_wp;
+                m.set_paging_mode(mode);
+            }
+        }
+        check_shadow_never_exceeds_guest(&m);
+    }
+    let (_, alloc) = m.into_parts();
+    assert!(alloc.live.is_empty(), "frames leaked");
+}
+
+fn initial() -> impl Strategy<Value = Vec<(u8, u8, u8)>> {
+    proptest::collection::vec((any::<u8>(), any::<u8>(), any::<u8>()), 18)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 160, ..ProptestConfig::default() })]
+
+    #[test]
+    fn flush_policy_shadow_never_exceeds_guest(
+        quota in MIN_SHADOW_QUOTA..40usize,
+        init in initial(),
+        steps in proptest::collection::vec(step(), 1..100),
+    ) {
+        run(Policy::Flush, quota, init, steps);
+    }
+
+    #[test]
+    fn cached_policy_shadow_never_exceeds_guest(
+        quota in MIN_SHADOW_QUOTA..40usize,
+        init in initial(),
+        steps in proptest::collection::vec(step(), 1..100),
+    ) {
+        run(Policy::Cached, quota, init, steps);
+    }
+}
