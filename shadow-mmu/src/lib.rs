@@ -34,8 +34,8 @@ pub use machine::{FrameAllocator, HostMemory};
 pub use p2m::{GuestPhysMemory, GuestRam, MemoryError, P2m};
 pub use pte::{PageSize, PageTableEntry, PteFlags};
 pub use shadow::{
-    ConfigError, FaultOutcome, MmuConfig, Policy, ShadowMapping, ShadowMmu, Stats, StopReason,
-    TranslateError, View,
+    AuditError, ConfigError, FaultOutcome, MmuConfig, Policy, ShadowMapping, ShadowMmu, Stats,
+    StopReason, TranslateError, View, MIN_SHADOW_QUOTA, VMM_PML4_SLOT, VMM_RANGE_START,
 };
 pub use walk::{
     walk, Access, AccessKind, PageFault, PagingMode, Privilege, Translation, WalkError,

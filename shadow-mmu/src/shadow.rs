@@ -311,8 +311,8 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
                 View::Kernel => pair.kernel,
                 View::User => pair.user,
             },
-            // Every public operation leaves a pair for the current key; this is unreachable, and
-            // the null root would fault at once rather than run the guest unprotected.
+            // Only after a failed `load_cr3`/`set_policy` (which returned a stop reason): the
+            // guest must not run; nothing in this crate writes through this value.
             None => HostPhysAddr::new(0),
         }
     }
@@ -535,6 +535,12 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
             AccessKind::Read
         };
         let access = Access::new(kind, view.privilege());
+        if !self.roots.contains_key(&self.current_key) {
+            // Only after a failed CR3 load or policy switch: try again before filling.
+            if let Err(reason) = self.create_pair(self.current_key) {
+                return self.stop(reason);
+            }
+        }
         let t = match self.guest_walk(gva, access) {
             Ok(t) => t,
             Err(WalkError::PageFault(pf)) => {
@@ -626,7 +632,11 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         if gva.table_index(4) == VMM_PML4_SLOT {
             return None;
         }
-        let mut table = self.current_root(view).as_u64();
+        let pair = self.roots.get(&self.current_key)?;
+        let mut table = match view {
+            View::Kernel => pair.kernel.as_u64(),
+            View::User => pair.user.as_u64(),
+        };
         let mut writable = true;
         let mut user = true;
         let mut xd = false;

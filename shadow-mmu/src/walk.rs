@@ -7,7 +7,7 @@
 //! SMAP and shadow stacks are not modelled: the guest is told (by CPUID, in vmm-core) they are
 //! absent.
 
-use crate::addr::{GuestPhysAddr, GuestVirtAddr, PageFaultErrorCode, PAGE_SIZE};
+use crate::addr::{GuestPhysAddr, GuestVirtAddr, PageFaultErrorCode};
 use crate::p2m::{GuestPhysMemory, MemoryError};
 use crate::pte::{PageSize, PageTableEntry, PteFlags, LARGE_PAT, PTE_PAT};
 
@@ -192,9 +192,10 @@ pub fn access_allowed(
 /// Walks the guest's 4-level tables rooted at `cr3` for `access` at `gva`.
 ///
 /// On success the accessed flag is set in every entry used and, for a write, the dirty flag in
-/// the leaf (§4.8), written back into guest memory. On a fault nothing is written: the SDM lets a
-/// processor set accessed flags on the way to a fault but does not require it, and leaving the
-/// entries alone is the behaviour kvm-unit-tests' `access.c` checks for.
+/// the leaf (§4.8), written back into guest memory. On a fault nothing is written: §4.8 sets A in
+/// entries "used during linear-address translation", and a walk that faults yields no
+/// translation (KVM's software walker makes the same choice). Keeping faults side-effect free
+/// also makes the walker usable for probing.
 pub fn walk<G: GuestPhysMemory + ?Sized>(
     mem: &mut G,
     cr3: u64,
@@ -280,9 +281,4 @@ pub fn walk<G: GuestPhysMemory + ?Sized>(
         pat,
         entries,
     })
-}
-
-/// The 4 KiB page of `gpa` as a frame-aligned address (helper for callers of [`walk`]).
-pub const fn frame_base(gpa: GuestPhysAddr) -> GuestPhysAddr {
-    GuestPhysAddr::new(gpa.as_u64() & !(PAGE_SIZE - 1))
 }
