@@ -3,6 +3,7 @@
 
 mod exhaustive;
 mod fake;
+mod p2m;
 mod props;
 mod reference;
 mod scenarios;
