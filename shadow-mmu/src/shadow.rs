@@ -135,6 +135,9 @@ pub enum TranslateError {
     PageFault(PageFault),
     /// The guest cannot continue.
     Stop(StopReason),
+    /// The access runs past the end of the canonical range (a #GP in the guest, not a #PF):
+    /// the first non-canonical address.
+    NonCanonical(u64),
 }
 
 /// Why a [`ShadowMmu`] could not be created.
@@ -588,6 +591,79 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
             Err(WalkError::PageFault(pf)) => Err(TranslateError::PageFault(pf)),
             Err(WalkError::Memory(e)) => Err(TranslateError::Stop(self.memory_stop(e, Some(gva)))),
         }
+    }
+
+    /// Reads `buf.len()` bytes at linear address `gva` for the emulator, as data reads
+    /// (`AccessKind::Read`) or instruction fetches (`AccessKind::Fetch`) at `privilege`, across
+    /// page boundaries. Every page is translated (A bits set) before any byte is read.
+    pub fn read_linear(
+        &mut self,
+        gva: GuestVirtAddr,
+        buf: &mut [u8],
+        kind: AccessKind,
+        privilege: Privilege,
+    ) -> Result<(), TranslateError> {
+        let kind = if kind == AccessKind::Write {
+            AccessKind::Read
+        } else {
+            kind
+        };
+        let pieces = self.translate_range(gva, buf.len(), Access::new(kind, privilege))?;
+        let mut done = 0usize;
+        for (va, gpa, len) in pieces {
+            let chunk = buf.get_mut(done..done + len).unwrap_or_default();
+            self.read_guest_phys(gpa, chunk)
+                .map_err(|e| TranslateError::Stop(self.memory_stop(e, Some(va))))?;
+            done += len;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at linear address `gva` for the emulator at `privilege`, across page
+    /// boundaries: every page is translated (A/D set) before any byte is written, so a fault on
+    /// the second page leaves the first untouched. Writes to guest page tables zap their shadows
+    /// (see [`ShadowMmu::write_guest_phys`]).
+    pub fn write_linear(
+        &mut self,
+        gva: GuestVirtAddr,
+        data: &[u8],
+        privilege: Privilege,
+    ) -> Result<(), TranslateError> {
+        let pieces =
+            self.translate_range(gva, data.len(), Access::new(AccessKind::Write, privilege))?;
+        let mut done = 0usize;
+        for (va, gpa, len) in pieces {
+            let chunk = data.get(done..done + len).unwrap_or_default();
+            self.write_guest_phys(gpa, chunk)
+                .map_err(|e| TranslateError::Stop(self.memory_stop(e, Some(va))))?;
+            done += len;
+        }
+        Ok(())
+    }
+
+    /// Translates every page of `[gva, gva + len)`: (linear address, guest-physical address,
+    /// length) per piece.
+    fn translate_range(
+        &mut self,
+        gva: GuestVirtAddr,
+        len: usize,
+        access: Access,
+    ) -> Result<Vec<(GuestVirtAddr, GuestPhysAddr, usize)>, TranslateError> {
+        let mut pieces = Vec::new();
+        let mut done = 0usize;
+        while done < len {
+            let raw = gva.as_u64().wrapping_add(done as u64);
+            let va = gva
+                .checked_add(done as u64)
+                .ok_or(TranslateError::NonCanonical(raw))?;
+            let n = ((PAGE_SIZE - va.page_offset()) as usize).min(len - done);
+            // Canonical boundaries are page-aligned: a piece inside one page is canonical iff
+            // its first byte is.
+            let t = self.translate(va, access)?;
+            pieces.push((va, t.gpa, n));
+            done += n;
+        }
+        Ok(pieces)
     }
 
     /// Reads guest-physical bytes (untouched RAM reads as zeros).

@@ -459,3 +459,59 @@ fn translate_sets_accessed_and_dirty_and_policy_switch_rebuilds() {
     let (_, alloc) = m.into_parts();
     assert!(alloc.live.is_empty(), "every frame given back");
 }
+
+#[test]
+fn linear_accesses_cross_pages_and_fault_before_writing() {
+    let mut m = mmu(Policy::Cached, 64, CR3);
+    let va = 0x0000_0000_0040_0000u64;
+    map_4k(&mut m, T, va, 0x20_0000, P | RW | US, P | RW | US);
+    map_4k(&mut m, T, va + 0x1000, 0x30_0000, P | RW | US, P | US);
+    let user = Privilege::User;
+    // Read across the boundary.
+    poke(&mut m, 0x20_0ff8, 0x4433_2211 << 32);
+    poke(&mut m, 0x30_0000, 0x99);
+    let mut b = [0u8; 8];
+    m.read_linear(gva(va + 0xffc), &mut b, AccessKind::Read, user)
+        .unwrap();
+    assert_eq!(b, [0x11, 0x22, 0x33, 0x44, 0x99, 0, 0, 0]);
+    // A write whose second page is read-only faults there, and writes nothing.
+    let r = m.write_linear(gva(va + 0xffe), &[1, 2, 3, 4], user);
+    assert_eq!(
+        r,
+        Err(TranslateError::PageFault(crate::PageFault {
+            error_code: E::PRESENT | E::WRITE | E::USER,
+            cr2: gva(va + 0x1000)
+        }))
+    );
+    assert_eq!(peek(&m, 0x20_0ff8) >> 48, 0x4433, "first page untouched");
+    // A write inside the first page works and sets D.
+    m.write_linear(gva(va + 0x10), &[7; 4], user).unwrap();
+    assert_eq!(peek(&m, 0x20_0010), 0x0707_0707);
+    assert_ne!(peek(&m, T[3] + ((va >> 12) & 0x1ff) * 8) & D, 0);
+    // Writing the guest's own PTE through a mapping of its PT zaps the shadow.
+    map_4k(&mut m, T, va + 0x2000, T[3], P | RW | US, P | RW | US);
+    assert_eq!(
+        m.handle_page_fault(View::User, gva(va), hw(false, false)),
+        FaultOutcome::Filled
+    );
+    let pte_off = ((va >> 12) & 0x1ff) * 8;
+    m.write_linear(gva(va + 0x2000 + pte_off), &0u64.to_le_bytes(), user)
+        .unwrap();
+    assert!(m.shadow_lookup(View::User, gva(va)).is_none());
+    // Running off the canonical range.
+    let top = 0x0000_7fff_ffff_fffc;
+    assert_eq!(
+        m.read_linear(gva(top), &mut b, AccessKind::Fetch, user),
+        Err(TranslateError::PageFault(crate::PageFault {
+            error_code: E::USER | E::INSTRUCTION_FETCH,
+            cr2: gva(top)
+        }))
+    );
+    let sup = Privilege::Supervisor;
+    map_4k(&mut m, T, top & !0xfff, 0x40_0000, P | RW, P | RW);
+    assert_eq!(
+        m.read_linear(gva(top), &mut b, AccessKind::Read, sup),
+        Err(TranslateError::NonCanonical(0x0000_8000_0000_0000))
+    );
+    m.audit().unwrap();
+}
