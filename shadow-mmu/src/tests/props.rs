@@ -13,7 +13,8 @@
 //!
 //! In the flush policy the guest behaves as the SDM requires (§4.10.4.2): after changing an entry
 //! it invalidates the addresses that entry maps. In the cached policy it does not, and the
-//! write-protection must keep the shadows exact on its own.
+//! write-protection must keep the shadows exact on its own. Each test starts in one policy and
+//! switches at random points (`set_policy` at run time).
 
 use proptest::prelude::*;
 use std::vec::Vec;
@@ -151,6 +152,7 @@ enum Step {
     },
     FlushAll,
     ToggleWp,
+    SwitchPolicy,
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -163,6 +165,7 @@ fn step() -> impl Strategy<Value = Step> {
         2 => (0..2usize).prop_map(|which| Step::LoadCr3 { which }),
         1 => Just(Step::FlushAll),
         1 => Just(Step::ToggleWp),
+        1 => Just(Step::SwitchPolicy),
     ]
 }
 
@@ -282,7 +285,11 @@ fn play(m: &mut Mmu, view: View, gva: GuestVirtAddr, kind: AccessKind) {
         }
         FaultOutcome::Reflect(pf) => assert_eq!(expected, Err(WalkError::PageFault(pf))),
         FaultOutcome::EmulatePageTableWrite { gpa } => {
-            assert_eq!(m.policy(), Policy::Cached);
+            assert_eq!(
+                m.policy(),
+                Policy::Cached,
+                "only the cached policy protects tables"
+            );
             assert_eq!(kind, AccessKind::Write);
             assert_eq!(expected.map(|t| t.gpa), Ok(gpa));
             assert!(m.is_write_protected_gpa(gpa));
@@ -329,7 +336,7 @@ fn run(policy: Policy, quota: usize, initial: Vec<(u8, u8, u8)>, steps: Vec<Step
             } => {
                 let (level, at) = slots[slot];
                 poke(&mut m, at, entry(level, kind, target, flags));
-                if policy == Policy::Flush {
+                if m.policy() == Policy::Flush {
                     // The guest keeps its side of the contract: invalidate what the entry maps.
                     for &a in &addrs {
                         m.invlpg(a);
@@ -344,6 +351,13 @@ fn run(policy: Policy, quota: usize, initial: Vec<(u8, u8, u8)>, steps: Vec<Step
             Step::Invlpg { addr } => m.invlpg(addrs[addr]),
             Step::LoadCr3 { which } => m.load_cr3(PML4S[which]).unwrap(),
             Step::FlushAll => m.flush_all(),
+            Step::SwitchPolicy => {
+                let other = match m.policy() {
+                    Policy::Flush => Policy::Cached,
+                    Policy::Cached => Policy::Flush,
+                };
+                m.set_policy(other).unwrap();
+            }
             Step::ToggleWp => {
                 let mut mode = m.paging_mode();
                 mode.cr0_wp = !mode.cr0_wp;
