@@ -23,8 +23,9 @@ mod selfcheck;
 mod serial;
 mod timer;
 mod trap;
+mod vmm;
 
-use vmm_core::config::{DebugAction, HostConfig};
+use vmm_core::config::{DebugAction, HostConfig, RunMode};
 
 // The shared 32-bit Multiboot entry and long-mode trampoline, with the higher-half mapping the
 // host kernel is linked for, then the host's own continuation and the trap entry stubs.
@@ -77,10 +78,18 @@ extern "C" fn kernel_main(multiboot_info: u64) -> ! {
     check_memory_fits(&config, boot);
 
     let result = selfcheck::run();
-    if result.failed == 0 {
-        exit::exit(boot::exit_code::SUCCESS)
-    } else {
+    if result.failed != 0 {
         exit::exit(boot::exit_code::FAILURE)
+    }
+    match (config.mode, boot.modules().next()) {
+        (RunMode::Guest, Some(module)) => vmm::run(&config, module),
+        (RunMode::Guest, None) => exit::config_error(format_args!(
+            "mode=guest but no guest module was loaded (QEMU: -initrd guest.elf; run-qemu.sh does that)"
+        )),
+        (RunMode::SelfCheck, _) => {
+            log::info!("mode=selfcheck: not running the guest (mode=guest runs it)");
+            exit::exit(boot::exit_code::SUCCESS)
+        }
     }
 }
 

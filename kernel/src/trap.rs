@@ -197,6 +197,27 @@ extern "C" {
     fn fixup_read_u64(addr: *const u64, out: *mut u64) -> u64;
     static fixup_read_u64_insn: u8;
     static fixup_read_u64_recover: u8;
+    fn trap_return(frame: *const TrapFrame) -> !;
+    #[link_name = "trap_stack_top"]
+    static TRAP_STACK_TOP: u8;
+}
+
+/// Enters Ring 3 with `frame`'s registers by "returning" from a made-up trap: the frame is copied
+/// to the top of the trap stack, where a real trap from Ring 3 would have put it, and leaves
+/// through the common exit path (`iretq`).
+///
+/// # Safety
+/// `frame` must describe a valid Ring-3 context (RPL-3 selectors of the VMM's GDT) and the
+/// loaded CR3 must map the host (slot 511) as well as wherever the frame points.
+pub unsafe fn enter_ring3(frame: &TrapFrame) -> ! {
+    let top = core::ptr::addr_of!(TRAP_STACK_TOP) as u64;
+    let slot = (top - core::mem::size_of::<TrapFrame>() as u64) as *mut TrapFrame;
+    // SAFETY: the slot is the top of the trap stack, which nothing uses while we are on the
+    // kernel stack; trap_return then runs on it exactly as after a trap.
+    unsafe {
+        slot.write(frame.clone());
+        trap_return(slot)
+    }
 }
 
 /// Size of one entry stub in `asm/trap_entry.S`.
@@ -242,8 +263,11 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
     if let Some(counter) = TRAP_COUNTS.get(frame.vector as usize) {
         counter.fetch_add(1, Ordering::Relaxed);
     }
+    if frame.interrupted_ring3() || frame.vector >= 256 {
+        return crate::vmm::handle_guest_trap(frame);
+    }
     match frame.vector {
-        vector::BREAKPOINT if !frame.interrupted_ring3() => {} // INT3 is a trap: RIP is already past it
+        vector::BREAKPOINT => {} // INT3 is a trap: RIP is already past it
         vector::PAGE_FAULT if frame.rip == core::ptr::addr_of!(fixup_read_u64_insn) as u64 => {
             // SAFETY: reading CR2 has no side effects; we are in the #PF handler, so it holds
             // the faulting address.
