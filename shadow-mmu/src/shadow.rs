@@ -30,6 +30,12 @@
 //!
 //! Whenever an entry is removed or made less permissive the real TLB may hold the old
 //! translation: [`ShadowMmu::take_tlb_flush`] tells the kernel to reload the real CR3.
+//!
+//! The roots that may be in the real CR3 during a call (those of the current guest CR3) are never
+//! freed by that call, so their frames cannot be reused and zeroed under the running CPU (the VMM
+//! itself runs on them, through slot 511). Contract for the kernel: after `load_cr3`,
+//! `set_policy`, or when `take_tlb_flush()` is true, load `current_root(view)` into the real CR3
+//! before resuming the guest.
 
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::vec::Vec;
@@ -301,7 +307,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
             stats: Stats::default(),
         };
         mmu.current_key = mmu.cr3_key(config.guest_cr3);
-        match mmu.create_pair(mmu.current_key) {
+        match mmu.create_pair(mmu.current_key, mmu.current_key) {
             Ok(()) => Ok(mmu),
             Err(_) => Err(ConfigError::HostMemoryExhausted),
         }
@@ -386,18 +392,44 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         }
     }
 
-    /// Switches policy at run time: every shadow is dropped and the current roots are rebuilt.
+    /// Switches policy at run time: every shadow is dropped; the current roots stay (emptied).
     pub fn set_policy(&mut self, policy: Policy) -> Result<(), StopReason> {
         if policy == self.policy {
             return Ok(());
         }
-        let keys: Vec<u64> = self.roots.keys().copied().collect();
-        for k in keys {
+        // Keep the current roots' frames (one is in the real CR3): empty them, free the rest.
+        let others: Vec<u64> = self
+            .roots
+            .keys()
+            .copied()
+            .filter(|k| *k != self.current_key)
+            .collect();
+        for k in others {
             self.free_pair(k);
         }
+        let Some(pair) = self.roots.get(&self.current_key).copied() else {
+            self.policy = policy;
+            return self.create_pair(self.current_key, self.current_key);
+        };
+        self.clear_root(pair.kernel.as_u64());
+        self.clear_root(pair.user.as_u64());
+        // Only the two roots are left: rebuild the cached policy's bookkeeping for them.
+        self.shadowed.clear();
+        self.writable_leaves.clear();
         self.policy = policy;
         self.stats.flushes += 1;
-        self.create_pair(self.current_key)
+        if policy == Policy::Cached {
+            self.shadowed.insert(
+                self.current_key / PAGE_SIZE,
+                alloc::vec![pair.kernel.as_u64(), pair.user.as_u64()],
+            );
+        }
+        for root in [pair.kernel, pair.user] {
+            if let Some(p) = self.pages.get_mut(&root.as_u64()) {
+                p.guest_table = Some(self.current_key / PAGE_SIZE);
+            }
+        }
+        Ok(())
     }
 
     /// The guest loaded CR3 (MOV to CR3, task switch...): switch to its shadow roots, creating
@@ -426,17 +458,19 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
                     self.touch(key);
                     Ok(())
                 } else {
+                    let live = self.current_key;
                     self.current_key = key;
-                    self.create_pair(key)
+                    self.create_pair(key, live)
                 }
             }
             Policy::Cached => {
+                let live = self.current_key;
                 self.current_key = key;
                 if self.roots.contains_key(&key) {
                     self.touch(key);
                     Ok(())
                 } else {
-                    self.create_pair(key)
+                    self.create_pair(key, live)
                 }
             }
         }
@@ -540,7 +574,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         let access = Access::new(kind, view.privilege());
         if !self.roots.contains_key(&self.current_key) {
             // Only after a failed CR3 load or policy switch: try again before filling.
-            if let Err(reason) = self.create_pair(self.current_key) {
+            if let Err(reason) = self.create_pair(self.current_key, self.current_key) {
                 return self.stop(reason);
             }
         }
@@ -563,12 +597,12 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
                     })
                 }
                 Err(FillError::NoShadowPage) => {
-                    if !self.reclaim(self.current_key, &mut budget) {
+                    if !self.reclaim([self.current_key; 2], &mut budget) {
                         return self.stop(StopReason::ShadowMemoryExhausted);
                     }
                 }
                 Err(FillError::NoHostFrame) => {
-                    if !self.reclaim(self.current_key, &mut budget) {
+                    if !self.reclaim([self.current_key; 2], &mut budget) {
                         return self.stop(StopReason::HostMemoryExhausted);
                     }
                 }
@@ -678,7 +712,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         loop {
             match self.p2m.write(gpa, data, &mut self.mem, &mut self.alloc) {
                 Err(MemoryError::OutOfHostFrames)
-                    if self.reclaim(self.current_key, &mut budget) => {}
+                    if self.reclaim([self.current_key; 2], &mut budget) => {}
                 Err(e) => return Err(e),
                 Ok(()) => break,
             }
@@ -697,7 +731,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
                 .host_frame(gpa.frame_number(), &mut self.mem, &mut self.alloc)
             {
                 Err(MemoryError::OutOfHostFrames)
-                    if self.reclaim(self.current_key, &mut budget) => {}
+                    if self.reclaim([self.current_key; 2], &mut budget) => {}
                 other => return other,
             }
         }
@@ -852,7 +886,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
             };
             match walk(&mut ram, self.guest_cr3, gva, access, self.mode) {
                 Err(WalkError::Memory(MemoryError::OutOfHostFrames))
-                    if self.reclaim(self.current_key, &mut budget) => {}
+                    if self.reclaim([self.current_key; 2], &mut budget) => {}
                 other => return other,
             }
         }
@@ -876,8 +910,9 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         }
     }
 
-    /// Creates the two roots of `key`, reclaiming other address spaces if needed.
-    fn create_pair(&mut self, key: u64) -> Result<(), StopReason> {
+    /// Creates the two roots of `key`, reclaiming other address spaces if needed, never the
+    /// roots of `live` (the pair that may be in the real CR3 now).
+    fn create_pair(&mut self, key: u64, live: u64) -> Result<(), StopReason> {
         let mut made = Vec::new();
         let mut budget = true;
         while made.len() < 2 {
@@ -888,7 +923,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
                     made.push(r);
                 }
                 Err(e) => {
-                    if !self.reclaim(key, &mut budget) {
+                    if !self.reclaim([key, live], &mut budget) {
                         for r in made {
                             self.free_page(r);
                         }
@@ -919,14 +954,16 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         }
     }
 
-    /// Frees shadow memory, least recently used address spaces first, then (once per operation:
-    /// `current_too` is cleared when used, so a retry loop always ends) the subtrees of `keep`'s
-    /// roots. False when nothing is left to free.
-    fn reclaim(&mut self, keep: u64, current_too: &mut bool) -> bool {
+    /// Frees shadow memory: first the least recently used address space not in `protect`, then
+    /// (once per operation: `current_too` is cleared when used, so a retry loop always ends) the
+    /// subtrees of the protected pairs. Protected roots themselves are never freed: one of them
+    /// may be loaded in the real CR3 right now, and its frame must not be reused (and zeroed)
+    /// under the running CPU's feet. False when nothing is left to free.
+    fn reclaim(&mut self, protect: [u64; 2], current_too: &mut bool) -> bool {
         let victim = self
             .roots
             .iter()
-            .filter(|(k, _)| **k != keep)
+            .filter(|(k, _)| !protect.contains(k))
             .min_by_key(|(_, p)| p.last_used)
             .map(|(k, _)| *k);
         if let Some(k) = victim {
@@ -934,24 +971,29 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
             self.stats.reclaims += 1;
             return true;
         }
-        let Some(pair) = self.roots.get(&keep).copied() else {
-            return false;
-        };
         if !core::mem::take(current_too) {
             return false;
         }
-        let has_children = [pair.kernel, pair.user].iter().any(|r| {
-            (0..ENTRIES)
-                .filter(|i| *i != VMM_PML4_SLOT)
-                .any(|i| PageTableEntry(self.mem.read_u64(slot(r.as_u64(), i))).is_present())
-        });
-        if has_children {
-            self.clear_root(pair.kernel.as_u64());
-            self.clear_root(pair.user.as_u64());
-            self.stats.reclaims += 1;
-            return true;
+        let mut freed = false;
+        for key in protect {
+            let Some(pair) = self.roots.get(&key).copied() else {
+                continue;
+            };
+            let has_children = [pair.kernel, pair.user].iter().any(|r| {
+                (0..ENTRIES)
+                    .filter(|i| *i != VMM_PML4_SLOT)
+                    .any(|i| PageTableEntry(self.mem.read_u64(slot(r.as_u64(), i))).is_present())
+            });
+            if has_children {
+                self.clear_root(pair.kernel.as_u64());
+                self.clear_root(pair.user.as_u64());
+                freed = true;
+            }
         }
-        false
+        if freed {
+            self.stats.reclaims += 1;
+        }
+        freed
     }
 
     fn alloc_page(

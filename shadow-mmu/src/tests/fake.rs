@@ -62,6 +62,8 @@ pub struct FakeAllocator {
     free: Vec<u64>,
     pub live: BTreeSet<u64>,
     pub limit: usize,
+    /// Every frame given back, in order.
+    pub freed: Vec<u64>,
 }
 
 impl FakeAllocator {
@@ -71,6 +73,7 @@ impl FakeAllocator {
             free: Vec::new(),
             live: BTreeSet::new(),
             limit,
+            freed: Vec::new(),
         }
     }
 }
@@ -93,6 +96,7 @@ impl FrameAllocator for FakeAllocator {
             "double free of {frame:?}"
         );
         self.free.push(frame.as_u64());
+        self.freed.push(frame.as_u64());
     }
 }
 

@@ -324,6 +324,9 @@ fn run(policy: Policy, quota: usize, initial: Vec<(u8, u8, u8)>, steps: Vec<Step
     assert_eq!(addrs.len(), ADDRS);
     check_shadow_never_exceeds_guest(&m);
     for s in steps {
+        // The roots in the real CR3 during this step must outlive it (never freed, never reused).
+        let live = [m.current_root(View::Kernel), m.current_root(View::User)];
+        let freed_before = m.frame_allocator().freed.len();
         match s {
             Step::Access { view, addr, kind } => {
                 play(&mut m, view_of(view), addrs[addr], kind_of(kind))
@@ -363,6 +366,12 @@ fn run(policy: Policy, quota: usize, initial: Vec<(u8, u8, u8)>, steps: Vec<Step
                 mode.cr0_wp = !mode.cr0_wp;
                 m.set_paging_mode(mode);
             }
+        }
+        for f in &m.frame_allocator().freed[freed_before..] {
+            assert!(
+                !live.iter().any(|r| r.as_u64() == *f),
+                "live root {f:#x} freed"
+            );
         }
         check_shadow_never_exceeds_guest(&m);
     }
