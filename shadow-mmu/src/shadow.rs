@@ -418,12 +418,6 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         self.writable_leaves.clear();
         self.policy = policy;
         self.stats.flushes += 1;
-        if policy == Policy::Cached {
-            self.shadowed.insert(
-                self.current_key / PAGE_SIZE,
-                alloc::vec![pair.kernel.as_u64(), pair.user.as_u64()],
-            );
-        }
         for root in [pair.kernel, pair.user] {
             if let Some(p) = self.pages.get_mut(&root.as_u64()) {
                 p.guest_table = Some(self.current_key / PAGE_SIZE);
@@ -1016,17 +1010,31 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
                 large,
             },
         );
-        if self.policy == Policy::Cached {
+        // Roots register lazily, on their first fill (see `fill`): a root the guest never ran on
+        // (e.g. the one for the CR3 passed to `new`) must not write-protect anything.
+        if level < 4 {
             if let Some(gfn) = guest_table {
-                let list = self.shadowed.entry(gfn).or_default();
-                let first = list.is_empty();
-                list.push(hpa);
-                if first {
-                    self.write_protect(gfn);
-                }
+                self.register_shadow(hpa, gfn);
             }
         }
         Ok(hpa)
+    }
+
+    /// Cached policy: records that shadow page `hpa` mirrors guest table `gfn`, write-protecting
+    /// the guest table when it is the first.
+    fn register_shadow(&mut self, hpa: u64, gfn: u64) {
+        if self.policy != Policy::Cached {
+            return;
+        }
+        let list = self.shadowed.entry(gfn).or_default();
+        if list.contains(&hpa) {
+            return;
+        }
+        let first = list.is_empty();
+        list.push(hpa);
+        if first {
+            self.write_protect(gfn);
+        }
     }
 
     /// Cached policy: `gfn` became a shadowed guest table; no shadow leaf may map it writable.
@@ -1185,6 +1193,8 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         access: Access,
     ) -> Result<FaultOutcome, FillError> {
         let mut table = self.current_root(view).as_u64();
+        // The root mirrors the guest PML4 from its first fill on.
+        self.register_shadow(table, self.current_key / PAGE_SIZE);
         let leaf_level = t.page_size.leaf_level();
         for level in (2..=4u8).rev() {
             let idx = gva.table_index(level);

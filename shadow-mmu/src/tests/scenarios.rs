@@ -515,3 +515,23 @@ fn linear_accesses_cross_pages_and_fault_before_writing() {
     );
     m.audit().unwrap();
 }
+
+#[test]
+fn a_root_the_guest_never_ran_on_protects_nothing() {
+    // The kernel creates the MMU before the loader knows the guest's CR3 (guest_cr3 = 0).
+    let mut m = mmu(Policy::Cached, 64, 0);
+    map_4k(&mut m, T, UVA, 0x20_0000, P | RW | US, P | RW | US | D);
+    m.load_cr3(CR3).unwrap();
+    assert!(!m.is_write_protected_gpa(GuestPhysAddr::new(0)));
+    assert!(
+        !m.is_write_protected_gpa(GuestPhysAddr::new(CR3)),
+        "nothing filled yet"
+    );
+    assert_eq!(
+        m.handle_page_fault(View::User, gva(UVA), hw(true, false)),
+        FaultOutcome::Filled
+    );
+    assert!(m.is_write_protected_gpa(GuestPhysAddr::new(CR3)));
+    assert!(!m.is_write_protected_gpa(GuestPhysAddr::new(0)));
+    m.audit().unwrap();
+}
