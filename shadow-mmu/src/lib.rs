@@ -2,7 +2,7 @@
 //!
 //! The guest's page tables map guest-virtual to guest-physical addresses; the real MMU needs
 //! guest-virtual to host-physical. This crate holds:
-//! - [`walk`]: the guest page walker (SDM vol. 3 ch. 4: 4-level paging, access rights §4.6,
+//! - [`mod@walk`]: the guest page walker (SDM vol. 3 ch. 4: 4-level paging, access rights §4.6,
 //!   page-fault error codes §4.7, accessed/dirty bits §4.8), which reads and updates the guest's
 //!   own tables;
 //! - [`p2m`]: the P2M, guest frame -> host frame, allocated and zeroed on first touch;
@@ -11,6 +11,12 @@
 //!
 //! It never touches hardware: guest-physical memory, host frames and the shadow tables are reached
 //! through small traits ([`machine`]), so every rule is unit-tested on the host.
+//!
+//! The host kernel owns one [`ShadowMmu`] per guest: it loads [`ShadowMmu::current_root`] of the
+//! view matching the guest's virtual privilege into the real CR3, hands every #PF to
+//! [`ShadowMmu::handle_page_fault`], forwards CR3 loads / INVLPG / paging-mode changes, and gives
+//! the emulator [`ShadowMmu::read_linear`] / [`ShadowMmu::write_linear`]. `README.md` has the
+//! picture of the two views and the two policies, and the call sequence.
 #![no_std]
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]

@@ -20,7 +20,7 @@ pub struct PagingMode {
     pub efer_nxe: bool,
     /// CR4.PGE: the G bit makes a translation global (§4.10.2.4).
     pub cr4_pge: bool,
-    /// MAXPHYADDR the guest is told (CPUID.80000008H:EAX[7:0]); bits 51:MAXPHYADDR of every
+    /// MAXPHYADDR the guest is told (CPUID.80000008H:EAX bits 7:0); bits 51:MAXPHYADDR of every
     /// entry are reserved.
     pub max_phys_bits: u8,
 }
