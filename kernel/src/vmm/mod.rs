@@ -18,7 +18,10 @@ use host::{DirectMap, HostFrames};
 use shadow_mmu::shadow::{FaultOutcome, MmuConfig, Policy, ShadowMmu, StopReason, View};
 use shadow_mmu::{GuestPhysAddr, GuestVirtAddr, PageFaultErrorCode, PagingMode};
 use spin::Mutex;
+use vmm_core::accounting::{Accounting, PageFaultOutcome, SyscallKind, TrapKind};
 use vmm_core::config::{HostConfig, ShadowPolicy};
+use vmm_core::devices::bus::PortBus;
+use vmm_core::io::Clock;
 use vmm_core::loader::{self, EntryState, GuestPhysWrite, LoadError};
 
 /// Shadow page-table pages the VMM may keep alive at once (roots included): 4 MiB.
@@ -43,12 +46,29 @@ impl GuestPhysWrite for LoadTarget<'_> {
     }
 }
 
+/// The host timer as the virtual devices' clock.
+#[derive(Debug, Clone, Copy)]
+struct HostClock;
+
+impl Clock for HostClock {
+    fn now_ticks(&self) -> u64 {
+        crate::timer::ticks()
+    }
+
+    fn ticks_per_second(&self) -> u64 {
+        u64::from(crate::timer::tick_hz())
+    }
+}
+
 /// Everything the VMM keeps about the one guest it runs.
 struct Vm {
     mmu: Mmu,
     /// Which shadow view is loaded: the kernel view while the guest is at virtual CPL 0.
     view: View,
-    console: GuestConsole,
+    /// The guest's port bus: virtual PIC pair, PIT, COM1 (into the console), debug exit.
+    bus: PortBus<GuestConsole, HostClock>,
+    /// Counts and costs of every trap, printed when the guest ends.
+    accounting: Accounting,
     /// Traps still to print one line each for (host option `trace=N`).
     trace_left: u64,
 }
@@ -117,7 +137,8 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
     *VM.lock() = Some(Vm {
         mmu,
         view: View::Kernel,
-        console: GuestConsole::new(),
+        bus: PortBus::new(GuestConsole::new(), HostClock),
+        accounting: Accounting::new(),
         trace_left: config.trace,
     });
     log::info!(
@@ -144,21 +165,48 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
     }
 }
 
+/// Pseudo-vector of a SYSCALL from the guest (asm/trap_entry.S).
+const SYSCALL_VECTOR: u64 = 256;
+/// Pseudo-vector of a SYSENTER from the guest.
+const SYSENTER_VECTOR: u64 = 257;
+
+fn rdtsc() -> u64 {
+    // SAFETY: RDTSC has no side effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
 /// Handles a trap taken while the guest ran (or a SYSCALL/SYSENTER from it).
 pub fn handle_guest_trap(frame: &mut TrapFrame) {
+    let start = rdtsc();
     let mut guard = VM.lock();
     let Some(vm) = guard.as_mut() else {
         drop(guard);
         stop_without_vm(frame)
     };
-    let action = match frame.vector {
+    let (action, kind) = match frame.vector {
         vector::PAGE_FAULT => vm.page_fault(frame),
         v if (vector::IRQ_BASE..vector::IRQ_BASE + 16).contains(&v) => {
-            crate::timer::handle_irq((v - vector::IRQ_BASE) as u8);
-            Action::Resume("host IRQ")
+            let irq = (v - vector::IRQ_BASE) as u8;
+            crate::timer::handle_irq(irq);
+            if irq == 0 {
+                vm.bus.poll_timer();
+            }
+            (Action::Resume("host IRQ"), TrapKind::Irq(irq))
         }
-        _ => Action::Stop(StopWhy::NotEmulated),
+        SYSCALL_VECTOR => (
+            Action::Stop(StopWhy::NotEmulated),
+            TrapKind::SystemCall(SyscallKind::Syscall),
+        ),
+        SYSENTER_VECTOR => (
+            Action::Stop(StopWhy::NotEmulated),
+            TrapKind::SystemCall(SyscallKind::Sysenter),
+        ),
+        v => (
+            Action::Stop(StopWhy::NotEmulated),
+            TrapKind::Exception(v as u8),
+        ),
     };
+    vm.accounting.record(kind, rdtsc().wrapping_sub(start));
     if vm.trace_left > 0 && !matches!(action, Action::Resume("host IRQ")) {
         vm.trace_left -= 1;
         crate::serial::write_line(format_args!(
@@ -172,10 +220,12 @@ pub fn handle_guest_trap(frame: &mut TrapFrame) {
     match action {
         Action::Resume(_) => {}
         Action::Stop(why) => {
-            vm.console.flush();
-            let stats = vm.mmu.stats();
+            let vm = guard.take();
             drop(guard);
-            stop_guest(frame, why, &stats)
+            if let Some(vm) = vm {
+                stop_guest(frame, why, vm)
+            }
+            stop_without_vm(frame)
         }
     }
 }
@@ -208,11 +258,16 @@ impl core::fmt::Display for Action {
 impl Vm {
     /// #PF from the guest: shadow-mmu decides between filling the shadow, reflecting the fault
     /// to the guest, and stopping it.
-    fn page_fault(&mut self, frame: &mut TrapFrame) -> Action {
+    fn page_fault(&mut self, frame: &mut TrapFrame) -> (Action, TrapKind) {
+        let (action, outcome) = self.page_fault_action(frame);
+        (action, TrapKind::PageFault(outcome))
+    }
+
+    fn page_fault_action(&mut self, frame: &mut TrapFrame) -> (Action, PageFaultOutcome) {
         // SAFETY: reading CR2 has no side effects; this is the #PF handler.
         let cr2 = unsafe { x86::controlregs::cr2() } as u64;
         let Some(gva) = GuestVirtAddr::new(cr2) else {
-            return Action::Stop(StopWhy::NotEmulated);
+            return (Action::Stop(StopWhy::NotEmulated), PageFaultOutcome::Stop);
         };
         let hw = PageFaultErrorCode::from_bits_truncate(frame.error_code as u32);
         match self.mmu.handle_page_fault(self.view, gva, hw) {
@@ -224,11 +279,17 @@ impl Vm {
                     // the shadow entry just written (needed when a read-only entry was upgraded).
                     unsafe { x86::tlb::flush(cr2 as usize) };
                 }
-                Action::Resume("shadow fill")
+                (Action::Resume("shadow fill"), PageFaultOutcome::Fill)
             }
-            FaultOutcome::Stop(reason) => Action::Stop(StopWhy::Mmu(reason)),
-            FaultOutcome::Reflect(_) | FaultOutcome::EmulatePageTableWrite { .. } => {
-                Action::Stop(StopWhy::NotEmulated)
+            FaultOutcome::Stop(reason) => {
+                (Action::Stop(StopWhy::Mmu(reason)), PageFaultOutcome::Stop)
+            }
+            FaultOutcome::Reflect(_) => (
+                Action::Stop(StopWhy::NotEmulated),
+                PageFaultOutcome::Reflect,
+            ),
+            FaultOutcome::EmulatePageTableWrite { .. } => {
+                (Action::Stop(StopWhy::NotEmulated), PageFaultOutcome::Stop)
             }
         }
     }
@@ -249,8 +310,45 @@ fn stop_without_vm(frame: &TrapFrame) -> ! {
     )
 }
 
-/// Prints why the guest stopped, its registers and the statistics, and exits with 0x13.
-fn stop_guest(frame: &TrapFrame, why: StopWhy, stats: &shadow_mmu::shadow::Stats) -> ! {
+/// Prints a multi-line text (a table) as `[vmm] ` lines.
+fn print_lines(text: &str) {
+    for line in text.lines() {
+        crate::serial::write_line(format_args!("[vmm] {line}"));
+    }
+}
+
+/// The end-of-run report: trap table, shadow-mmu statistics, unknown ports.
+fn report(vm: &mut Vm) {
+    vm.bus.com1_mut().sink_mut().flush();
+    let mut table = alloc::string::String::new();
+    let _ = vm.accounting.write_table(&mut table);
+    crate::serial::write_line(format_args!(
+        "[vmm] traps (cost in TSC cycles; under --icount, instructions):"
+    ));
+    print_lines(&table);
+    let stats = vm.mmu.stats();
+    crate::serial::write_line(format_args!(
+        "[vmm] shadow-mmu: fills={} reflections={} dirty-upgrades={} zaps={} cr3-loads={} roots={} shadow-pages={}/{} p2m-frames={}",
+        stats.fills,
+        stats.reflections,
+        stats.dirty_upgrades,
+        stats.zaps,
+        stats.cr3_loads,
+        stats.roots_live,
+        stats.shadow_pages,
+        stats.shadow_quota,
+        stats.p2m_frames
+    ));
+    let unknown = alloc::format!("{}", vm.bus.unknown_ports());
+    if !unknown.is_empty() {
+        crate::serial::write_line(format_args!("[vmm] unknown ports:"));
+        print_lines(&unknown);
+    }
+}
+
+/// Prints why the guest stopped, its registers and the report, and exits with 0x13.
+fn stop_guest(frame: &TrapFrame, why: StopWhy, mut vm: Vm) -> ! {
+    vm.bus.com1_mut().sink_mut().flush();
     let reason = match why {
         StopWhy::Mmu(StopReason::VmmRange { gva }) => {
             alloc::format!("touched the VMM's reserved range at {:#x}", gva.as_u64())
@@ -271,16 +369,6 @@ fn stop_guest(frame: &TrapFrame, why: StopWhy, stats: &shadow_mmu::shadow::Stats
         "[vmm] guest stopped: {reason} at rip={:#x}{REPORT_NEWLINE}{frame}",
         frame.rip
     ));
-    crate::serial::write_line(format_args!(
-        "[vmm] shadow-mmu: fills={} reflections={} dirty-upgrades={} zaps={} cr3-loads={} roots={} shadow-pages={} p2m-frames={}",
-        stats.fills,
-        stats.reflections,
-        stats.dirty_upgrades,
-        stats.zaps,
-        stats.cr3_loads,
-        stats.roots_live,
-        stats.shadow_pages,
-        stats.p2m_frames
-    ));
+    report(&mut vm);
     crate::exit::exit(boot::exit_code::GUEST_STOPPED)
 }
