@@ -35,3 +35,14 @@ fn the_guest_is_loaded_and_entered_at_ring3_on_shadow_page_tables() {
     // filled from the guest's boot page tables.
     run.expect_line("[vmm] trace: rip=0x200000 #PF page fault error=0x14 -> shadow fill");
 }
+
+#[test]
+fn a_guest_that_makes_no_progress_is_stopped_by_the_watchdog() {
+    let run = run_guest(&test_guest("spin"), "watchdog=50");
+    run.expect_status(4);
+    run.expect_line(
+        "[vmm] guest stopped: no progress: at the same instruction for 50 host timer ticks",
+    );
+    run.expect_line("[vmm] traps (cost in TSC cycles");
+    run.expect_line("[vmm] irq 0 ");
+}

@@ -71,6 +71,45 @@ struct Vm {
     accounting: Accounting,
     /// Traps still to print one line each for (host option `trace=N`).
     trace_left: u64,
+    /// The no-progress watchdog: the guest RIP seen at the last host timer tick, and for how
+    /// many consecutive ticks it has been the same with no other trap in between.
+    watchdog: Watchdog,
+}
+
+/// Detects a guest that makes no progress (`cli; jmp $`, a spin on a flag nothing will set):
+/// the host timer keeps interrupting it, and if it is found at the same RIP for `limit`
+/// consecutive ticks with no other trap in between, it is stopped.
+#[derive(Debug, Clone, Copy)]
+struct Watchdog {
+    limit: u64,
+    last_rip: u64,
+    same_ticks: u64,
+}
+
+impl Watchdog {
+    fn new(limit: u64) -> Self {
+        Self {
+            limit,
+            last_rip: u64::MAX,
+            same_ticks: 0,
+        }
+    }
+
+    /// Any trap other than a host timer tick is progress.
+    fn progress(&mut self) {
+        self.same_ticks = 0;
+    }
+
+    /// A host timer tick found the guest at `rip`; true when the guest has stalled.
+    fn tick(&mut self, rip: u64) -> bool {
+        if rip == self.last_rip {
+            self.same_ticks += 1;
+        } else {
+            self.last_rip = rip;
+            self.same_ticks = 0;
+        }
+        self.limit != 0 && self.same_ticks >= self.limit
+    }
 }
 
 /// The VM, reached from the trap dispatcher. Only ever locked with interrupts disabled (in trap
@@ -140,6 +179,7 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
         bus: PortBus::new(GuestConsole::new(), HostClock),
         accounting: Accounting::new(),
         trace_left: config.trace,
+        watchdog: Watchdog::new(config.watchdog_ticks),
     });
     log::info!(
         "guest: entering at Ring 3 (rip={:#x} rsp={:#x} rdi={:#x}), shadow policy {policy:?}",
@@ -188,10 +228,14 @@ pub fn handle_guest_trap(frame: &mut TrapFrame) {
         v if (vector::IRQ_BASE..vector::IRQ_BASE + 16).contains(&v) => {
             let irq = (v - vector::IRQ_BASE) as u8;
             crate::timer::handle_irq(irq);
+            let mut action = Action::Resume("host IRQ");
             if irq == 0 {
                 vm.bus.poll_timer();
+                if vm.watchdog.tick(frame.rip) {
+                    action = Action::Stop(StopWhy::NoProgress(vm.watchdog.same_ticks));
+                }
             }
-            (Action::Resume("host IRQ"), TrapKind::Irq(irq))
+            (action, TrapKind::Irq(irq))
         }
         SYSCALL_VECTOR => (
             Action::Stop(StopWhy::NotEmulated),
@@ -206,6 +250,9 @@ pub fn handle_guest_trap(frame: &mut TrapFrame) {
             TrapKind::Exception(v as u8),
         ),
     };
+    if !matches!(kind, TrapKind::Irq(_)) {
+        vm.watchdog.progress();
+    }
     vm.accounting.record(kind, rdtsc().wrapping_sub(start));
     if vm.trace_left > 0 && !matches!(action, Action::Resume("host IRQ")) {
         vm.trace_left -= 1;
@@ -244,6 +291,8 @@ enum StopWhy {
     Mmu(StopReason),
     /// A trap the VMM cannot handle yet (instruction emulation is the vmm-core integration's).
     NotEmulated,
+    /// The watchdog found the guest at the same RIP for this many host ticks, no other trap.
+    NoProgress(u64),
 }
 
 impl core::fmt::Display for Action {
@@ -359,6 +408,9 @@ fn stop_guest(frame: &TrapFrame, why: StopWhy, mut vm: Vm) -> ! {
             gva.map_or(0, |g| g.as_u64())
         ),
         StopWhy::Mmu(other) => alloc::format!("shadow MMU: {other:?}"),
+        StopWhy::NoProgress(ticks) => alloc::format!(
+            "no progress: at the same instruction for {ticks} host timer ticks with no other trap (watchdog=)"
+        ),
         StopWhy::NotEmulated => alloc::format!(
             "{} (error {:#x}) is not emulated yet",
             trap::vector_name(frame.vector),
