@@ -33,7 +33,50 @@ impl log::Log for Logger {
 
 static LOGGER: Logger = Logger;
 
-/// Initialises COM1 (115200 8N1, FIFOs on) and installs the logger.
+/// Bytes received on COM1 and not yet taken: filled by the IRQ 4 handler (in any context), drained
+/// by the VMM into the guest's virtual 16550.
+struct RxRing {
+    bytes: [u8; 256],
+    head: usize,
+    len: usize,
+    dropped: u64,
+}
+
+static RX: Mutex<RxRing> = Mutex::new(RxRing {
+    bytes: [0; 256],
+    head: 0,
+    len: 0,
+    dropped: 0,
+});
+
+/// IRQ 4: moves every byte the UART holds into the receive ring (dropping when it is full).
+pub fn handle_rx_irq() {
+    let mut port = SERIAL.lock();
+    let mut rx = RX.lock();
+    while let Ok(byte) = port.try_receive() {
+        if rx.len == rx.bytes.len() {
+            rx.dropped += 1;
+            continue;
+        }
+        let at = (rx.head + rx.len) % rx.bytes.len();
+        rx.bytes[at] = byte;
+        rx.len += 1;
+    }
+}
+
+/// The oldest received byte not yet taken.
+pub fn take_rx() -> Option<u8> {
+    let mut rx = RX.lock();
+    if rx.len == 0 {
+        return None;
+    }
+    let byte = rx.bytes[rx.head];
+    rx.head = (rx.head + 1) % rx.bytes.len();
+    rx.len -= 1;
+    Some(byte)
+}
+
+/// Initialises COM1 (8N1, FIFOs on, receive interrupt enabled) and installs the logger.
 pub fn init() {
     SERIAL.lock().init();
     // A second call would fail only if a logger were already set, which is harmless.

@@ -1,4 +1,5 @@
-//! The real 8259A pair (via `pic8259`) and the 8254 PIT channel 0: the host's clock.
+//! The real 8259A pair (via `pic8259`) and the 8254 PIT channel 0: the host's clock, and the
+//! handling of every host IRQ (timer ticks, COM1 input).
 //!
 //! The PICs are remapped to vectors 0x20..0x2F (the CPU's exceptions own 0..31). The PIT runs
 //! in mode 2 (rate generator) at the rate from the command line; every IRQ 0 adds one tick.
@@ -34,7 +35,7 @@ pub fn init(hz: u32) {
     unsafe {
         let mut pics = PICS.lock();
         pics.initialize();
-        pics.write_masks(!0b0000_0101, 0xFF); // IRQ 0 (PIT) and 2 (cascade) unmasked
+        pics.write_masks(!0b0001_0101, 0xFF); // IRQ 0 (PIT), 2 (cascade), 4 (COM1) unmasked
         x86::io::outb(0x43, 0b0011_0100); // channel 0, lobyte/hibyte, mode 2, binary
         x86::io::outb(0x40, divisor as u8);
         x86::io::outb(0x40, (divisor >> 8) as u8);
@@ -76,7 +77,8 @@ fn in_service(irq: u8) -> bool {
     isr & (1 << bit) != 0
 }
 
-/// Handles IRQ `irq` (0..16): counts it, ticks for the PIT, and sends the EOI. A spurious
+/// Handles IRQ `irq` (0..16): counts it, ticks for the PIT, drains COM1 input, and sends the
+/// EOI. A spurious
 /// IRQ 7/15 (8259A datasheet: the request went away before the acknowledge) gets no EOI from
 /// its own PIC (the slave's still needs the master's EOI for the cascade line).
 pub fn handle_irq(irq: u8) {
@@ -91,8 +93,12 @@ pub fn handle_irq(irq: u8) {
         }
         return;
     }
-    if irq == 0 {
-        TICKS.fetch_add(1, Ordering::Relaxed);
+    match irq {
+        0 => {
+            TICKS.fetch_add(1, Ordering::Relaxed);
+        }
+        4 => crate::serial::handle_rx_irq(),
+        _ => {}
     }
     // SAFETY: `irq` is in service at the PIC (checked above for the spurious lines).
     unsafe { PICS.lock().notify_end_of_interrupt(PIC_MASTER_OFFSET + irq) };

@@ -229,6 +229,9 @@ pub fn handle_guest_trap(frame: &mut TrapFrame) {
             let irq = (v - vector::IRQ_BASE) as u8;
             crate::timer::handle_irq(irq);
             let mut action = Action::Resume("host IRQ");
+            while let Some(byte) = crate::serial::take_rx() {
+                vm.bus.enqueue_rx(byte);
+            }
             if irq == 0 {
                 vm.bus.poll_timer();
                 if vm.watchdog.tick(frame.rip) {
