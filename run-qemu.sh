@@ -89,7 +89,7 @@ fi
 if [ "$build" = 1 ]; then
     # A separate target directory, so this nested cargo never waits on an outer one's lock.
     (cd "$ROOT" && cargo build --quiet --release --target "$TARGET" --target-dir "$TARGET_DIR" \
-        -p kernel -p guest-kernel) || { echo "run-qemu.sh: build failed" >&2; exit 2; }
+        -p kernel -p guest-kernel -p test-guests) || { echo "run-qemu.sh: build failed" >&2; exit 2; }
 fi
 
 kernel="$BIN_DIR/kernel"
