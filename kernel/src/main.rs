@@ -8,9 +8,6 @@
 //! features -> boot self-checks -> exit with the result.
 #![no_std]
 #![no_main]
-// Some CPU-table and memory helpers exist for the VMM run loop (the guest integration issue)
-// and are not called by the boot self-checks alone yet.
-#![allow(dead_code)]
 
 extern crate alloc;
 

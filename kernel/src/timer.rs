@@ -24,6 +24,7 @@ static TICKS: AtomicU64 = AtomicU64::new(0);
 static TICK_HZ: AtomicU32 = AtomicU32::new(0);
 /// IRQs seen per line (index = IRQ number), spurious ones included.
 pub static IRQ_COUNTS: [AtomicU64; 16] = [const { AtomicU64::new(0) }; 16];
+/// Spurious IRQs seen (IRQ 7/15 with no bit in the in-service register), for a debugger.
 static SPURIOUS: AtomicU64 = AtomicU64::new(0);
 
 /// Remaps and unmasks the PICs (timer and cascade only), programs PIT channel 0 at `hz`, and
@@ -54,11 +55,6 @@ pub fn ticks() -> u64 {
 /// The tick rate actually programmed (the divisor rounds the requested one).
 pub fn tick_hz() -> u32 {
     TICK_HZ.load(Ordering::Relaxed)
-}
-
-/// Spurious IRQs seen (IRQ 7/15 with no bit in the in-service register).
-pub fn spurious() -> u64 {
-    SPURIOUS.load(Ordering::Relaxed)
 }
 
 /// Reads the in-service register of the PIC that owns `irq` (OCW3, "read ISR").

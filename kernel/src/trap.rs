@@ -87,16 +87,12 @@ impl fmt::Display for TrapFrame {
 
 /// Exception vectors by their manual names (SDM vol. 3 §6.3.1, table 6-1).
 pub mod vector {
-    /// #DE divide error.
-    pub const DIVIDE_ERROR: u64 = 0;
     /// NMI.
     pub const NMI: u64 = 2;
     /// #BP breakpoint (INT3).
     pub const BREAKPOINT: u64 = 3;
     /// #DF double fault.
     pub const DOUBLE_FAULT: u64 = 8;
-    /// #GP general protection.
-    pub const GENERAL_PROTECTION: u64 = 13;
     /// #PF page fault.
     pub const PAGE_FAULT: u64 = 14;
     /// #MC machine check.
