@@ -398,15 +398,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
             return Ok(());
         }
         // Keep the current roots' frames (one is in the real CR3): empty them, free the rest.
-        let others: Vec<u64> = self
-            .roots
-            .keys()
-            .copied()
-            .filter(|k| *k != self.current_key)
-            .collect();
-        for k in others {
-            self.free_pair(k);
-        }
+        self.free_other_pairs();
         let Some(pair) = self.roots.get(&self.current_key).copied() else {
             self.policy = policy;
             return self.create_pair(self.current_key, self.current_key);
@@ -485,15 +477,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
     /// mode changes). The current roots stay and are refilled on demand.
     pub fn flush_all(&mut self) {
         self.stats.flushes += 1;
-        let others: Vec<u64> = self
-            .roots
-            .keys()
-            .copied()
-            .filter(|k| *k != self.current_key)
-            .collect();
-        for k in others {
-            self.free_pair(k);
-        }
+        self.free_other_pairs();
         if let Some(pair) = self.roots.get(&self.current_key).copied() {
             self.clear_root(pair.kernel.as_u64());
             self.clear_root(pair.user.as_u64());
@@ -939,6 +923,19 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
             },
         );
         Ok(())
+    }
+
+    /// Frees the shadow roots of every address space but the current one.
+    fn free_other_pairs(&mut self) {
+        let others: Vec<u64> = self
+            .roots
+            .keys()
+            .copied()
+            .filter(|k| *k != self.current_key)
+            .collect();
+        for k in others {
+            self.free_pair(k);
+        }
     }
 
     fn free_pair(&mut self, key: u64) {
