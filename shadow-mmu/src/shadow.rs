@@ -115,6 +115,29 @@ pub enum StopReason {
     HostMemoryExhausted,
 }
 
+impl core::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            StopReason::VmmRange { gva } => {
+                write!(f, "touched the VMM's reserved range at {:#x}", gva.as_u64())
+            }
+            StopReason::GpaOutsideRam { gpa, gva } => write!(
+                f,
+                "guest-physical address {:#x} is outside guest RAM (linear {:#x})",
+                gpa.as_u64(),
+                gva.map_or(0, |g| g.as_u64())
+            ),
+            StopReason::ShadowMemoryExhausted => {
+                write!(
+                    f,
+                    "shadow page-table quota exhausted (no fill fits after reclaim)"
+                )
+            }
+            StopReason::HostMemoryExhausted => write!(f, "the host has no free frame left"),
+        }
+    }
+}
+
 /// What the kernel does after a #PF taken while the guest ran.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FaultOutcome {

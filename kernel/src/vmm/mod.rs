@@ -402,15 +402,7 @@ fn report(vm: &mut Vm) {
 fn stop_guest(frame: &TrapFrame, why: StopWhy, mut vm: Vm) -> ! {
     vm.bus.com1_mut().sink_mut().flush();
     let reason = match why {
-        StopWhy::Mmu(StopReason::VmmRange { gva }) => {
-            alloc::format!("touched the VMM's reserved range at {:#x}", gva.as_u64())
-        }
-        StopWhy::Mmu(StopReason::GpaOutsideRam { gpa, gva }) => alloc::format!(
-            "guest-physical address {:#x} is outside guest RAM (linear {:#x})",
-            gpa.as_u64(),
-            gva.map_or(0, |g| g.as_u64())
-        ),
-        StopWhy::Mmu(other) => alloc::format!("shadow MMU: {other:?}"),
+        StopWhy::Mmu(reason) => alloc::format!("{reason}"),
         StopWhy::NoProgress(ticks) => alloc::format!(
             "no progress: at the same instruction for {ticks} host timer ticks with no other trap (watchdog=)"
         ),

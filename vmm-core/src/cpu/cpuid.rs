@@ -1,0 +1,127 @@
+//! CPUID as the guest sees it: the host's answers with the hypervisor bit set, a vendor leaf at
+//! 0x4000_0000, and every feature this virtual CPU does not virtualise hidden, so a guest never
+//! tries a control bit that would be a #GP here (SDM Vol. 2 "CPUID").
+
+/// The signature in EBX, ECX, EDX of leaf 0x4000_0000 (12 ASCII bytes).
+pub const HYPERVISOR_SIGNATURE: &[u8; 12] = b"TrapEmulVMM!";
+/// Highest hypervisor leaf.
+pub const HYPERVISOR_MAX_LEAF: u32 = 0x4000_0001;
+
+/// Where the host's own CPUID answers come from (the kernel executes the instruction; the
+/// tests use a table).
+pub trait CpuidSource {
+    /// EAX, EBX, ECX, EDX for `leaf`/`subleaf`.
+    fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4];
+}
+
+/// Leaf 1 ECX: MONITOR(3), VMX(5), SMX(6), PCID(17), x2APIC(21), TSC-deadline(24), XSAVE(26),
+/// OSXSAVE(27), AVX(28), F16C(29) and RDRAND-independent bits the VMM cannot back.
+const LEAF1_ECX_HIDDEN: u32 = (1 << 3)
+    | (1 << 5)
+    | (1 << 6)
+    | (1 << 17)
+    | (1 << 21)
+    | (1 << 24)
+    | (1 << 26)
+    | (1 << 27)
+    | (1 << 28)
+    | (1 << 29);
+/// Leaf 1 EDX: VME(1) (no CR4.VME), MTRR(12) and MCA(14) (no such MSRs), ACPI(22).
+const LEAF1_EDX_HIDDEN: u32 = (1 << 1) | (1 << 12) | (1 << 14) | (1 << 22);
+/// Leaf 1 ECX bit 31: "running under a hypervisor".
+pub const HYPERVISOR_BIT: u32 = 1 << 31;
+/// Leaf 7 EBX bits kept: BMI1(3), BMI2(8), ERMS(9), RDSEED(18), ADX(19). FSGSBASE, SMEP,
+/// SMAP, INVPCID, SGX, AVX2/AVX-512 and the rest need state this CPU does not virtualise.
+const LEAF7_EBX_KEPT: u32 = (1 << 3) | (1 << 8) | (1 << 9) | (1 << 18) | (1 << 19);
+/// Leaf 7 ECX bits kept: UMIP(2), which CR4.UMIP backs.
+const LEAF7_ECX_KEPT: u32 = 1 << 2;
+/// Leaf 0x8000_0001 ECX: SVM(2) hidden.
+const EXT1_ECX_HIDDEN: u32 = 1 << 2;
+/// Leaf 0x8000_0001 EDX: 1-GiB pages(26) hidden (the shadow MMU splits nothing that large).
+const EXT1_EDX_HIDDEN: u32 = 1 << 26;
+
+/// The virtual CPU's answer to CPUID `leaf`/`subleaf`.
+pub fn virtual_cpuid(host: &dyn CpuidSource, leaf: u32, subleaf: u32) -> [u32; 4] {
+    match leaf {
+        0x4000_0000 => {
+            let sig = HYPERVISOR_SIGNATURE;
+            let word = |i: usize| u32::from_le_bytes([sig[i], sig[i + 1], sig[i + 2], sig[i + 3]]);
+            [HYPERVISOR_MAX_LEAF, word(0), word(4), word(8)]
+        }
+        0x4000_0001..=0x4FFF_FFFF => [0; 4],
+        _ => {
+            let mut r = host.cpuid(leaf, subleaf);
+            match leaf {
+                1 => {
+                    r[2] = (r[2] & !LEAF1_ECX_HIDDEN) | HYPERVISOR_BIT;
+                    r[3] &= !LEAF1_EDX_HIDDEN;
+                }
+                7 => {
+                    if subleaf == 0 {
+                        r = [0, r[1] & LEAF7_EBX_KEPT, r[2] & LEAF7_ECX_KEPT, 0];
+                    } else {
+                        r = [0; 4];
+                    }
+                }
+                0xD => r = [0; 4],
+                0x8000_0001 => {
+                    r[2] &= !EXT1_ECX_HIDDEN;
+                    r[3] &= !EXT1_EDX_HIDDEN;
+                }
+                _ => {}
+            }
+            r
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct AllOnes;
+    impl CpuidSource for AllOnes {
+        fn cpuid(&self, leaf: u32, _subleaf: u32) -> [u32; 4] {
+            if leaf == 0 {
+                [0xD, 0x756E_6547, 0x6C65_746E, 0x4965_6E69]
+            } else {
+                [u32::MAX; 4]
+            }
+        }
+    }
+
+    #[test]
+    fn leaf_1_sets_the_hypervisor_bit_and_hides_vmx() {
+        let r = virtual_cpuid(&AllOnes, 1, 0);
+        assert_ne!(r[2] & HYPERVISOR_BIT, 0);
+        assert_eq!(r[2] & (1 << 5), 0, "VMX hidden");
+        assert_eq!(r[2] & (1 << 26), 0, "XSAVE hidden");
+        assert_eq!(r[3] & (1 << 1), 0, "VME hidden");
+        assert_ne!(r[3] & (1 << 11), 0, "SEP (SYSENTER) kept");
+    }
+
+    #[test]
+    fn the_hypervisor_leaf_names_the_vmm() {
+        let r = virtual_cpuid(&AllOnes, 0x4000_0000, 0);
+        assert_eq!(r[0], HYPERVISOR_MAX_LEAF);
+        let mut sig = [0u8; 12];
+        for (i, w) in r[1..].iter().enumerate() {
+            sig[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
+        }
+        assert_eq!(&sig, HYPERVISOR_SIGNATURE);
+    }
+
+    #[test]
+    fn svm_and_unvirtualised_structured_features_are_hidden() {
+        assert_eq!(virtual_cpuid(&AllOnes, 0x8000_0001, 0)[2] & (1 << 2), 0);
+        let l7 = virtual_cpuid(&AllOnes, 7, 0);
+        assert_eq!(l7[1] & (1 << 7), 0, "SMEP hidden");
+        assert_eq!(l7[1] & 1, 0, "FSGSBASE hidden");
+        assert_ne!(l7[2] & (1 << 2), 0, "UMIP kept");
+        assert_eq!(
+            virtual_cpuid(&AllOnes, 0, 0)[1],
+            0x756E_6547,
+            "vendor passes through"
+        );
+    }
+}

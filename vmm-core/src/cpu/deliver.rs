@@ -1,0 +1,218 @@
+//! Event delivery through the guest's own IDT (SDM Vol. 3 §6.12 "Exception and interrupt
+//! handling", §6.14 "in 64-bit mode", §6.15 for #DF and the triple fault).
+//!
+//! Article challenge "中断和异常的虚拟化": the VMM, not the CPU, walks the guest's IDT, checks the
+//! gate, switches to the stack its virtual TSS names, and builds the frame its handler expects
+//! (its own selectors, its virtual RFLAGS), so the guest kernel cannot tell it was not the CPU.
+
+use super::descriptor::Gate;
+use super::event::{is_double_fault, vector, CpuStop, Event, EventKind};
+use super::memory::{access_fault, read_value, Fault, GuestMemory};
+use super::segments::read_descriptor;
+use super::state::{rflags, Gpr, SegReg, Segment, VCpu};
+use shadow_mmu::addr::is_canonical;
+use shadow_mmu::{AccessKind, Privilege};
+
+/// Longest chain of faults-while-delivering before giving up: contributory → #DF → triple
+/// fault needs three, a benign event in front one more.
+const MAX_NESTED_FAULTS: usize = 8;
+
+/// Delivers `event`, escalating faults met on the way as the manual says: a second fault is
+/// delivered serially or becomes #DF (Table 6-5); a fault while delivering #DF is a triple
+/// fault, which stops the guest. Returns the event that was finally delivered.
+pub fn deliver<M: GuestMemory + ?Sized>(
+    cpu: &mut VCpu,
+    mem: &mut M,
+    event: Event,
+) -> Result<Event, CpuStop> {
+    let mut current = event;
+    for _ in 0..MAX_NESTED_FAULTS {
+        match deliver_once(cpu, mem, &current) {
+            Ok(()) => return Ok(current),
+            Err(Fault::Stop(stop)) => return Err(stop),
+            Err(Fault::Raise(second)) => {
+                if current.kind == EventKind::Exception && current.vector == vector::DF {
+                    return Err(CpuStop::TripleFault {
+                        vector: second.vector,
+                    });
+                }
+                current = if is_double_fault(&current, &second) {
+                    Event::df()
+                } else {
+                    second
+                };
+            }
+        }
+    }
+    Err(CpuStop::TripleFault {
+        vector: current.vector,
+    })
+}
+
+/// TSS field offsets of the 64-bit TSS (SDM Vol. 3 Figure 8-11).
+const TSS_RSP0: u64 = 4;
+const TSS_IST1: u64 = 36;
+
+/// Reads a stack pointer from the virtual TSS (RSPn or ISTn at `offset`).
+fn tss_stack<M: GuestMemory + ?Sized>(
+    cpu: &VCpu,
+    mem: &mut M,
+    offset: u64,
+    ext: u32,
+) -> Result<u64, Fault> {
+    let tr = &cpu.tr;
+    if tr.selector & !3 == 0 || u64::from(tr.cache.limit) < offset + 7 {
+        return Err(Event::ts(u32::from(tr.selector & !3) | ext).into());
+    }
+    read_value(
+        mem,
+        tr.cache.base.wrapping_add(offset),
+        8,
+        Privilege::Supervisor,
+        false,
+    )
+}
+
+/// One attempt: every check and every write happens before any register changes, so a fault
+/// here leaves the vCPU as it was (save CR2, which the manual loads when #PF is recognised).
+fn deliver_once<M: GuestMemory + ?Sized>(
+    cpu: &mut VCpu,
+    mem: &mut M,
+    event: &Event,
+) -> Result<(), Fault> {
+    if let Some(cr2) = event.cr2 {
+        cpu.cr2 = cr2;
+    }
+    let ext = u32::from(event.is_external());
+    let idt_code = (u32::from(event.vector) << 3) | 2 | ext;
+    let software = matches!(
+        event.kind,
+        EventKind::SoftwareInterrupt | EventKind::SoftwareException
+    );
+
+    let offset = u64::from(event.vector) * 16;
+    if offset + 15 > u64::from(cpu.idtr.limit) {
+        return Err(Event::gp(idt_code).into());
+    }
+    let mut raw = [0u8; 16];
+    mem.read_linear(
+        cpu.idtr.base.wrapping_add(offset),
+        &mut raw,
+        AccessKind::Read,
+        Privilege::Supervisor,
+    )
+    .map_err(|e| access_fault(e, false))?;
+    let (lo, hi) = raw.split_at(8);
+    let gate = Gate::from_raw(
+        u64::from_le_bytes(lo.try_into().unwrap_or_default()),
+        u64::from_le_bytes(hi.try_into().unwrap_or_default()),
+    );
+    if !gate.is_valid_type() {
+        return Err(Event::gp(idt_code).into());
+    }
+    // §6.12.1.1: INT n, INT3 and INTO check the gate's DPL; hardware events do not.
+    if software && gate.dpl < cpu.cpl {
+        return Err(Event::gp(idt_code).into());
+    }
+    if !gate.present {
+        return Err(Event::np(idt_code).into());
+    }
+
+    let sel_code = u32::from(gate.selector & !3) | ext;
+    if gate.selector & !3 == 0 {
+        return Err(Event::gp(ext).into());
+    }
+    let code = read_descriptor(cpu, mem, gate.selector)
+        .map_err(|f| match f {
+            Fault::Raise(_) => Fault::Raise(Event::gp(sel_code)),
+            stop => stop,
+        })?
+        .descriptor;
+    if !code.is_code() || code.dpl > cpu.cpl {
+        return Err(Event::gp(sel_code).into());
+    }
+    if !code.present {
+        return Err(Event::np(sel_code).into());
+    }
+    // §6.14.1: in IA-32e mode the handler must be 64-bit code.
+    if !code.is_long_code() {
+        return Err(Event::gp(sel_code).into());
+    }
+    let new_cpl = if code.is_conforming_code() {
+        cpu.cpl
+    } else {
+        code.dpl
+    };
+    if !is_canonical(gate.offset) {
+        return Err(Event::gp(ext).into());
+    }
+
+    let privilege_change = new_cpl < cpu.cpl;
+    let mut rsp = if gate.ist != 0 {
+        tss_stack(cpu, mem, TSS_IST1 + 8 * u64::from(gate.ist - 1), ext)?
+    } else if privilege_change {
+        tss_stack(cpu, mem, TSS_RSP0 + 8 * u64::from(new_cpl), ext)?
+    } else {
+        cpu.reg(Gpr::Rsp)
+    };
+    if !is_canonical(rsp) {
+        return Err(Event::ss(ext).into());
+    }
+    // §6.14.2: the new stack is aligned to 16 bytes before the frame is pushed.
+    rsp &= !0xF;
+
+    let mut frame = [0u64; 6];
+    let mut n = 0;
+    if let Some(code) = event.error_code {
+        frame[n] = u64::from(code);
+        n += 1;
+    }
+    let return_rip = cpu.rip.wrapping_add(u64::from(event.instruction_len));
+    for value in [
+        return_rip,
+        u64::from(cpu.segment(SegReg::Cs).selector),
+        cpu.rflags,
+        cpu.reg(Gpr::Rsp),
+        u64::from(cpu.segment(SegReg::Ss).selector),
+    ] {
+        frame[n] = value;
+        n += 1;
+    }
+    let new_rsp = rsp.wrapping_sub(8 * n as u64);
+    let mut bytes = [0u8; 48];
+    for (chunk, value) in bytes.chunks_exact_mut(8).zip(frame.iter()) {
+        chunk.copy_from_slice(&value.to_le_bytes());
+    }
+    let privilege = if new_cpl == 3 {
+        Privilege::User
+    } else {
+        Privilege::Supervisor
+    };
+    mem.write_linear(new_rsp, &bytes[..8 * n], privilege)
+        .map_err(|e| match access_fault(e, true) {
+            Fault::Raise(ev) if ev.vector == vector::SS => Fault::Raise(Event::ss(ext)),
+            other => other,
+        })?;
+
+    // Commit.
+    cpu.set_reg(Gpr::Rsp, new_rsp);
+    cpu.set_segment(
+        SegReg::Cs,
+        Segment {
+            selector: (gate.selector & !3) | u16::from(new_cpl),
+            cache: code,
+        },
+    );
+    if privilege_change {
+        cpu.set_segment(SegReg::Ss, Segment::null(new_cpl));
+    }
+    cpu.set_cpl(new_cpl);
+    cpu.rip = gate.offset;
+    cpu.rflags &= !(rflags::TF | rflags::NT | rflags::RF | rflags::VM);
+    if gate.is_interrupt_gate() {
+        cpu.rflags &= !rflags::IF;
+    }
+    cpu.interrupt_shadow = None;
+    cpu.halted = false;
+    Ok(())
+}

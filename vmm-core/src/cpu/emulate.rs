@@ -1,0 +1,1063 @@
+//! Decode (iced-x86) and emulation of the instructions that trap when a guest kernel runs at
+//! CPL 3: each redone with the architectural checks at the guest's *virtual* CPL (SDM Vol. 2
+//! per instruction; Vol. 3 §2.8 system instructions, §19.5 I/O permission).
+//!
+//! Article challenge "敏感指令的陷入和模拟": the privileged instruction faults into the VMM; this
+//! module fetches it through guest memory (a fetch that faults is the guest's #PF), decodes it,
+//! and applies its effect to the virtual CPU and devices. What it cannot or must not do itself
+//! (reload the shadow CR3, INVLPG in the shadow tables) it records as [`super::Effects`].
+
+use super::cpuid::{virtual_cpuid, CpuidSource};
+use super::deliver::deliver;
+use super::event::{vector, CpuStop, Event, EventKind};
+use super::memory::{access_fault, read_value, write_value, Fault, GuestMemory};
+use super::msr::{read_msr, write_msr};
+use super::segments::{far_jump, far_return, iret, load_data_segment, read_system_descriptor};
+use super::state::{cr0, cr4, efer, rflags, Gpr, SegReg, Segment, TableRegister, VCpu};
+use super::syscall::{swapgs, syscall, sysenter, sysexit, sysret};
+use crate::io::PortIo;
+use iced_x86::{
+    Code, Decoder, DecoderError, DecoderOptions, Instruction, Mnemonic, OpKind, Register,
+};
+use shadow_mmu::addr::is_canonical;
+use shadow_mmu::{AccessKind, Privilege};
+
+/// Longest x86 instruction.
+const MAX_INSTRUCTION_LEN: usize = 15;
+
+/// Why the VMM is emulating an instruction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cause {
+    /// The instruction raised this exception at real CPL 3 (#GP, #UD, ...). If it is not one
+    /// the VMM emulates, the exception is the guest's own and is delivered to it unchanged.
+    Fault(Event),
+    /// It wrote to a page-table page the shadow MMU write-protects (cached policy): its store
+    /// is emulated so the MMU sees it.
+    PageTableWrite,
+}
+
+/// How an emulated instruction ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// It retired; the guest continues at the new RIP.
+    Emulated,
+    /// HLT retired: the guest waits for an interrupt.
+    Halted,
+    /// It raised an event (or the original fault was the guest's own); this is the one
+    /// delivered through the guest's IDT (a #GP or #DF if delivering the first one faulted).
+    Delivered(Event),
+}
+
+/// The result of handling one instruction trap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Handled {
+    /// The instruction, when it could be fetched and decoded.
+    pub mnemonic: Option<Mnemonic>,
+    /// What happened.
+    pub outcome: Outcome,
+}
+
+/// The control flow an executed instruction leaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Flow {
+    /// Continue at the next instruction.
+    Next,
+    /// RIP was set by the instruction.
+    Jumped,
+    /// HLT: continue at the next instruction once an interrupt arrives.
+    Halted,
+}
+
+/// Emulates the instruction at RIP and delivers any exception it raises. `Err` is a stop:
+/// the guest cannot continue (triple fault, an instruction this VMM does not emulate, memory
+/// it must not touch).
+pub fn handle_instruction<M, P>(
+    cpu: &mut VCpu,
+    mem: &mut M,
+    ports: &mut P,
+    cpuid: &dyn CpuidSource,
+    cause: Cause,
+) -> Result<Handled, CpuStop>
+where
+    M: GuestMemory + ?Sized,
+    P: PortIo + ?Sized,
+{
+    let (mnemonic, result) = emulate(cpu, mem, ports, cpuid, cause);
+    let outcome = match result {
+        Ok(Flow::Halted) => Outcome::Halted,
+        Ok(_) => Outcome::Emulated,
+        Err(Fault::Raise(event)) => Outcome::Delivered(deliver(cpu, mem, event)?),
+        Err(Fault::Stop(stop)) => return Err(stop),
+    };
+    Ok(Handled { mnemonic, outcome })
+}
+
+/// Fetches, decodes and executes one instruction without delivering what it raises.
+fn emulate<M, P>(
+    cpu: &mut VCpu,
+    mem: &mut M,
+    ports: &mut P,
+    cpuid: &dyn CpuidSource,
+    cause: Cause,
+) -> (Option<Mnemonic>, Result<Flow, Fault>)
+where
+    M: GuestMemory + ?Sized,
+    P: PortIo + ?Sized,
+{
+    let ins = match fetch(cpu, mem) {
+        Ok(ins) => ins,
+        Err(fault) => return (None, Err(fault)),
+    };
+    let shadow_before = cpu.interrupt_shadow;
+    let result = execute(cpu, mem, ports, cpuid, &ins, cause);
+    if let Ok(flow) = result {
+        if flow != Flow::Jumped {
+            cpu.rip = ins.next_ip();
+        }
+        // The shadow covers one instruction: it ends with this one unless this one set it.
+        if cpu.interrupt_shadow == shadow_before {
+            cpu.interrupt_shadow = None;
+        }
+    }
+    (Some(ins.mnemonic()), result)
+}
+
+/// Fetches up to 15 bytes at RIP with the guest's rights and decodes them. Bytes on a second
+/// page are fetched only if the instruction needs them, so an instruction that ends before an
+/// unmapped page does not fault on it.
+pub fn fetch<M: GuestMemory + ?Sized>(cpu: &VCpu, mem: &mut M) -> Result<Instruction, Fault> {
+    let rip = cpu.rip;
+    let mut bytes = [0u8; MAX_INSTRUCTION_LEN];
+    let to_page_end = (0x1000 - (rip & 0xFFF)) as usize;
+    let first = to_page_end.min(MAX_INSTRUCTION_LEN);
+    mem.read_linear(rip, &mut bytes[..first], AccessKind::Fetch, cpu.privilege())
+        .map_err(|e| access_fault(e, false))?;
+    let mut decoder = Decoder::with_ip(64, &bytes[..first], rip, DecoderOptions::NONE);
+    let mut ins = decoder.decode();
+    if ins.is_invalid()
+        && decoder.last_error() == DecoderError::NoMoreBytes
+        && first < MAX_INSTRUCTION_LEN
+    {
+        mem.read_linear(
+            rip.wrapping_add(first as u64),
+            &mut bytes[first..],
+            AccessKind::Fetch,
+            cpu.privilege(),
+        )
+        .map_err(|e| access_fault(e, false))?;
+        let mut decoder = Decoder::with_ip(64, &bytes, rip, DecoderOptions::NONE);
+        ins = decoder.decode();
+    }
+    if ins.is_invalid() {
+        return Err(Event::ud().into());
+    }
+    Ok(ins)
+}
+
+fn require_cpl0(cpu: &VCpu) -> Result<(), Fault> {
+    if cpu.cpl == 0 {
+        Ok(())
+    } else {
+        Err(Event::gp(0).into())
+    }
+}
+
+/// SGDT, SIDT, SLDT, STR and SMSW at CPL > 0 are #GP when the guest set CR4.UMIP.
+fn check_umip(cpu: &VCpu) -> Result<(), Fault> {
+    if cpu.cpl > 0 && cpu.cr4 & cr4::UMIP != 0 {
+        Err(Event::gp(0).into())
+    } else {
+        Ok(())
+    }
+}
+
+/// The register file slot of a general register, and whether it is AH/CH/DH/BH.
+fn gpr_slot(r: Register) -> Option<(usize, usize, bool)> {
+    if !r.is_gpr() {
+        return None;
+    }
+    let high = matches!(r, Register::AH | Register::CH | Register::DH | Register::BH);
+    let slot = if high {
+        r.number() - 4
+    } else {
+        r.full_register().number()
+    };
+    Some((slot, r.size(), high))
+}
+
+fn read_reg(cpu: &VCpu, r: Register) -> u64 {
+    match gpr_slot(r) {
+        Some((slot, size, high)) => {
+            let v = cpu.gpr.get(slot).copied().unwrap_or(0);
+            match (size, high) {
+                (1, true) => (v >> 8) & 0xFF,
+                (1, false) => v & 0xFF,
+                (2, _) => v & 0xFFFF,
+                (4, _) => v & 0xFFFF_FFFF,
+                _ => v,
+            }
+        }
+        None => match r {
+            Register::FS => cpu.fs_base(),
+            Register::GS => cpu.gs_base(),
+            _ => 0,
+        },
+    }
+}
+
+fn write_reg(cpu: &mut VCpu, r: Register, value: u64) {
+    if let Some((slot, size, high)) = gpr_slot(r) {
+        if let Some(v) = cpu.gpr.get_mut(slot) {
+            *v = match (size, high) {
+                (1, true) => (*v & !0xFF00) | ((value & 0xFF) << 8),
+                (1, false) => (*v & !0xFF) | (value & 0xFF),
+                (2, _) => (*v & !0xFFFF) | (value & 0xFFFF),
+                // §3.4.1.1: 32-bit results are zero-extended to 64 bits.
+                (4, _) => value & 0xFFFF_FFFF,
+                _ => value,
+            };
+        }
+    }
+}
+
+/// Linear address of memory operand `op` (segment base, base, index, displacement).
+fn address(cpu: &VCpu, ins: &Instruction, op: u32) -> u64 {
+    ins.virtual_address(op, 0, |r, _, _| Some(read_reg(cpu, r)))
+        .unwrap_or(0)
+}
+
+fn is_memory(kind: OpKind) -> bool {
+    matches!(kind, OpKind::Memory)
+}
+
+fn is_stack_access(ins: &Instruction) -> bool {
+    ins.memory_segment() == Register::SS
+}
+
+/// Reads operand `op` of `size` bytes (register, memory or immediate).
+fn read_operand<M: GuestMemory + ?Sized>(
+    cpu: &VCpu,
+    mem: &mut M,
+    ins: &Instruction,
+    op: u32,
+    size: usize,
+) -> Result<u64, Fault> {
+    match ins.op_kind(op) {
+        OpKind::Register => Ok(read_reg(cpu, ins.op_register(op))),
+        OpKind::Memory => read_value(
+            mem,
+            address(cpu, ins, op),
+            size,
+            cpu.privilege(),
+            is_stack_access(ins),
+        ),
+        OpKind::Immediate8
+        | OpKind::Immediate16
+        | OpKind::Immediate32
+        | OpKind::Immediate64
+        | OpKind::Immediate8to16
+        | OpKind::Immediate8to32
+        | OpKind::Immediate8to64
+        | OpKind::Immediate32to64 => Ok(ins.immediate(op)),
+        _ => Err(CpuStop::NotEmulated {
+            mnemonic: ins.mnemonic(),
+        }
+        .into()),
+    }
+}
+
+/// Writes operand `op` of `size` bytes.
+fn write_operand<M: GuestMemory + ?Sized>(
+    cpu: &mut VCpu,
+    mem: &mut M,
+    ins: &Instruction,
+    op: u32,
+    size: usize,
+    value: u64,
+) -> Result<(), Fault> {
+    match ins.op_kind(op) {
+        OpKind::Register => {
+            write_reg(cpu, ins.op_register(op), value);
+            Ok(())
+        }
+        OpKind::Memory => write_value(
+            mem,
+            address(cpu, ins, op),
+            size,
+            value,
+            cpu.privilege(),
+            is_stack_access(ins),
+        ),
+        _ => Err(CpuStop::NotEmulated {
+            mnemonic: ins.mnemonic(),
+        }
+        .into()),
+    }
+}
+
+/// Size in bytes of operand `op`.
+fn operand_size(ins: &Instruction, op: u32) -> usize {
+    match ins.op_kind(op) {
+        OpKind::Register => ins.op_register(op).size(),
+        OpKind::Memory => ins.memory_size().size(),
+        OpKind::Immediate8 => 1,
+        OpKind::Immediate16 | OpKind::Immediate8to16 => 2,
+        OpKind::Immediate32 | OpKind::Immediate8to32 => 4,
+        _ => 8,
+    }
+}
+
+fn execute<M, P>(
+    cpu: &mut VCpu,
+    mem: &mut M,
+    ports: &mut P,
+    cpuid: &dyn CpuidSource,
+    ins: &Instruction,
+    cause: Cause,
+) -> Result<Flow, Fault>
+where
+    M: GuestMemory + ?Sized,
+    P: PortIo + ?Sized,
+{
+    let next = ins.next_ip();
+    match ins.code() {
+        Code::Cli | Code::Sti => {
+            // CLI/STI at CPL > IOPL fault (CR4.PVI is not offered).
+            if cpu.cpl > cpu.iopl() {
+                return Err(Event::gp(0).into());
+            }
+            if ins.code() == Code::Cli {
+                cpu.rflags &= !rflags::IF;
+            } else {
+                if !cpu.interrupts_enabled() {
+                    cpu.interrupt_shadow = Some(next);
+                }
+                cpu.rflags |= rflags::IF;
+            }
+            Ok(Flow::Next)
+        }
+        Code::Hlt => {
+            require_cpl0(cpu)?;
+            cpu.halted = true;
+            Ok(Flow::Halted)
+        }
+        Code::Mov_r64_cr | Code::Mov_r32_cr => {
+            require_cpl0(cpu)?;
+            let value = read_cr(cpu, ins.op1_register())?;
+            write_reg(cpu, ins.op0_register().full_register(), value);
+            Ok(Flow::Next)
+        }
+        Code::Mov_cr_r64 | Code::Mov_cr_r32 => {
+            require_cpl0(cpu)?;
+            let value = read_reg(cpu, ins.op1_register().full_register());
+            write_cr(cpu, ins.op0_register(), value)?;
+            Ok(Flow::Next)
+        }
+        Code::Clts => {
+            require_cpl0(cpu)?;
+            cpu.cr0 &= !cr0::TS;
+            Ok(Flow::Next)
+        }
+        Code::Lmsw_rm16 | Code::Lmsw_r32m16 | Code::Lmsw_r64m16 => {
+            require_cpl0(cpu)?;
+            let src = read_operand(cpu, mem, ins, 0, 2)?;
+            // LMSW loads PE, MP, EM, TS and can set PE but never clear it.
+            let low = (src & 0xF) | (cpu.cr0 & cr0::PE);
+            cpu.cr0 = (cpu.cr0 & !0xF) | low;
+            Ok(Flow::Next)
+        }
+        Code::Smsw_rm16 | Code::Smsw_r32m16 | Code::Smsw_r64m16 => {
+            check_umip(cpu)?;
+            if is_memory(ins.op0_kind()) {
+                write_operand(cpu, mem, ins, 0, 2, cpu.cr0 & 0xFFFF)?;
+            } else {
+                write_reg(cpu, ins.op0_register(), cpu.cr0);
+            }
+            Ok(Flow::Next)
+        }
+        Code::Lgdt_m1664 | Code::Lidt_m1664 | Code::Lgdt_m1632 | Code::Lidt_m1632 => {
+            require_cpl0(cpu)?;
+            let at = address(cpu, ins, 0);
+            let stack = is_stack_access(ins);
+            let limit = read_value(mem, at, 2, cpu.privilege(), stack)? as u16;
+            let base = read_value(mem, at.wrapping_add(2), 8, cpu.privilege(), stack)?;
+            if !is_canonical(base) {
+                return Err(Event::gp(0).into());
+            }
+            let table = TableRegister { base, limit };
+            if matches!(ins.code(), Code::Lgdt_m1664 | Code::Lgdt_m1632) {
+                cpu.gdtr = table;
+            } else {
+                cpu.idtr = table;
+            }
+            Ok(Flow::Next)
+        }
+        Code::Sgdt_m1664 | Code::Sidt_m1664 | Code::Sgdt_m1632 | Code::Sidt_m1632 => {
+            check_umip(cpu)?;
+            let table = if matches!(ins.code(), Code::Sgdt_m1664 | Code::Sgdt_m1632) {
+                cpu.gdtr
+            } else {
+                cpu.idtr
+            };
+            let at = address(cpu, ins, 0);
+            let mut bytes = [0u8; 10];
+            bytes[..2].copy_from_slice(&table.limit.to_le_bytes());
+            bytes[2..].copy_from_slice(&table.base.to_le_bytes());
+            mem.write_linear(at, &bytes, cpu.privilege())
+                .map_err(|e| access_fault(e, is_stack_access(ins)))?;
+            Ok(Flow::Next)
+        }
+        Code::Sldt_rm16
+        | Code::Sldt_r32m16
+        | Code::Sldt_r64m16
+        | Code::Str_rm16
+        | Code::Str_r32m16
+        | Code::Str_r64m16 => {
+            check_umip(cpu)?;
+            let sel = if ins.mnemonic() == Mnemonic::Sldt {
+                cpu.ldtr.selector
+            } else {
+                cpu.tr.selector
+            };
+            // Register forms zero-extend the selector; memory forms store 16 bits.
+            if is_memory(ins.op0_kind()) {
+                write_operand(cpu, mem, ins, 0, 2, u64::from(sel))?;
+            } else {
+                let r = ins.op0_register();
+                let full = if r.size() == 2 { r } else { r.full_register() };
+                write_reg(cpu, full, u64::from(sel));
+            }
+            Ok(Flow::Next)
+        }
+        Code::Lldt_rm16 | Code::Lldt_r32m16 | Code::Lldt_r64m16 => {
+            require_cpl0(cpu)?;
+            let sel = read_operand(cpu, mem, ins, 0, 2)? as u16;
+            lldt(cpu, mem, sel)?;
+            Ok(Flow::Next)
+        }
+        Code::Ltr_rm16 | Code::Ltr_r32m16 | Code::Ltr_r64m16 => {
+            require_cpl0(cpu)?;
+            let sel = read_operand(cpu, mem, ins, 0, 2)? as u16;
+            ltr(cpu, mem, sel)?;
+            Ok(Flow::Next)
+        }
+        Code::Invlpg_m => {
+            require_cpl0(cpu)?;
+            let at = address(cpu, ins, 0);
+            if is_canonical(at) {
+                cpu.note(|e| e.invlpg = Some(at));
+            }
+            Ok(Flow::Next)
+        }
+        Code::Wbinvd | Code::Invd => {
+            require_cpl0(cpu)?;
+            Ok(Flow::Next)
+        }
+        Code::Rdmsr => {
+            require_cpl0(cpu)?;
+            let value = read_msr(cpu, cpu.reg(Gpr::Rcx) as u32)?;
+            cpu.set_reg(Gpr::Rax, value & 0xFFFF_FFFF);
+            cpu.set_reg(Gpr::Rdx, value >> 32);
+            Ok(Flow::Next)
+        }
+        Code::Wrmsr => {
+            require_cpl0(cpu)?;
+            let value = (cpu.reg(Gpr::Rdx) << 32) | (cpu.reg(Gpr::Rax) & 0xFFFF_FFFF);
+            write_msr(cpu, cpu.reg(Gpr::Rcx) as u32, value)?;
+            Ok(Flow::Next)
+        }
+        Code::In_AL_imm8
+        | Code::In_AX_imm8
+        | Code::In_EAX_imm8
+        | Code::In_AL_DX
+        | Code::In_AX_DX
+        | Code::In_EAX_DX => {
+            let port = port_operand(cpu, ins, 1);
+            let size = ins.op0_register().size();
+            check_io_permission(cpu, mem, port, size)?;
+            let value = ports.port_read(port, size as u8);
+            write_reg(cpu, ins.op0_register(), u64::from(value));
+            Ok(Flow::Next)
+        }
+        Code::Out_imm8_AL
+        | Code::Out_imm8_AX
+        | Code::Out_imm8_EAX
+        | Code::Out_DX_AL
+        | Code::Out_DX_AX
+        | Code::Out_DX_EAX => {
+            let port = port_operand(cpu, ins, 0);
+            let size = ins.op1_register().size();
+            check_io_permission(cpu, mem, port, size)?;
+            let value = read_reg(cpu, ins.op1_register()) as u32;
+            ports.port_write(port, size as u8, value);
+            Ok(Flow::Next)
+        }
+        Code::Insb_m8_DX | Code::Insw_m16_DX | Code::Insd_m32_DX => {
+            string_io(cpu, mem, ports, ins, true)
+        }
+        Code::Outsb_DX_m8 | Code::Outsw_DX_m16 | Code::Outsd_DX_m32 => {
+            string_io(cpu, mem, ports, ins, false)
+        }
+        Code::Iretq | Code::Iretd | Code::Iretw => {
+            let size = match ins.code() {
+                Code::Iretq => 8,
+                Code::Iretd => 4,
+                _ => 2,
+            };
+            iret(cpu, mem, size)?;
+            Ok(Flow::Jumped)
+        }
+        Code::Sysretq | Code::Sysretd => {
+            sysret(cpu, ins.code() == Code::Sysretq)?;
+            Ok(Flow::Jumped)
+        }
+        Code::Sysexitq | Code::Sysexitd => {
+            sysexit(cpu, ins.code() == Code::Sysexitq)?;
+            Ok(Flow::Jumped)
+        }
+        Code::Syscall => {
+            cpu.rip = next;
+            syscall(cpu)?;
+            Ok(Flow::Jumped)
+        }
+        Code::Sysenter => {
+            sysenter(cpu)?;
+            Ok(Flow::Jumped)
+        }
+        Code::Swapgs => {
+            swapgs(cpu)?;
+            Ok(Flow::Next)
+        }
+        Code::Mov_Sreg_rm16 | Code::Mov_Sreg_r32m16 | Code::Mov_Sreg_r64m16 => {
+            let seg = match segment_register(ins.op0_register()) {
+                Some(SegReg::Cs) | None => return Err(Event::ud().into()),
+                Some(seg) => seg,
+            };
+            let selector = read_operand(cpu, mem, ins, 1, 2)? as u16;
+            load_data_segment(cpu, mem, seg, selector)?;
+            if seg == SegReg::Ss {
+                // §6.8.3: MOV SS blocks interrupts and debug traps for one instruction.
+                cpu.interrupt_shadow = Some(next);
+            }
+            Ok(Flow::Next)
+        }
+        Code::Popw_FS | Code::Popq_FS | Code::Popw_GS | Code::Popq_GS => {
+            let size = if matches!(ins.code(), Code::Popw_FS | Code::Popw_GS) {
+                2
+            } else {
+                8
+            };
+            let seg = if matches!(ins.code(), Code::Popw_FS | Code::Popq_FS) {
+                SegReg::Fs
+            } else {
+                SegReg::Gs
+            };
+            let rsp = cpu.reg(Gpr::Rsp);
+            let selector = read_value(mem, rsp, size, cpu.privilege(), true)? as u16;
+            load_data_segment(cpu, mem, seg, selector)?;
+            cpu.set_reg(Gpr::Rsp, rsp.wrapping_add(size as u64));
+            Ok(Flow::Next)
+        }
+        Code::Retfq | Code::Retfd | Code::Retfq_imm16 | Code::Retfd_imm16 => {
+            let size = if matches!(ins.code(), Code::Retfq | Code::Retfq_imm16) {
+                8
+            } else {
+                4
+            };
+            let imm = if ins.op_count() > 0 {
+                ins.immediate(0)
+            } else {
+                0
+            };
+            far_return(cpu, mem, size, imm)?;
+            Ok(Flow::Jumped)
+        }
+        Code::Jmp_m1664 | Code::Jmp_m1632 | Code::Call_m1664 | Code::Call_m1632 => {
+            let size = if matches!(ins.code(), Code::Jmp_m1664 | Code::Call_m1664) {
+                8
+            } else {
+                4
+            };
+            let at = address(cpu, ins, 0);
+            let stack = is_stack_access(ins);
+            let offset = read_value(mem, at, size, cpu.privilege(), stack)?;
+            let selector =
+                read_value(mem, at.wrapping_add(size as u64), 2, cpu.privilege(), stack)? as u16;
+            let call = matches!(ins.code(), Code::Call_m1664 | Code::Call_m1632);
+            far_jump(cpu, mem, selector, offset, call.then_some((next, size)))?;
+            Ok(Flow::Jumped)
+        }
+        Code::Cpuid => {
+            let r = virtual_cpuid(cpuid, cpu.reg(Gpr::Rax) as u32, cpu.reg(Gpr::Rcx) as u32);
+            for (reg, value) in [Gpr::Rax, Gpr::Rbx, Gpr::Rcx, Gpr::Rdx].into_iter().zip(r) {
+                cpu.set_reg(reg, u64::from(value));
+            }
+            Ok(Flow::Next)
+        }
+        Code::Int_imm8 => Err(Event::software(ins.immediate8(), ins.len() as u8).into()),
+        Code::Int3 => Err(Event {
+            vector: vector::BP,
+            kind: EventKind::SoftwareException,
+            error_code: None,
+            cr2: None,
+            instruction_len: ins.len() as u8,
+        }
+        .into()),
+        Code::Int1 => {
+            // ICEBP: a #DB delivered like a hardware exception (no DPL check) after the
+            // instruction.
+            cpu.rip = next;
+            Err(Event::exception(vector::DB).into())
+        }
+        _ if cause == Cause::PageTableWrite => data_write(cpu, mem, ins),
+        _ => match cause {
+            Cause::Fault(event) if cpu.cpl != 0 || !is_privileged(ins) => Err(event.into()),
+            _ => Err(CpuStop::NotEmulated {
+                mnemonic: ins.mnemonic(),
+            }
+            .into()),
+        },
+    }
+}
+
+/// Instructions that succeed at CPL 0 on hardware but that this VMM does not emulate: run by
+/// the guest kernel they stop the guest instead of raising a #GP it would never see natively.
+fn is_privileged(ins: &Instruction) -> bool {
+    matches!(
+        ins.mnemonic(),
+        Mnemonic::Xsetbv
+            | Mnemonic::Rdpmc
+            | Mnemonic::Invpcid
+            | Mnemonic::Monitor
+            | Mnemonic::Mwait
+            | Mnemonic::Xsaves
+            | Mnemonic::Xrstors
+            | Mnemonic::Clac
+            | Mnemonic::Stac
+            | Mnemonic::Invlpga
+            | Mnemonic::Invlpgb
+            | Mnemonic::Tlbsync
+            | Mnemonic::Rdtsc
+            | Mnemonic::Rdtscp
+    ) || matches!(ins.code(), Code::Mov_r64_dr | Code::Mov_dr_r64)
+}
+
+fn segment_register(r: Register) -> Option<SegReg> {
+    Some(match r {
+        Register::ES => SegReg::Es,
+        Register::CS => SegReg::Cs,
+        Register::SS => SegReg::Ss,
+        Register::DS => SegReg::Ds,
+        Register::FS => SegReg::Fs,
+        Register::GS => SegReg::Gs,
+        _ => return None,
+    })
+}
+
+fn read_cr(cpu: &VCpu, r: Register) -> Result<u64, Fault> {
+    Ok(match r {
+        Register::CR0 => cpu.cr0,
+        Register::CR2 => cpu.cr2,
+        Register::CR3 => cpu.cr3,
+        Register::CR4 => cpu.cr4,
+        Register::CR8 => cpu.cr8,
+        _ => return Err(Event::ud().into()),
+    })
+}
+
+/// MOV to a control register with the checks of SDM Vol. 2 "MOV—Move to/from Control
+/// Registers" and Vol. 3 §2.5 for IA-32e mode.
+fn write_cr(cpu: &mut VCpu, r: Register, value: u64) -> Result<(), Fault> {
+    let gp = Err(Event::gp(0).into());
+    match r {
+        Register::CR0 => {
+            // Leaving long mode by clearing PG or PE is not offered: on hardware it is legal
+            // only from compatibility mode, which this CPU never runs. NW without CD is #GP.
+            if value & !cr0::DEFINED != 0
+                || value & cr0::PG == 0
+                || value & cr0::PE == 0
+                || (value & cr0::NW != 0 && value & cr0::CD == 0)
+            {
+                return gp;
+            }
+            let value = value | cr0::ET;
+            if (value ^ cpu.cr0) & cr0::WP != 0 {
+                cpu.note(|e| e.paging_mode = true);
+            }
+            cpu.cr0 = value;
+        }
+        Register::CR2 => cpu.cr2 = value,
+        Register::CR3 => {
+            // Bits 63:52 are reserved (CR4.PCIDE is not offered, so bit 63 is too).
+            if value >> 52 != 0 {
+                return gp;
+            }
+            cpu.cr3 = value;
+            cpu.note(|e| e.cr3_load = Some(value));
+        }
+        Register::CR4 => {
+            if value & !cr4::DEFINED != 0 || (value & cr4::PAE == 0 && cpu.efer & efer::LMA != 0) {
+                return gp;
+            }
+            let changed = value ^ cpu.cr4;
+            if changed & cr4::PGE != 0 {
+                // §4.10.4.1: toggling PGE flushes every TLB entry, global ones included.
+                cpu.note(|e| {
+                    e.paging_mode = true;
+                    e.flush_all = true;
+                });
+            }
+            cpu.cr4 = value;
+        }
+        Register::CR8 => {
+            if value > 0xF {
+                return gp;
+            }
+            cpu.cr8 = value;
+        }
+        _ => return Err(Event::ud().into()),
+    }
+    Ok(())
+}
+
+fn lldt<M: GuestMemory + ?Sized>(cpu: &mut VCpu, mem: &mut M, sel: u16) -> Result<(), Fault> {
+    if sel & !3 == 0 {
+        cpu.ldtr = Segment::null(0);
+        return Ok(());
+    }
+    let code = u32::from(sel & !3);
+    let entry = read_system_descriptor(cpu, mem, sel)?;
+    let d = entry.descriptor;
+    if d.code_or_data || d.typ != super::descriptor::system_type::LDT {
+        return Err(Event::gp(code).into());
+    }
+    if !d.present {
+        return Err(Event::np(code).into());
+    }
+    if !is_canonical(d.base) {
+        return Err(Event::gp(code).into());
+    }
+    cpu.ldtr = Segment {
+        selector: sel,
+        cache: d,
+    };
+    Ok(())
+}
+
+/// LTR: loads an available 64-bit TSS and marks it busy in the guest's GDT, as the CPU does.
+fn ltr<M: GuestMemory + ?Sized>(cpu: &mut VCpu, mem: &mut M, sel: u16) -> Result<(), Fault> {
+    if sel & !3 == 0 {
+        return Err(Event::gp(0).into());
+    }
+    let code = u32::from(sel & !3);
+    let entry = read_system_descriptor(cpu, mem, sel)?;
+    let d = entry.descriptor;
+    if d.code_or_data || d.typ != super::descriptor::system_type::TSS_AVAILABLE {
+        return Err(Event::gp(code).into());
+    }
+    if !d.present {
+        return Err(Event::np(code).into());
+    }
+    if !is_canonical(d.base) {
+        return Err(Event::gp(code).into());
+    }
+    let busy = entry.raw | (0x2 << 40);
+    write_value(mem, entry.address, 8, busy, Privilege::Supervisor, false)?;
+    let mut d = d;
+    d.typ = super::descriptor::system_type::TSS_BUSY;
+    cpu.tr = Segment {
+        selector: sel,
+        cache: d,
+    };
+    Ok(())
+}
+
+fn port_operand(cpu: &VCpu, ins: &Instruction, op: u32) -> u16 {
+    match ins.op_kind(op) {
+        OpKind::Register => cpu.reg(Gpr::Rdx) as u16,
+        _ => ins.immediate(op) as u16,
+    }
+}
+
+/// I/O permission (SDM Vol. 1 §19.5): at CPL ≤ IOPL every port; otherwise the bits of the
+/// I/O permission bitmap in the guest's TSS must all be clear.
+fn check_io_permission<M: GuestMemory + ?Sized>(
+    cpu: &VCpu,
+    mem: &mut M,
+    port: u16,
+    size: usize,
+) -> Result<(), Fault> {
+    if cpu.cpl <= cpu.iopl() {
+        return Ok(());
+    }
+    let tr = &cpu.tr;
+    let limit = u64::from(tr.cache.limit);
+    if tr.selector & !3 == 0 || limit < 0x67 {
+        return Err(Event::gp(0).into());
+    }
+    let map_base = read_value(mem, tr.cache.base + 0x66, 2, Privilege::Supervisor, false)?;
+    let byte = map_base + u64::from(port / 8);
+    if byte + 1 > limit {
+        return Err(Event::gp(0).into());
+    }
+    let bits = read_value(mem, tr.cache.base + byte, 2, Privilege::Supervisor, false)?;
+    let mask = ((1u64 << size) - 1) << (port % 8);
+    if bits & mask != 0 {
+        return Err(Event::gp(0).into());
+    }
+    Ok(())
+}
+
+/// INS/OUTS, with or without REP, 64-bit addressing. Each element updates RDI/RSI and RCX
+/// before the next, so a fault part-way leaves a restartable state, as on hardware.
+fn string_io<M, P>(
+    cpu: &mut VCpu,
+    mem: &mut M,
+    ports: &mut P,
+    ins: &Instruction,
+    input: bool,
+) -> Result<Flow, Fault>
+where
+    M: GuestMemory + ?Sized,
+    P: PortIo + ?Sized,
+{
+    let addressing = if input {
+        ins.op0_kind()
+    } else {
+        ins.op1_kind()
+    };
+    if !matches!(addressing, OpKind::MemoryESRDI | OpKind::MemorySegRSI) {
+        return Err(CpuStop::Unsupported("string I/O with 16- or 32-bit addressing").into());
+    }
+    let size = ins.memory_size().size();
+    let port = cpu.reg(Gpr::Rdx) as u16;
+    check_io_permission(cpu, mem, port, size)?;
+    let rep = ins.has_rep_prefix();
+    let step = if cpu.rflags & rflags::DF != 0 {
+        (size as u64).wrapping_neg()
+    } else {
+        size as u64
+    };
+    loop {
+        if rep && cpu.reg(Gpr::Rcx) == 0 {
+            break;
+        }
+        if input {
+            let rdi = cpu.reg(Gpr::Rdi);
+            let value = ports.port_read(port, size as u8);
+            write_value(mem, rdi, size, u64::from(value), cpu.privilege(), false)?;
+            cpu.set_reg(Gpr::Rdi, rdi.wrapping_add(step));
+        } else {
+            let rsi = cpu.reg(Gpr::Rsi);
+            let base = if ins.memory_segment() == Register::FS {
+                cpu.fs_base()
+            } else if ins.memory_segment() == Register::GS {
+                cpu.gs_base()
+            } else {
+                0
+            };
+            let value = read_value(mem, base.wrapping_add(rsi), size, cpu.privilege(), false)?;
+            ports.port_write(port, size as u8, value as u32);
+            cpu.set_reg(Gpr::Rsi, rsi.wrapping_add(step));
+        }
+        if !rep {
+            break;
+        }
+        cpu.set_reg(Gpr::Rcx, cpu.reg(Gpr::Rcx) - 1);
+    }
+    Ok(Flow::Next)
+}
+
+/// Parity flag of the low byte.
+fn parity(v: u64) -> bool {
+    (v as u8).count_ones().is_multiple_of(2)
+}
+
+/// Sets SF, ZF, PF from `result` of `size` bytes, CF and OF as given.
+fn set_result_flags(cpu: &mut VCpu, result: u64, size: usize, cf: bool, of: bool) {
+    let bits = size * 8;
+    let mask = if bits >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << bits) - 1
+    };
+    let r = result & mask;
+    let mut f = cpu.rflags & !(rflags::CF | rflags::PF | rflags::ZF | rflags::SF | rflags::OF);
+    if cf {
+        f |= rflags::CF;
+    }
+    if of {
+        f |= rflags::OF;
+    }
+    if r == 0 {
+        f |= rflags::ZF;
+    }
+    if r >> (bits - 1) & 1 != 0 {
+        f |= rflags::SF;
+    }
+    if parity(r) {
+        f |= rflags::PF;
+    }
+    cpu.rflags = f;
+}
+
+/// The stores a kernel makes to its page tables: MOV, STOS, MOVS, XCHG, CMPXCHG, the bitwise
+/// and additive read-modify-writes, BTS/BTR. Anything else writing a page-table page stops the
+/// guest with the instruction named.
+fn data_write<M: GuestMemory + ?Sized>(
+    cpu: &mut VCpu,
+    mem: &mut M,
+    ins: &Instruction,
+) -> Result<Flow, Fault> {
+    let not_emulated = || -> Result<Flow, Fault> {
+        Err(CpuStop::NotEmulated {
+            mnemonic: ins.mnemonic(),
+        }
+        .into())
+    };
+    match ins.mnemonic() {
+        Mnemonic::Mov => {
+            let size = operand_size(ins, 0);
+            let mut value = read_operand(cpu, mem, ins, 1, size)?;
+            if ins.op1_kind() == OpKind::Immediate32to64 {
+                value = ins.immediate(1);
+            }
+            write_operand(cpu, mem, ins, 0, size, value)?;
+            Ok(Flow::Next)
+        }
+        Mnemonic::Stosb
+        | Mnemonic::Stosw
+        | Mnemonic::Stosd
+        | Mnemonic::Stosq
+        | Mnemonic::Movsb
+        | Mnemonic::Movsw
+        | Mnemonic::Movsd
+        | Mnemonic::Movsq => {
+            if ins.op0_kind() != OpKind::MemoryESRDI {
+                return not_emulated();
+            }
+            let size = ins.memory_size().size();
+            let stos = matches!(
+                ins.mnemonic(),
+                Mnemonic::Stosb | Mnemonic::Stosw | Mnemonic::Stosd | Mnemonic::Stosq
+            );
+            let rep = ins.has_rep_prefix() || ins.has_repne_prefix();
+            let step = if cpu.rflags & rflags::DF != 0 {
+                (size as u64).wrapping_neg()
+            } else {
+                size as u64
+            };
+            loop {
+                if rep && cpu.reg(Gpr::Rcx) == 0 {
+                    break;
+                }
+                let value = if stos {
+                    cpu.reg(Gpr::Rax)
+                } else {
+                    let rsi = cpu.reg(Gpr::Rsi);
+                    let v = read_value(mem, rsi, size, cpu.privilege(), false)?;
+                    cpu.set_reg(Gpr::Rsi, rsi.wrapping_add(step));
+                    v
+                };
+                let rdi = cpu.reg(Gpr::Rdi);
+                write_value(mem, rdi, size, value, cpu.privilege(), false)?;
+                cpu.set_reg(Gpr::Rdi, rdi.wrapping_add(step));
+                if !rep {
+                    break;
+                }
+                cpu.set_reg(Gpr::Rcx, cpu.reg(Gpr::Rcx) - 1);
+            }
+            Ok(Flow::Next)
+        }
+        Mnemonic::Xchg => {
+            let size = operand_size(ins, 0);
+            let a = read_operand(cpu, mem, ins, 0, size)?;
+            let b = read_operand(cpu, mem, ins, 1, size)?;
+            write_operand(cpu, mem, ins, 0, size, b)?;
+            write_operand(cpu, mem, ins, 1, size, a)?;
+            Ok(Flow::Next)
+        }
+        Mnemonic::Cmpxchg => {
+            let size = operand_size(ins, 0);
+            let dest = read_operand(cpu, mem, ins, 0, size)?;
+            let acc_reg = match size {
+                1 => Register::AL,
+                2 => Register::AX,
+                4 => Register::EAX,
+                _ => Register::RAX,
+            };
+            let acc = read_reg(cpu, acc_reg);
+            let diff = acc.wrapping_sub(dest);
+            let bits = size * 8;
+            let sign = |v: u64| v >> (bits - 1) & 1 != 0;
+            let mask = if bits >= 64 {
+                u64::MAX
+            } else {
+                (1u64 << bits) - 1
+            };
+            let of = sign(acc) != sign(dest) && sign(diff) != sign(acc);
+            set_result_flags(cpu, diff, size, (acc & mask) < (dest & mask), of);
+            if acc & mask == dest & mask {
+                let src = read_operand(cpu, mem, ins, 1, size)?;
+                write_operand(cpu, mem, ins, 0, size, src)?;
+            } else {
+                // The destination is written back even on failure (a locked RMW).
+                write_operand(cpu, mem, ins, 0, size, dest)?;
+                write_reg(cpu, acc_reg, dest);
+            }
+            Ok(Flow::Next)
+        }
+        Mnemonic::Or | Mnemonic::And | Mnemonic::Xor | Mnemonic::Add | Mnemonic::Sub => {
+            let size = operand_size(ins, 0);
+            let a = read_operand(cpu, mem, ins, 0, size)?;
+            let mut b = read_operand(cpu, mem, ins, 1, size)?;
+            if ins.op1_kind() == OpKind::Immediate8to64 || ins.op1_kind() == OpKind::Immediate32to64
+            {
+                b = ins.immediate(1);
+            }
+            let bits = size * 8;
+            let mask = if bits >= 64 {
+                u64::MAX
+            } else {
+                (1u64 << bits) - 1
+            };
+            let (a, b) = (a & mask, b & mask);
+            let sign = |v: u64| v >> (bits - 1) & 1 != 0;
+            let (r, cf, of) = match ins.mnemonic() {
+                Mnemonic::Or => (a | b, false, false),
+                Mnemonic::And => (a & b, false, false),
+                Mnemonic::Xor => (a ^ b, false, false),
+                Mnemonic::Add => {
+                    let r = a.wrapping_add(b) & mask;
+                    (r, r < a, sign(a) == sign(b) && sign(r) != sign(a))
+                }
+                _ => {
+                    let r = a.wrapping_sub(b) & mask;
+                    (r, a < b, sign(a) != sign(b) && sign(r) != sign(a))
+                }
+            };
+            write_operand(cpu, mem, ins, 0, size, r)?;
+            set_result_flags(cpu, r, size, cf, of);
+            Ok(Flow::Next)
+        }
+        Mnemonic::Bts | Mnemonic::Btr => {
+            let size = operand_size(ins, 0);
+            if ins.op1_kind() == OpKind::Register {
+                // A register bit offset can address beyond the operand: not a PTE update.
+                return not_emulated();
+            }
+            let bit = ins.immediate(1) % (size as u64 * 8);
+            let a = read_operand(cpu, mem, ins, 0, size)?;
+            let old = a >> bit & 1 != 0;
+            let r = if ins.mnemonic() == Mnemonic::Bts {
+                a | (1 << bit)
+            } else {
+                a & !(1 << bit)
+            };
+            write_operand(cpu, mem, ins, 0, size, r)?;
+            cpu.rflags = (cpu.rflags & !rflags::CF) | if old { rflags::CF } else { 0 };
+            Ok(Flow::Next)
+        }
+        _ => not_emulated(),
+    }
+}

@@ -1,0 +1,273 @@
+//! Guest memory as the emulator sees it: linear addresses, checked with the rights the guest
+//! has, translated through the guest's own page tables (shadow-mmu does the walk in the kernel;
+//! the tests use a flat model).
+//!
+//! A translation failure becomes exactly what the instruction would raise on hardware: #PF with
+//! the walk's error code and CR2, #GP(0) (or #SS(0) for stack accesses) for a non-canonical
+//! address, or a typed stop when the guest points outside what it owns.
+
+use super::event::{CpuStop, Event};
+use shadow_mmu::shadow::{ShadowMmu, TranslateError};
+use shadow_mmu::{AccessKind, FrameAllocator, GuestVirtAddr, HostMemory, Privilege};
+
+/// Linear-address access to guest memory with the guest's access rights.
+pub trait GuestMemory {
+    /// Reads `buf.len()` bytes at `gva` as a `kind` access (read or fetch) made with
+    /// `privilege`.
+    fn read_linear(
+        &mut self,
+        gva: u64,
+        buf: &mut [u8],
+        kind: AccessKind,
+        privilege: Privilege,
+    ) -> Result<(), TranslateError>;
+
+    /// Writes `data` at `gva` as a write made with `privilege`.
+    fn write_linear(
+        &mut self,
+        gva: u64,
+        data: &[u8],
+        privilege: Privilege,
+    ) -> Result<(), TranslateError>;
+}
+
+impl<M: HostMemory, A: FrameAllocator> GuestMemory for ShadowMmu<M, A> {
+    fn read_linear(
+        &mut self,
+        gva: u64,
+        buf: &mut [u8],
+        kind: AccessKind,
+        privilege: Privilege,
+    ) -> Result<(), TranslateError> {
+        let gva = GuestVirtAddr::new(gva).ok_or(TranslateError::NonCanonical(gva))?;
+        ShadowMmu::read_linear(self, gva, buf, kind, privilege)
+    }
+
+    fn write_linear(
+        &mut self,
+        gva: u64,
+        data: &[u8],
+        privilege: Privilege,
+    ) -> Result<(), TranslateError> {
+        let gva = GuestVirtAddr::new(gva).ok_or(TranslateError::NonCanonical(gva))?;
+        ShadowMmu::write_linear(self, gva, data, privilege)
+    }
+}
+
+/// Why an emulated step did not complete: an exception for the guest, or a stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Raise this event in the guest (the instruction does not retire).
+    Raise(Event),
+    /// The guest cannot go on.
+    Stop(CpuStop),
+}
+
+impl From<Event> for Fault {
+    fn from(e: Event) -> Self {
+        Fault::Raise(e)
+    }
+}
+
+impl From<CpuStop> for Fault {
+    fn from(s: CpuStop) -> Self {
+        Fault::Stop(s)
+    }
+}
+
+/// The fault a failed data access raises; `stack` selects #SS(0) over #GP(0) for a
+/// non-canonical address (SDM Vol. 3 §6.15, interrupt 12).
+pub fn access_fault(e: TranslateError, stack: bool) -> Fault {
+    match e {
+        TranslateError::PageFault(pf) => Fault::Raise(Event::page_fault(pf)),
+        TranslateError::NonCanonical(_) if stack => Fault::Raise(Event::ss(0)),
+        TranslateError::NonCanonical(_) => Fault::Raise(Event::gp(0)),
+        TranslateError::Stop(reason) => Fault::Stop(CpuStop::Memory(reason)),
+    }
+}
+
+/// Reads a little-endian value of `size` (1, 2, 4 or 8) bytes.
+pub fn read_value<M: GuestMemory + ?Sized>(
+    mem: &mut M,
+    gva: u64,
+    size: usize,
+    privilege: Privilege,
+    stack: bool,
+) -> Result<u64, Fault> {
+    let mut bytes = [0u8; 8];
+    let size = size.min(8);
+    mem.read_linear(gva, &mut bytes[..size], AccessKind::Read, privilege)
+        .map_err(|e| access_fault(e, stack))?;
+    Ok(u64::from_le_bytes(bytes))
+}
+
+/// Writes the low `size` (1, 2, 4 or 8) bytes of `value`, little-endian.
+pub fn write_value<M: GuestMemory + ?Sized>(
+    mem: &mut M,
+    gva: u64,
+    size: usize,
+    value: u64,
+    privilege: Privilege,
+    stack: bool,
+) -> Result<(), Fault> {
+    let bytes = value.to_le_bytes();
+    mem.write_linear(gva, &bytes[..size.min(8)], privilege)
+        .map_err(|e| access_fault(e, stack))
+}
+
+/// A flat, page-granular test memory: present pages with U/S, R/W and NX rights, checked the
+/// way the hardware checks them with CR0.WP = 1, so emulator tests see real #PF error codes.
+#[cfg(test)]
+#[allow(missing_docs)]
+pub mod flat {
+    use super::*;
+    use shadow_mmu::{PageFault, PageFaultErrorCode};
+    use std::collections::BTreeMap;
+    use std::vec::Vec;
+
+    /// Page rights.
+    #[derive(Clone, Copy, Debug)]
+    pub struct Rights {
+        pub user: bool,
+        pub writable: bool,
+        pub executable: bool,
+    }
+
+    /// Pages by linear page number.
+    #[derive(Debug, Default, Clone)]
+    pub struct FlatMemory {
+        pub pages: BTreeMap<u64, (Rights, Vec<u8>)>,
+        /// Linear pages whose access is a stop (the VMM range, say).
+        pub stop_pages: Vec<u64>,
+        pub writes: usize,
+    }
+
+    pub const RW_KERNEL: Rights = Rights {
+        user: false,
+        writable: true,
+        executable: true,
+    };
+    pub const RW_USER: Rights = Rights {
+        user: true,
+        writable: true,
+        executable: true,
+    };
+    pub const RO_KERNEL: Rights = Rights {
+        user: false,
+        writable: false,
+        executable: true,
+    };
+
+    impl FlatMemory {
+        pub fn map(&mut self, gva: u64, len: u64, rights: Rights) {
+            let first = gva >> 12;
+            let last = (gva + len.max(1) - 1) >> 12;
+            for page in first..=last {
+                self.pages
+                    .entry(page)
+                    .or_insert_with(|| (rights, std::vec![0; 4096]))
+                    .0 = rights;
+            }
+        }
+
+        pub fn poke(&mut self, gva: u64, data: &[u8]) {
+            for (i, b) in data.iter().enumerate() {
+                let a = gva + i as u64;
+                let page = self
+                    .pages
+                    .get_mut(&(a >> 12))
+                    .expect("poke into an unmapped page");
+                page.1[(a & 0xFFF) as usize] = *b;
+            }
+        }
+
+        pub fn peek(&self, gva: u64, len: usize) -> Vec<u8> {
+            (0..len as u64)
+                .map(|i| {
+                    let a = gva + i;
+                    self.pages
+                        .get(&(a >> 12))
+                        .map_or(0xEE, |p| p.1[(a & 0xFFF) as usize])
+                })
+                .collect()
+        }
+
+        pub fn peek_u64(&self, gva: u64) -> u64 {
+            let b = self.peek(gva, 8);
+            u64::from_le_bytes(b.try_into().unwrap())
+        }
+
+        fn check(
+            &self,
+            gva: u64,
+            len: usize,
+            kind: AccessKind,
+            privilege: Privilege,
+        ) -> Result<(), TranslateError> {
+            for i in 0..len as u64 {
+                let a = gva.wrapping_add(i);
+                if !shadow_mmu::addr::is_canonical(a) {
+                    return Err(TranslateError::NonCanonical(a));
+                }
+                if self.stop_pages.contains(&(a >> 12)) {
+                    return Err(TranslateError::Stop(shadow_mmu::StopReason::VmmRange {
+                        gva: GuestVirtAddr::new(a).unwrap(),
+                    }));
+                }
+                let mut code = PageFaultErrorCode::empty();
+                if kind == AccessKind::Write {
+                    code |= PageFaultErrorCode::WRITE;
+                }
+                if kind == AccessKind::Fetch {
+                    code |= PageFaultErrorCode::INSTRUCTION_FETCH;
+                }
+                if privilege == Privilege::User {
+                    code |= PageFaultErrorCode::USER;
+                }
+                let denied = match self.pages.get(&(a >> 12)) {
+                    None => true,
+                    Some((r, _)) => {
+                        code |= PageFaultErrorCode::PRESENT;
+                        (privilege == Privilege::User && !r.user)
+                            || (kind == AccessKind::Write && !r.writable)
+                            || (kind == AccessKind::Fetch && !r.executable)
+                    }
+                };
+                if denied {
+                    return Err(TranslateError::PageFault(PageFault {
+                        error_code: code,
+                        cr2: GuestVirtAddr::new(a).unwrap(),
+                    }));
+                }
+            }
+            Ok(())
+        }
+    }
+
+    impl GuestMemory for FlatMemory {
+        fn read_linear(
+            &mut self,
+            gva: u64,
+            buf: &mut [u8],
+            kind: AccessKind,
+            privilege: Privilege,
+        ) -> Result<(), TranslateError> {
+            self.check(gva, buf.len(), kind, privilege)?;
+            let data = self.peek(gva, buf.len());
+            buf.copy_from_slice(&data);
+            Ok(())
+        }
+
+        fn write_linear(
+            &mut self,
+            gva: u64,
+            data: &[u8],
+            privilege: Privilege,
+        ) -> Result<(), TranslateError> {
+            self.check(gva, data.len(), AccessKind::Write, privilege)?;
+            self.writes += 1;
+            self.poke(gva, data);
+            Ok(())
+        }
+    }
+}

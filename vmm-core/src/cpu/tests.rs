@@ -1,0 +1,1453 @@
+//! Unit and property tests of the virtual CPU: one per instruction and rule, with the state
+//! before and after and exact error codes; property tests that random bytes and random tables
+//! never panic.
+
+use super::descriptor::{encode_gate, encode_segment};
+use super::memory::flat::{FlatMemory, RO_KERNEL, RW_KERNEL, RW_USER};
+use super::msr::index;
+use super::state::{cr0, cr4, efer, rflags};
+use super::*;
+use crate::devices::InterruptSource;
+use crate::io::PortIo;
+use proptest::prelude::*;
+use std::collections::BTreeMap;
+use std::vec::Vec;
+
+const CODE: u64 = 0x1000;
+const GDT: u64 = 0x2000;
+const IDT: u64 = 0x3000;
+const TSS: u64 = 0x4000;
+const KSTACK_TOP: u64 = 0x9000;
+const RSP0: u64 = 0xC000;
+const IST1: u64 = 0xE000;
+const UCODE: u64 = 0x10000;
+const USTACK_TOP: u64 = 0x21000;
+const DATA: u64 = 0x30000;
+/// Handler of vector v is at HANDLERS + 0x10 * v.
+const HANDLERS: u64 = 0x40000;
+
+const KCODE: u16 = 0x08;
+const KDATA: u16 = 0x10;
+const UDATA: u16 = 0x1B;
+const UCODE_SEL: u16 = 0x23;
+const TSS_SEL: u16 = 0x28;
+
+#[derive(Default, Debug)]
+struct Ports {
+    writes: Vec<(u16, u8, u32)>,
+    values: BTreeMap<u16, u32>,
+}
+
+impl PortIo for Ports {
+    fn port_read(&mut self, port: u16, size: u8) -> u32 {
+        let mask = if size >= 4 {
+            u32::MAX
+        } else {
+            (1u32 << (size * 8)) - 1
+        };
+        self.values.get(&port).copied().unwrap_or(u32::MAX) & mask
+    }
+    fn port_write(&mut self, port: u16, size: u8, value: u32) {
+        self.writes.push((port, size, value));
+    }
+}
+
+struct HostCpuid;
+impl CpuidSource for HostCpuid {
+    fn cpuid(&self, leaf: u32, _subleaf: u32) -> [u32; 4] {
+        [leaf, 0x1111, 0x2222, 0x3333]
+    }
+}
+
+struct Pic {
+    pending: Option<u8>,
+}
+impl InterruptSource for Pic {
+    fn has_pending(&self) -> bool {
+        self.pending.is_some()
+    }
+    fn acknowledge(&mut self) -> Option<u8> {
+        self.pending.take()
+    }
+}
+
+struct Rig {
+    cpu: VCpu,
+    mem: FlatMemory,
+    ports: Ports,
+}
+
+fn gdt_entries() -> Vec<u64> {
+    let tss_low = 0x67 | ((TSS & 0xFF_FFFF) << 16) | (0x89u64 << 40) | ((TSS >> 24 & 0xFF) << 56);
+    std::vec![
+        0,
+        encode_segment(true, true, 0, true, true),
+        encode_segment(false, false, 0, true, true),
+        encode_segment(false, false, 3, true, true),
+        encode_segment(true, true, 3, true, true),
+        tss_low,
+        TSS >> 32,
+        // 0x38: a not-present data segment; 0x40: a 32-bit code segment.
+        encode_segment(false, false, 0, false, true),
+        encode_segment(true, false, 0, true, true),
+    ]
+}
+
+impl Rig {
+    /// The guest kernel at CPL 0 with its GDT, IDT (interrupt gates, DPL 0, except vector 0x80
+    /// DPL 3 and 3 DPL 3; vector 0x81 a trap gate; vector 2 uses IST1) and TSS loaded.
+    fn kernel() -> Rig {
+        let mut mem = FlatMemory::default();
+        for (at, len) in [
+            (CODE, 0x1000),
+            (GDT, 0x1000),
+            (IDT, 0x1000),
+            (TSS, 0x1000),
+            (0x5000, 0x9000),
+            (DATA, 0x1000),
+            (HANDLERS, 0x1000),
+        ] {
+            mem.map(at, len, RW_KERNEL);
+        }
+        mem.map(UCODE, 0x1000, RW_USER);
+        mem.map(0x20000, 0x1000, RW_USER);
+        let gdt: Vec<u8> = gdt_entries().iter().flat_map(|d| d.to_le_bytes()).collect();
+        mem.poke(GDT, &gdt);
+        for v in 0..256u64 {
+            let dpl = if v == 0x80 || v == 3 { 3 } else { 0 };
+            let typ = if v == 0x81 { 0xF } else { 0xE };
+            let ist = if v == 2 { 1 } else { 0 };
+            let [lo, hi] = encode_gate(HANDLERS + 0x10 * v, KCODE, ist, typ, dpl, true);
+            mem.poke(IDT + 16 * v, &lo.to_le_bytes());
+            mem.poke(IDT + 16 * v + 8, &hi.to_le_bytes());
+        }
+        mem.poke(TSS + 4, &RSP0.to_le_bytes());
+        mem.poke(TSS + 36, &IST1.to_le_bytes());
+        mem.poke(TSS + 0x66, &0x68u16.to_le_bytes());
+        let mut cpu = VCpu::at_entry(
+            CODE,
+            KSTACK_TOP,
+            0,
+            0x100000,
+            TableRegister {
+                base: GDT,
+                limit: (gdt.len() - 1) as u16,
+            },
+        );
+        cpu.idtr = TableRegister {
+            base: IDT,
+            limit: 0xFFF,
+        };
+        let tr_desc =
+            super::descriptor::Descriptor::from_raw_system(gdt_entries()[5], gdt_entries()[6]);
+        cpu.tr = Segment {
+            selector: TSS_SEL,
+            cache: tr_desc,
+        };
+        cpu.take_effects();
+        Rig {
+            cpu,
+            mem,
+            ports: Ports::default(),
+        }
+    }
+
+    /// A guest user program at CPL 3 with IF = 1.
+    fn user() -> Rig {
+        let mut rig = Rig::kernel();
+        rig.cpu.cpl = 3;
+        rig.cpu.rip = UCODE;
+        rig.cpu.set_reg(Gpr::Rsp, USTACK_TOP);
+        rig.cpu.rflags |= rflags::IF;
+        let ucode =
+            super::descriptor::Descriptor::from_raw(encode_segment(true, true, 3, true, true));
+        let udata =
+            super::descriptor::Descriptor::from_raw(encode_segment(false, false, 3, true, true));
+        rig.cpu.set_segment(
+            SegReg::Cs,
+            Segment {
+                selector: UCODE_SEL,
+                cache: ucode,
+            },
+        );
+        rig.cpu.set_segment(
+            SegReg::Ss,
+            Segment {
+                selector: UDATA,
+                cache: udata,
+            },
+        );
+        rig.cpu.take_effects();
+        rig
+    }
+
+    fn code(&mut self, bytes: &[u8]) {
+        let rip = self.cpu.rip;
+        self.mem.poke(rip, bytes);
+    }
+
+    fn run_cause(&mut self, cause: Cause) -> Result<Handled, CpuStop> {
+        handle_instruction(
+            &mut self.cpu,
+            &mut self.mem,
+            &mut self.ports,
+            &HostCpuid,
+            cause,
+        )
+    }
+
+    fn run(&mut self) -> Result<Handled, CpuStop> {
+        self.run_cause(Cause::Fault(Event::gp(0)))
+    }
+
+    /// Runs and expects the instruction to retire.
+    fn ok(&mut self, bytes: &[u8]) -> Handled {
+        self.code(bytes);
+        let h = self.run().expect("stopped");
+        assert_eq!(h.outcome, Outcome::Emulated, "{h:?}");
+        h
+    }
+
+    /// Runs and expects `event` to be delivered for it.
+    fn raises(&mut self, bytes: &[u8], vector: u8, code: Option<u32>) {
+        self.code(bytes);
+        let h = self.run().expect("stopped");
+        match h.outcome {
+            Outcome::Delivered(e) => {
+                assert_eq!((e.vector, e.error_code), (vector, code), "{h:?}");
+            }
+            other => panic!("expected vector {vector}, got {other:?}"),
+        }
+        assert_eq!(
+            self.cpu.rip,
+            HANDLERS + 0x10 * u64::from(vector),
+            "at the handler"
+        );
+        assert_eq!(self.cpu.cpl, 0);
+    }
+
+    fn stack(&self, slot: u64) -> u64 {
+        self.mem.peek_u64(self.cpu.reg(Gpr::Rsp) + 8 * slot)
+    }
+}
+
+// ---- CLI / STI / HLT / interrupt shadow ----
+
+#[test]
+fn cli_at_cpl0_clears_the_virtual_if_and_retires() {
+    let mut r = Rig::kernel();
+    r.cpu.rflags |= rflags::IF;
+    r.ok(&[0xFA]);
+    assert!(!r.cpu.interrupts_enabled());
+    assert_eq!(r.cpu.rip, CODE + 1);
+}
+
+#[test]
+fn cli_in_guest_user_mode_is_a_gp_delivered_on_the_tss_stack() {
+    let mut r = Rig::user();
+    r.raises(&[0xFA], 13, Some(0));
+    // Frame: error code, RIP (at the CLI), CS, RFLAGS, RSP, SS; on RSP0 (aligned).
+    assert_eq!(r.cpu.reg(Gpr::Rsp), RSP0 - 48);
+    assert_eq!(r.stack(0), 0);
+    assert_eq!(r.stack(1), UCODE);
+    assert_eq!(r.stack(2), u64::from(UCODE_SEL));
+    assert_ne!(
+        r.stack(3) & rflags::IF,
+        0,
+        "the pushed RFLAGS has the user's IF"
+    );
+    assert_eq!(r.stack(4), USTACK_TOP);
+    assert_eq!(r.stack(5), u64::from(UDATA));
+    assert!(!r.cpu.interrupts_enabled(), "interrupt gate clears IF");
+    assert_eq!(r.cpu.segment(SegReg::Cs).selector, KCODE);
+    assert_eq!(
+        r.cpu.segment(SegReg::Ss).selector,
+        0,
+        "null SS on a privilege change"
+    );
+    assert!(r.cpu.take_effects().privilege);
+}
+
+#[test]
+fn cli_is_allowed_in_user_mode_when_iopl_is_3() {
+    let mut r = Rig::user();
+    r.cpu.rflags |= rflags::IOPL;
+    r.ok(&[0xFA]);
+    assert!(!r.cpu.interrupts_enabled());
+}
+
+#[test]
+fn sti_sets_if_and_a_one_instruction_shadow_only_when_if_was_clear() {
+    let mut r = Rig::kernel();
+    r.ok(&[0xFB, 0x90]);
+    assert!(r.cpu.interrupts_enabled());
+    assert_eq!(r.cpu.interrupt_shadow, Some(CODE + 1));
+    let mut r = Rig::kernel();
+    r.cpu.rflags |= rflags::IF;
+    r.ok(&[0xFB]);
+    assert_eq!(r.cpu.interrupt_shadow, None);
+}
+
+#[test]
+fn sti_then_hlt_never_loses_the_wakeup() {
+    let mut r = Rig::kernel();
+    r.ok(&[0xFB, 0xF4]);
+    let mut pic = Pic {
+        pending: Some(0x20),
+    };
+    // The shadow covers HLT: nothing is injected before it runs.
+    assert_eq!(
+        inject(&mut r.cpu, &mut r.mem, &mut pic),
+        Ok(Injection::WindowNeeded)
+    );
+    let h = r.run().unwrap();
+    assert_eq!(h.outcome, Outcome::Halted);
+    assert_eq!(
+        inject(&mut r.cpu, &mut r.mem, &mut pic),
+        Ok(Injection::Delivered(0x20))
+    );
+    assert!(!r.cpu.halted);
+    assert_eq!(r.cpu.rip, HANDLERS + 0x200);
+    assert_eq!(r.stack(0), CODE + 2, "returns after the HLT");
+}
+
+#[test]
+fn hlt_with_interrupts_enabled_idles_until_one_is_pending() {
+    let mut r = Rig::kernel();
+    r.cpu.rflags |= rflags::IF;
+    r.code(&[0xF4]);
+    assert_eq!(r.run().unwrap().outcome, Outcome::Halted);
+    let mut pic = Pic { pending: None };
+    assert_eq!(
+        inject(&mut r.cpu, &mut r.mem, &mut pic),
+        Ok(Injection::Idle)
+    );
+    pic.pending = Some(0x21);
+    assert_eq!(
+        inject(&mut r.cpu, &mut r.mem, &mut pic),
+        Ok(Injection::Delivered(0x21))
+    );
+}
+
+#[test]
+fn hlt_with_interrupts_disabled_is_a_stop_not_a_hang() {
+    let mut r = Rig::kernel();
+    r.code(&[0xF4]);
+    r.run().unwrap();
+    let mut pic = Pic {
+        pending: Some(0x20),
+    };
+    assert_eq!(
+        inject(&mut r.cpu, &mut r.mem, &mut pic),
+        Err(CpuStop::HaltedForever)
+    );
+}
+
+#[test]
+fn hlt_in_user_mode_is_gp() {
+    Rig::user().raises(&[0xF4], 13, Some(0));
+}
+
+#[test]
+fn no_interrupt_is_injected_while_if_is_clear() {
+    let mut r = Rig::kernel();
+    let mut pic = Pic {
+        pending: Some(0x20),
+    };
+    assert_eq!(
+        inject(&mut r.cpu, &mut r.mem, &mut pic),
+        Ok(Injection::None)
+    );
+    assert_eq!(pic.pending, Some(0x20), "not acknowledged");
+}
+
+#[test]
+fn the_shadow_ends_once_rip_moves_on() {
+    let mut r = Rig::kernel();
+    r.ok(&[0xFB]);
+    r.cpu.rip += 1; // the NOP after STI ran natively
+    let mut pic = Pic {
+        pending: Some(0x20),
+    };
+    assert_eq!(
+        inject(&mut r.cpu, &mut r.mem, &mut pic),
+        Ok(Injection::Delivered(0x20))
+    );
+    assert_eq!(r.cpu.interrupt_shadow, None);
+}
+
+// ---- control registers ----
+
+#[test]
+fn mov_to_cr3_records_a_shadow_root_switch() {
+    let mut r = Rig::kernel();
+    r.cpu.set_reg(Gpr::Rax, 0x0020_5000);
+    r.ok(&[0x0F, 0x22, 0xD8]);
+    assert_eq!(r.cpu.cr3, 0x0020_5000);
+    assert_eq!(r.cpu.take_effects().cr3_load, Some(0x0020_5000));
+    assert!(r.cpu.take_effects().is_empty(), "effects are taken once");
+}
+
+#[test]
+fn mov_to_cr3_with_reserved_bits_is_gp() {
+    let mut r = Rig::kernel();
+    r.cpu.set_reg(Gpr::Rax, 1 << 63);
+    r.raises(&[0x0F, 0x22, 0xD8], 13, Some(0));
+    assert_eq!(r.cpu.cr3, 0x100000);
+}
+
+#[test]
+fn mov_from_cr0_cr2_cr3_cr4_reads_the_virtual_values() {
+    let mut r = Rig::kernel();
+    r.cpu.cr2 = 0xDEAD_0000;
+    for (bytes, expected) in [
+        ([0x0F, 0x20, 0xC0], boot::ENTRY_CR0),
+        ([0x0F, 0x20, 0xD0], 0xDEAD_0000),
+        ([0x0F, 0x20, 0xD8], 0x100000),
+        ([0x0F, 0x20, 0xE0], boot::ENTRY_CR4),
+    ] {
+        r.cpu.rip = CODE;
+        r.ok(&bytes);
+        assert_eq!(r.cpu.reg(Gpr::Rax), expected);
+    }
+}
+
+#[test]
+fn mov_to_cr0_rules() {
+    let mut r = Rig::kernel();
+    // Clearing WP changes the paging mode.
+    r.cpu.set_reg(Gpr::Rax, boot::ENTRY_CR0 & !cr0::WP);
+    r.ok(&[0x0F, 0x22, 0xC0]);
+    assert!(r.cpu.take_effects().paging_mode);
+    assert!(!r.cpu.paging_mode(40).cr0_wp);
+    // Clearing PG in long mode, NW without CD, and reserved bits are #GP.
+    for bad in [
+        boot::ENTRY_CR0 & !cr0::PG,
+        boot::ENTRY_CR0 | cr0::NW,
+        boot::ENTRY_CR0 | 1 << 40,
+    ] {
+        let mut r = Rig::kernel();
+        r.cpu.set_reg(Gpr::Rax, bad);
+        r.raises(&[0x0F, 0x22, 0xC0], 13, Some(0));
+        assert_eq!(r.cpu.cr0, boot::ENTRY_CR0);
+    }
+}
+
+#[test]
+fn mov_to_cr4_rules() {
+    let mut r = Rig::kernel();
+    r.cpu.set_reg(Gpr::Rax, boot::ENTRY_CR4 | cr4::PGE);
+    r.ok(&[0x0F, 0x22, 0xE0]);
+    let e = r.cpu.take_effects();
+    assert!(e.paging_mode && e.flush_all);
+    // VMXE (bit 13) is hidden by CPUID, so reserved; clearing PAE in long mode is #GP.
+    for bad in [boot::ENTRY_CR4 | 1 << 13, 0] {
+        let mut r = Rig::kernel();
+        r.cpu.set_reg(Gpr::Rax, bad);
+        r.raises(&[0x0F, 0x22, 0xE0], 13, Some(0));
+    }
+}
+
+#[test]
+fn cr8_holds_four_bits() {
+    let mut r = Rig::kernel();
+    r.cpu.set_reg(Gpr::Rax, 5);
+    r.ok(&[0x44, 0x0F, 0x22, 0xC0]);
+    assert_eq!(r.cpu.cr8, 5);
+    r.cpu.rip = CODE;
+    r.cpu.set_reg(Gpr::Rax, 16);
+    r.raises(&[0x44, 0x0F, 0x22, 0xC0], 13, Some(0));
+}
+
+#[test]
+fn control_register_access_from_user_mode_is_gp() {
+    Rig::user().raises(&[0x0F, 0x20, 0xD8], 13, Some(0));
+}
+
+#[test]
+fn clts_lmsw_smsw() {
+    let mut r = Rig::kernel();
+    r.cpu.cr0 |= cr0::TS;
+    r.ok(&[0x0F, 0x06]);
+    assert_eq!(r.cpu.cr0 & cr0::TS, 0);
+    // LMSW with AX = 0 cannot clear PE.
+    r.cpu.rip = CODE;
+    r.cpu.set_reg(Gpr::Rax, 0);
+    r.ok(&[0x0F, 0x01, 0xF0]);
+    assert_ne!(r.cpu.cr0 & cr0::PE, 0);
+    assert_eq!(r.cpu.cr0 & cr0::MP, 0, "MP loaded from the source");
+    r.cpu.rip = CODE;
+    r.ok(&[0x48, 0x0F, 0x01, 0xE0]);
+    assert_eq!(r.cpu.reg(Gpr::Rax), r.cpu.cr0, "SMSW r64 stores CR0");
+}
+
+// ---- descriptor tables ----
+
+#[test]
+fn lgdt_and_lidt_load_from_memory() {
+    let mut r = Rig::kernel();
+    r.mem.poke(DATA, &0x0FFFu16.to_le_bytes());
+    r.mem
+        .poke(DATA + 2, &0xFFFF_8000_0000_1000u64.to_le_bytes());
+    r.cpu.set_reg(Gpr::Rax, DATA);
+    r.ok(&[0x0F, 0x01, 0x18]);
+    assert_eq!(
+        r.cpu.idtr,
+        TableRegister {
+            base: 0xFFFF_8000_0000_1000,
+            limit: 0xFFF
+        }
+    );
+    r.cpu.rip = CODE;
+    r.ok(&[0x0F, 0x01, 0x10]);
+    assert_eq!(r.cpu.gdtr.base, 0xFFFF_8000_0000_1000);
+}
+
+#[test]
+fn lgdt_with_a_non_canonical_base_is_gp_and_from_user_mode_too() {
+    let mut r = Rig::kernel();
+    r.mem
+        .poke(DATA + 2, &0x0000_8000_0000_0000u64.to_le_bytes());
+    r.cpu.set_reg(Gpr::Rax, DATA);
+    r.raises(&[0x0F, 0x01, 0x10], 13, Some(0));
+    assert_eq!(r.cpu.gdtr.base, GDT);
+    Rig::user().raises(&[0x0F, 0x01, 0x10], 13, Some(0));
+}
+
+#[test]
+fn lgdt_operand_on_an_unmapped_page_is_a_page_fault_with_cr2() {
+    let mut r = Rig::kernel();
+    r.cpu.set_reg(Gpr::Rax, 0x7700_0000);
+    r.raises(&[0x0F, 0x01, 0x10], 14, Some(0));
+    assert_eq!(r.cpu.cr2, 0x7700_0000);
+}
+
+#[test]
+fn sgdt_sidt_store_the_virtual_tables_unless_umip_forbids() {
+    let mut r = Rig::user();
+    r.cpu.set_reg(Gpr::Rax, 0x20000);
+    r.ok(&[0x0F, 0x01, 0x00]);
+    assert_eq!(r.mem.peek(0x20000, 2), (r.cpu.gdtr.limit).to_le_bytes());
+    assert_eq!(r.mem.peek_u64(0x20002), GDT);
+    let mut r = Rig::user();
+    r.cpu.cr4 |= cr4::UMIP;
+    r.cpu.set_reg(Gpr::Rax, 0x20000);
+    r.raises(&[0x0F, 0x01, 0x08], 13, Some(0));
+}
+
+#[test]
+fn ltr_marks_the_tss_busy_and_a_busy_one_cannot_be_loaded() {
+    let mut r = Rig::kernel();
+    r.cpu.tr = Segment::null(0);
+    r.cpu.set_reg(Gpr::Rax, u64::from(TSS_SEL));
+    r.ok(&[0x0F, 0x00, 0xD8]);
+    assert_eq!(r.cpu.tr.selector, TSS_SEL);
+    assert_eq!(r.cpu.tr.cache.base, TSS);
+    assert_eq!(
+        (r.mem.peek_u64(GDT + 0x28) >> 40) & 0xF,
+        0xB,
+        "busy in memory"
+    );
+    r.cpu.rip = CODE;
+    r.raises(&[0x0F, 0x00, 0xD8], 13, Some(u32::from(TSS_SEL)));
+}
+
+#[test]
+fn ltr_null_and_of_a_code_segment_are_gp() {
+    let mut r = Rig::kernel();
+    r.cpu.set_reg(Gpr::Rax, 0);
+    r.raises(&[0x0F, 0x00, 0xD8], 13, Some(0));
+    let mut r = Rig::kernel();
+    r.cpu.set_reg(Gpr::Rax, u64::from(KCODE));
+    r.raises(&[0x0F, 0x00, 0xD8], 13, Some(u32::from(KCODE)));
+}
+
+#[test]
+fn sldt_and_str_into_registers() {
+    let mut r = Rig::kernel();
+    r.cpu.set_reg(Gpr::Rax, u64::MAX);
+    r.ok(&[0x0F, 0x00, 0xC8]);
+    assert_eq!(
+        r.cpu.reg(Gpr::Rax),
+        u64::from(TSS_SEL),
+        "STR r32 zero-extends"
+    );
+    r.cpu.rip = CODE;
+    r.ok(&[0x48, 0x0F, 0x00, 0xC0]);
+    assert_eq!(r.cpu.reg(Gpr::Rax), 0);
+}
+
+#[test]
+fn lldt_null_clears_and_of_a_data_segment_is_gp() {
+    let mut r = Rig::kernel();
+    r.cpu.set_reg(Gpr::Rax, 0);
+    r.ok(&[0x0F, 0x00, 0xD0]);
+    assert_eq!(r.cpu.ldtr.selector, 0);
+    r.cpu.rip = CODE;
+    r.cpu.set_reg(Gpr::Rax, u64::from(KDATA));
+    r.raises(&[0x0F, 0x00, 0xD0], 13, Some(u32::from(KDATA)));
+}
+
+// ---- INVLPG, WBINVD, MSRs ----
+
+#[test]
+fn invlpg_records_the_address_for_the_shadow() {
+    let mut r = Rig::kernel();
+    r.cpu.set_reg(Gpr::Rax, 0x7F_1234);
+    r.ok(&[0x0F, 0x01, 0x38]);
+    assert_eq!(r.cpu.take_effects().invlpg, Some(0x7F_1234));
+    Rig::user().raises(&[0x0F, 0x01, 0x38], 13, Some(0));
+}
+
+#[test]
+fn wbinvd_is_a_nop_at_cpl0_and_gp_in_user_mode() {
+    Rig::kernel().ok(&[0x0F, 0x09]);
+    Rig::user().raises(&[0x0F, 0x09], 13, Some(0));
+}
+
+fn wrmsr(r: &mut Rig, msr: u32, value: u64) {
+    r.cpu.rip = CODE;
+    r.cpu.set_reg(Gpr::Rcx, u64::from(msr));
+    r.cpu.set_reg(Gpr::Rax, value & 0xFFFF_FFFF);
+    r.cpu.set_reg(Gpr::Rdx, value >> 32);
+    r.code(&[0x0F, 0x30]);
+}
+
+#[test]
+fn wrmsr_then_rdmsr_round_trips_lstar() {
+    let mut r = Rig::kernel();
+    wrmsr(&mut r, index::LSTAR, 0xFFFF_FFFF_8000_1234);
+    r.run().unwrap();
+    assert_eq!(r.cpu.msr.lstar, 0xFFFF_FFFF_8000_1234);
+    r.cpu.rip = CODE;
+    r.cpu.set_reg(Gpr::Rax, 0);
+    r.ok(&[0x0F, 0x32]);
+    assert_eq!(r.cpu.reg(Gpr::Rax), 0x8000_1234);
+    assert_eq!(r.cpu.reg(Gpr::Rdx), 0xFFFF_FFFF);
+}
+
+#[test]
+fn msr_write_checks() {
+    for (msr, value) in [
+        (index::LSTAR, 0x0000_8000_0000_0000u64),
+        (index::SFMASK, 1 << 32),
+        (index::PAT, 0x02),
+        (index::EFER, boot::ENTRY_EFER & !efer::LME),
+        (index::EFER, boot::ENTRY_EFER | 1 << 20),
+        (index::APIC_BASE, 0),
+        (index::TSC_AUX, 1 << 40),
+    ] {
+        let mut r = Rig::kernel();
+        wrmsr(&mut r, msr, value);
+        let h = r.run().unwrap();
+        assert_eq!(
+            h.outcome,
+            Outcome::Delivered(Event::gp(0)),
+            "MSR {msr:#x} = {value:#x}"
+        );
+    }
+}
+
+#[test]
+fn unknown_msrs_are_gp_and_counted() {
+    let mut r = Rig::kernel();
+    for _ in 0..3 {
+        wrmsr(&mut r, 0x1234, 0);
+        r.run().unwrap();
+    }
+    r.cpu.rip = CODE;
+    r.raises(&[0x0F, 0x32], 13, Some(0));
+    assert_eq!(
+        r.cpu.msr.unknown()[0],
+        super::msr::UnknownMsr {
+            index: 0x1234,
+            reads: 1,
+            writes: 3
+        }
+    );
+}
+
+#[test]
+fn efer_nxe_toggle_changes_the_paging_mode_and_lma_is_read_only() {
+    let mut r = Rig::kernel();
+    wrmsr(&mut r, index::EFER, efer::LME | efer::SCE);
+    r.run().unwrap();
+    assert_eq!(r.cpu.efer, efer::LME | efer::LMA | efer::SCE);
+    assert!(r.cpu.take_effects().paging_mode);
+}
+
+#[test]
+fn fs_and_gs_base_msrs_drive_the_real_bases() {
+    let mut r = Rig::kernel();
+    wrmsr(&mut r, index::GS_BASE, 0xFFFF_8000_0000_2000);
+    r.run().unwrap();
+    assert_eq!(r.cpu.gs_base(), 0xFFFF_8000_0000_2000);
+    assert!(r.cpu.take_effects().segment_bases);
+}
+
+#[test]
+fn apic_base_reads_the_fixed_value() {
+    let mut r = Rig::kernel();
+    r.cpu.set_reg(Gpr::Rcx, u64::from(index::APIC_BASE));
+    r.ok(&[0x0F, 0x32]);
+    assert_eq!(r.cpu.reg(Gpr::Rax), 0xFEE0_0900);
+}
+
+// ---- port I/O ----
+
+#[test]
+fn out_and_in_reach_the_port_bus() {
+    let mut r = Rig::kernel();
+    r.cpu.set_reg(Gpr::Rax, 0x1234_5678_9ABC_DE11);
+    r.ok(&[0xE6, 0x21]);
+    assert_eq!(r.ports.writes, std::vec![(0x21, 1, 0x11)]);
+    r.ports.values.insert(0x3F8, 0xAABB_CCDD);
+    r.cpu.rip = CODE;
+    r.cpu.set_reg(Gpr::Rdx, 0x3F8);
+    r.ok(&[0xED]);
+    assert_eq!(r.cpu.reg(Gpr::Rax), 0xAABB_CCDD, "IN EAX zero-extends");
+    r.cpu.rip = CODE;
+    r.cpu.set_reg(Gpr::Rax, 0xFFFF_FFFF_FFFF_FFFF);
+    r.ok(&[0xEC]);
+    assert_eq!(r.cpu.reg(Gpr::Rax), 0xFFFF_FFFF_FFFF_FFDD, "IN AL merges");
+}
+
+#[test]
+fn port_io_in_user_mode_consults_the_tss_bitmap() {
+    // No bitmap (base 0x68 = the limit): #GP.
+    let mut r = Rig::user();
+    r.raises(&[0xE4, 0x21], 13, Some(0));
+    // A bitmap that allows port 0x21 only.
+    let mut r = Rig::user();
+    r.cpu.tr.cache.limit = 0x68 + 0x2000;
+    let mut bitmap = std::vec![0xFFu8; 8];
+    bitmap[4] = !(1 << 1);
+    r.mem.poke(TSS + 0x68, &bitmap);
+    r.ok(&[0xE4, 0x21]);
+    r.cpu.rip = UCODE;
+    r.raises(&[0xE4, 0x22], 13, Some(0));
+}
+
+#[test]
+fn rep_outsb_writes_every_byte_in_order() {
+    let mut r = Rig::kernel();
+    r.mem.poke(DATA, b"hi!");
+    r.cpu.set_reg(Gpr::Rsi, DATA);
+    r.cpu.set_reg(Gpr::Rcx, 3);
+    r.cpu.set_reg(Gpr::Rdx, 0xE9);
+    r.ok(&[0xF3, 0x6E]);
+    let bytes: Vec<u32> = r.ports.writes.iter().map(|w| w.2).collect();
+    assert_eq!(
+        bytes,
+        std::vec![u32::from(b'h'), u32::from(b'i'), u32::from(b'!')]
+    );
+    assert_eq!((r.cpu.reg(Gpr::Rcx), r.cpu.reg(Gpr::Rsi)), (0, DATA + 3));
+}
+
+#[test]
+fn rep_insw_stores_words_and_faults_restartably() {
+    let mut r = Rig::kernel();
+    r.ports.values.insert(0x1F0, 0xBEEF);
+    r.cpu.set_reg(Gpr::Rdi, DATA + 0xFFC);
+    r.cpu.set_reg(Gpr::Rcx, 4);
+    r.cpu.set_reg(Gpr::Rdx, 0x1F0);
+    r.raises(&[0x66, 0xF3, 0x6D], 14, Some(2));
+    assert_eq!(r.mem.peek(DATA + 0xFFC, 4), [0xEF, 0xBE, 0xEF, 0xBE]);
+    assert_eq!(r.cpu.reg(Gpr::Rcx), 2, "two elements done before the #PF");
+    assert_eq!(r.stack(1), CODE, "the fault is at the instruction");
+}
+
+// ---- IRETQ ----
+
+fn push_iret_frame(r: &mut Rig, rip: u64, cs: u16, flags: u64, rsp: u64, ss: u16) {
+    let at = DATA + 0x100;
+    for (i, v) in [rip, u64::from(cs), flags, rsp, u64::from(ss)]
+        .iter()
+        .enumerate()
+    {
+        r.mem.poke(at + 8 * i as u64, &v.to_le_bytes());
+    }
+    r.cpu.set_reg(Gpr::Rsp, at);
+}
+
+#[test]
+fn iretq_to_user_mode_switches_privilege_and_loads_the_popped_state() {
+    let mut r = Rig::kernel();
+    push_iret_frame(
+        &mut r,
+        UCODE,
+        UCODE_SEL,
+        rflags::IF | 0x2 | rflags::CF,
+        USTACK_TOP,
+        UDATA,
+    );
+    r.code(&[0x48, 0xCF]);
+    assert_eq!(r.run().unwrap().outcome, Outcome::Emulated);
+    assert_eq!(
+        (r.cpu.rip, r.cpu.cpl, r.cpu.reg(Gpr::Rsp)),
+        (UCODE, 3, USTACK_TOP)
+    );
+    assert_eq!(r.cpu.segment(SegReg::Cs).selector, UCODE_SEL);
+    assert_eq!(r.cpu.segment(SegReg::Ss).selector, UDATA);
+    assert!(r.cpu.interrupts_enabled());
+    assert_ne!(r.cpu.rflags & rflags::CF, 0);
+    assert!(r.cpu.take_effects().privilege);
+}
+
+#[test]
+fn iretq_to_a_non_canonical_rip_is_gp_at_the_old_privilege() {
+    let mut r = Rig::kernel();
+    push_iret_frame(
+        &mut r,
+        0x0000_8000_0000_0000,
+        UCODE_SEL,
+        0x202,
+        USTACK_TOP,
+        UDATA,
+    );
+    r.raises(&[0x48, 0xCF], 13, Some(0));
+    assert_eq!(r.cpu.cpl, 0);
+    assert_eq!(r.stack(1), CODE, "RIP of the IRETQ itself");
+    assert_eq!(r.stack(2), u64::from(KCODE), "still the kernel's CS");
+}
+
+#[test]
+fn iretq_within_the_kernel_pops_ss_rsp_too() {
+    let mut r = Rig::kernel();
+    push_iret_frame(&mut r, CODE + 0x100, KCODE, 0x2, KSTACK_TOP - 0x100, KDATA);
+    r.code(&[0x48, 0xCF]);
+    r.run().unwrap();
+    assert_eq!((r.cpu.rip, r.cpu.cpl), (CODE + 0x100, 0));
+    assert_eq!(r.cpu.reg(Gpr::Rsp), KSTACK_TOP - 0x100);
+    assert!(!r.cpu.take_effects().privilege);
+}
+
+#[test]
+fn iretq_from_user_mode_to_the_kernel_is_gp_with_the_selector() {
+    let mut r = Rig::user();
+    r.mem.map(DATA, 0x1000, RW_USER);
+    push_iret_frame(&mut r, CODE, KCODE, 0x2, KSTACK_TOP, KDATA);
+    r.raises(&[0x48, 0xCF], 13, Some(u32::from(KCODE)));
+}
+
+#[test]
+fn iretq_in_user_mode_cannot_change_if_or_iopl() {
+    let mut r = Rig::user();
+    r.mem.map(DATA, 0x1000, RW_USER);
+    push_iret_frame(
+        &mut r,
+        UCODE + 0x10,
+        UCODE_SEL,
+        0x2 | rflags::IOPL,
+        USTACK_TOP,
+        UDATA,
+    );
+    r.code(&[0x48, 0xCF]);
+    r.run().unwrap();
+    assert!(r.cpu.interrupts_enabled(), "IF kept: CPL > IOPL");
+    assert_eq!(r.cpu.iopl(), 0, "IOPL kept: CPL > 0");
+}
+
+#[test]
+fn iretq_with_a_mismatched_ss_rpl_is_gp() {
+    let mut r = Rig::kernel();
+    push_iret_frame(&mut r, UCODE, UCODE_SEL, 0x2, USTACK_TOP, KDATA);
+    r.raises(&[0x48, 0xCF], 13, Some(u32::from(KDATA)));
+}
+
+#[test]
+fn iretq_to_a_32_bit_code_segment_is_an_unsupported_stop() {
+    let mut r = Rig::kernel();
+    push_iret_frame(&mut r, CODE, 0x40, 0x2, KSTACK_TOP, KDATA);
+    r.code(&[0x48, 0xCF]);
+    assert!(matches!(r.run(), Err(CpuStop::Unsupported(_))));
+}
+
+// ---- SYSCALL / SYSRET / SYSENTER / SYSEXIT / SWAPGS ----
+
+fn fast_syscall_msrs(r: &mut Rig) {
+    r.cpu.efer |= efer::SCE;
+    r.cpu.msr.star = (0x10u64 << 48) | (u64::from(KCODE) << 32);
+    r.cpu.msr.lstar = HANDLERS + 0x800;
+    r.cpu.msr.sfmask = rflags::IF | rflags::DF;
+    r.cpu.msr.sysenter_cs = u64::from(KCODE);
+    r.cpu.msr.sysenter_eip = HANDLERS + 0x900;
+    r.cpu.msr.sysenter_esp = RSP0;
+}
+
+#[test]
+fn syscall_is_forwarded_to_lstar_at_cpl0() {
+    let mut r = Rig::user();
+    fast_syscall_msrs(&mut r);
+    r.cpu.rflags |= rflags::DF;
+    r.cpu.rip = UCODE + 2; // the entry stub reports the address after SYSCALL
+    syscall::syscall(&mut r.cpu).unwrap();
+    assert_eq!((r.cpu.rip, r.cpu.cpl), (HANDLERS + 0x800, 0));
+    assert_eq!(r.cpu.reg(Gpr::Rcx), UCODE + 2);
+    assert_ne!(r.cpu.reg(Gpr::R11) & rflags::IF, 0);
+    assert_eq!(
+        r.cpu.rflags & (rflags::IF | rflags::DF),
+        0,
+        "masked by SFMASK"
+    );
+    assert_eq!(r.cpu.segment(SegReg::Cs).selector, KCODE);
+    assert_eq!(r.cpu.segment(SegReg::Ss).selector, KDATA);
+    assert_eq!(r.cpu.reg(Gpr::Rsp), USTACK_TOP, "SYSCALL keeps RSP");
+}
+
+#[test]
+fn syscall_without_efer_sce_is_ud_at_the_instruction() {
+    let mut r = Rig::user();
+    r.code(&[0x0F, 0x05]);
+    let h = r.run_cause(Cause::Fault(Event::ud())).unwrap();
+    assert_eq!(h.outcome, Outcome::Delivered(Event::ud()));
+    assert_eq!(r.stack(0), UCODE);
+}
+
+#[test]
+fn sysretq_returns_to_64_bit_user_code() {
+    let mut r = Rig::kernel();
+    fast_syscall_msrs(&mut r);
+    r.cpu.set_reg(Gpr::Rcx, UCODE + 0x40);
+    r.cpu.set_reg(Gpr::R11, 0x202 | rflags::IOPL | 1 << 16);
+    r.ok(&[0x48, 0x0F, 0x07]);
+    assert_eq!((r.cpu.rip, r.cpu.cpl), (UCODE + 0x40, 3));
+    assert_eq!(r.cpu.segment(SegReg::Cs).selector, 0x23);
+    assert_eq!(r.cpu.segment(SegReg::Ss).selector, 0x1B);
+    assert_eq!(
+        r.cpu.rflags,
+        (0x202 | rflags::IOPL) & 0x3C_7FD7 | 2,
+        "RF cleared"
+    );
+}
+
+#[test]
+fn sysretq_to_a_non_canonical_rcx_faults_in_the_kernel_not_the_host() {
+    let mut r = Rig::kernel();
+    fast_syscall_msrs(&mut r);
+    r.cpu.set_reg(Gpr::Rcx, 0x0000_8000_0000_0000);
+    r.cpu.set_reg(Gpr::Rsp, USTACK_TOP);
+    r.raises(&[0x48, 0x0F, 0x07], 13, Some(0));
+    assert_eq!(r.cpu.cpl, 0);
+    assert_eq!(r.stack(1), CODE);
+}
+
+#[test]
+fn sysretq_in_user_mode_is_gp_and_without_sce_ud() {
+    let mut r = Rig::user();
+    fast_syscall_msrs(&mut r);
+    r.raises(&[0x48, 0x0F, 0x07], 13, Some(0));
+    Rig::kernel().raises(&[0x48, 0x0F, 0x07], 6, None);
+}
+
+#[test]
+fn sysenter_and_sysexit_round_trip() {
+    let mut r = Rig::user();
+    fast_syscall_msrs(&mut r);
+    r.cpu.rflags |= rflags::IF;
+    syscall::sysenter(&mut r.cpu).unwrap();
+    assert_eq!(
+        (r.cpu.rip, r.cpu.cpl, r.cpu.reg(Gpr::Rsp)),
+        (HANDLERS + 0x900, 0, RSP0)
+    );
+    assert!(!r.cpu.interrupts_enabled());
+    r.cpu.rip = CODE;
+    r.cpu.set_reg(Gpr::Rdx, UCODE + 0x20);
+    r.cpu.set_reg(Gpr::Rcx, USTACK_TOP - 0x10);
+    r.ok(&[0x48, 0x0F, 0x35]);
+    assert_eq!(
+        (r.cpu.rip, r.cpu.cpl, r.cpu.reg(Gpr::Rsp)),
+        (UCODE + 0x20, 3, USTACK_TOP - 0x10)
+    );
+    assert_eq!(r.cpu.segment(SegReg::Cs).selector, (KCODE + 32) | 3);
+    assert_eq!(r.cpu.segment(SegReg::Ss).selector, (KCODE + 40) | 3);
+}
+
+#[test]
+fn sysenter_with_a_null_sysenter_cs_is_gp() {
+    let mut r = Rig::user();
+    r.raises(&[0x0F, 0x34], 13, Some(0));
+    assert_eq!(r.stack(1), UCODE);
+}
+
+#[test]
+fn sysexitq_to_a_non_canonical_rdx_is_gp() {
+    let mut r = Rig::kernel();
+    fast_syscall_msrs(&mut r);
+    r.cpu.set_reg(Gpr::Rdx, 0x0000_8000_0000_0000);
+    r.raises(&[0x48, 0x0F, 0x35], 13, Some(0));
+}
+
+#[test]
+fn swapgs_exchanges_the_gs_bases() {
+    let mut r = Rig::kernel();
+    r.cpu.msr.kernel_gs_base = 0xFFFF_8000_0000_5000;
+    r.cpu.set_segment_base(SegReg::Gs, 0x7000);
+    r.cpu.take_effects();
+    r.ok(&[0x0F, 0x01, 0xF8]);
+    assert_eq!(
+        (r.cpu.gs_base(), r.cpu.msr.kernel_gs_base),
+        (0xFFFF_8000_0000_5000, 0x7000)
+    );
+    assert!(r.cpu.take_effects().segment_bases);
+    Rig::user().raises(&[0x0F, 0x01, 0xF8], 13, Some(0));
+}
+
+// ---- segment loads and far transfers ----
+
+#[test]
+fn mov_ss_checks_the_descriptor_and_sets_the_shadow() {
+    let mut r = Rig::kernel();
+    r.cpu.set_reg(Gpr::Rax, u64::from(KDATA));
+    r.ok(&[0x8E, 0xD0]);
+    assert_eq!(r.cpu.interrupt_shadow, Some(CODE + 2));
+    for (sel, code) in [
+        (UDATA, u32::from(UDATA & !3)),
+        (KCODE, u32::from(KCODE)),
+        (0x1000, 0x1000),
+    ] {
+        let mut r = Rig::kernel();
+        r.cpu.set_reg(Gpr::Rax, u64::from(sel));
+        r.raises(&[0x8E, 0xD0], 13, Some(code));
+    }
+}
+
+#[test]
+fn mov_ds_of_a_not_present_segment_is_np() {
+    let mut r = Rig::kernel();
+    r.cpu.set_reg(Gpr::Rax, 0x38);
+    r.raises(&[0x8E, 0xD8], 11, Some(0x38));
+}
+
+#[test]
+fn mov_ds_of_a_kernel_segment_from_user_mode_is_gp() {
+    let mut r = Rig::user();
+    r.cpu.set_reg(Gpr::Rax, u64::from(KDATA));
+    r.raises(&[0x8E, 0xD8], 13, Some(u32::from(KDATA)));
+    let mut r = Rig::user();
+    r.cpu.set_reg(Gpr::Rax, u64::from(UDATA));
+    r.ok(&[0x8E, 0xD8]);
+    assert_eq!(r.cpu.segment(SegReg::Ds).selector, UDATA);
+}
+
+#[test]
+fn pop_gs_loads_and_moves_rsp() {
+    let mut r = Rig::kernel();
+    r.cpu.set_reg(Gpr::Rsp, DATA);
+    r.mem.poke(DATA, &u64::from(KDATA).to_le_bytes());
+    r.ok(&[0x0F, 0xA9]);
+    assert_eq!(r.cpu.segment(SegReg::Gs).selector, KDATA);
+    assert_eq!(r.cpu.reg(Gpr::Rsp), DATA + 8);
+}
+
+#[test]
+fn retfq_reloads_cs_after_lgdt() {
+    let mut r = Rig::kernel();
+    r.cpu.set_reg(Gpr::Rsp, DATA);
+    r.mem.poke(DATA, &(CODE + 0x80).to_le_bytes());
+    r.mem.poke(DATA + 8, &u64::from(KCODE).to_le_bytes());
+    r.code(&[0x48, 0xCB]);
+    r.run().unwrap();
+    assert_eq!(r.cpu.rip, CODE + 0x80);
+    assert_eq!(r.cpu.segment(SegReg::Cs).selector, KCODE);
+    assert_eq!(r.cpu.reg(Gpr::Rsp), DATA + 16);
+}
+
+#[test]
+fn retfq_to_user_mode_pops_ss_rsp() {
+    let mut r = Rig::kernel();
+    r.cpu.set_reg(Gpr::Rsp, DATA);
+    for (i, v) in [UCODE, u64::from(UCODE_SEL), USTACK_TOP, u64::from(UDATA)]
+        .iter()
+        .enumerate()
+    {
+        r.mem.poke(DATA + 8 * i as u64, &v.to_le_bytes());
+    }
+    r.code(&[0x48, 0xCB]);
+    r.run().unwrap();
+    assert_eq!(
+        (r.cpu.rip, r.cpu.cpl, r.cpu.reg(Gpr::Rsp)),
+        (UCODE, 3, USTACK_TOP)
+    );
+}
+
+#[test]
+fn far_jmp_and_call_through_memory() {
+    let mut r = Rig::kernel();
+    r.mem.poke(DATA, &(CODE + 0x200).to_le_bytes());
+    r.mem.poke(DATA + 8, &KCODE.to_le_bytes());
+    r.cpu.set_reg(Gpr::Rax, DATA);
+    r.code(&[0x48, 0xFF, 0x18]);
+    r.run().unwrap();
+    assert_eq!(r.cpu.rip, CODE + 0x200);
+    assert_eq!(r.stack(0), CODE + 3, "return RIP");
+    assert_eq!(r.stack(1), u64::from(KCODE), "return CS");
+    let mut r = Rig::kernel();
+    r.mem.poke(DATA, &(CODE + 0x200).to_le_bytes());
+    r.mem.poke(DATA + 8, &UCODE_SEL.to_le_bytes());
+    r.cpu.set_reg(Gpr::Rax, DATA);
+    r.raises(&[0x48, 0xFF, 0x28], 13, Some(u32::from(UCODE_SEL & !3)));
+}
+
+// ---- CPUID ----
+
+#[test]
+fn cpuid_reports_the_hypervisor() {
+    let mut r = Rig::user();
+    r.cpu.set_reg(Gpr::Rax, 1);
+    r.ok(&[0x0F, 0xA2]);
+    assert_ne!(r.cpu.reg(Gpr::Rcx) & (1 << 31), 0);
+    r.cpu.rip = UCODE;
+    r.cpu.set_reg(Gpr::Rax, 0x4000_0000);
+    r.ok(&[0x0F, 0xA2]);
+    assert_eq!(r.cpu.reg(Gpr::Rbx).to_le_bytes()[..4], *b"Trap");
+}
+
+// ---- INT n, event delivery ----
+
+#[test]
+fn int_0x80_from_user_mode_reaches_the_kernel_through_a_dpl3_gate() {
+    let mut r = Rig::user();
+    r.raises(&[0xCD, 0x80], 0x80, None);
+    assert_eq!(r.stack(0), UCODE + 2, "returns after INT");
+    assert_eq!(r.stack(1), u64::from(UCODE_SEL));
+    assert_eq!(r.stack(3), USTACK_TOP);
+    assert_eq!(r.cpu.reg(Gpr::Rsp), RSP0 - 40);
+}
+
+#[test]
+fn int_n_through_a_dpl0_gate_from_user_mode_is_gp_with_the_idt_selector() {
+    let mut r = Rig::user();
+    r.raises(&[0xCD, 0x21], 13, Some(0x21 * 8 + 2));
+    assert_eq!(r.stack(1), UCODE, "#GP points at the INT");
+}
+
+#[test]
+fn int3_from_user_mode_is_a_breakpoint() {
+    let mut r = Rig::user();
+    r.raises(&[0xCC], 3, None);
+    assert_eq!(r.stack(0), UCODE + 1);
+}
+
+#[test]
+fn a_trap_gate_keeps_if() {
+    let mut r = Rig::kernel();
+    r.cpu.rflags |= rflags::IF;
+    deliver(&mut r.cpu, &mut r.mem, Event::software(0x81, 2)).unwrap();
+    assert!(r.cpu.interrupts_enabled());
+}
+
+#[test]
+fn an_ist_gate_switches_stacks_even_without_a_privilege_change() {
+    let mut r = Rig::kernel();
+    deliver(&mut r.cpu, &mut r.mem, Event::exception(2)).unwrap();
+    assert_eq!(r.cpu.reg(Gpr::Rsp), IST1 - 40);
+    assert_eq!(r.stack(3), KSTACK_TOP, "old RSP pushed");
+    assert_eq!(
+        r.stack(4),
+        u64::from(KDATA),
+        "old SS pushed; SS itself unchanged"
+    );
+    assert_eq!(r.cpu.segment(SegReg::Ss).selector, KDATA);
+}
+
+#[test]
+fn the_kernel_stack_is_aligned_to_16_before_the_frame() {
+    let mut r = Rig::kernel();
+    r.cpu.set_reg(Gpr::Rsp, KSTACK_TOP - 8);
+    deliver(&mut r.cpu, &mut r.mem, Event::external(0x20)).unwrap();
+    assert_eq!(r.cpu.reg(Gpr::Rsp), KSTACK_TOP - 16 - 40);
+}
+
+#[test]
+fn a_page_fault_sets_cr2_and_pushes_its_error_code() {
+    let mut r = Rig::user();
+    r.cpu.rip = 0x5555_0000;
+    let h = r.run().unwrap();
+    let expected = 0x4 | 0x10; // user, instruction fetch, not present
+    assert_eq!(
+        h.outcome,
+        Outcome::Delivered(Event {
+            vector: 14,
+            kind: EventKind::Exception,
+            error_code: Some(expected),
+            cr2: Some(0x5555_0000),
+            instruction_len: 0
+        })
+    );
+    assert_eq!(r.cpu.cr2, 0x5555_0000);
+    assert_eq!(r.stack(0), u64::from(expected));
+}
+
+#[test]
+fn a_not_present_gate_is_np_with_the_idt_bit_and_ext() {
+    let mut r = Rig::kernel();
+    r.mem.poke(IDT + 16 * 0x20 + 5, &[0x0E]); // clear P
+    deliver(&mut r.cpu, &mut r.mem, Event::external(0x20)).unwrap();
+    assert_eq!(r.cpu.rip, HANDLERS + 0x10 * 11);
+    assert_eq!(r.stack(0), 0x20 * 8 + 2 + 1);
+}
+
+#[test]
+fn an_idt_limit_of_zero_ends_in_a_triple_fault() {
+    let mut r = Rig::kernel();
+    r.cpu.idtr.limit = 0;
+    let stop = deliver(&mut r.cpu, &mut r.mem, Event::ud()).unwrap_err();
+    assert_eq!(stop, CpuStop::TripleFault { vector: 13 });
+}
+
+#[test]
+fn a_faulting_kernel_stack_escalates_pf_to_df_then_triple_fault() {
+    let mut r = Rig::user();
+    r.mem.poke(TSS + 4, &0x6666_0000u64.to_le_bytes()); // RSP0 on an unmapped page
+    r.code(&[0xFA]);
+    assert_eq!(r.run(), Err(CpuStop::TripleFault { vector: 14 }));
+}
+
+#[test]
+fn a_double_fault_is_delivered_when_its_own_stack_works() {
+    let mut r = Rig::kernel();
+    // #GP's gate points at a 32-bit code segment: #GP(sel) while delivering #GP → #DF.
+    let [lo, hi] = encode_gate(HANDLERS, 0x40, 0, 0xE, 0, true);
+    r.mem.poke(IDT + 16 * 13, &lo.to_le_bytes());
+    r.mem.poke(IDT + 16 * 13 + 8, &hi.to_le_bytes());
+    deliver(&mut r.cpu, &mut r.mem, Event::gp(0)).unwrap();
+    assert_eq!(r.cpu.rip, HANDLERS + 0x10 * 8);
+    assert_eq!(r.stack(0), 0, "#DF pushes error code 0");
+}
+
+#[test]
+fn a_read_only_kernel_stack_page_is_a_write_page_fault() {
+    let mut r = Rig::kernel();
+    r.mem.map(0x8000, 0x1000, RO_KERNEL);
+    // #PF on the stack while delivering an IRQ is serial: the #PF handler also faults → #DF…
+    assert!(matches!(
+        deliver(&mut r.cpu, &mut r.mem, Event::external(0x20)),
+        Err(CpuStop::TripleFault { .. })
+    ));
+    assert_eq!(r.cpu.cr2 & !0xFFF, 0x8000);
+}
+
+// ---- decode, fetch, fall-backs ----
+
+#[test]
+fn an_instruction_that_ends_before_an_unmapped_page_does_not_touch_it() {
+    let mut r = Rig::kernel();
+    r.cpu.rip = CODE + 0xFFF;
+    r.ok(&[0xFA]);
+}
+
+#[test]
+fn an_instruction_that_crosses_into_an_unmapped_page_faults_on_it() {
+    let mut r = Rig::user();
+    r.cpu.rip = UCODE + 0xFFF;
+    r.code(&[0x0F]);
+    let h = r.run().unwrap();
+    assert!(matches!(
+        h.outcome,
+        Outcome::Delivered(Event {
+            vector: 14,
+            cr2: Some(0x11000),
+            ..
+        })
+    ));
+}
+
+#[test]
+fn garbage_bytes_are_ud() {
+    let mut r = Rig::kernel();
+    r.raises(&[0x06], 6, None); // PUSH ES does not exist in 64-bit mode
+}
+
+#[test]
+fn an_ordinary_instruction_that_faulted_gets_its_own_fault_back() {
+    let mut r = Rig::user();
+    r.code(&[0x48, 0x8B, 0x03]); // mov rax, [rbx] with a non-canonical RBX
+    r.cpu.set_reg(Gpr::Rbx, 0x8000_0000_0000_0000);
+    let h = r.run_cause(Cause::Fault(Event::gp(0))).unwrap();
+    assert_eq!(h.outcome, Outcome::Delivered(Event::gp(0)));
+    assert_eq!(h.mnemonic, Some(iced_x86::Mnemonic::Mov));
+}
+
+#[test]
+fn a_privileged_instruction_the_vmm_does_not_emulate_stops_the_guest_kernel() {
+    let mut r = Rig::kernel();
+    r.code(&[0x0F, 0x01, 0xD1]);
+    assert_eq!(
+        r.run(),
+        Err(CpuStop::NotEmulated {
+            mnemonic: iced_x86::Mnemonic::Xsetbv
+        })
+    );
+    // From guest user mode the #GP is what the hardware would give.
+    let mut r = Rig::user();
+    r.raises(&[0x0F, 0x01, 0xD1], 13, Some(0));
+}
+
+// ---- page-table writes (cached shadow policy) ----
+
+#[test]
+fn page_table_stores_are_emulated() {
+    let mut r = Rig::kernel();
+    r.cpu.set_reg(Gpr::Rdi, DATA);
+    r.cpu.set_reg(Gpr::Rax, 0x1234_5007);
+    r.code(&[0x48, 0x89, 0x07]);
+    assert_eq!(
+        r.run_cause(Cause::PageTableWrite).unwrap().outcome,
+        Outcome::Emulated
+    );
+    assert_eq!(r.mem.peek_u64(DATA), 0x1234_5007);
+    // or qword [rdi], 0x20 (set A)
+    r.cpu.rip = CODE;
+    r.code(&[0x48, 0x83, 0x0F, 0x20]);
+    r.run_cause(Cause::PageTableWrite).unwrap();
+    assert_eq!(r.mem.peek_u64(DATA), 0x1234_5027);
+    // btr qword [rdi], 1 (clear R/W); CF = old bit
+    r.cpu.rip = CODE;
+    r.code(&[0x48, 0x0F, 0xBA, 0x37, 0x01]);
+    r.run_cause(Cause::PageTableWrite).unwrap();
+    assert_eq!(r.mem.peek_u64(DATA), 0x1234_5025);
+    assert_ne!(r.cpu.rflags & rflags::CF, 0);
+}
+
+#[test]
+fn rep_stosq_zeroes_a_table() {
+    let mut r = Rig::kernel();
+    r.mem.poke(DATA, &[0xAA; 64]);
+    r.cpu.set_reg(Gpr::Rdi, DATA);
+    r.cpu.set_reg(Gpr::Rcx, 8);
+    r.cpu.set_reg(Gpr::Rax, 0);
+    r.code(&[0xF3, 0x48, 0xAB]);
+    r.run_cause(Cause::PageTableWrite).unwrap();
+    assert_eq!(r.mem.peek(DATA, 64), [0u8; 64]);
+    assert_eq!(r.cpu.reg(Gpr::Rdi), DATA + 64);
+}
+
+#[test]
+fn lock_cmpxchg_on_a_pte_sets_zf_on_success_and_loads_rax_on_failure() {
+    let mut r = Rig::kernel();
+    r.mem.poke(DATA, &5u64.to_le_bytes());
+    r.cpu.set_reg(Gpr::Rdi, DATA);
+    r.cpu.set_reg(Gpr::Rax, 5);
+    r.cpu.set_reg(Gpr::Rcx, 9);
+    r.code(&[0xF0, 0x48, 0x0F, 0xB1, 0x0F]);
+    r.run_cause(Cause::PageTableWrite).unwrap();
+    assert_eq!(r.mem.peek_u64(DATA), 9);
+    assert_ne!(r.cpu.rflags & rflags::ZF, 0);
+    r.cpu.rip = CODE;
+    r.run_cause(Cause::PageTableWrite).unwrap();
+    assert_eq!(r.cpu.reg(Gpr::Rax), 9);
+    assert_eq!(r.cpu.rflags & rflags::ZF, 0);
+}
+
+#[test]
+fn a_page_table_write_by_an_unsupported_instruction_stops_with_its_name() {
+    let mut r = Rig::kernel();
+    r.cpu.set_reg(Gpr::Rdi, DATA);
+    r.code(&[0x48, 0xF7, 0x1F]); // neg qword [rdi]
+    assert_eq!(
+        r.run_cause(Cause::PageTableWrite),
+        Err(CpuStop::NotEmulated {
+            mnemonic: iced_x86::Mnemonic::Neg
+        })
+    );
+}
+
+#[test]
+fn an_emulated_access_to_the_vmm_range_stops_the_guest() {
+    let mut r = Rig::kernel();
+    r.mem.stop_pages.push(DATA >> 12);
+    r.cpu.set_reg(Gpr::Rax, DATA);
+    r.code(&[0x0F, 0x01, 0x10]);
+    assert!(matches!(r.run(), Err(CpuStop::Memory(_))));
+}
+
+// ---- state plumbing ----
+
+#[test]
+fn real_rflags_keep_arithmetic_flags_but_force_if_and_iopl_0() {
+    let mut cpu = Rig::kernel().cpu;
+    cpu.rflags = 0x2 | rflags::IOPL; // virtual IF = 0, IOPL = 3
+    cpu.merge_hardware_rflags(0x202 | rflags::ZF | rflags::CF);
+    assert_eq!(cpu.rflags, 0x2 | rflags::IOPL | rflags::ZF | rflags::CF);
+    assert_eq!(cpu.real_rflags(), 0x202 | rflags::ZF | rflags::CF);
+}
+
+// ---- properties ----
+
+fn arbitrary_state() -> impl Strategy<Value = (Vec<u8>, u8, u64, [u64; 4], bool)> {
+    (
+        proptest::collection::vec(any::<u8>(), 1..16),
+        prop_oneof![Just(0u8), Just(3u8)],
+        any::<u64>(),
+        any::<[u64; 4]>(),
+        any::<bool>(),
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// Any bytes, any privilege, registers and flags: the emulator ends in "emulated", "fault
+    /// delivered" or a typed stop, and never panics.
+    #[test]
+    fn arbitrary_instructions_never_panic((bytes, cpl, flags, regs, pt_write) in arbitrary_state()) {
+        let mut r = if cpl == 0 { Rig::kernel() } else { Rig::user() };
+        r.cpu.rflags = (flags & rflags::DEFINED) | 2;
+        for (i, v) in regs.iter().enumerate() {
+            r.cpu.gpr[i] = *v;
+            r.cpu.gpr[i + 4] = v.rotate_left(17);
+        }
+        r.cpu.set_reg(Gpr::Rcx, regs[1] % 64);
+        r.code(&bytes);
+        let cause = if pt_write { Cause::PageTableWrite } else { Cause::Fault(Event::gp(0)) };
+        let _ = r.run_cause(cause);
+        let mut pic = Pic { pending: Some(0x20) };
+        let _ = inject(&mut r.cpu, &mut r.mem, &mut pic);
+    }
+
+    /// Random IDT, GDT and TSS contents: delivery ends delivered or in a typed stop.
+    #[test]
+    fn delivery_with_random_tables_never_panics(
+        idt in proptest::collection::vec(any::<u8>(), 64),
+        gdt in proptest::collection::vec(any::<u8>(), 64),
+        tss in proptest::collection::vec(any::<u8>(), 112),
+        vector in 0u8..4,
+        user in any::<bool>(),
+        kind in 0u8..3,
+    ) {
+        let mut r = if user { Rig::user() } else { Rig::kernel() };
+        for v in 0..4u64 {
+            r.mem.poke(IDT + 16 * v, &idt[16 * v as usize..16 * v as usize + 16]);
+        }
+        r.mem.poke(IDT + 16 * 8, &idt[..16]);
+        r.mem.poke(IDT + 16 * 13, &idt[16..32]);
+        r.mem.poke(IDT + 16 * 14, &idt[32..48]);
+        r.mem.poke(GDT + 8, &gdt);
+        r.mem.poke(TSS, &tss);
+        r.cpu.idtr.limit = 16 * 15 - 1;
+        let event = match kind {
+            0 => Event::external(vector),
+            1 => Event::software(vector, 2),
+            _ => Event::gp(0),
+        };
+        if deliver(&mut r.cpu, &mut r.mem, event).is_ok() {
+            prop_assert!(r.cpu.cpl <= 3);
+        }
+    }
+
+    /// IRETQ from random frames: either a clean return, a delivered fault or a typed stop; a
+    /// non-canonical RIP is never loaded.
+    #[test]
+    fn iretq_from_random_frames_never_loads_a_non_canonical_rip(frame in any::<[u64; 5]>(), cs in 0u16..0x48, ss in 0u16..0x48) {
+        let mut r = Rig::kernel();
+        push_iret_frame(&mut r, frame[0], cs, frame[2], frame[3], ss);
+        r.code(&[0x48, 0xCF]);
+        if let Ok(h) = r.run() {
+            prop_assert!(shadow_mmu::addr::is_canonical(r.cpu.rip));
+            if h.outcome == Outcome::Emulated {
+                prop_assert_eq!(r.cpu.rip, frame[0]);
+            }
+        }
+    }
+}
