@@ -46,3 +46,85 @@ fn a_guest_that_makes_no_progress_is_stopped_by_the_watchdog() {
     run.expect_line("[vmm] traps (cost in TSC cycles");
     run.expect_line("[vmm] irq 0 ");
 }
+
+// ---- hostile guests: each ends with the fault the hardware would give, or a clean stop, the
+// host's report, and exit status 4. ----
+
+/// Runs a hostile test guest and checks the common ending: a stop line, the trap table, 4.
+fn hostile(name: &str, stop_reason: &str) -> trapvmm::Run {
+    let run = run_guest(&test_guest(name), "");
+    run.expect_status(4);
+    run.expect_line(&format!("[vmm] guest stopped: {stop_reason}"));
+    run.expect_line("[vmm] traps (cost in TSC cycles");
+    run.expect_line("[vmm] shadow-mmu: fills=");
+    run
+}
+
+#[test]
+fn a_guest_that_says_hello_through_the_virtual_uart_exits_with_its_own_code() {
+    let run = run_guest(&test_guest("hello"), "");
+    run.expect_status(0);
+    run.expect_line("[guest] hello from a minimal guest: ram=32 MiB cmdline=''");
+    run.expect_line("[vmm] insn OUT ");
+    run.expect_line("[vmm] insn IN ");
+}
+
+#[test]
+fn a_triple_fault_stops_the_guest() {
+    let run = hostile("triple-fault", "triple fault (vector 13 while delivering #DF)");
+    run.expect_line("[guest] triple-fault: executing ud2 with no IDT");
+}
+
+#[test]
+fn an_idt_limit_of_zero_turns_int3_into_a_triple_fault() {
+    let run = hostile("idt-limit-zero", "triple fault");
+    run.expect_line("[vmm] insn LIDT ");
+}
+
+#[test]
+fn touching_the_vmm_range_stops_the_guest() {
+    hostile(
+        "vmm-range",
+        "touched the VMM's reserved range at 0xffffff8000000000",
+    );
+}
+
+#[test]
+fn a_garbage_cr3_stops_the_guest_at_its_first_walk() {
+    hostile(
+        "garbage-cr3",
+        "guest-physical address 0x70000000 is outside guest RAM",
+    );
+}
+
+#[test]
+fn sysretq_to_a_non_canonical_address_is_the_guest_kernels_gp() {
+    let run = hostile("sysret-noncanonical", "guest halted forever");
+    // The #GP arrives in the guest kernel at the SYSRETQ (CVE-2012-0217 done right).
+    run.expect_line("[guest] fault vector=13 error=0x0 rip=0x");
+    run.expect_line("[vmm] insn SYSRETQ ");
+}
+
+#[test]
+fn iretq_to_a_non_canonical_address_is_the_guest_kernels_gp() {
+    let run = hostile("iretq-noncanonical", "guest halted forever");
+    run.expect_line("[guest] fault vector=13 error=0x0 rip=0x");
+    run.expect_line("[vmm] insn IRETQ ");
+}
+
+#[test]
+fn cli_hlt_is_reported_as_halted_forever_not_a_hang() {
+    hostile(
+        "cli-hlt",
+        "guest halted forever (HLT with interrupts disabled)",
+    );
+}
+
+#[test]
+fn unknown_ports_read_all_ones_and_unknown_msrs_are_gp() {
+    let run = hostile("unknown-ports-msrs", "guest halted forever");
+    run.expect_line("[guest] unknown-ports: reads all ones: yes");
+    run.expect_line("[guest] fault vector=13 error=0x0");
+    run.expect_line("[vmm] unknown port 0xe000: 100 reads, 100 writes");
+    run.expect_line("[vmm] unknown MSR 0x12345678: 1 reads, 0 writes");
+}

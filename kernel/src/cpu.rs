@@ -98,3 +98,58 @@ pub fn enable_host_features(features: &Features) {
         );
     }
 }
+
+extern "C" {
+    fn syscall_entry();
+    fn sysenter_entry();
+}
+
+/// Points the real SYSCALL at the VMM's entry stub (asm/trap_entry.S): IA32_LSTAR, CS/SS from
+/// IA32_STAR (host code 0x08, data 0x10), IA32_FMASK clearing IF, TF, DF and AC so nothing runs
+/// between the instruction and the stub's stack switch; EFER.SCE on. SYSENTER starts disabled
+/// ([`set_sysenter_enabled`]).
+pub fn enable_fast_syscall_entries() {
+    const FMASK: u64 = (1 << 9) | (1 << 8) | (1 << 10) | (1 << 18);
+    let star = u64::from(crate::gdt::HOST_CODE) << 32;
+    // SAFETY: the stubs build a TrapFrame on the trap stack and enter the dispatcher; the
+    // selectors are the host's 64-bit code and data; SCE only enables SYSCALL, which the host
+    // itself never executes.
+    unsafe {
+        x86::msr::wrmsr(x86::msr::IA32_LSTAR, syscall_entry as *const () as u64);
+        x86::msr::wrmsr(x86::msr::IA32_STAR, star);
+        x86::msr::wrmsr(x86::msr::IA32_FMASK, FMASK);
+        x86::msr::wrmsr(
+            x86::msr::IA32_EFER,
+            x86::msr::rdmsr(x86::msr::IA32_EFER) | 1,
+        );
+        x86::msr::wrmsr(x86::msr::IA32_SYSENTER_ESP, crate::gdt::trap_stack_top());
+        x86::msr::wrmsr(
+            x86::msr::IA32_SYSENTER_EIP,
+            sysenter_entry as *const () as u64,
+        );
+        x86::msr::wrmsr(x86::msr::IA32_SYSENTER_CS, 0);
+    }
+}
+
+/// Lets the real SYSENTER enter the VMM (IA32_SYSENTER_CS = host code) or makes it raise #GP
+/// at the instruction (IA32_SYSENTER_CS = 0), which keeps the guest's RIP for the #GP the guest
+/// must see while its own SYSENTER_CS is still null.
+pub fn set_sysenter_enabled(on: bool) {
+    let cs = if on {
+        u64::from(crate::gdt::HOST_CODE)
+    } else {
+        0
+    };
+    // SAFETY: either value is valid; the other SYSENTER MSRs were set by
+    // `enable_fast_syscall_entries`.
+    unsafe { x86::msr::wrmsr(x86::msr::IA32_SYSENTER_CS, cs) };
+}
+
+/// Waits for the next interrupt with interrupts enabled just for the wait: `sti; hlt` is
+/// atomic (the STI shadow covers HLT), so an interrupt cannot slip in between and be missed.
+/// The handler runs on this stack (a host-context trap) before we return with IF = 0.
+pub fn wait_for_interrupt() {
+    // SAFETY: the IDT and the host IRQ handlers are set up; the only state this changes is IF,
+    // restored to 0 before returning.
+    unsafe { core::arch::asm!("sti; hlt; cli", options(nomem, nostack)) };
+}

@@ -39,6 +39,9 @@ pub enum PageFaultOutcome {
     Reflect,
     /// The fault stopped the guest (for example, it hit the VMM's own slot).
     Stop,
+    /// A write to a guest page table the cached policy write-protects: emulated, then the
+    /// shadow entries it changed were zapped.
+    EmulatedWrite,
 }
 
 /// The kind of one trap, the key of the table.
@@ -103,6 +106,7 @@ impl fmt::Display for TrapKind {
             }
             TrapKind::PageFault(PageFaultOutcome::Fill) => f.write_str("#PF fill"),
             TrapKind::PageFault(PageFaultOutcome::Reflect) => f.write_str("#PF reflect"),
+            TrapKind::PageFault(PageFaultOutcome::EmulatedWrite) => f.write_str("#PF PT write"),
             TrapKind::PageFault(PageFaultOutcome::Stop) => f.write_str("#PF stop"),
             TrapKind::Other(name) => f.write_str(name),
         }

@@ -20,6 +20,10 @@ use shadow_mmu::{GuestPhysAddr, GuestVirtAddr, PageFaultErrorCode, PagingMode};
 use spin::Mutex;
 use vmm_core::accounting::{Accounting, PageFaultOutcome, SyscallKind, TrapKind};
 use vmm_core::config::{HostConfig, ShadowPolicy};
+use vmm_core::cpu::{
+    handle_instruction, inject, syscall, Cause, CpuStop, CpuidSource, Event, Injection, Outcome,
+    TableRegister, VCpu,
+};
 use vmm_core::devices::bus::PortBus;
 use vmm_core::io::Clock;
 use vmm_core::loader::{self, EntryState, GuestPhysWrite, LoadError};
@@ -62,6 +66,8 @@ impl Clock for HostClock {
 
 /// Everything the VMM keeps about the one guest it runs.
 struct Vm {
+    /// The guest's virtual CPU.
+    cpu: VCpu,
     mmu: Mmu,
     /// Which shadow view is loaded: the kernel view while the guest is at virtual CPL 0.
     view: View,
@@ -74,6 +80,12 @@ struct Vm {
     /// The no-progress watchdog: the guest RIP seen at the last host timer tick, and for how
     /// many consecutive ticks it has been the same with no other trap in between.
     watchdog: Watchdog,
+    /// The current trap, for the trace line.
+    last_trap: TrapName,
+    /// The real TF is set to end an interrupt shadow (see `inject_and_apply`).
+    single_step: bool,
+    /// Whether the real SYSENTER currently enters the VMM (see `apply_effects`).
+    real_sysenter_on: bool,
 }
 
 /// Detects a guest that makes no progress (`cli; jmp $`, a spin on a flag nothing will set):
@@ -173,13 +185,28 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
     let (mmu, entry) = load(config, module);
     let root = mmu.current_root(View::Kernel);
     let policy = mmu.policy();
+    let cpu = VCpu::at_entry(
+        entry.rip,
+        entry.rsp,
+        entry.rdi,
+        entry.cr3,
+        TableRegister {
+            base: entry.gdtr_base,
+            limit: entry.gdtr_limit,
+        },
+    );
+    crate::cpu::enable_fast_syscall_entries();
     *VM.lock() = Some(Vm {
+        cpu,
         mmu,
         view: View::Kernel,
         bus: PortBus::new(GuestConsole::new(), HostClock),
         accounting: Accounting::new(),
         trace_left: config.trace,
         watchdog: Watchdog::new(config.watchdog_ticks),
+        last_trap: TrapName::Instruction("entry"),
+        single_step: false,
+        real_sysenter_on: false,
     });
     log::info!(
         "guest: entering at Ring 3 (rip={:#x} rsp={:#x} rdi={:#x}), shadow policy {policy:?}",
@@ -209,13 +236,57 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
 const SYSCALL_VECTOR: u64 = 256;
 /// Pseudo-vector of a SYSENTER from the guest.
 const SYSENTER_VECTOR: u64 = 257;
+/// #DB, #UD, #GP.
+const DEBUG_VECTOR: u64 = 1;
+const INVALID_OPCODE_VECTOR: u64 = 6;
+const GENERAL_PROTECTION_VECTOR: u64 = 13;
+/// RFLAGS.TF: set on the way back when an interrupt waits for the STI/MOV SS shadow to end.
+const RFLAGS_TF: u64 = 1 << 8;
 
 fn rdtsc() -> u64 {
     // SAFETY: RDTSC has no side effects.
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
-/// Handles a trap taken while the guest ran (or a SYSCALL/SYSENTER from it).
+/// The host CPU's own CPUID, which vmm-core filters into the guest's.
+#[derive(Debug, Clone, Copy)]
+struct HostCpuid;
+
+impl CpuidSource for HostCpuid {
+    fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        let r = x86::cpuid::cpuid!(leaf, subleaf);
+        [r.eax, r.ebx, r.ecx, r.edx]
+    }
+}
+
+/// Copies the interrupted guest's registers into the vCPU. The real RFLAGS only contributes
+/// its arithmetic half; IF/IOPL are the vCPU's own.
+fn frame_to_vcpu(frame: &TrapFrame, cpu: &mut VCpu) {
+    let regs = [
+        frame.rax, frame.rcx, frame.rdx, frame.rbx, frame.rsp, frame.rbp, frame.rsi, frame.rdi,
+        frame.r8, frame.r9, frame.r10, frame.r11, frame.r12, frame.r13, frame.r14, frame.r15,
+    ];
+    cpu.gpr = regs;
+    cpu.rip = frame.rip;
+    cpu.merge_hardware_rflags(frame.rflags);
+}
+
+/// Copies the vCPU back into the frame the stub will `iretq` with: always Ring 3 on the VMM's
+/// guest selectors, real IF = 1, IOPL = 0.
+fn vcpu_to_frame(cpu: &VCpu, frame: &mut TrapFrame, single_step: bool) {
+    let [rax, rcx, rdx, rbx, rsp, rbp, rsi, rdi, r8, r9, r10, r11, r12, r13, r14, r15] = cpu.gpr;
+    (frame.rax, frame.rcx, frame.rdx, frame.rbx) = (rax, rcx, rdx, rbx);
+    (frame.rsp, frame.rbp, frame.rsi, frame.rdi) = (rsp, rbp, rsi, rdi);
+    (frame.r8, frame.r9, frame.r10, frame.r11) = (r8, r9, r10, r11);
+    (frame.r12, frame.r13, frame.r14, frame.r15) = (r12, r13, r14, r15);
+    frame.rip = cpu.rip;
+    frame.rflags = cpu.real_rflags() | if single_step { RFLAGS_TF } else { 0 };
+    frame.cs = u64::from(gdt::GUEST_CODE);
+    frame.ss = u64::from(gdt::GUEST_DATA);
+}
+
+/// Handles a trap taken while the guest ran (or a SYSCALL/SYSENTER from it): the one
+/// dispatcher of docs/ARCHITECTURE.md, "The life of a trap".
 pub fn handle_guest_trap(frame: &mut TrapFrame) {
     let start = rdtsc();
     let mut guard = VM.lock();
@@ -223,52 +294,33 @@ pub fn handle_guest_trap(frame: &mut TrapFrame) {
         drop(guard);
         stop_without_vm(frame)
     };
-    let (action, kind) = match frame.vector {
-        vector::PAGE_FAULT => vm.page_fault(frame),
-        v if (vector::IRQ_BASE..vector::IRQ_BASE + 16).contains(&v) => {
-            let irq = (v - vector::IRQ_BASE) as u8;
-            crate::timer::handle_irq(irq);
-            let mut action = Action::Resume("host IRQ");
-            while let Some(byte) = crate::serial::take_rx() {
-                vm.bus.enqueue_rx(byte);
-            }
-            if irq == 0 {
-                vm.bus.poll_timer();
-                if vm.watchdog.tick(frame.rip) {
-                    action = Action::Stop(StopWhy::NoProgress(vm.watchdog.same_ticks));
-                }
-            }
-            (action, TrapKind::Irq(irq))
-        }
-        SYSCALL_VECTOR => (
-            Action::Stop(StopWhy::NotEmulated),
-            TrapKind::SystemCall(SyscallKind::Syscall),
-        ),
-        SYSENTER_VECTOR => (
-            Action::Stop(StopWhy::NotEmulated),
-            TrapKind::SystemCall(SyscallKind::Sysenter),
-        ),
-        v => (
-            Action::Stop(StopWhy::NotEmulated),
-            TrapKind::Exception(v as u8),
-        ),
-    };
+    let trap_rip = frame.rip;
+    frame_to_vcpu(frame, &mut vm.cpu);
+    let (mut action, kind) = vm.dispatch(frame);
     if !matches!(kind, TrapKind::Irq(_)) {
         vm.watchdog.progress();
+    }
+    if let Action::Resume(_) = action {
+        if let Some(code) = vm.bus.exit_requested() {
+            action = Action::Exit(code);
+        } else if let Err(why) = vm.inject_and_apply() {
+            action = Action::Stop(why);
+        }
     }
     vm.accounting.record(kind, rdtsc().wrapping_sub(start));
     if vm.trace_left > 0 && !matches!(action, Action::Resume("host IRQ")) {
         vm.trace_left -= 1;
         crate::serial::write_line(format_args!(
-            "[vmm] trace: rip={:#x} {} error={:#x} -> {}",
-            frame.rip,
-            trap::vector_name(frame.vector),
-            frame.error_code,
-            action
+            "[vmm] trace: rip={trap_rip:#x} {} -> {action}",
+            vm.last_trap
         ));
     }
     match action {
-        Action::Resume(_) => {}
+        Action::Resume(_) => vcpu_to_frame(&vm.cpu, frame, vm.single_step),
+        Action::Exit(code) => {
+            report(vm);
+            crate::exit::exit(code)
+        }
         Action::Stop(why) => {
             let vm = guard.take();
             drop(guard);
@@ -284,6 +336,8 @@ pub fn handle_guest_trap(frame: &mut TrapFrame) {
 enum Action {
     /// The guest continues (the reason is for the trace).
     Resume(&'static str),
+    /// The guest wrote its exit code to the isa-debug-exit port.
+    Exit(u32),
     /// The guest cannot continue.
     Stop(StopWhy),
 }
@@ -292,34 +346,259 @@ enum Action {
 enum StopWhy {
     /// shadow-mmu refused (VMM range, GPA outside RAM, no memory).
     Mmu(StopReason),
-    /// A trap the VMM cannot handle yet (instruction emulation is the vmm-core integration's).
-    NotEmulated,
+    /// The virtual CPU cannot go on (triple fault, halted forever, not emulated).
+    Cpu(CpuStop),
+    /// A trap the VMM has no handler for (NMI or #MC from the guest).
+    Unexpected,
     /// The watchdog found the guest at the same RIP for this many host ticks, no other trap.
     NoProgress(u64),
+    /// HLT with interrupts on, and no virtual interrupt for this many host ticks.
+    IdleTooLong(u64),
 }
 
 impl core::fmt::Display for Action {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             Action::Resume(what) => write!(f, "{what}"),
+            Action::Exit(code) => write!(f, "guest exit {code:#x}"),
             Action::Stop(_) => write!(f, "stop"),
         }
     }
 }
 
+/// What the trace and the trap table call a trap.
+#[derive(Clone, Copy)]
+enum TrapName {
+    Vector(u64),
+    Instruction(&'static str),
+}
+
+impl core::fmt::Display for TrapName {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            TrapName::Vector(v) if *v == SYSCALL_VECTOR => write!(f, "SYSCALL"),
+            TrapName::Vector(v) if *v == SYSENTER_VECTOR => write!(f, "SYSENTER"),
+            TrapName::Vector(v) => write!(f, "{}", trap::vector_name(*v)),
+            TrapName::Instruction(name) => write!(f, "{name}"),
+        }
+    }
+}
+
 impl Vm {
-    /// #PF from the guest: shadow-mmu decides between filling the shadow, reflecting the fault
-    /// to the guest, and stopping it.
-    fn page_fault(&mut self, frame: &mut TrapFrame) -> (Action, TrapKind) {
-        let (action, outcome) = self.page_fault_action(frame);
-        (action, TrapKind::PageFault(outcome))
+    /// Routes one trap: instruction faults to the emulator, page faults to shadow-mmu, host
+    /// IRQs to the virtual devices, fast system calls to their forwarding.
+    fn dispatch(&mut self, frame: &TrapFrame) -> (Action, TrapKind) {
+        self.last_trap = TrapName::Vector(frame.vector);
+        match frame.vector {
+            vector::PAGE_FAULT => self.page_fault(frame),
+            v if (vector::IRQ_BASE..vector::IRQ_BASE + 16).contains(&v) => {
+                let irq = (v - vector::IRQ_BASE) as u8;
+                crate::timer::handle_irq(irq);
+                let mut action = Action::Resume("host IRQ");
+                self.poll_devices();
+                if irq == 0 && self.watchdog.tick(frame.rip) {
+                    action = Action::Stop(StopWhy::NoProgress(self.watchdog.same_ticks));
+                }
+                (action, TrapKind::Irq(irq))
+            }
+            GENERAL_PROTECTION_VECTOR | INVALID_OPCODE_VECTOR => {
+                let hw = if frame.vector == GENERAL_PROTECTION_VECTOR {
+                    Event::gp(frame.error_code as u32)
+                } else {
+                    Event::ud()
+                };
+                self.emulate(Cause::Fault(hw))
+            }
+            SYSCALL_VECTOR => {
+                let r = syscall::syscall(&mut self.cpu);
+                (
+                    self.after_forward(r),
+                    TrapKind::SystemCall(SyscallKind::Syscall),
+                )
+            }
+            SYSENTER_VECTOR => {
+                let r = syscall::sysenter(&mut self.cpu);
+                (
+                    self.after_forward(r),
+                    TrapKind::SystemCall(SyscallKind::Sysenter),
+                )
+            }
+            DEBUG_VECTOR if self.single_step => {
+                // Our own single step: the instruction in the interrupt shadow has retired.
+                self.single_step = false;
+                self.cpu.interrupt_shadow = None;
+                (
+                    Action::Resume("interrupt window"),
+                    TrapKind::Other("interrupt window"),
+                )
+            }
+            v if v < 32
+                && !matches!(
+                    v,
+                    vector::NMI | vector::DOUBLE_FAULT | vector::MACHINE_CHECK
+                ) =>
+            {
+                // The guest's own exception (#DE, #DB, #NM, #SS, #AC, ...): deliver it as is.
+                let code = Event::vector_has_error_code(v as u8).then_some(frame.error_code as u32);
+                let event = match code {
+                    Some(code) => Event::exception_with_code(v as u8, code),
+                    None => Event::exception(v as u8),
+                };
+                let action = match vmm_core::cpu::deliver(&mut self.cpu, &mut self.mmu, event) {
+                    Ok(_) => Action::Resume("reflected"),
+                    Err(stop) => Action::Stop(StopWhy::Cpu(stop)),
+                };
+                (action, TrapKind::Exception(v as u8))
+            }
+            v => (
+                Action::Stop(StopWhy::Unexpected),
+                TrapKind::Exception(v as u8),
+            ),
+        }
     }
 
-    fn page_fault_action(&mut self, frame: &mut TrapFrame) -> (Action, PageFaultOutcome) {
+    /// Emulates the instruction at the guest's RIP.
+    fn emulate(&mut self, cause: Cause) -> (Action, TrapKind) {
+        let result = handle_instruction(
+            &mut self.cpu,
+            &mut self.mmu,
+            &mut self.bus,
+            &HostCpuid,
+            cause,
+        );
+        match result {
+            Ok(handled) => {
+                self.last_trap = TrapName::Instruction(handled.name);
+                let action = match handled.outcome {
+                    Outcome::Emulated => Action::Resume("emulated"),
+                    Outcome::Halted => Action::Resume("halted"),
+                    Outcome::Delivered(e) if Some(e) == cause_event(cause) => {
+                        Action::Resume("reflected")
+                    }
+                    Outcome::Delivered(_) => Action::Resume("fault injected"),
+                };
+                (action, TrapKind::Instruction(handled.name))
+            }
+            Err(stop) => (Action::Stop(StopWhy::Cpu(stop)), TrapKind::Other("stop")),
+        }
+    }
+
+    /// After SYSCALL/SYSENTER forwarding: a fault it raised (#UD without EFER.SCE) is
+    /// delivered like any other.
+    fn after_forward(&mut self, result: Result<(), vmm_core::cpu::Fault>) -> Action {
+        match result {
+            Ok(()) => Action::Resume("forwarded"),
+            Err(vmm_core::cpu::Fault::Raise(event)) => {
+                match vmm_core::cpu::deliver(&mut self.cpu, &mut self.mmu, event) {
+                    Ok(_) => Action::Resume("fault injected"),
+                    Err(stop) => Action::Stop(StopWhy::Cpu(stop)),
+                }
+            }
+            Err(vmm_core::cpu::Fault::Stop(stop)) => Action::Stop(StopWhy::Cpu(stop)),
+        }
+    }
+
+    /// Feeds host serial input and the host clock to the virtual devices.
+    fn poll_devices(&mut self) {
+        while let Some(byte) = crate::serial::take_rx() {
+            self.bus.enqueue_rx(byte);
+        }
+        self.bus.poll_timer();
+    }
+
+    /// On the way back: inject a due virtual interrupt (idling on HLT until one is), then apply
+    /// what the vCPU changed to the shadow MMU and the real registers.
+    fn inject_and_apply(&mut self) -> Result<(), StopWhy> {
+        let mut idle_since = None;
+        loop {
+            match inject(&mut self.cpu, &mut self.mmu, &mut self.bus) {
+                Ok(Injection::Idle) => {
+                    let since = *idle_since.get_or_insert(crate::timer::ticks());
+                    let idle = crate::timer::ticks() - since;
+                    if self.watchdog.limit != 0 && idle > self.watchdog.limit {
+                        return Err(StopWhy::IdleTooLong(idle));
+                    }
+                    // Sleep until the next host interrupt (the PIT at the latest), then look
+                    // at the virtual devices again.
+                    crate::cpu::wait_for_interrupt();
+                    self.poll_devices();
+                }
+                Ok(Injection::WindowNeeded) => {
+                    self.single_step = true;
+                    break;
+                }
+                Ok(_) => break,
+                Err(stop) => return Err(StopWhy::Cpu(stop)),
+            }
+        }
+        self.apply_effects()
+    }
+
+    /// Applies the vCPU's effects: CR3 loads, INVLPG, paging-mode changes, view switches,
+    /// FS/GS bases, and whether real SYSENTER may enter the VMM.
+    fn apply_effects(&mut self) -> Result<(), StopWhy> {
+        let effects = self.cpu.take_effects();
+        let mut reload = false;
+        if effects.paging_mode {
+            self.mmu
+                .set_paging_mode(self.cpu.paging_mode(PagingMode::ENTRY.max_phys_bits));
+            reload = true;
+        }
+        if effects.flush_all {
+            self.mmu.flush_all();
+            reload = true;
+        }
+        if let Some(cr3) = effects.cr3_load {
+            self.mmu.load_cr3(cr3).map_err(StopWhy::Mmu)?;
+            reload = true;
+        }
+        if let Some(gva) = effects.invlpg.and_then(GuestVirtAddr::new) {
+            self.mmu.invlpg(gva);
+            // SAFETY: INVLPG only drops a translation.
+            unsafe { x86::tlb::flush(gva.as_u64() as usize) };
+        }
+        let view = if self.cpu.cpl == 3 {
+            View::User
+        } else {
+            View::Kernel
+        };
+        if view != self.view {
+            self.view = view;
+            reload = true;
+        }
+        if self.mmu.take_tlb_flush() {
+            reload = true;
+        }
+        if reload {
+            self.load_shadow_root();
+        }
+        if effects.segment_bases {
+            // SAFETY: the host never uses FS or GS; these bases only matter in Ring 3.
+            unsafe {
+                x86::msr::wrmsr(x86::msr::IA32_FS_BASE, self.cpu.fs_base());
+                x86::msr::wrmsr(x86::msr::IA32_GS_BASE, self.cpu.gs_base());
+            }
+        }
+        // A guest that has not set SYSENTER_CS must see SYSENTER fault with #GP at the
+        // instruction: the real SYSENTER would lose its RIP, so it is disabled until then.
+        let sysenter_on = self.cpu.msr.sysenter_cs & 0xFFFC != 0;
+        if sysenter_on != self.real_sysenter_on {
+            self.real_sysenter_on = sysenter_on;
+            crate::cpu::set_sysenter_enabled(sysenter_on);
+        }
+        Ok(())
+    }
+
+    /// #PF from the guest: shadow-mmu decides between filling the shadow, reflecting the fault
+    /// to the guest, emulating a page-table write, and stopping it.
+    fn page_fault(&mut self, frame: &TrapFrame) -> (Action, TrapKind) {
         // SAFETY: reading CR2 has no side effects; this is the #PF handler.
         let cr2 = unsafe { x86::controlregs::cr2() } as u64;
         let Some(gva) = GuestVirtAddr::new(cr2) else {
-            return (Action::Stop(StopWhy::NotEmulated), PageFaultOutcome::Stop);
+            return (
+                Action::Stop(StopWhy::Unexpected),
+                TrapKind::PageFault(PageFaultOutcome::Stop),
+            );
         };
         let hw = PageFaultErrorCode::from_bits_truncate(frame.error_code as u32);
         match self.mmu.handle_page_fault(self.view, gva, hw) {
@@ -331,17 +610,29 @@ impl Vm {
                     // the shadow entry just written (needed when a read-only entry was upgraded).
                     unsafe { x86::tlb::flush(cr2 as usize) };
                 }
-                (Action::Resume("shadow fill"), PageFaultOutcome::Fill)
+                (
+                    Action::Resume("shadow fill"),
+                    TrapKind::PageFault(PageFaultOutcome::Fill),
+                )
             }
-            FaultOutcome::Stop(reason) => {
-                (Action::Stop(StopWhy::Mmu(reason)), PageFaultOutcome::Stop)
-            }
-            FaultOutcome::Reflect(_) => (
-                Action::Stop(StopWhy::NotEmulated),
-                PageFaultOutcome::Reflect,
+            FaultOutcome::Stop(reason) => (
+                Action::Stop(StopWhy::Mmu(reason)),
+                TrapKind::PageFault(PageFaultOutcome::Stop),
             ),
+            FaultOutcome::Reflect(pf) => {
+                let action = match vmm_core::cpu::deliver(
+                    &mut self.cpu,
+                    &mut self.mmu,
+                    Event::page_fault(pf),
+                ) {
+                    Ok(_) => Action::Resume("#PF reflected"),
+                    Err(stop) => Action::Stop(StopWhy::Cpu(stop)),
+                };
+                (action, TrapKind::PageFault(PageFaultOutcome::Reflect))
+            }
             FaultOutcome::EmulatePageTableWrite { .. } => {
-                (Action::Stop(StopWhy::NotEmulated), PageFaultOutcome::Stop)
+                let (action, _) = self.emulate(Cause::PageTableWrite);
+                (action, TrapKind::PageFault(PageFaultOutcome::EmulatedWrite))
             }
         }
     }
@@ -350,6 +641,14 @@ impl Vm {
     fn load_shadow_root(&self) {
         // SAFETY: every shadow root maps the VMM's slot like the host root (see `run`).
         unsafe { x86::controlregs::cr3_write(self.mmu.current_root(self.view).as_u64()) };
+    }
+}
+
+/// The event a trap cause stands for, to tell a reflected fault from an injected one.
+fn cause_event(cause: Cause) -> Option<Event> {
+    match cause {
+        Cause::Fault(e) => Some(e),
+        Cause::PageTableWrite => None,
     }
 }
 
@@ -396,6 +695,22 @@ fn report(vm: &mut Vm) {
         crate::serial::write_line(format_args!("[vmm] unknown ports:"));
         print_lines(&unknown);
     }
+    let msrs = vm.cpu.msr.unknown();
+    if !msrs.is_empty() {
+        crate::serial::write_line(format_args!("[vmm] unknown MSRs (each access was a #GP):"));
+        for m in msrs {
+            crate::serial::write_line(format_args!(
+                "[vmm] unknown MSR {:#x}: {} reads, {} writes",
+                m.index, m.reads, m.writes
+            ));
+        }
+        if vm.cpu.msr.unknown_overflow() > 0 {
+            crate::serial::write_line(format_args!(
+                "[vmm] ... and {} more accesses to other unknown MSRs",
+                vm.cpu.msr.unknown_overflow()
+            ));
+        }
+    }
 }
 
 /// Prints why the guest stopped, its registers and the report, and exits with 0x13.
@@ -406,15 +721,20 @@ fn stop_guest(frame: &TrapFrame, why: StopWhy, mut vm: Vm) -> ! {
         StopWhy::NoProgress(ticks) => alloc::format!(
             "no progress: at the same instruction for {ticks} host timer ticks with no other trap (watchdog=)"
         ),
-        StopWhy::NotEmulated => alloc::format!(
-            "{} (error {:#x}) is not emulated yet",
+        StopWhy::Cpu(stop) => alloc::format!("{stop}"),
+        StopWhy::Unexpected => alloc::format!(
+            "unexpected {} (error {:#x}) from the guest",
             trap::vector_name(frame.vector),
             frame.error_code
         ),
+        StopWhy::IdleTooLong(ticks) => alloc::format!(
+            "halted with interrupts enabled but no virtual interrupt for {ticks} host ticks (watchdog=)"
+        ),
     };
+    let c = &vm.cpu;
     crate::serial::write_line(format_args!(
-        "[vmm] guest stopped: {reason} at rip={:#x}{REPORT_NEWLINE}{frame}",
-        frame.rip
+        "[vmm] guest stopped: {reason} at rip={:#x}{REPORT_NEWLINE}{frame}{REPORT_NEWLINE}virtual: cpl={} rflags={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+        frame.rip, c.cpl, c.rflags, c.cr0, c.cr2, c.cr3, c.cr4, c.efer
     ));
     report(&mut vm);
     crate::exit::exit(boot::exit_code::GUEST_STOPPED)

@@ -53,6 +53,9 @@ pub enum Outcome {
 pub struct Handled {
     /// The instruction, when it could be fetched and decoded.
     pub mnemonic: Option<Mnemonic>,
+    /// Its name in the trap table ("CLI", "MOV CR3", "OUT", ...; "fetch" when the fetch
+    /// faulted, "other" for an instruction whose own fault was reflected).
+    pub name: &'static str,
     /// What happened.
     pub outcome: Outcome,
 }
@@ -82,14 +85,20 @@ where
     M: GuestMemory + ?Sized,
     P: PortIo + ?Sized,
 {
-    let (mnemonic, result) = emulate(cpu, mem, ports, cpuid, cause);
+    let (ins, result) = emulate(cpu, mem, ports, cpuid, cause);
+    let mnemonic = ins.map(|i| i.mnemonic());
+    let name = ins.as_ref().map_or("fetch", trap_name);
     let outcome = match result {
         Ok(Flow::Halted) => Outcome::Halted,
         Ok(_) => Outcome::Emulated,
         Err(Fault::Raise(event)) => Outcome::Delivered(deliver(cpu, mem, event)?),
         Err(Fault::Stop(stop)) => return Err(stop),
     };
-    Ok(Handled { mnemonic, outcome })
+    Ok(Handled {
+        mnemonic,
+        name,
+        outcome,
+    })
 }
 
 /// Fetches, decodes and executes one instruction without delivering what it raises.
@@ -99,7 +108,7 @@ fn emulate<M, P>(
     ports: &mut P,
     cpuid: &dyn CpuidSource,
     cause: Cause,
-) -> (Option<Mnemonic>, Result<Flow, Fault>)
+) -> (Option<Instruction>, Result<Flow, Fault>)
 where
     M: GuestMemory + ?Sized,
     P: PortIo + ?Sized,
@@ -119,7 +128,63 @@ where
             cpu.interrupt_shadow = None;
         }
     }
-    (Some(ins.mnemonic()), result)
+    (Some(ins), result)
+}
+
+/// The trap-table name of an instruction the emulator handles.
+pub fn trap_name(ins: &Instruction) -> &'static str {
+    match ins.code() {
+        Code::Mov_cr_r64 | Code::Mov_cr_r32 => match ins.op0_register() {
+            Register::CR0 => "MOV CR0",
+            Register::CR3 => "MOV CR3",
+            Register::CR4 => "MOV CR4",
+            Register::CR8 => "MOV CR8",
+            _ => "MOV CRn",
+        },
+        Code::Mov_r64_cr | Code::Mov_r32_cr => "MOV from CRn",
+        Code::Mov_Sreg_rm16 | Code::Mov_Sreg_r32m16 | Code::Mov_Sreg_r64m16 => "MOV Sreg",
+        _ => match ins.mnemonic() {
+            Mnemonic::Cli => "CLI",
+            Mnemonic::Sti => "STI",
+            Mnemonic::Hlt => "HLT",
+            Mnemonic::In => "IN",
+            Mnemonic::Out => "OUT",
+            Mnemonic::Insb | Mnemonic::Insw | Mnemonic::Insd => "INS",
+            Mnemonic::Outsb | Mnemonic::Outsw | Mnemonic::Outsd => "OUTS",
+            Mnemonic::Rdmsr => "RDMSR",
+            Mnemonic::Wrmsr => "WRMSR",
+            Mnemonic::Invlpg => "INVLPG",
+            Mnemonic::Iretq | Mnemonic::Iretd | Mnemonic::Iret => "IRETQ",
+            Mnemonic::Sysretq | Mnemonic::Sysret => "SYSRETQ",
+            Mnemonic::Sysexitq | Mnemonic::Sysexit => "SYSEXITQ",
+            Mnemonic::Syscall => "SYSCALL",
+            Mnemonic::Sysenter => "SYSENTER",
+            Mnemonic::Swapgs => "SWAPGS",
+            Mnemonic::Lgdt => "LGDT",
+            Mnemonic::Lidt => "LIDT",
+            Mnemonic::Sgdt => "SGDT",
+            Mnemonic::Sidt => "SIDT",
+            Mnemonic::Lldt => "LLDT",
+            Mnemonic::Sldt => "SLDT",
+            Mnemonic::Ltr => "LTR",
+            Mnemonic::Str => "STR",
+            Mnemonic::Smsw => "SMSW",
+            Mnemonic::Lmsw => "LMSW",
+            Mnemonic::Clts => "CLTS",
+            Mnemonic::Wbinvd | Mnemonic::Invd => "WBINVD",
+            Mnemonic::Cpuid => "CPUID",
+            Mnemonic::Int => "INT n",
+            Mnemonic::Int3 => "INT3",
+            Mnemonic::Pop => "POP Sreg",
+            Mnemonic::Retf => "RETF",
+            Mnemonic::Jmp => "JMP far",
+            Mnemonic::Call => "CALL far",
+            Mnemonic::Mov => "MOV (PT write)",
+            Mnemonic::Stosb | Mnemonic::Stosw | Mnemonic::Stosd | Mnemonic::Stosq => "STOS",
+            Mnemonic::Movsb | Mnemonic::Movsw | Mnemonic::Movsd | Mnemonic::Movsq => "MOVS",
+            _ => "other",
+        },
+    }
 }
 
 /// Fetches up to 15 bytes at RIP with the guest's rights and decodes them. Bytes on a second
