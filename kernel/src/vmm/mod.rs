@@ -369,16 +369,17 @@ impl core::fmt::Display for Action {
 /// What the trace and the trap table call a trap.
 #[derive(Clone, Copy)]
 enum TrapName {
-    Vector(u64),
+    /// A vector and its error code.
+    Vector(u64, u64),
     Instruction(&'static str),
 }
 
 impl core::fmt::Display for TrapName {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            TrapName::Vector(v) if *v == SYSCALL_VECTOR => write!(f, "SYSCALL"),
-            TrapName::Vector(v) if *v == SYSENTER_VECTOR => write!(f, "SYSENTER"),
-            TrapName::Vector(v) => write!(f, "{}", trap::vector_name(*v)),
+            TrapName::Vector(SYSCALL_VECTOR, _) => write!(f, "SYSCALL"),
+            TrapName::Vector(SYSENTER_VECTOR, _) => write!(f, "SYSENTER"),
+            TrapName::Vector(v, e) => write!(f, "{} error={e:#x}", trap::vector_name(*v)),
             TrapName::Instruction(name) => write!(f, "{name}"),
         }
     }
@@ -388,7 +389,7 @@ impl Vm {
     /// Routes one trap: instruction faults to the emulator, page faults to shadow-mmu, host
     /// IRQs to the virtual devices, fast system calls to their forwarding.
     fn dispatch(&mut self, frame: &TrapFrame) -> (Action, TrapKind) {
-        self.last_trap = TrapName::Vector(frame.vector);
+        self.last_trap = TrapName::Vector(frame.vector, frame.error_code);
         match frame.vector {
             vector::PAGE_FAULT => self.page_fault(frame),
             v if (vector::IRQ_BASE..vector::IRQ_BASE + 16).contains(&v) => {
