@@ -1,6 +1,6 @@
 //! vmm-core: the CPU half of a trap-and-emulate VMM.
 //!
-//! This crate will hold the virtual CPU (registers, virtual RFLAGS/CPL, control registers,
+//! This crate holds the virtual CPU (registers, virtual RFLAGS/CPL, control registers,
 //! descriptor-table registers, the virtual MSR file), the emulator for every privileged
 //! instruction that traps when a de-privileged guest kernel runs at CPL 3 (decoded with
 //! `iced-x86`), event delivery through the guest's own IDT, the injection policy, and the virtual
