@@ -50,6 +50,11 @@ trap_common:
     pushq %r13
     pushq %r14
     pushq %r15
+    /* The benchmark's "entry" phase starts here (RAX/RDX are saved already). */
+    rdtsc
+    shl $32, %rdx
+    or %rdx, %rax
+    mov %rax, trap_entry_tsc(%rip)
     mov %rsp, %rdi
     cld
     call trap_dispatch
@@ -147,6 +152,10 @@ fixup_read_u64_recover:
 .section .bss
 .balign 16
 syscall_saved_rsp:
+    .quad 0
+/* TSC when trap_common had saved the registers of the last trap. */
+.global trap_entry_tsc
+trap_entry_tsc:
     .quad 0
 /* The trap stack: TSS.RSP0 and IA32_SYSENTER_ESP point at its top. */
 .balign 4096

@@ -18,7 +18,7 @@ use host::{DirectMap, HostFrames};
 use shadow_mmu::shadow::{FaultOutcome, MmuConfig, Policy, ShadowMmu, StopReason, View};
 use shadow_mmu::{GuestPhysAddr, GuestVirtAddr, PageFaultErrorCode, PagingMode};
 use spin::Mutex;
-use vmm_core::accounting::{Accounting, PageFaultOutcome, SyscallKind, TrapKind};
+use vmm_core::accounting::{Accounting, PageFaultOutcome, Phase, SyscallKind, TrapKind};
 use vmm_core::config::{HostConfig, ShadowPolicy};
 use vmm_core::cpu::{
     handle_instruction, inject, syscall, Cause, CpuStop, CpuidSource, Event, Injection, Outcome,
@@ -248,6 +248,43 @@ fn rdtsc() -> u64 {
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
+extern "C" {
+    /// Written by `trap_common` (asm/trap_entry.S) once it has saved the guest's registers.
+    static trap_entry_tsc: u64;
+}
+
+/// Splits one trap's cost into the phases of the benchmark breakdown (`Phase`): each `mark`
+/// charges the cycles since the previous one to the phase that just ended.
+struct PhaseClock {
+    last: u64,
+    phases: [u64; Phase::COUNT],
+}
+
+impl PhaseClock {
+    /// Starts at the dispatcher; what the entry stub spent since `trap_entry_tsc` is "entry".
+    fn start() -> Self {
+        let now = rdtsc();
+        // SAFETY: a plain read of a quadword only trap_common writes, with interrupts off.
+        let entered = unsafe { core::ptr::addr_of!(trap_entry_tsc).read_volatile() };
+        let mut phases = [0; Phase::COUNT];
+        phases[Phase::EntryStub as usize] = now.saturating_sub(entered);
+        Self { last: now, phases }
+    }
+
+    fn mark(&mut self, phase: Phase) {
+        let now = rdtsc();
+        if let Some(slot) = self.phases.get_mut(phase as usize) {
+            *slot += now.wrapping_sub(self.last);
+        }
+        self.last = now;
+    }
+
+    /// Time spent idle (guest HLT) is not a cost of the trap.
+    fn skip(&mut self, cycles: u64) {
+        self.last = self.last.wrapping_add(cycles);
+    }
+}
+
 /// The host CPU's own CPUID, which vmm-core filters into the guest's.
 #[derive(Debug, Clone, Copy)]
 struct HostCpuid;
@@ -288,7 +325,7 @@ fn vcpu_to_frame(cpu: &VCpu, frame: &mut TrapFrame, single_step: bool) {
 /// Handles a trap taken while the guest ran (or a SYSCALL/SYSENTER from it): the one
 /// dispatcher of docs/ARCHITECTURE.md, "The life of a trap".
 pub fn handle_guest_trap(frame: &mut TrapFrame) {
-    let start = rdtsc();
+    let mut clock = PhaseClock::start();
     let mut guard = VM.lock();
     let Some(vm) = guard.as_mut() else {
         drop(guard);
@@ -296,18 +333,22 @@ pub fn handle_guest_trap(frame: &mut TrapFrame) {
     };
     let trap_rip = frame.rip;
     frame_to_vcpu(frame, &mut vm.cpu);
-    let (mut action, kind) = vm.dispatch(frame);
+    let (mut action, kind) = vm.dispatch(frame, &mut clock);
     if !matches!(kind, TrapKind::Irq(_)) {
         vm.watchdog.progress();
     }
     if let Action::Resume(_) = action {
         if let Some(code) = vm.bus.exit_requested() {
             action = Action::Exit(code);
-        } else if let Err(why) = vm.inject_and_apply() {
+        } else if let Err(why) = vm.inject_and_apply(&mut clock) {
             action = Action::Stop(why);
         }
     }
-    vm.accounting.record(kind, rdtsc().wrapping_sub(start));
+    if let Action::Resume(_) = action {
+        vcpu_to_frame(&vm.cpu, frame, vm.single_step);
+    }
+    clock.mark(Phase::Exit);
+    vm.accounting.record_phases(kind, &clock.phases);
     if vm.trace_left > 0 && !matches!(action, Action::Resume("host IRQ")) {
         vm.trace_left -= 1;
         crate::serial::write_line(format_args!(
@@ -316,7 +357,7 @@ pub fn handle_guest_trap(frame: &mut TrapFrame) {
         ));
     }
     match action {
-        Action::Resume(_) => vcpu_to_frame(&vm.cpu, frame, vm.single_step),
+        Action::Resume(_) => {}
         Action::Exit(code) => {
             report(vm);
             crate::exit::exit(code)
@@ -388,10 +429,16 @@ impl core::fmt::Display for TrapName {
 impl Vm {
     /// Routes one trap: instruction faults to the emulator, page faults to shadow-mmu, host
     /// IRQs to the virtual devices, fast system calls to their forwarding.
-    fn dispatch(&mut self, frame: &TrapFrame) -> (Action, TrapKind) {
+    fn dispatch(&mut self, frame: &TrapFrame, clock: &mut PhaseClock) -> (Action, TrapKind) {
         self.last_trap = TrapName::Vector(frame.vector, frame.error_code);
+        let routed = self.route(frame, clock);
+        clock.mark(Phase::Emulate);
+        routed
+    }
+
+    fn route(&mut self, frame: &TrapFrame, clock: &mut PhaseClock) -> (Action, TrapKind) {
         match frame.vector {
-            vector::PAGE_FAULT => self.page_fault(frame),
+            vector::PAGE_FAULT => self.page_fault(frame, clock),
             v if (vector::IRQ_BASE..vector::IRQ_BASE + 16).contains(&v) => {
                 let irq = (v - vector::IRQ_BASE) as u8;
                 crate::timer::handle_irq(irq);
@@ -408,7 +455,7 @@ impl Vm {
                 } else {
                     Event::ud()
                 };
-                self.emulate(Cause::Fault(hw))
+                self.emulate(Cause::Fault(hw), clock)
             }
             SYSCALL_VECTOR => {
                 let r = syscall::syscall(&mut self.cpu);
@@ -459,13 +506,14 @@ impl Vm {
     }
 
     /// Emulates the instruction at the guest's RIP.
-    fn emulate(&mut self, cause: Cause) -> (Action, TrapKind) {
+    fn emulate(&mut self, cause: Cause, clock: &mut PhaseClock) -> (Action, TrapKind) {
         let result = handle_instruction(
             &mut self.cpu,
             &mut self.mmu,
             &mut self.bus,
             &HostCpuid,
             cause,
+            &mut |phase| clock.mark(phase),
         );
         match result {
             Ok(handled) => {
@@ -509,7 +557,7 @@ impl Vm {
 
     /// On the way back: inject a due virtual interrupt (idling on HLT until one is), then apply
     /// what the vCPU changed to the shadow MMU and the real registers.
-    fn inject_and_apply(&mut self) -> Result<(), StopWhy> {
+    fn inject_and_apply(&mut self, clock: &mut PhaseClock) -> Result<(), StopWhy> {
         let mut idle_since = None;
         loop {
             match inject(&mut self.cpu, &mut self.mmu, &mut self.bus) {
@@ -521,7 +569,11 @@ impl Vm {
                     }
                     // Sleep until the next host interrupt (the PIT at the latest), then look
                     // at the virtual devices again.
+                    let before = rdtsc();
                     crate::cpu::wait_for_interrupt();
+                    let idle = rdtsc().wrapping_sub(before);
+                    clock.skip(idle);
+                    self.accounting.record(TrapKind::Other("HLT idle"), idle);
                     self.poll_devices();
                 }
                 Ok(Injection::WindowNeeded) => {
@@ -532,7 +584,10 @@ impl Vm {
                 Err(stop) => return Err(StopWhy::Cpu(stop)),
             }
         }
-        self.apply_effects()
+        clock.mark(Phase::Injection);
+        let applied = self.apply_effects();
+        clock.mark(Phase::ShadowMmu);
+        applied
     }
 
     /// Applies the vCPU's effects: CR3 loads, INVLPG, paging-mode changes, view switches,
@@ -592,7 +647,7 @@ impl Vm {
 
     /// #PF from the guest: shadow-mmu decides between filling the shadow, reflecting the fault
     /// to the guest, emulating a page-table write, and stopping it.
-    fn page_fault(&mut self, frame: &TrapFrame) -> (Action, TrapKind) {
+    fn page_fault(&mut self, frame: &TrapFrame, clock: &mut PhaseClock) -> (Action, TrapKind) {
         // SAFETY: reading CR2 has no side effects; this is the #PF handler.
         let cr2 = unsafe { x86::controlregs::cr2() } as u64;
         let Some(gva) = GuestVirtAddr::new(cr2) else {
@@ -602,7 +657,9 @@ impl Vm {
             );
         };
         let hw = PageFaultErrorCode::from_bits_truncate(frame.error_code as u32);
-        match self.mmu.handle_page_fault(self.view, gva, hw) {
+        let outcome = self.mmu.handle_page_fault(self.view, gva, hw);
+        clock.mark(Phase::ShadowMmu);
+        match outcome {
             FaultOutcome::Filled => {
                 if self.mmu.take_tlb_flush() {
                     self.load_shadow_root();
@@ -632,7 +689,7 @@ impl Vm {
                 (action, TrapKind::PageFault(PageFaultOutcome::Reflect))
             }
             FaultOutcome::EmulatePageTableWrite { .. } => {
-                let (action, _) = self.emulate(Cause::PageTableWrite);
+                let (action, _) = self.emulate(Cause::PageTableWrite, clock);
                 (action, TrapKind::PageFault(PageFaultOutcome::EmulatedWrite))
             }
         }
@@ -678,6 +735,14 @@ fn report(vm: &mut Vm) {
         "[vmm] traps (cost in TSC cycles; under --icount, instructions):"
     ));
     print_lines(&table);
+    let mut phases = alloc::string::String::new();
+    let _ = vm.accounting.write_phase_table(&mut phases);
+    if !phases.is_empty() {
+        crate::serial::write_line(format_args!(
+            "[vmm] the same traps by phase (entry stub, decode, emulate, shadow-mmu, injection, exit):"
+        ));
+        print_lines(&phases);
+    }
     let stats = vm.mmu.stats();
     crate::serial::write_line(format_args!(
         "[vmm] shadow-mmu: fills={} reflections={} dirty-upgrades={} zaps={} cr3-loads={} roots={} shadow-pages={}/{} p2m-frames={}",

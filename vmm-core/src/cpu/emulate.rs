@@ -15,6 +15,7 @@ use super::msr::{read_msr, write_msr};
 use super::segments::{far_jump, far_return, iret, load_data_segment, read_system_descriptor};
 use super::state::{cr0, cr4, efer, rflags, Gpr, SegReg, Segment, TableRegister, VCpu};
 use super::syscall::{swapgs, syscall, sysenter, sysexit, sysret};
+use crate::accounting::Phase;
 use crate::io::PortIo;
 use iced_x86::{
     Code, Decoder, DecoderError, DecoderOptions, Instruction, Mnemonic, OpKind, Register,
@@ -73,25 +74,31 @@ enum Flow {
 
 /// Emulates the instruction at RIP and delivers any exception it raises. `Err` is a stop:
 /// the guest cannot continue (triple fault, an instruction this VMM does not emulate, memory
-/// it must not touch).
+/// it must not touch). `mark` is called as each phase ends (decode, emulate, injection of a
+/// raised fault), for the cost breakdown of the benchmarks.
 pub fn handle_instruction<M, P>(
     cpu: &mut VCpu,
     mem: &mut M,
     ports: &mut P,
     cpuid: &dyn CpuidSource,
     cause: Cause,
+    mark: &mut dyn FnMut(Phase),
 ) -> Result<Handled, CpuStop>
 where
     M: GuestMemory + ?Sized,
     P: PortIo + ?Sized,
 {
-    let (ins, result) = emulate(cpu, mem, ports, cpuid, cause);
+    let (ins, result) = emulate(cpu, mem, ports, cpuid, cause, mark);
     let mnemonic = ins.map(|i| i.mnemonic());
     let name = ins.as_ref().map_or("fetch", trap_name);
     let outcome = match result {
         Ok(Flow::Halted) => Outcome::Halted,
         Ok(_) => Outcome::Emulated,
-        Err(Fault::Raise(event)) => Outcome::Delivered(deliver(cpu, mem, event)?),
+        Err(Fault::Raise(event)) => {
+            let delivered = deliver(cpu, mem, event);
+            mark(Phase::Injection);
+            Outcome::Delivered(delivered?)
+        }
         Err(Fault::Stop(stop)) => return Err(stop),
     };
     Ok(Handled {
@@ -108,17 +115,21 @@ fn emulate<M, P>(
     ports: &mut P,
     cpuid: &dyn CpuidSource,
     cause: Cause,
+    mark: &mut dyn FnMut(Phase),
 ) -> (Option<Instruction>, Result<Flow, Fault>)
 where
     M: GuestMemory + ?Sized,
     P: PortIo + ?Sized,
 {
-    let ins = match fetch(cpu, mem) {
+    let fetched = fetch(cpu, mem);
+    mark(Phase::Decode);
+    let ins = match fetched {
         Ok(ins) => ins,
         Err(fault) => return (None, Err(fault)),
     };
     let shadow_before = cpu.interrupt_shadow;
     let result = execute(cpu, mem, ports, cpuid, &ins, cause);
+    mark(Phase::Emulate);
     if let Ok(flow) = result {
         if flow != Flow::Jumped {
             cpu.rip = ins.next_ip();

@@ -187,13 +187,18 @@ impl Rig {
     }
 
     fn run_cause(&mut self, cause: Cause) -> Result<Handled, CpuStop> {
-        handle_instruction(
+        let mut phases = Vec::new();
+        let result = handle_instruction(
             &mut self.cpu,
             &mut self.mem,
             &mut self.ports,
             &HostCpuid,
             cause,
-        )
+            &mut |p| phases.push(p),
+        );
+        // Decode is always marked first, then emulate, then injection if a fault was raised.
+        assert_eq!(phases.first(), Some(&crate::accounting::Phase::Decode));
+        result
     }
 
     fn run(&mut self) -> Result<Handled, CpuStop> {
