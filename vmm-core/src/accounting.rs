@@ -116,7 +116,7 @@ impl fmt::Display for TrapKind {
 /// Where the cycles of one trap go (for the benchmark breakdown).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
-    /// Hardware entry and the assembly stub saving guest registers.
+    /// Hardware entry, the assembly stub saving guest registers, and copying them into the vCPU.
     EntryStub,
     /// Fetching and decoding the instruction.
     Decode,

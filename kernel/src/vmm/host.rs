@@ -60,3 +60,59 @@ impl FrameAllocator for HostFrames {
         unsafe { frames::deallocate(frame.as_u64()) }
     }
 }
+
+/// Guest memory as the emulator sees it, with one fast path: an instruction fetch first reads
+/// the bytes through the shadow page tables that are loaded in CR3 right now (the CPU has just
+/// fetched the same instruction through them to trap on it, so they map it exactly as the guest's
+/// tables allowed, like a TLB would). Only if that read faults (the shadow entry is not filled
+/// yet) does the fetch walk the guest's tables in shadow-mmu. Data accesses always take the
+/// walk, which sets A/D bits and honours write protection of guest page tables.
+pub struct GuestAccess<'a> {
+    /// The guest's shadow MMU.
+    pub mmu: &'a mut crate::vmm::Mmu,
+}
+
+impl GuestAccess<'_> {
+    /// 16 bytes at `gva` read through the current CR3, or `None` if a page is not mapped there.
+    fn fetch_through_shadow(gva: u64) -> Option<[u8; 16]> {
+        // Only the guest's lower half: the host's own slot 511 is mapped in CR3 too (supervisor
+        // only, readable from here), and the guest must never read it through us.
+        let end = gva.checked_add(16)?;
+        if end > 0x0000_8000_0000_0000 {
+            return None;
+        }
+        let low = crate::trap::read_u64_or_fault(gva)?;
+        let high = crate::trap::read_u64_or_fault(gva + 8)?;
+        let mut bytes = [0u8; 16];
+        bytes[..8].copy_from_slice(&low.to_le_bytes());
+        bytes[8..].copy_from_slice(&high.to_le_bytes());
+        Some(bytes)
+    }
+}
+
+impl vmm_core::cpu::GuestMemory for GuestAccess<'_> {
+    fn read_linear(
+        &mut self,
+        gva: u64,
+        buf: &mut [u8],
+        kind: shadow_mmu::AccessKind,
+        privilege: shadow_mmu::Privilege,
+    ) -> Result<(), shadow_mmu::TranslateError> {
+        if kind == shadow_mmu::AccessKind::Fetch && buf.len() <= 16 {
+            if let Some(bytes) = Self::fetch_through_shadow(gva) {
+                buf.copy_from_slice(&bytes[..buf.len()]);
+                return Ok(());
+            }
+        }
+        vmm_core::cpu::GuestMemory::read_linear(self.mmu, gva, buf, kind, privilege)
+    }
+
+    fn write_linear(
+        &mut self,
+        gva: u64,
+        data: &[u8],
+        privilege: shadow_mmu::Privilege,
+    ) -> Result<(), shadow_mmu::TranslateError> {
+        vmm_core::cpu::GuestMemory::write_linear(self.mmu, gva, data, privilege)
+    }
+}

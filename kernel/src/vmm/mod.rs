@@ -34,7 +34,8 @@ const SHADOW_QUOTA: usize = 1024;
 /// CLI/STI/IN/OUT trap), bit 1 always set. Its virtual RFLAGS live in the vCPU.
 const GUEST_REAL_RFLAGS: u64 = 0x202;
 
-type Mmu = ShadowMmu<DirectMap, HostFrames>;
+/// The guest's shadow MMU on this machine's memory.
+pub type Mmu = ShadowMmu<DirectMap, HostFrames>;
 
 /// Guest RAM as the loader writes it: through the shadow MMU's P2M, frames allocated on first
 /// touch.
@@ -196,6 +197,7 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
         },
     );
     crate::cpu::enable_fast_syscall_entries();
+    vmm_core::cpu::emulate::warm_up_decoder();
     *VM.lock() = Some(Vm {
         cpu,
         mmu,
@@ -333,6 +335,7 @@ pub fn handle_guest_trap(frame: &mut TrapFrame) {
     };
     let trap_rip = frame.rip;
     frame_to_vcpu(frame, &mut vm.cpu);
+    clock.mark(Phase::EntryStub);
     let (mut action, kind) = vm.dispatch(frame, &mut clock);
     if !matches!(kind, TrapKind::Irq(_)) {
         vm.watchdog.progress();
@@ -509,7 +512,7 @@ impl Vm {
     fn emulate(&mut self, cause: Cause, clock: &mut PhaseClock) -> (Action, TrapKind) {
         let result = handle_instruction(
             &mut self.cpu,
-            &mut self.mmu,
+            &mut host::GuestAccess { mmu: &mut self.mmu },
             &mut self.bus,
             &HostCpuid,
             cause,

@@ -88,9 +88,9 @@ where
     M: GuestMemory + ?Sized,
     P: PortIo + ?Sized,
 {
-    let (ins, result) = emulate(cpu, mem, ports, cpuid, cause, mark);
-    let mnemonic = ins.map(|i| i.mnemonic());
-    let name = ins.as_ref().map_or("fetch", trap_name);
+    let (decoded, result) = emulate(cpu, mem, ports, cpuid, cause, mark);
+    let mnemonic = decoded.map(|d| d.0);
+    let name = decoded.map_or("fetch", |d| d.1);
     let outcome = match result {
         Ok(Flow::Halted) => Outcome::Halted,
         Ok(_) => Outcome::Emulated,
@@ -116,30 +116,84 @@ fn emulate<M, P>(
     cpuid: &dyn CpuidSource,
     cause: Cause,
     mark: &mut dyn FnMut(Phase),
-) -> (Option<Instruction>, Result<Flow, Fault>)
+) -> (Option<(Mnemonic, &'static str)>, Result<Flow, Fault>)
 where
     M: GuestMemory + ?Sized,
     P: PortIo + ?Sized,
 {
-    let fetched = fetch(cpu, mem);
-    mark(Phase::Decode);
-    let ins = match fetched {
-        Ok(ins) => ins,
-        Err(fault) => return (None, Err(fault)),
-    };
     let shadow_before = cpu.interrupt_shadow;
-    let result = execute(cpu, mem, ports, cpuid, &ins, cause);
+    let (decoded, next, result) = match fetch_bytes(cpu, mem) {
+        Err(fault) => {
+            mark(Phase::Decode);
+            return (None, Err(fault));
+        }
+        // The allowed fast path: the one-byte CLI, STI and HLT need no decoder.
+        Ok((bytes, _)) if cause != Cause::PageTableWrite && one_byte(bytes[0]).is_some() => {
+            let (mnemonic, name) = one_byte(bytes[0]).unwrap_or((Mnemonic::INVALID, "other"));
+            mark(Phase::Decode);
+            let next = cpu.rip.wrapping_add(1);
+            let result = match bytes[0] {
+                0xF4 => hlt(cpu),
+                opcode => cli_sti(cpu, opcode == 0xFB, next),
+            };
+            ((mnemonic, name), next, result)
+        }
+        Ok((bytes, first)) => {
+            let decoded = decode(cpu, mem, bytes, first);
+            mark(Phase::Decode);
+            let ins = match decoded {
+                Ok(ins) => ins,
+                Err(fault) => return (None, Err(fault)),
+            };
+            let result = execute(cpu, mem, ports, cpuid, &ins, cause);
+            ((ins.mnemonic(), trap_name(&ins)), ins.next_ip(), result)
+        }
+    };
     mark(Phase::Emulate);
     if let Ok(flow) = result {
         if flow != Flow::Jumped {
-            cpu.rip = ins.next_ip();
+            cpu.rip = next;
         }
         // The shadow covers one instruction: it ends with this one unless this one set it.
         if cpu.interrupt_shadow == shadow_before {
             cpu.interrupt_shadow = None;
         }
     }
-    (Some(ins), result)
+    (Some(decoded), result)
+}
+
+/// The one-byte instructions of the fast path.
+fn one_byte(opcode: u8) -> Option<(Mnemonic, &'static str)> {
+    match opcode {
+        0xFA => Some((Mnemonic::Cli, "CLI")),
+        0xFB => Some((Mnemonic::Sti, "STI")),
+        0xF4 => Some((Mnemonic::Hlt, "HLT")),
+        _ => None,
+    }
+}
+
+/// CLI/STI at CPL > IOPL fault (CR4.PVI is not offered); STI that sets IF opens a
+/// one-instruction interrupt shadow (SDM Vol. 3 §6.8.3).
+fn cli_sti(cpu: &mut VCpu, sti: bool, next: u64) -> Result<Flow, Fault> {
+    if cpu.cpl > cpu.iopl() {
+        return Err(Event::gp(0).into());
+    }
+    if sti {
+        if !cpu.interrupts_enabled() {
+            cpu.interrupt_shadow = Some(next);
+        }
+        cpu.rflags |= rflags::IF;
+    } else {
+        cpu.rflags &= !rflags::IF;
+    }
+    Ok(Flow::Next)
+}
+
+/// HLT: CPL 0 only; the vCPU then waits for an interrupt (the injection policy decides).
+fn hlt(cpu: &mut VCpu) -> Result<Flow, Fault> {
+    require_cpl0(cpu)?;
+    cpu.halted = true;
+    Ok(Flow::Halted)
 }
 
 /// The trap-table name of an instruction the emulator handles.
@@ -201,13 +255,28 @@ pub fn trap_name(ins: &Instruction) -> &'static str {
 /// Fetches up to 15 bytes at RIP with the guest's rights and decodes them. Bytes on a second
 /// page are fetched only if the instruction needs them, so an instruction that ends before an
 /// unmapped page does not fault on it.
-pub fn fetch<M: GuestMemory + ?Sized>(cpu: &VCpu, mem: &mut M) -> Result<Instruction, Fault> {
+fn fetch_bytes<M: GuestMemory + ?Sized>(
+    cpu: &VCpu,
+    mem: &mut M,
+) -> Result<([u8; MAX_INSTRUCTION_LEN], usize), Fault> {
     let rip = cpu.rip;
     let mut bytes = [0u8; MAX_INSTRUCTION_LEN];
     let to_page_end = (0x1000 - (rip & 0xFFF)) as usize;
     let first = to_page_end.min(MAX_INSTRUCTION_LEN);
     mem.read_linear(rip, &mut bytes[..first], AccessKind::Fetch, cpu.privilege())
         .map_err(|e| access_fault(e, false))?;
+    Ok((bytes, first))
+}
+
+/// Decodes the instruction whose first `first` bytes are in `bytes`, fetching the rest from the
+/// next page only if the decoder runs out.
+fn decode<M: GuestMemory + ?Sized>(
+    cpu: &VCpu,
+    mem: &mut M,
+    mut bytes: [u8; MAX_INSTRUCTION_LEN],
+    first: usize,
+) -> Result<Instruction, Fault> {
+    let rip = cpu.rip;
     let mut decoder = Decoder::with_ip(64, &bytes[..first], rip, DecoderOptions::NONE);
     let mut ins = decoder.decode();
     if ins.is_invalid()
@@ -228,6 +297,14 @@ pub fn fetch<M: GuestMemory + ?Sized>(cpu: &VCpu, mem: &mut M) -> Result<Instruc
         return Err(Event::ud().into());
     }
     Ok(ins)
+}
+
+/// Fetches up to 15 bytes at RIP with the guest's rights and decodes them. Bytes on a second
+/// page are fetched only if the instruction needs them, so an instruction that ends before an
+/// unmapped page does not fault on it.
+pub fn fetch<M: GuestMemory + ?Sized>(cpu: &VCpu, mem: &mut M) -> Result<Instruction, Fault> {
+    let (bytes, first) = fetch_bytes(cpu, mem)?;
+    decode(cpu, mem, bytes, first)
 }
 
 fn require_cpl0(cpu: &VCpu) -> Result<(), Fault> {
@@ -397,26 +474,8 @@ where
 {
     let next = ins.next_ip();
     match ins.code() {
-        Code::Cli | Code::Sti => {
-            // CLI/STI at CPL > IOPL fault (CR4.PVI is not offered).
-            if cpu.cpl > cpu.iopl() {
-                return Err(Event::gp(0).into());
-            }
-            if ins.code() == Code::Cli {
-                cpu.rflags &= !rflags::IF;
-            } else {
-                if !cpu.interrupts_enabled() {
-                    cpu.interrupt_shadow = Some(next);
-                }
-                cpu.rflags |= rflags::IF;
-            }
-            Ok(Flow::Next)
-        }
-        Code::Hlt => {
-            require_cpl0(cpu)?;
-            cpu.halted = true;
-            Ok(Flow::Halted)
-        }
+        Code::Cli | Code::Sti => cli_sti(cpu, ins.code() == Code::Sti, next),
+        Code::Hlt => hlt(cpu),
         Code::Mov_r64_cr | Code::Mov_r32_cr => {
             require_cpl0(cpu)?;
             let value = read_cr(cpu, ins.op1_register())?;
@@ -1136,4 +1195,11 @@ fn data_write<M: GuestMemory + ?Sized>(
         }
         _ => not_emulated(),
     }
+}
+
+/// Decodes one instruction so the decoder's one-time setup happens before the guest runs (it
+/// costs millions of instructions once, which would otherwise land on the guest's first trap).
+pub fn warm_up_decoder() {
+    let mut decoder = Decoder::with_ip(64, &[0x0F, 0x01, 0x10], 0, DecoderOptions::NONE);
+    let _ = decoder.decode();
 }
