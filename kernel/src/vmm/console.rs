@@ -4,6 +4,8 @@
 //! lines with `[guest] ` (our guest-kernel does, so that its native output looks the same) is
 //! not prefixed twice, which is what makes native and VMM output comparable line by line.
 
+use alloc::string::String;
+use alloc::vec::Vec;
 use vmm_core::io::ConsoleSink;
 
 /// The longest line kept; longer lines are split.
@@ -17,6 +19,11 @@ pub struct GuestConsole {
     len: usize,
     /// Bytes received in total.
     pub bytes: u64,
+    /// Guest lines printed so far.
+    pub lines: u64,
+    /// The op names of `bench,<op>,...` lines not yet taken by the VMM (the benchmark harness
+    /// attributes the traps since the previous guest line to that op).
+    bench_ops: Vec<String>,
 }
 
 impl GuestConsole {
@@ -26,7 +33,14 @@ impl GuestConsole {
             line: [0; LINE_MAX],
             len: 0,
             bytes: 0,
+            lines: 0,
+            bench_ops: Vec::new(),
         }
+    }
+
+    /// The ops of the guest's `bench,` result lines printed since the last call.
+    pub fn take_bench_ops(&mut self) -> Vec<String> {
+        core::mem::take(&mut self.bench_ops)
     }
 
     /// Prints what is buffered as a line (if anything).
@@ -38,6 +52,13 @@ impl GuestConsole {
         let body = text.strip_prefix(PREFIX).unwrap_or(text);
         let shown = core::str::from_utf8(body).unwrap_or("<guest output is not UTF-8>");
         crate::serial::write_line(format_args!("[guest] {shown}"));
+        if let Some(op) = shown
+            .strip_prefix("bench,")
+            .and_then(|rest| rest.split(',').next())
+        {
+            self.bench_ops.push(String::from(op));
+        }
+        self.lines += 1;
         self.len = 0;
     }
 }

@@ -87,6 +87,10 @@ struct Vm {
     single_step: bool,
     /// Whether the real SYSENTER currently enters the VMM (see `apply_effects`).
     real_sysenter_on: bool,
+    /// Trap count and cost at the guest's last console line, and per benchmark op the traps
+    /// and VMM cost since the line before its `bench,` line (see `note_guest_lines`).
+    bench_mark: (u64, u64, u64),
+    bench_traps: alloc::vec::Vec<(alloc::string::String, u64, u64)>,
 }
 
 /// Detects a guest that makes no progress (`cli; jmp $`, a spin on a flag nothing will set):
@@ -209,6 +213,8 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
         last_trap: TrapName::Instruction("entry"),
         single_step: false,
         real_sysenter_on: false,
+        bench_mark: (0, 0, 0),
+        bench_traps: alloc::vec::Vec::new(),
     });
     log::info!(
         "guest: entering at Ring 3 (rip={:#x} rsp={:#x} rdi={:#x}), shadow policy {policy:?}",
@@ -352,6 +358,7 @@ pub fn handle_guest_trap(frame: &mut TrapFrame) {
     }
     clock.mark(Phase::Exit);
     vm.accounting.record_phases(kind, &clock.phases);
+    vm.note_guest_lines();
     if vm.trace_left > 0 && !matches!(action, Action::Resume("host IRQ")) {
         vm.trace_left -= 1;
         crate::serial::write_line(format_args!(
@@ -430,6 +437,23 @@ impl core::fmt::Display for TrapName {
 }
 
 impl Vm {
+    /// The benchmark harness: the guest prints `bench,<op>,...` right after each op, so the
+    /// traps (and their cost) between its previous console line and that one belong to the op,
+    /// plus the few traps of printing one line. Reported as `bench-traps` lines at exit.
+    fn note_guest_lines(&mut self) {
+        let lines = self.bus.com1().sink().lines;
+        if lines == self.bench_mark.0 {
+            return;
+        }
+        let totals = self.accounting.totals();
+        let (count, cost) = (totals.count(), totals.total());
+        for op in self.bus.com1_mut().sink_mut().take_bench_ops() {
+            self.bench_traps
+                .push((op, count - self.bench_mark.1, cost - self.bench_mark.2));
+        }
+        self.bench_mark = (lines, count, cost);
+    }
+
     /// Routes one trap: instruction faults to the emulator, page faults to shadow-mmu, host
     /// IRQs to the virtual devices, fast system calls to their forwarding.
     fn dispatch(&mut self, frame: &TrapFrame, clock: &mut PhaseClock) -> (Action, TrapKind) {
@@ -763,6 +787,9 @@ fn report(vm: &mut Vm) {
     if !unknown.is_empty() {
         crate::serial::write_line(format_args!("[vmm] unknown ports:"));
         print_lines(&unknown);
+    }
+    for (op, traps, cost) in &vm.bench_traps {
+        crate::serial::write_line(format_args!("[vmm] bench-traps,{op},{traps},{cost}"));
     }
     let msrs = vm.cpu.msr.unknown();
     if !msrs.is_empty() {
