@@ -1,0 +1,107 @@
+//! The guest command line: `[selftest|bench|probe] [hz=N] [iters=N]`.
+
+use core::fmt;
+
+/// The one-line usage printed with every command-line error.
+pub const USAGE: &str =
+    "valid modes: selftest (default), bench, probe; valid options: hz=19..10000 (timer rate, default 100), iters=1..1000000 (bench iterations, default 1000)";
+
+/// What the OS does after booting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// The named checks, then exit 0x10 / 0x11.
+    Selftest,
+    /// Timed loops of privileged and ordinary operations.
+    Bench,
+    /// What the kernel can observe about its own privilege.
+    Probe,
+}
+
+impl Mode {
+    /// The word that selects it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Selftest => "selftest",
+            Mode::Bench => "bench",
+            Mode::Probe => "probe",
+        }
+    }
+}
+
+/// The parsed command line.
+#[derive(Clone, Copy, Debug)]
+pub struct Config {
+    /// The mode.
+    pub mode: Mode,
+    /// Timer interrupts per second.
+    pub hz: u32,
+    /// Iterations of each bench loop.
+    pub iters: u64,
+}
+
+/// A command-line error, naming the offending word.
+#[derive(Clone, Copy, Debug)]
+pub enum Error<'a> {
+    /// A word that is neither a mode nor a known `key=value`.
+    Unknown(&'a str),
+    /// A known key with a value out of range or not a number.
+    BadValue(&'a str),
+    /// Two modes.
+    TwoModes(&'a str),
+}
+
+impl fmt::Display for Error<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Unknown(w) => write!(f, "unknown mode or option '{w}'"),
+            Error::BadValue(w) => write!(f, "bad value in '{w}'"),
+            Error::TwoModes(w) => write!(f, "a second mode '{w}'"),
+        }
+    }
+}
+
+impl Config {
+    /// Parses the words of the guest command line.
+    pub fn parse(cmdline: &str) -> Result<Config, Error<'_>> {
+        let mut config = Config {
+            mode: Mode::Selftest,
+            hz: 100,
+            iters: 1000,
+        };
+        let mut mode_seen = false;
+        for word in cmdline.split_ascii_whitespace() {
+            let mode = match word {
+                "selftest" => Some(Mode::Selftest),
+                "bench" => Some(Mode::Bench),
+                "probe" => Some(Mode::Probe),
+                _ => None,
+            };
+            if let Some(mode) = mode {
+                if mode_seen {
+                    return Err(Error::TwoModes(word));
+                }
+                mode_seen = true;
+                config.mode = mode;
+                continue;
+            }
+            match word.split_once('=') {
+                Some(("hz", v)) => {
+                    config.hz = v
+                        .parse()
+                        .ok()
+                        .filter(|hz| (19..=10_000).contains(hz))
+                        .ok_or(Error::BadValue(word))?
+                }
+                Some(("iters", v)) => {
+                    config.iters = v
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=1_000_000).contains(n))
+                        .ok_or(Error::BadValue(word))?
+                }
+                _ => return Err(Error::Unknown(word)),
+            }
+        }
+        Ok(config)
+    }
+}
