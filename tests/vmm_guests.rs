@@ -71,7 +71,10 @@ fn a_guest_that_says_hello_through_the_virtual_uart_exits_with_its_own_code() {
 
 #[test]
 fn a_triple_fault_stops_the_guest() {
-    let run = hostile("triple-fault", "triple fault (vector 13 while delivering #DF)");
+    let run = hostile(
+        "triple-fault",
+        "triple fault (vector 13 while delivering #DF)",
+    );
     run.expect_line("[guest] triple-fault: executing ud2 with no IDT");
 }
 
