@@ -136,16 +136,6 @@ pub fn cr0() -> u64 {
     v
 }
 
-/// Writes CR0.
-///
-/// # Safety
-/// PG and PE must stay set; the value must be a valid CR0 for long mode.
-#[inline(always)]
-pub unsafe fn set_cr0(v: u64) {
-    // SAFETY: the caller keeps long mode valid.
-    unsafe { asm!("mov cr0, {}", in(reg) v, options(nostack)) };
-}
-
 /// Reads CR2 (the last page-fault linear address).
 #[inline(always)]
 pub fn cr2() -> u64 {

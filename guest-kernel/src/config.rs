@@ -4,7 +4,7 @@ use core::fmt;
 
 /// The one-line usage printed with every command-line error.
 pub const USAGE: &str =
-    "valid modes: selftest (default), bench, probe; valid options: hz=19..10000 (timer rate, default 100), iters=1..1000000 (bench iterations, default 1000)";
+    "valid modes: selftest (default), bench, probe; valid options: hz=19..10000 (timer rate, default 100), iters=1..1000000 (bench iterations, default 1000), fault=kernel (fault in the kernel after boot, to show the fault report)";
 
 /// What the OS does after booting.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,6 +37,9 @@ pub struct Config {
     pub hz: u32,
     /// Iterations of each bench loop.
     pub iters: u64,
+    /// `fault=kernel`: take a page fault in the kernel right after boot (the fault report and
+    /// exit status 0x11 are then what the test sees).
+    pub kernel_fault: bool,
 }
 
 /// A command-line error, naming the offending word.
@@ -67,6 +70,7 @@ impl Config {
             mode: Mode::Selftest,
             hz: 100,
             iters: 1000,
+            kernel_fault: false,
         };
         let mut mode_seen = false;
         for word in cmdline.split_ascii_whitespace() {
@@ -99,6 +103,8 @@ impl Config {
                         .filter(|n| (1..=1_000_000).contains(n))
                         .ok_or(Error::BadValue(word))?
                 }
+                Some(("fault", "kernel")) => config.kernel_fault = true,
+                Some(("fault", _)) => return Err(Error::BadValue(word)),
                 _ => return Err(Error::Unknown(word)),
             }
         }

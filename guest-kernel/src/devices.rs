@@ -69,6 +69,11 @@ pub fn pic_master_irr() -> u8 {
     inb(PIC1_CMD)
 }
 
+/// Selects the IRR for the next command-port read (OCW3): a harmless write, used by the bench.
+pub fn pic_select_irr() {
+    outb(PIC1_CMD, OCW3_READ_IRR);
+}
+
 /// True when `irq` (7 or 15) is really in service; false for a spurious interrupt, which must
 /// not be acknowledged (8259A datasheet; the slave's spurious still needs the master's EOI).
 pub fn pic_in_service(irq: u8) -> bool {

@@ -31,6 +31,14 @@ pub const USER_CODE: u16 = 0x28 | 3;
 pub const USER_DATA_SYSEXIT: u16 = 0x30 | 3;
 /// The TSS selector.
 pub const TSS: u16 = 0x38;
+// The layout rules SYSRET and SYSEXIT impose (SDM vol. 2B): CS = base + 16 / SYSENTER_CS + 32,
+// SS = base + 8 / SYSENTER_CS + 40, RPL forced to 3.
+const _: () = assert!(USER_CODE == (SYSRET_BASE + 16) | 3);
+const _: () = assert!(USER_DATA == (SYSRET_BASE + 8) | 3);
+const _: () = assert!(USER_CODE == (KERNEL_CODE + 32) | 3);
+const _: () = assert!(USER_DATA_SYSEXIT == (KERNEL_CODE + 40) | 3);
+const _: () = assert!(KERNEL_DATA == KERNEL_CODE + 8);
+
 /// IST slot (1-based, as in the gate) of the double-fault stack.
 pub const IST_DOUBLE_FAULT: u8 = 1;
 

@@ -8,8 +8,6 @@
 //! command line: `selftest` (default), `bench` or `probe`. README.md describes the whole OS.
 #![no_std]
 #![no_main]
-// Until bench and probe (the next step) use the last few helpers.
-#![allow(dead_code)]
 
 mod abi;
 mod arch;
@@ -102,6 +100,9 @@ extern "C" fn kernel_main(info: *const BootInfo) -> ! {
         config.mode.name()
     );
     arch::sti();
+    if config.kernel_fault {
+        trap::fault_in_kernel();
+    }
 
     let ok = match config.mode {
         Mode::Selftest => selftest::run(&info, &config),

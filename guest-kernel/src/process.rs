@@ -50,6 +50,8 @@ struct Process {
     brk: u64,
     fs_base: u64,
     preemptions: u64,
+    /// Ended by the kernel (a fault or its deadline), not by exit.
+    killed: bool,
 }
 
 const EMPTY: Process = Process {
@@ -62,6 +64,7 @@ const EMPTY: Process = Process {
     brk: 0,
     fs_base: 0,
     preemptions: 0,
+    killed: false,
 };
 
 struct Table {
@@ -352,6 +355,7 @@ pub fn spawn(program: u64, arg: u64) -> Result<u64, SpawnError> {
             brk: USER_HEAP_START,
             fs_base: USER_TLS_VA,
             preemptions: 0,
+            killed: false,
         };
     });
     Ok(pid)
@@ -418,6 +422,10 @@ pub fn kill_current(frame: &TrapFrame, what: &str) -> ! {
             frame.vector, frame.error
         );
     }
+    TABLE.with(|t| {
+        let cur = t.current;
+        t.procs[cur].killed = true;
+    });
     exit_current(abi::KILLED_BY_EXCEPTION + frame.vector)
 }
 
@@ -430,6 +438,8 @@ pub struct Reaped {
     pub status: u64,
     /// How often the timer preempted it.
     pub preemptions: u64,
+    /// The kernel ended it (fault or deadline); `status` says why.
+    pub killed: bool,
 }
 
 enum WaitStep {
@@ -451,6 +461,7 @@ fn wait_step(t: &mut Table, pid: u64, until: u64) -> WaitStep {
                 pid: p.pid,
                 status,
                 preemptions: p.preemptions,
+                killed: p.killed,
             };
             return WaitStep::Found(i, reaped);
         }
@@ -515,6 +526,7 @@ fn kill_tree(pid: u64) {
             t.procs[slot].state = State::Zombie {
                 status: abi::KILLED_TIMEOUT,
             };
+            t.procs[slot].killed = true;
             for p in t.procs.iter().filter(|p| p.parent == victim) {
                 if n < NPROC {
                     victims[n] = p.pid;

@@ -9,7 +9,7 @@
 
 use crate::abi::{KILLED_BY_EXCEPTION, KILLED_TIMEOUT};
 use crate::config::Config;
-use crate::memory::{self, PteFlags, KERNEL_SCRATCH_VA, PAGE};
+use crate::memory::{self, PteFlags, KERNEL_SCRATCH_VA, USER_IMAGE_VA, USER_TLS_VA};
 use crate::process::{self, Reaped};
 use crate::syscall::{self, Path};
 use crate::user::id;
@@ -139,7 +139,7 @@ fn collect(pid: u64) -> Result<Reaped, Why> {
     let r = process::wait(pid, Some(deadline))
         .ok_or_else(|| Why::new(format_args!("pid {pid} is not a child")))?;
     ensure!(
-        r.status != KILLED_TIMEOUT,
+        !(r.killed && r.status == KILLED_TIMEOUT),
         "pid {pid} ran past {DEADLINE_TICKS} ticks"
     );
     Ok(r)
@@ -414,12 +414,25 @@ fn yield_check(_: &Ctx) -> CheckResult {
 fn cr3_isolation(_: &Ctx) -> CheckResult {
     let a = process::spawn(id::PINGPONG, 5).map_err(|e| Why::new(format_args!("{e:?}")))?;
     let b = process::spawn(id::PINGPONG, 5).map_err(|e| Why::new(format_args!("{e:?}")))?;
-    let pa = process::pml4_of(a);
-    let pb = process::pml4_of(b);
+    let (pa, pb) = (process::pml4_of(a), process::pml4_of(b));
+    let frame = |pml4: Option<u64>, va| {
+        pml4.and_then(|p| memory::translate(p, va))
+            .map(|e| e.frame())
+    };
+    let tls = (frame(pa, USER_TLS_VA), frame(pb, USER_TLS_VA));
+    let code = (frame(pa, USER_IMAGE_VA), frame(pb, USER_IMAGE_VA));
     let (ra, rb) = (collect(a)?, collect(b)?);
     expect_status(&ra, 0)?;
     expect_status(&rb, 0)?;
     ensure!(pa.is_some() && pa != pb, "the two processes share a PML4");
+    ensure!(
+        tls.0.is_some() && tls.0 != tls.1,
+        "their TLS pages are the same frame"
+    );
+    ensure!(
+        code.0.is_some() && code.0 == code.1,
+        "their (shared, read-only) program text is not the same frame"
+    );
     Ok(())
 }
 
@@ -432,6 +445,7 @@ fn spinners(n: usize, ticks: u64) -> Result<[Reaped; 3], Why> {
         pid: 0,
         status: 0,
         preemptions: 0,
+        killed: false,
     }; 3];
     for i in 0..n {
         out[i] = collect(pids[i])?;
@@ -462,6 +476,7 @@ fn round_robin(_: &Ctx) -> CheckResult {
 
 fn killed(program: u64, vector: u64) -> CheckResult {
     let r = run_program(program, 0)?;
+    ensure!(r.killed, "pid {} was not killed", r.pid);
     expect_status(&r, KILLED_BY_EXCEPTION + vector)
 }
 
@@ -540,7 +555,3 @@ fn swapgs_balanced(_: &Ctx) -> CheckResult {
     );
     Ok(())
 }
-
-/// Page size, for messages.
-#[allow(dead_code)]
-const _: u64 = PAGE;

@@ -225,6 +225,12 @@ fn exception(frame: &mut TrapFrame) {
     kernel_fault(frame, exception_name(frame.vector));
 }
 
+/// Reads an unmapped kernel address on purpose (`fault=kernel`): a #PF with no fixup.
+pub fn fault_in_kernel() {
+    // SAFETY: not safe at all by design: the fault ends the OS through kernel_fault.
+    unsafe { core::arch::asm!("mov rax, [8]", out("rax") _, options(nostack, readonly)) };
+}
+
 /// A fault the kernel did not expect: print everything and exit with failure (never hang).
 pub fn kernel_fault(frame: &TrapFrame, what: &str) -> ! {
     let f = frame;
