@@ -85,6 +85,8 @@ struct Vm {
     last_trap: TrapName,
     /// The real TF is set to end an interrupt shadow (see `inject_and_apply`).
     single_step: bool,
+    /// The current trap came while `single_step` was set.
+    stepped: bool,
     /// Whether the real SYSENTER currently enters the VMM (see `apply_effects`).
     real_sysenter_on: bool,
     /// Trap count and cost at the guest's last console line, and per benchmark op the traps
@@ -212,6 +214,7 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
         watchdog: Watchdog::new(config.watchdog_ticks),
         last_trap: TrapName::Instruction("entry"),
         single_step: false,
+        stepped: false,
         real_sysenter_on: false,
         bench_mark: (0, 0, 0),
         bench_traps: alloc::vec::Vec::new(),
@@ -340,6 +343,12 @@ pub fn handle_guest_trap(frame: &mut TrapFrame) {
         stop_without_vm(frame)
     };
     let trap_rip = frame.rip;
+    // Our single step for an interrupt window ends with whatever trap comes next: the TF in the
+    // frame is ours, not the guest's (we only set it when the guest's TF was clear).
+    vm.stepped = core::mem::take(&mut vm.single_step);
+    if vm.stepped {
+        frame.rflags &= !RFLAGS_TF;
+    }
     frame_to_vcpu(frame, &mut vm.cpu);
     clock.mark(Phase::EntryStub);
     let (mut action, kind) = vm.dispatch(frame, &mut clock);
@@ -498,9 +507,8 @@ impl Vm {
                     TrapKind::SystemCall(SyscallKind::Sysenter),
                 )
             }
-            DEBUG_VECTOR if self.single_step => {
+            DEBUG_VECTOR if self.stepped => {
                 // Our own single step: the instruction in the interrupt shadow has retired.
-                self.single_step = false;
                 self.cpu.interrupt_shadow = None;
                 (
                     Action::Resume("interrupt window"),
@@ -604,7 +612,8 @@ impl Vm {
                     self.poll_devices();
                 }
                 Ok(Injection::WindowNeeded) => {
-                    self.single_step = true;
+                    // With the guest's own TF set, its #DB comes after the instruction anyway.
+                    self.single_step = self.cpu.rflags & RFLAGS_TF == 0;
                     break;
                 }
                 Ok(_) => break,
@@ -716,10 +725,31 @@ impl Vm {
                 (action, TrapKind::PageFault(PageFaultOutcome::Reflect))
             }
             FaultOutcome::EmulatePageTableWrite { .. } => {
-                let (action, _) = self.emulate(Cause::PageTableWrite, clock);
+                // A guest user program never writes page tables, and a kernel write that is not
+                // a PTE-style store (PUSH, CALL, ...) means the frame was freed as a table and
+                // reused as data: stop shadowing it (drop every shadow, which lifts all write
+                // protection) and let the guest retry natively. Real VMMs call this unshadowing.
+                let action = if self.cpu.cpl == 3 {
+                    self.unshadow()
+                } else {
+                    match self.emulate(Cause::PageTableWrite, clock) {
+                        (Action::Stop(StopWhy::Cpu(CpuStop::NotEmulated { .. })), _) => {
+                            self.unshadow()
+                        }
+                        (action, _) => action,
+                    }
+                };
                 (action, TrapKind::PageFault(PageFaultOutcome::EmulatedWrite))
             }
         }
+    }
+
+    /// Drops every shadow (and with them the write protection of every guest page table); the
+    /// current address space refills on demand.
+    fn unshadow(&mut self) -> Action {
+        self.mmu.flush_all();
+        self.load_shadow_root();
+        Action::Resume("unshadowed")
     }
 
     /// Loads the real CR3 with the shadow root of the current view (flushing the real TLB).
