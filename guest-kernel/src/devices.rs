@@ -26,8 +26,11 @@ pub const IRQ_SPURIOUS_MASTER: u8 = 7;
 /// See `IRQ_SPURIOUS_MASTER`.
 pub const IRQ_SPURIOUS_SLAVE: u8 = 15;
 
-/// The IMR written at init: only IRQ 0 (timer) and IRQ 2 (the cascade) unmasked.
-pub const PIC1_IMR: u8 = !0b0000_0101;
+/// The COM1 UART's IRQ.
+pub const IRQ_COM1: u8 = 4;
+/// The IMR written at init: only IRQ 0 (timer), IRQ 2 (the cascade) and IRQ 4 (COM1 receive)
+/// unmasked.
+pub const PIC1_IMR: u8 = !0b0001_0101;
 /// All of the slave's IRQs masked.
 pub const PIC2_IMR: u8 = 0xFF;
 

@@ -1,4 +1,5 @@
-//! The console: a 16550 UART on COM1, polled for output.
+//! The console: a 16550 UART on COM1, polled for output, interrupt-driven for input (each line
+//! typed is echoed back as `[guest] input: <line>`).
 //!
 //! Every line the OS prints, its own or a user process's (`write`), starts with `[guest] `: the
 //! console inserts the prefix at each line start, so native output and the VMM's (which passes
@@ -22,6 +23,12 @@ const LCR_8N1: u8 = 0x03;
 const FCR_ENABLE_CLEAR: u8 = 0x07;
 const MCR_DTR_RTS_OUT2: u8 = 0x0B;
 const LSR_THR_EMPTY: u8 = 0x20;
+const LSR_DATA_READY: u8 = 0x01;
+/// IER: interrupt when a received byte is available.
+const IER_RX_AVAILABLE: u8 = 0x01;
+/// Bytes read per interrupt at most (the 16550 FIFO holds 16).
+const RX_BURST: usize = 16;
+const INPUT_MAX: usize = 120;
 /// 115200 baud / 115200 = divisor 1.
 const DIVISOR: u16 = 1;
 /// How long to poll for an empty transmitter before sending anyway (a missing UART must not hang
@@ -38,6 +45,16 @@ static CONSOLE: IrqLock<Console> = IrqLock::new(Console {
     at_line_start: true,
 });
 
+struct Input {
+    line: [u8; INPUT_MAX],
+    len: usize,
+}
+
+static INPUT: IrqLock<Input> = IrqLock::new(Input {
+    line: [0; INPUT_MAX],
+    len: 0,
+});
+
 /// Programs COM1 for 115200 8N1 with FIFOs, interrupts off.
 pub fn init() {
     outb(COM1 + REG_IER, 0);
@@ -47,6 +64,35 @@ pub fn init() {
     outb(COM1 + REG_LCR, LCR_8N1);
     outb(COM1 + REG_FCR, FCR_ENABLE_CLEAR);
     outb(COM1 + REG_MCR, MCR_DTR_RTS_OUT2);
+    outb(COM1 + REG_IER, IER_RX_AVAILABLE);
+}
+
+/// The COM1 receive interrupt: collects bytes into a line and echoes each complete line.
+pub fn receive() {
+    let mut done = [0u8; INPUT_MAX];
+    let mut done_len = None;
+    INPUT.with(|input| {
+        for _ in 0..RX_BURST {
+            if inb(COM1 + REG_LSR) & LSR_DATA_READY == 0 {
+                break;
+            }
+            let byte = inb(COM1 + REG_DATA);
+            if byte == b'\r' || byte == b'\n' {
+                if input.len > 0 {
+                    done[..input.len].copy_from_slice(&input.line[..input.len]);
+                    done_len = Some(input.len);
+                    input.len = 0;
+                }
+            } else if input.len < INPUT_MAX {
+                input.line[input.len] = byte;
+                input.len += 1;
+            }
+        }
+    });
+    if let Some(n) = done_len {
+        let text = core::str::from_utf8(&done[..n]).unwrap_or("<not UTF-8>");
+        crate::println!("input: {text}");
+    }
 }
 
 fn put_raw(byte: u8) {

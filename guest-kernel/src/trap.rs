@@ -7,7 +7,7 @@
 //! `FIXUPS`) or fatal: the registers are printed and the OS exits with status 0x11.
 
 use crate::arch::{self, DescriptorTablePointer};
-use crate::{devices, gdt, memory, println, process, syscall};
+use crate::{devices, gdt, memory, println, process, serial, syscall};
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -201,6 +201,8 @@ fn irq(frame: &mut TrapFrame, irq: u8) {
     devices::pic_eoi(irq);
     if irq == devices::IRQ_TIMER {
         process::timer_tick(frame.came_from_user());
+    } else if irq == devices::IRQ_COM1 {
+        serial::receive();
     }
 }
 
