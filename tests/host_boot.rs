@@ -5,7 +5,7 @@ use trapvmm::{boot, run_script};
 
 #[test]
 fn host_boot_passes_its_self_checks() {
-    let run = boot(&["--timeout", "60"]);
+    let run = boot(&["--timeout", "60", "--append", "mode=selfcheck"]);
     run.expect_status(0);
     run.expect_line("[vmm] trap-and-emulate VMM host kernel");
     run.expect_line("[vmm] cpu: vendor-intel=yes long-mode=yes nx=yes");

@@ -153,3 +153,24 @@ pub fn wait_for_interrupt() {
     // restored to 0 before returning.
     unsafe { core::arch::asm!("sti; hlt; cli", options(nomem, nostack)) };
 }
+
+/// MSR_PLATFORM_INFO (bit 31: CPUID faulting supported) and MSR_MISC_FEATURES_ENABLES (bit 0:
+/// CPUID at CPL > 0 raises #GP). Intel SDM Vol. 4, Table 2-12 ("CPUID faulting").
+const MSR_PLATFORM_INFO: u32 = 0xCE;
+const MSR_MISC_FEATURES_ENABLES: u32 = 0x140;
+
+/// Makes CPUID trap at Ring 3 when the CPU can (CPUID faulting), so the guest sees the
+/// virtual CPU's CPUID (hypervisor leaf, hidden VMX/XSAVE...) instead of the host's. Returns
+/// whether it is on; without it CPUID is one more sensitive instruction that does not trap.
+pub fn enable_cpuid_faulting() -> bool {
+    let supported =
+        crate::trap::rdmsr_or_fault(MSR_PLATFORM_INFO).is_some_and(|v| v & (1 << 31) != 0);
+    if supported {
+        if let Some(v) = crate::trap::rdmsr_or_fault(MSR_MISC_FEATURES_ENABLES) {
+            // SAFETY: bit 0 only makes CPUID fault at CPL > 0; the host runs at CPL 0.
+            unsafe { x86::msr::wrmsr(MSR_MISC_FEATURES_ENABLES, v | 1) };
+            return true;
+        }
+    }
+    false
+}

@@ -93,6 +93,8 @@ pub mod vector {
     pub const BREAKPOINT: u64 = 3;
     /// #DF double fault.
     pub const DOUBLE_FAULT: u64 = 8;
+    /// #GP general protection.
+    pub const GENERAL_PROTECTION: u64 = 13;
     /// #PF page fault.
     pub const PAGE_FAULT: u64 = 14;
     /// #MC machine check.
@@ -193,6 +195,9 @@ extern "C" {
     fn fixup_read_u64(addr: *const u64, out: *mut u64) -> u64;
     static fixup_read_u64_insn: u8;
     static fixup_read_u64_recover: u8;
+    fn fixup_rdmsr(msr: u32, out: *mut u64) -> u64;
+    static fixup_rdmsr_insn: u8;
+    static fixup_rdmsr_recover: u8;
     fn trap_return(frame: *const TrapFrame) -> !;
     #[link_name = "trap_stack_top"]
     static TRAP_STACK_TOP: u8;
@@ -253,6 +258,14 @@ pub fn read_u64_or_fault(addr: u64) -> Option<u64> {
     (faulted == 0).then_some(value)
 }
 
+/// RDMSR that returns `None` instead of faulting when the MSR does not exist.
+pub fn rdmsr_or_fault(msr: u32) -> Option<u64> {
+    let mut value = 0;
+    // SAFETY: RDMSR only reads; a #GP there is recovered by the dispatcher; `value` is a local.
+    let faulted = unsafe { fixup_rdmsr(msr, &mut value) };
+    (faulted == 0).then_some(value)
+}
+
 /// The one Rust entry for every trap, called by `trap_common` with the saved frame.
 #[no_mangle]
 extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
@@ -269,6 +282,9 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
             // the faulting address.
             LAST_RECOVERED_CR2.store(unsafe { x86::controlregs::cr2() } as u64, Ordering::Relaxed);
             frame.rip = core::ptr::addr_of!(fixup_read_u64_recover) as u64;
+        }
+        vector::GENERAL_PROTECTION if frame.rip == core::ptr::addr_of!(fixup_rdmsr_insn) as u64 => {
+            frame.rip = core::ptr::addr_of!(fixup_rdmsr_recover) as u64;
         }
         v if (vector::IRQ_BASE..vector::IRQ_BASE + 16).contains(&v) => {
             timer::handle_irq((v - vector::IRQ_BASE) as u8)

@@ -64,9 +64,8 @@ impl Default for HostConfig<'_> {
             shadow: ShadowPolicy::Flush,
             watchdog_ticks: 10_000,
             debug: DebugAction::None,
-            // The guest run loop does not emulate privileged instructions yet (vmm-core is being
-            // wired in), so the host alone is the default until a guest can run to its end.
-            mode: RunMode::SelfCheck,
+            // The VMM's job: run the guest module (after the host's own self-checks).
+            mode: RunMode::Guest,
             guest_cmdline: "",
         }
     }
@@ -186,6 +185,11 @@ mod tests {
         assert_eq!(c, HostConfig::default());
         assert_eq!(c.timer_hz, 1000);
         assert_eq!(c.guest_mem_mib, 32);
+        assert_eq!(
+            c.mode,
+            RunMode::Guest,
+            "the VMM runs its guest unless told otherwise"
+        );
     }
 
     #[test]

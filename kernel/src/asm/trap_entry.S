@@ -149,6 +149,26 @@ fixup_read_u64_recover:
     mov $1, %eax
     ret
 
+/*
+ * u64 fixup_rdmsr(u32 msr, u64 *out): RDMSR into *out and returns 0, or returns 1 if the MSR
+ * does not exist (#GP at `fixup_rdmsr_insn` resumes at `fixup_rdmsr_recover`).
+ */
+.global fixup_rdmsr
+fixup_rdmsr:
+    mov %edi, %ecx
+.global fixup_rdmsr_insn
+fixup_rdmsr_insn:
+    rdmsr
+    shl $32, %rdx
+    or %rdx, %rax
+    mov %rax, (%rsi)
+    xor %eax, %eax
+    ret
+.global fixup_rdmsr_recover
+fixup_rdmsr_recover:
+    mov $1, %eax
+    ret
+
 .section .bss
 .balign 16
 syscall_saved_rsp:

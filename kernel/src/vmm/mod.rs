@@ -203,6 +203,13 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
         },
     );
     crate::cpu::enable_fast_syscall_entries();
+    if crate::cpu::enable_cpuid_faulting() {
+        log::info!("cpu: CPUID faulting on: the guest's CPUID traps and is emulated");
+    } else {
+        log::info!(
+            "cpu: no CPUID faulting: the guest sees the host's CPUID (a virtualization hole)"
+        );
+    }
     vmm_core::cpu::emulate::warm_up_decoder();
     *VM.lock() = Some(Vm {
         cpu,
