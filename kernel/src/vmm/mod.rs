@@ -83,6 +83,8 @@ struct Vm {
     watchdog: Watchdog,
     /// The current trap, for the trace line.
     last_trap: TrapName,
+    /// The instruction being emulated, disassembled while `--trace` lines remain.
+    trace_text: Option<alloc::string::String>,
     /// The real TF is set to end an interrupt shadow (see `inject_and_apply`).
     single_step: bool,
     /// The current trap came while `single_step` was set.
@@ -220,6 +222,7 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
         trace_left: config.trace,
         watchdog: Watchdog::new(config.watchdog_ticks),
         last_trap: TrapName::Instruction("entry"),
+        trace_text: None,
         single_step: false,
         stepped: false,
         real_sysenter_on: false,
@@ -434,11 +437,12 @@ impl core::fmt::Display for Action {
 }
 
 /// What the trace and the trap table call a trap.
-#[derive(Clone, Copy)]
 enum TrapName {
     /// A vector and its error code.
     Vector(u64, u64),
     Instruction(&'static str),
+    /// An instruction as `--trace` shows it.
+    Disassembled(alloc::string::String),
 }
 
 impl core::fmt::Display for TrapName {
@@ -448,6 +452,7 @@ impl core::fmt::Display for TrapName {
             TrapName::Vector(SYSENTER_VECTOR, _) => write!(f, "SYSENTER"),
             TrapName::Vector(v, e) => write!(f, "{} error={e:#x}", trap::vector_name(*v)),
             TrapName::Instruction(name) => write!(f, "{name}"),
+            TrapName::Disassembled(text) => write!(f, "{text}"),
         }
     }
 }
@@ -549,6 +554,12 @@ impl Vm {
 
     /// Emulates the instruction at the guest's RIP.
     fn emulate(&mut self, cause: Cause, clock: &mut PhaseClock) -> (Action, TrapKind) {
+        if self.trace_left > 0 {
+            let mut mem = host::GuestAccess { mmu: &mut self.mmu };
+            self.trace_text = vmm_core::cpu::emulate::fetch(&self.cpu, &mut mem)
+                .map(|ins| vmm_core::cpu::emulate::disassemble(&ins))
+                .ok();
+        }
         let result = handle_instruction(
             &mut self.cpu,
             &mut host::GuestAccess { mmu: &mut self.mmu },
@@ -559,16 +570,25 @@ impl Vm {
         );
         match result {
             Ok(handled) => {
-                self.last_trap = TrapName::Instruction(handled.name);
-                let action = match handled.outcome {
-                    Outcome::Emulated => Action::Resume("emulated"),
-                    Outcome::Halted => Action::Resume("halted"),
-                    Outcome::Delivered(e) if Some(e) == cause_event(cause) => {
-                        Action::Resume("reflected")
-                    }
-                    Outcome::Delivered(_) => Action::Resume("fault injected"),
+                self.last_trap = match self.trace_text.take() {
+                    Some(text) => TrapName::Disassembled(text),
+                    None => TrapName::Instruction(handled.name),
                 };
-                (action, TrapKind::Instruction(handled.name))
+                match handled.outcome {
+                    // The guest's own fault (a user program's CLI, a bad pointer): counted as the
+                    // exception it is, not as an emulated instruction.
+                    Outcome::Delivered(e) if Some(e) == cause_event(cause) => {
+                        (Action::Resume("reflected"), TrapKind::Exception(e.vector))
+                    }
+                    outcome => {
+                        let action = match outcome {
+                            Outcome::Halted => Action::Resume("halted"),
+                            Outcome::Delivered(_) => Action::Resume("fault injected"),
+                            Outcome::Emulated => Action::Resume("emulated"),
+                        };
+                        (action, TrapKind::Instruction(handled.name))
+                    }
+                }
             }
             Err(stop) => (Action::Stop(StopWhy::Cpu(stop)), TrapKind::Other("stop")),
         }

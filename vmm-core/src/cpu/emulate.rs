@@ -244,7 +244,7 @@ pub fn trap_name(ins: &Instruction) -> &'static str {
             Mnemonic::Retf => "RETF",
             Mnemonic::Jmp => "JMP far",
             Mnemonic::Call => "CALL far",
-            Mnemonic::Mov => "MOV (PT write)",
+            Mnemonic::Mov => "MOV",
             Mnemonic::Stosb | Mnemonic::Stosw | Mnemonic::Stosd | Mnemonic::Stosq => "STOS",
             Mnemonic::Movsb | Mnemonic::Movsw | Mnemonic::Movsd | Mnemonic::Movsq => "MOVS",
             _ => "other",
@@ -1202,4 +1202,12 @@ fn data_write<M: GuestMemory + ?Sized>(
 pub fn warm_up_decoder() {
     let mut decoder = Decoder::with_ip(64, &[0x0F, 0x01, 0x10], 0, DecoderOptions::NONE);
     let _ = decoder.decode();
+}
+
+/// The instruction in Intel syntax, for `--trace` (`out dx, al`, `mov cr3, rax`).
+pub fn disassemble(ins: &Instruction) -> alloc::string::String {
+    use iced_x86::Formatter;
+    let mut text = alloc::string::String::new();
+    iced_x86::IntelFormatter::new().format(ins, &mut text);
+    text
 }
