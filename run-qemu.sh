@@ -4,6 +4,7 @@
 #   ./run-qemu.sh                 the host kernel (the VMM) with the guest kernel as its module
 #   ./run-qemu.sh --native        the guest kernel alone on bare QEMU, no VMM
 #   ./run-qemu.sh -- bench        words after -- are the guest's own command line
+#   ./run-qemu.sh --bench         the trap-cost experiment (bench/run.sh): CSV, table, chart
 #
 # Exit status: 0 guest success, 1 guest failure, 3 host panic, 4 guest stopped by the VMM,
 # 2 anything else (bad usage, configuration error, timeout, QEMU failure).
@@ -23,6 +24,10 @@ Boots the trap-and-emulate VMM (the host kernel) in QEMU with a guest as its Mul
 options:
   --help             show this help and exit
   --native           boot the guest kernel itself on bare QEMU (no VMM)
+  --bench            the trap-cost experiment: the guest's bench natively and under the VMM
+                     (both shadow policies) with --icount; writes bench/results.csv and
+                     bench/results.png, prints a table (words after -- go to the guest's bench)
+  --trap-cost C      with --bench: cycles of one trap round trip for the modelled column (700)
   --guest PATH       run this guest ELF instead of the built guest-kernel
   --mem MiB          guest RAM in MiB (default 32)
   --icount           deterministic instruction counting (-icount shift=0,sleep=off): the guest's
@@ -46,12 +51,14 @@ die_usage() {
     exit 2
 }
 
-native=0 guest="" mem=32 icount=0 gdb=0 trace=0 timeout_s=120 append="" build=1
+native=0 bench=0 trap_cost=700 guest="" mem=32 icount=0 gdb=0 trace=0 timeout_s=120 append="" build=1
 guest_words=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --help|-h) usage; exit 0 ;;
         --native) native=1 ;;
+        --bench) bench=1 ;;
+        --trap-cost) [ $# -ge 2 ] || die_usage "--trap-cost needs a number"; trap_cost=$2; shift ;;
         --guest) [ $# -ge 2 ] || die_usage "--guest needs a path"; guest=$2; shift ;;
         --mem) [ $# -ge 2 ] || die_usage "--mem needs a size in MiB"; mem=$2; shift ;;
         --icount) icount=1 ;;
@@ -70,6 +77,10 @@ done
     || die_usage "--mem must be a number of MiB between 4 and 3072, not '$mem'"
 [[ "$timeout_s" =~ ^[0-9]+$ ]] && [ "$timeout_s" -ge 1 ] \
     || die_usage "--timeout must be a positive number of seconds, not '$timeout_s'"
+[[ "$trap_cost" =~ ^[0-9]+$ ]] || die_usage "--trap-cost must be a whole number of cycles, not '$trap_cost'"
+if [ "$bench" = 1 ]; then
+    exec "$ROOT/bench/run.sh" --trap-cost "$trap_cost" "${guest_words[@]}"
+fi
 if [ -n "$guest" ] && [ ! -f "$guest" ]; then
     die_usage "--guest: no such file '$guest'"
 fi

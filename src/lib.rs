@@ -6,6 +6,8 @@
 //! directory so this nested cargo never waits on the outer `cargo test`'s lock); each boot then
 //! runs `run-qemu.sh --no-build`.
 
+pub mod bench;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;

@@ -1,0 +1,385 @@
+//! The trap-cost experiment's report: reads the serial output of the guest's `bench` mode run
+//! natively and under the VMM (both shadow policies, all under `-icount shift=0`, where the TSC
+//! counts retired instructions), and produces `bench/results.csv` and the markdown table of
+//! `./run-qemu.sh --bench` (docs/benchmarks.md explains the method).
+//!
+//! Inputs, per run: the guest's `bench,<op>,<iterations>,<total>,<per_op>` lines and, under the
+//! VMM, its `[vmm] bench-traps,<op>,<traps>,<vmm instructions>` lines (the traps and the
+//! instructions the VMM spent between the guest's previous console line and that op's CSV line).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+/// One op of one run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BenchRow {
+    /// The op's name (`cli_sti`, ...).
+    pub op: String,
+    /// Iterations timed.
+    pub iterations: u64,
+    /// Total cycles (instructions under icount), loop overhead already subtracted by the guest.
+    pub total: u64,
+}
+
+impl BenchRow {
+    /// Cycles per iteration, as a fraction.
+    pub fn per_op(&self) -> f64 {
+        self.total as f64 / self.iterations.max(1) as f64
+    }
+}
+
+/// What the VMM counted for one op.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OpTraps {
+    /// Traps taken during the op (plus the few of printing its result line).
+    pub traps: u64,
+    /// Instructions the VMM's trap handler spent on them (its own rdtsc checkpoints).
+    pub vmm_cost: u64,
+}
+
+/// Everything parsed from one run's serial output.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BenchRun {
+    /// The guest's rows, in order.
+    pub rows: Vec<BenchRow>,
+    /// The VMM's per-op trap counts (empty for a native run).
+    pub traps: BTreeMap<String, OpTraps>,
+}
+
+impl BenchRun {
+    /// The row of `op`.
+    pub fn row(&self, op: &str) -> Option<&BenchRow> {
+        self.rows.iter().find(|r| r.op == op)
+    }
+}
+
+/// Parses a run's serial output. Malformed bench lines are errors (the experiment must not
+/// silently drop a row).
+pub fn parse_run(serial: &str) -> Result<BenchRun, String> {
+    let mut run = BenchRun::default();
+    for line in serial.lines().map(|l| l.trim_end_matches('\r')) {
+        if let Some(rest) = line.strip_prefix("[guest] bench,") {
+            let f: Vec<&str> = rest.split(',').collect();
+            if f.len() != 4 {
+                return Err(format!("malformed bench line: {line}"));
+            }
+            let num = |s: &str| {
+                s.parse::<u64>()
+                    .map_err(|_| format!("not a number '{s}' in: {line}"))
+            };
+            run.rows.push(BenchRow {
+                op: f[0].to_string(),
+                iterations: num(f[1])?,
+                total: num(f[2])?,
+            });
+        } else if let Some(rest) = line.strip_prefix("[vmm] bench-traps,") {
+            let f: Vec<&str> = rest.split(',').collect();
+            if f.len() != 3 {
+                return Err(format!("malformed bench-traps line: {line}"));
+            }
+            let num = |s: &str| {
+                s.parse::<u64>()
+                    .map_err(|_| format!("not a number '{s}' in: {line}"))
+            };
+            run.traps.insert(
+                f[0].to_string(),
+                OpTraps {
+                    traps: num(f[1])?,
+                    vmm_cost: num(f[2])?,
+                },
+            );
+        }
+    }
+    if run.rows.is_empty() {
+        return Err("no bench lines in the output (did the guest run `bench`?)".to_string());
+    }
+    Ok(run)
+}
+
+/// A performance goal of the VMM for one op (issue "trap-cost experiments").
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Target {
+    /// VMM instructions added per op over native, at most this many.
+    ExtraAtMost(f64),
+    /// VMM per-op over native per-op, at most this ratio.
+    RatioAtMost(f64),
+    /// Modelled cycles (VMM) over native cycles, at most this ratio.
+    ModelledRatioAtMost(f64),
+}
+
+impl Target {
+    fn describe(&self) -> String {
+        match self {
+            Target::ExtraAtMost(n) => format!("≤ {n:.0} extra"),
+            Target::RatioAtMost(r) => format!("≤ {r}×"),
+            Target::ModelledRatioAtMost(r) => format!("≤ {r}× modelled"),
+        }
+    }
+}
+
+/// The goals per op (two traps for cli+sti: 2 × 80).
+pub fn target(op: &str) -> Option<Target> {
+    Some(match op {
+        "cli_sti" => Target::ExtraAtMost(160.0),
+        "pushf_popf" => Target::ExtraAtMost(100.0),
+        "syscall_null_getpid" | "sysenter_null_getpid" | "int_0x80_null_getpid" => {
+            Target::ExtraAtMost(300.0)
+        }
+        "mov_cr3_switch" => Target::ExtraAtMost(300.0),
+        "invlpg" => Target::ExtraAtMost(250.0),
+        "out_pic_ocw3" => Target::ExtraAtMost(150.0),
+        "demand_zero_page_fault" => Target::ExtraAtMost(1500.0),
+        "compute_loop_user" => Target::RatioAtMost(1.01),
+        "spawn_exit_wait" => Target::ModelledRatioAtMost(4.0),
+        _ => return None,
+    })
+}
+
+/// One line of the result table.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResultRow {
+    /// The op.
+    pub op: String,
+    /// Iterations (of the native run).
+    pub iterations: u64,
+    /// Native cycles per op.
+    pub native: f64,
+    /// Per op under the VMM, flush policy.
+    pub vmm_flush: f64,
+    /// Per op under the VMM, cached policy.
+    pub vmm_cached: f64,
+    /// The policy the targets are judged on.
+    pub judged: f64,
+    /// judged / native.
+    pub ratio: f64,
+    /// Traps per op (judged policy).
+    pub traps_per_op: f64,
+    /// VMM instructions per trap (judged policy), from the VMM's own checkpoints.
+    pub vmm_per_trap: f64,
+    /// judged + traps_per_op × C: what the op would cost with a trap round trip of C cycles.
+    pub modelled_cycles: f64,
+    /// The goal and whether it holds.
+    pub target: Option<(Target, bool)>,
+}
+
+/// Which VMM run the targets are judged on: the policy the VMM uses by default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Judged {
+    /// `shadow=flush`.
+    Flush,
+    /// `shadow=cached`.
+    Cached,
+}
+
+/// Combines the three runs. `trap_cost` is C of the modelled-cycles column.
+pub fn combine(
+    native: &BenchRun,
+    flush: &BenchRun,
+    cached: &BenchRun,
+    judged: Judged,
+    trap_cost: f64,
+) -> Result<Vec<ResultRow>, String> {
+    let mut out = Vec::new();
+    for n in &native.rows {
+        let f = flush
+            .row(&n.op)
+            .ok_or_else(|| format!("{}: missing from the flush run", n.op))?;
+        let c = cached
+            .row(&n.op)
+            .ok_or_else(|| format!("{}: missing from the cached run", n.op))?;
+        let (jrow, jrun) = match judged {
+            Judged::Flush => (f, flush),
+            Judged::Cached => (c, cached),
+        };
+        let traps = jrun.traps.get(&n.op).copied().unwrap_or(OpTraps {
+            traps: 0,
+            vmm_cost: 0,
+        });
+        let judged_per_op = jrow.per_op();
+        let traps_per_op = traps.traps as f64 / jrow.iterations.max(1) as f64;
+        let vmm_per_trap = if traps.traps == 0 {
+            0.0
+        } else {
+            traps.vmm_cost as f64 / traps.traps as f64
+        };
+        let native_per_op = n.per_op();
+        let ratio = if native_per_op > 0.0 {
+            judged_per_op / native_per_op
+        } else {
+            f64::INFINITY
+        };
+        let modelled = judged_per_op + traps_per_op * trap_cost;
+        let target = target(&n.op).map(|t| {
+            let ok = match t {
+                Target::ExtraAtMost(max) => judged_per_op - native_per_op <= max,
+                Target::RatioAtMost(max) => ratio <= max,
+                Target::ModelledRatioAtMost(max) => {
+                    native_per_op > 0.0 && modelled / native_per_op <= max
+                }
+            };
+            (t, ok)
+        });
+        out.push(ResultRow {
+            op: n.op.clone(),
+            iterations: n.iterations,
+            native: native_per_op,
+            vmm_flush: f.per_op(),
+            vmm_cached: c.per_op(),
+            judged: judged_per_op,
+            ratio,
+            traps_per_op,
+            vmm_per_trap,
+            modelled_cycles: modelled,
+            target,
+        });
+    }
+    Ok(out)
+}
+
+/// `bench/results.csv`: a header and one line per op.
+pub fn to_csv(rows: &[ResultRow]) -> String {
+    let mut s = String::from(
+        "op,iterations,native,vmm_flush,vmm_cached,ratio,traps_per_op,vmm_instructions_per_trap,modelled_cycles,target,target_met\n",
+    );
+    for r in rows {
+        let (t, ok) = match &r.target {
+            Some((t, ok)) => (t.describe(), if *ok { "yes" } else { "no" }),
+            None => (String::new(), ""),
+        };
+        let _ = writeln!(
+            s,
+            "{},{},{:.1},{:.1},{:.1},{:.2},{:.2},{:.0},{:.0},{},{}",
+            r.op,
+            r.iterations,
+            r.native,
+            r.vmm_flush,
+            r.vmm_cached,
+            r.ratio,
+            r.traps_per_op,
+            r.vmm_per_trap,
+            r.modelled_cycles,
+            t,
+            ok
+        );
+    }
+    s
+}
+
+/// The markdown table printed by `./run-qemu.sh --bench`.
+pub fn to_markdown(rows: &[ResultRow], judged: Judged, trap_cost: f64) -> String {
+    let mut s = String::new();
+    let policy = match judged {
+        Judged::Flush => "flush",
+        Judged::Cached => "cached",
+    };
+    let _ = writeln!(
+        s,
+        "| op | native | VMM flush | VMM cached | ratio ({policy}) | traps/op | VMM instr/trap | modelled cycles (C={trap_cost:.0}) | target | met |"
+    );
+    s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---|---|\n");
+    for r in rows {
+        let (t, ok) = match &r.target {
+            Some((t, ok)) => (t.describe(), if *ok { "yes" } else { "**no**" }),
+            None => (String::new(), ""),
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} | {:.0} | {} | {} |",
+            r.op,
+            r.native,
+            r.vmm_flush,
+            r.vmm_cached,
+            r.ratio,
+            r.traps_per_op,
+            r.vmm_per_trap,
+            r.modelled_cycles,
+            t,
+            ok
+        );
+    }
+    s
+}
+
+/// Checks a CSV produced by [`to_csv`]: the header, and every line with the same number of
+/// fields, numbers where numbers belong.
+pub fn check_csv(csv: &str) -> Result<usize, String> {
+    let mut lines = csv.lines();
+    let header = lines.next().ok_or("empty CSV")?;
+    let columns = header.split(',').count();
+    let mut n = 0;
+    for line in lines {
+        let f: Vec<&str> = line.split(',').collect();
+        if f.len() != columns {
+            return Err(format!("{} fields, expected {columns}: {line}", f.len()));
+        }
+        for (i, v) in f.iter().enumerate().skip(1).take(8) {
+            v.parse::<f64>()
+                .map_err(|_| format!("column {i} is not a number: {line}"))?;
+        }
+        n += 1;
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NATIVE: &str =
+        "[guest] bench,cli_sti,1000,2000,2\r\n[guest] bench,compute_loop_user,1000,4000,4\n";
+    const VMM: &str =
+        "[guest] bench,cli_sti,1000,1002000,1002\n[guest] bench,compute_loop_user,1000,4040,4\n\
+[vmm] bench-traps,cli_sti,2010,900000\n[vmm] bench-traps,compute_loop_user,3,3000\n";
+
+    #[test]
+    fn parses_guest_and_vmm_lines() {
+        let r = parse_run(VMM).unwrap();
+        assert_eq!(r.rows.len(), 2);
+        assert_eq!(r.row("cli_sti").unwrap().total, 1_002_000);
+        assert_eq!(
+            r.traps["cli_sti"],
+            OpTraps {
+                traps: 2010,
+                vmm_cost: 900_000
+            }
+        );
+    }
+
+    #[test]
+    fn a_malformed_line_is_an_error() {
+        assert!(parse_run("[guest] bench,cli_sti,x,1,1\n").is_err());
+        assert!(parse_run("[vmm] nothing here\n").is_err());
+    }
+
+    #[test]
+    fn combines_runs_into_ratios_traps_and_targets() {
+        let n = parse_run(NATIVE).unwrap();
+        let v = parse_run(VMM).unwrap();
+        let rows = combine(&n, &v, &v, Judged::Flush, 700.0).unwrap();
+        let cli = &rows[0];
+        assert_eq!(cli.native, 2.0);
+        assert!((cli.traps_per_op - 2.01).abs() < 1e-9);
+        assert!((cli.vmm_per_trap - 900_000.0 / 2010.0).abs() < 1e-9);
+        assert!((cli.modelled_cycles - (1002.0 + 2.01 * 700.0)).abs() < 1e-9);
+        assert_eq!(cli.target, Some((Target::ExtraAtMost(160.0), false)));
+        let compute = &rows[1];
+        assert!((compute.ratio - 1.01).abs() < 1e-9);
+        assert_eq!(compute.target, Some((Target::RatioAtMost(1.01), true)));
+        let csv = to_csv(&rows);
+        assert_eq!(check_csv(&csv), Ok(2));
+        assert!(to_markdown(&rows, Judged::Flush, 700.0).contains("| cli_sti | 2 | 1002 |"));
+    }
+
+    #[test]
+    fn a_missing_op_in_a_vmm_run_is_an_error() {
+        let n = parse_run(NATIVE).unwrap();
+        let v = parse_run("[guest] bench,cli_sti,1000,1,0\n").unwrap();
+        assert!(combine(&n, &v, &v, Judged::Cached, 700.0).is_err());
+    }
+
+    #[test]
+    fn check_csv_rejects_ragged_lines() {
+        assert!(check_csv("a,b\n1\n").is_err());
+        assert!(check_csv("op,x,y,z,w,v,u,t,s,r\nop,1,2,3,4,5,6,7,zz,t\n").is_err());
+    }
+}
