@@ -196,6 +196,9 @@ extern "C" {
     static fixup_read_u64_insn: u8;
     static fixup_read_u64_recover: u8;
     fn fixup_rdmsr(msr: u32, out: *mut u64) -> u64;
+    fn fixup_copy(dst: *mut u8, src: *const u8, len: usize) -> usize;
+    static fixup_copy_insn: u8;
+    static fixup_copy_recover: u8;
     static fixup_rdmsr_insn: u8;
     static fixup_rdmsr_recover: u8;
     fn trap_return(frame: *const TrapFrame) -> !;
@@ -258,6 +261,17 @@ pub fn read_u64_or_fault(addr: u64) -> Option<u64> {
     (faulted == 0).then_some(value)
 }
 
+/// Copies `len` bytes from `src` to `dst` where either side may be unmapped in the current
+/// address space: returns false (after copying a prefix) instead of faulting.
+///
+/// # Safety
+/// The mapped parts of both ranges must be memory the caller may read (`src`) and write
+/// (`dst`); in practice one side is a host buffer and the other guest memory.
+pub unsafe fn copy_or_fault(dst: *mut u8, src: *const u8, len: usize) -> bool {
+    // SAFETY: the caller's contract; a #PF inside the copy is recovered by the dispatcher.
+    unsafe { fixup_copy(dst, src, len) == 0 }
+}
+
 /// RDMSR that returns `None` instead of faulting when the MSR does not exist.
 pub fn rdmsr_or_fault(msr: u32) -> Option<u64> {
     let mut value = 0;
@@ -282,6 +296,10 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
             // the faulting address.
             LAST_RECOVERED_CR2.store(unsafe { x86::controlregs::cr2() } as u64, Ordering::Relaxed);
             frame.rip = core::ptr::addr_of!(fixup_read_u64_recover) as u64;
+        }
+        vector::PAGE_FAULT if frame.rip == core::ptr::addr_of!(fixup_copy_insn) as u64 => {
+            // RCX still counts the bytes left; the recovery label returns it.
+            frame.rip = core::ptr::addr_of!(fixup_copy_recover) as u64;
         }
         vector::GENERAL_PROTECTION if frame.rip == core::ptr::addr_of!(fixup_rdmsr_insn) as u64 => {
             frame.rip = core::ptr::addr_of!(fixup_rdmsr_recover) as u64;

@@ -218,6 +218,8 @@ pub struct Stats {
     pub reclaims: u64,
     /// Stop outcomes returned.
     pub stops: u64,
+    /// Emulator accesses served from existing shadow entries without a guest walk.
+    pub shadow_hits: u64,
     /// CR3 loads whose guest PML4 maps the VMM's slot (never honoured).
     pub guest_vmm_slot_mappings: u64,
     /// Shadow roots alive (two per guest address space).
@@ -643,6 +645,17 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         } else {
             kind
         };
+        if let Some(pieces) = self.shadow_hit(gva, buf.len(), kind, privilege) {
+            let mut done = 0usize;
+            for (frame, offset, len) in pieces.into_iter().flatten() {
+                let chunk = buf.get_mut(done..done + len).unwrap_or_default();
+                self.mem
+                    .read_bytes(HostPhysAddr::new(frame + offset), chunk);
+                done += len;
+            }
+            self.stats.shadow_hits += 1;
+            return Ok(());
+        }
         let pieces = self.translate_range(gva, buf.len(), Access::new(kind, privilege))?;
         let mut done = 0usize;
         for (va, gpa, len) in pieces {
@@ -664,6 +677,17 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         data: &[u8],
         privilege: Privilege,
     ) -> Result<(), TranslateError> {
+        if let Some(pieces) = self.shadow_hit(gva, data.len(), AccessKind::Write, privilege) {
+            let mut done = 0usize;
+            for (frame, offset, len) in pieces.into_iter().flatten() {
+                let chunk = data.get(done..done + len).unwrap_or_default();
+                self.mem
+                    .write_bytes(HostPhysAddr::new(frame + offset), chunk);
+                done += len;
+            }
+            self.stats.shadow_hits += 1;
+            return Ok(());
+        }
         let pieces =
             self.translate_range(gva, data.len(), Access::new(AccessKind::Write, privilege))?;
         let mut done = 0usize;
@@ -736,6 +760,49 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
                 other => return other,
             }
         }
+    }
+
+    /// The emulator's software TLB: when the shadow of the view that stands for `privilege`
+    /// already maps every page of `[gva, gva + len)` for this access (present; writable for a
+    /// write; not execute-disabled for a fetch), the access needs no guest walk — the fill that
+    /// made the shadow entry walked the guest's tables, set A (and D, for a writable entry), and
+    /// a write-protected guest page table is never writable in the shadow. Returns the host
+    /// pieces (frame, offset, length), at most two pages; `None` means: take the walk.
+    fn shadow_hit(
+        &self,
+        gva: GuestVirtAddr,
+        len: usize,
+        kind: AccessKind,
+        privilege: Privilege,
+    ) -> Option<[Option<(u64, u64, usize)>; 2]> {
+        if len == 0 || len > PAGE_SIZE as usize {
+            return None;
+        }
+        let view = match privilege {
+            Privilege::Supervisor => View::Kernel,
+            Privilege::User => View::User,
+        };
+        let mut pieces = [None; 2];
+        let mut done = 0usize;
+        for piece in pieces.iter_mut() {
+            if done == len {
+                break;
+            }
+            let va = gva.checked_add(done as u64)?;
+            let n = ((PAGE_SIZE - va.page_offset()) as usize).min(len - done);
+            let m = self.shadow_lookup(view, va)?;
+            let allowed = match kind {
+                AccessKind::Read => true,
+                AccessKind::Write => m.writable,
+                AccessKind::Fetch => !m.execute_disable,
+            };
+            if !allowed || !m.user {
+                return None;
+            }
+            *piece = Some((m.frame.as_u64(), va.page_offset(), n));
+            done += n;
+        }
+        (done == len).then_some(pieces)
     }
 
     /// What the shadow of `view` maps at `gva`, walked like the real CPU would at CPL 3.

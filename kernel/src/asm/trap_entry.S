@@ -150,6 +150,23 @@ fixup_read_u64_recover:
     ret
 
 /*
+ * usize fixup_copy(void *dst, const void *src, usize len): copies len bytes and returns 0, or,
+ * when a page fault interrupts the copy (`rep movsb` is restartable: RCX counts down), returns
+ * the bytes left. The VMM reads and writes guest memory through the loaded shadow tables with
+ * it, falling back to a guest page walk on a fault.
+ */
+.global fixup_copy
+fixup_copy:
+    mov %rdx, %rcx
+.global fixup_copy_insn
+fixup_copy_insn:
+    rep movsb
+.global fixup_copy_recover
+fixup_copy_recover:
+    mov %rcx, %rax
+    ret
+
+/*
  * u64 fixup_rdmsr(u32 msr, u64 *out): RDMSR into *out and returns 0, or returns 1 if the MSR
  * does not exist (#GP at `fixup_rdmsr_insn` resumes at `fixup_rdmsr_recover`).
  */

@@ -61,32 +61,38 @@ impl FrameAllocator for HostFrames {
     }
 }
 
-/// Guest memory as the emulator sees it, with one fast path: an instruction fetch first reads
-/// the bytes through the shadow page tables that are loaded in CR3 right now (the CPU has just
-/// fetched the same instruction through them to trap on it, so they map it exactly as the guest's
-/// tables allowed, like a TLB would). Only if that read faults (the shadow entry is not filled
-/// yet) does the fetch walk the guest's tables in shadow-mmu. Data accesses always take the
-/// walk, which sets A/D bits and honours write protection of guest page tables.
+/// Guest memory as the emulator sees it, with a fast path: an access first goes through the
+/// shadow page tables loaded in CR3 right now, as if it hit in a TLB. The shadow maps a page
+/// only as the guest's own tables allow it (filled by a guest walk that set the accessed bit;
+/// writable only once the dirty bit is set; page-table pages read-only under the cached
+/// policy), so whatever succeeds here is what the walk would allow. On any fault (not filled
+/// yet, read-only, supervisor-only in the user view) the access falls back to the guest walk in
+/// shadow-mmu, which sets A/D bits, reports guest page-table writes, and raises the guest's
+/// #PF. Only the privilege the loaded view stands for takes the fast path (the kernel view maps
+/// every guest page user-accessible), and a write that crosses a page never does (it must not
+/// half-happen before the walk decides).
 pub struct GuestAccess<'a> {
     /// The guest's shadow MMU.
     pub mmu: &'a mut crate::vmm::Mmu,
+    /// The shadow view loaded in CR3.
+    pub view: shadow_mmu::View,
 }
 
 impl GuestAccess<'_> {
-    /// 16 bytes at `gva` read through the current CR3, or `None` if a page is not mapped there.
-    fn fetch_through_shadow(gva: u64) -> Option<[u8; 16]> {
-        // Only the guest's lower half: the host's own slot 511 is mapped in CR3 too (supervisor
-        // only, readable from here), and the guest must never read it through us.
-        let end = gva.checked_add(16)?;
-        if end > 0x0000_8000_0000_0000 {
-            return None;
-        }
-        let low = crate::trap::read_u64_or_fault(gva)?;
-        let high = crate::trap::read_u64_or_fault(gva + 8)?;
-        let mut bytes = [0u8; 16];
-        bytes[..8].copy_from_slice(&low.to_le_bytes());
-        bytes[8..].copy_from_slice(&high.to_le_bytes());
-        Some(bytes)
+    /// Whether `[gva, gva + len)` is guest linear space (canonical, below the VMM's slot) that
+    /// an access with `privilege` may try through the loaded view.
+    fn fast_path_allowed(&self, gva: u64, len: usize, privilege: shadow_mmu::Privilege) -> bool {
+        let same_privilege = matches!(
+            (self.view, privilege),
+            (shadow_mmu::View::Kernel, shadow_mmu::Privilege::Supervisor)
+                | (shadow_mmu::View::User, shadow_mmu::Privilege::User)
+        );
+        let Some(end) = gva.checked_add(len as u64) else {
+            return false;
+        };
+        let lower = end <= 0x0000_8000_0000_0000;
+        let upper = gva >= 0xFFFF_8000_0000_0000 && end <= boot::VMM_RESERVED_VA_START;
+        same_privilege && len > 0 && (lower || upper)
     }
 }
 
@@ -98,11 +104,19 @@ impl vmm_core::cpu::GuestMemory for GuestAccess<'_> {
         kind: shadow_mmu::AccessKind,
         privilege: shadow_mmu::Privilege,
     ) -> Result<(), shadow_mmu::TranslateError> {
-        if kind == shadow_mmu::AccessKind::Fetch && buf.len() <= 16 {
-            if let Some(bytes) = Self::fetch_through_shadow(gva) {
-                buf.copy_from_slice(&bytes[..buf.len()]);
-                return Ok(());
-            }
+        // An instruction fetch may use any view: the CPU has just fetched the same bytes
+        // through it to trap on them.
+        let allowed = if kind == shadow_mmu::AccessKind::Fetch {
+            self.fast_path_allowed(gva, buf.len(), self.view.privilege())
+        } else {
+            self.fast_path_allowed(gva, buf.len(), privilege)
+        };
+        // SAFETY: the source is guest linear memory below the VMM's slot (checked), read
+        // through the loaded shadow; a fault is recovered; `buf` is ours.
+        if allowed
+            && unsafe { crate::trap::copy_or_fault(buf.as_mut_ptr(), gva as *const u8, buf.len()) }
+        {
+            return Ok(());
         }
         vmm_core::cpu::GuestMemory::read_linear(self.mmu, gva, buf, kind, privilege)
     }
@@ -113,6 +127,15 @@ impl vmm_core::cpu::GuestMemory for GuestAccess<'_> {
         data: &[u8],
         privilege: shadow_mmu::Privilege,
     ) -> Result<(), shadow_mmu::TranslateError> {
+        let one_page = (gva & 0xFFF) + data.len() as u64 <= 0x1000;
+        if one_page && self.fast_path_allowed(gva, data.len(), privilege) {
+            // SAFETY: the destination is guest linear memory below the VMM's slot (checked)
+            // that the loaded shadow maps writable, or the copy faults before writing (one
+            // page: all or nothing); `data` is ours.
+            if unsafe { crate::trap::copy_or_fault(gva as *mut u8, data.as_ptr(), data.len()) } {
+                return Ok(());
+            }
+        }
         vmm_core::cpu::GuestMemory::write_linear(self.mmu, gva, data, privilege)
     }
 }

@@ -539,7 +539,14 @@ impl Vm {
                     Some(code) => Event::exception_with_code(v as u8, code),
                     None => Event::exception(v as u8),
                 };
-                let action = match vmm_core::cpu::deliver(&mut self.cpu, &mut self.mmu, event) {
+                let action = match vmm_core::cpu::deliver(
+                    &mut self.cpu,
+                    &mut host::GuestAccess {
+                        mmu: &mut self.mmu,
+                        view: self.view,
+                    },
+                    event,
+                ) {
                     Ok(_) => Action::Resume("reflected"),
                     Err(stop) => Action::Stop(StopWhy::Cpu(stop)),
                 };
@@ -555,14 +562,20 @@ impl Vm {
     /// Emulates the instruction at the guest's RIP.
     fn emulate(&mut self, cause: Cause, clock: &mut PhaseClock) -> (Action, TrapKind) {
         if self.trace_left > 0 {
-            let mut mem = host::GuestAccess { mmu: &mut self.mmu };
+            let mut mem = host::GuestAccess {
+                mmu: &mut self.mmu,
+                view: self.view,
+            };
             self.trace_text = vmm_core::cpu::emulate::fetch(&self.cpu, &mut mem)
                 .map(|ins| vmm_core::cpu::emulate::disassemble(&ins))
                 .ok();
         }
         let result = handle_instruction(
             &mut self.cpu,
-            &mut host::GuestAccess { mmu: &mut self.mmu },
+            &mut host::GuestAccess {
+                mmu: &mut self.mmu,
+                view: self.view,
+            },
             &mut self.bus,
             &HostCpuid,
             cause,
@@ -600,7 +613,14 @@ impl Vm {
         match result {
             Ok(()) => Action::Resume("forwarded"),
             Err(vmm_core::cpu::Fault::Raise(event)) => {
-                match vmm_core::cpu::deliver(&mut self.cpu, &mut self.mmu, event) {
+                match vmm_core::cpu::deliver(
+                    &mut self.cpu,
+                    &mut host::GuestAccess {
+                        mmu: &mut self.mmu,
+                        view: self.view,
+                    },
+                    event,
+                ) {
                     Ok(_) => Action::Resume("fault injected"),
                     Err(stop) => Action::Stop(StopWhy::Cpu(stop)),
                 }
@@ -622,7 +642,14 @@ impl Vm {
     fn inject_and_apply(&mut self, clock: &mut PhaseClock) -> Result<(), StopWhy> {
         let mut idle_since = None;
         loop {
-            match inject(&mut self.cpu, &mut self.mmu, &mut self.bus) {
+            match inject(
+                &mut self.cpu,
+                &mut host::GuestAccess {
+                    mmu: &mut self.mmu,
+                    view: self.view,
+                },
+                &mut self.bus,
+            ) {
                 Ok(Injection::Idle) => {
                     let since = *idle_since.get_or_insert(crate::timer::ticks());
                     let idle = crate::timer::ticks() - since;
@@ -829,7 +856,7 @@ fn report(vm: &mut Vm) {
     }
     let stats = vm.mmu.stats();
     crate::serial::write_line(format_args!(
-        "[vmm] shadow-mmu: fills={} reflections={} dirty-upgrades={} zaps={} cr3-loads={} roots={} shadow-pages={}/{} p2m-frames={}",
+        "[vmm] shadow-mmu: fills={} reflections={} dirty-upgrades={} zaps={} cr3-loads={} roots={} shadow-pages={}/{} p2m-frames={} emulator-hits={}",
         stats.fills,
         stats.reflections,
         stats.dirty_upgrades,
@@ -838,7 +865,8 @@ fn report(vm: &mut Vm) {
         stats.roots_live,
         stats.shadow_pages,
         stats.shadow_quota,
-        stats.p2m_frames
+        stats.p2m_frames,
+        stats.shadow_hits
     ));
     let unknown = alloc::format!("{}", vm.bus.unknown_ports());
     if !unknown.is_empty() {

@@ -535,3 +535,57 @@ fn a_root_the_guest_never_ran_on_protects_nothing() {
     assert!(!m.is_write_protected_gpa(GuestPhysAddr::new(0)));
     m.audit().unwrap();
 }
+
+#[test]
+fn emulator_accesses_hit_filled_shadow_entries_without_a_walk() {
+    for policy in [Policy::Flush, Policy::Cached] {
+        let mut m = mmu(policy, 64, CR3);
+        let va = 0x0000_0000_0040_0000u64;
+        map_4k(&mut m, T, va, 0x20_0000, P | RW | US, P | RW | US);
+        poke(&mut m, 0x20_0010, 0x1122_3344_5566_7788);
+        let user = Privilege::User;
+        let mut b = [0u8; 8];
+        // No shadow entry yet: the walk serves it.
+        m.read_linear(gva(va + 0x10), &mut b, AccessKind::Read, user)
+            .unwrap();
+        assert_eq!(m.stats().shadow_hits, 0);
+        // A read fault fills a read-only leaf (D not set yet): reads hit, a write does not.
+        assert_eq!(
+            m.handle_page_fault(View::User, gva(va), hw(false, false)),
+            FaultOutcome::Filled
+        );
+        m.read_linear(gva(va + 0x10), &mut b, AccessKind::Read, user)
+            .unwrap();
+        assert_eq!(u64::from_le_bytes(b), 0x1122_3344_5566_7788);
+        assert_eq!(m.stats().shadow_hits, 1);
+        m.write_linear(gva(va + 0x10), &[9; 2], user).unwrap();
+        assert_eq!(
+            m.stats().shadow_hits,
+            1,
+            "a read-only leaf sends the write to the walk"
+        );
+        assert_ne!(
+            peek(&m, T[3] + ((va >> 12) & 0x1ff) * 8) & D,
+            0,
+            "the walk set D"
+        );
+        // After the write fault upgrades the leaf, writes hit too.
+        assert_eq!(
+            m.handle_page_fault(View::User, gva(va), hw(true, true)),
+            FaultOutcome::Filled
+        );
+        m.write_linear(gva(va + 0x20), &[5; 4], user).unwrap();
+        assert_eq!(m.stats().shadow_hits, 2);
+        assert_eq!(peek(&m, 0x20_0020) & 0xffff_ffff, 0x0505_0505);
+        // A supervisor access uses the kernel view, which has no entry yet: the walk.
+        m.read_linear(
+            gva(va + 0x10),
+            &mut b,
+            AccessKind::Read,
+            Privilege::Supervisor,
+        )
+        .unwrap();
+        assert_eq!(m.stats().shadow_hits, 2);
+        m.audit().unwrap();
+    }
+}
