@@ -111,12 +111,15 @@ impl vmm_core::cpu::GuestMemory for GuestAccess<'_> {
         } else {
             self.fast_path_allowed(gva, buf.len(), privilege)
         };
-        // SAFETY: the source is guest linear memory below the VMM's slot (checked), read
-        // through the loaded shadow; a fault is recovered; `buf` is ours.
-        if allowed
-            && unsafe { crate::trap::copy_or_fault(buf.as_mut_ptr(), gva as *const u8, buf.len()) }
-        {
-            return Ok(());
+        if allowed {
+            // SAFETY: the source is guest linear memory below the VMM's slot (checked), read
+            // through the loaded shadow; a fault is recovered; `buf` is ours.
+            let copied = unsafe {
+                crate::trap::copy_or_fault(buf.as_mut_ptr(), gva as *const u8, buf.len())
+            };
+            if copied {
+                return Ok(());
+            }
         }
         vmm_core::cpu::GuestMemory::read_linear(self.mmu, gva, buf, kind, privilege)
     }
