@@ -220,6 +220,9 @@ pub struct Stats {
     pub stops: u64,
     /// Emulator accesses served from existing shadow entries without a guest walk.
     pub shadow_hits: u64,
+    /// Cached address spaces dropped because the guest wrote one of their tables while not
+    /// running on them ([`ShadowMmu::release_inactive_shadows`]).
+    pub released_address_spaces: u64,
     /// CR3 loads whose guest PML4 maps the VMM's slot (never honoured).
     pub guest_vmm_slot_mappings: u64,
     /// Shadow roots alive (two per guest address space).
@@ -262,6 +265,8 @@ struct ShadowPage {
     guest_table: Option<u64>,
     /// Holds pieces of a guest 2 MiB or 1 GiB page.
     large: bool,
+    /// The key of the address space (root pair) this page belongs to, when it was made.
+    owner: u64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -507,6 +512,31 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
             self.clear_root(pair.kernel.as_u64());
             self.clear_root(pair.user.as_u64());
         }
+    }
+
+    /// Cached policy, after [`FaultOutcome::EmulatePageTableWrite`]: if only address spaces
+    /// other than the running one shadow the guest table at `gpa`, drops them and returns true:
+    /// the guest is recycling the frame of a table it no longer runs on (a process exited, its
+    /// tables are being zeroed or reused), so keeping those shadows would only turn every store
+    /// into a trap. The write can then be retried; the next fault finds the page unprotected.
+    /// False when the running address space uses the table: emulate the write.
+    pub fn release_inactive_shadows(&mut self, gpa: GuestPhysAddr) -> bool {
+        let Some(list) = self.shadowed.get(&gpa.frame_number()) else {
+            return true;
+        };
+        let owners: BTreeSet<u64> = list
+            .iter()
+            .filter_map(|h| self.pages.get(h).map(|p| p.owner))
+            .collect();
+        if owners.contains(&self.current_key) {
+            return false;
+        }
+        for key in owners {
+            self.free_pair(key);
+            self.stats.released_address_spaces += 1;
+        }
+        self.tlb_flush = true;
+        !self.shadowed.contains_key(&gpa.frame_number())
     }
 
     /// True when a guest write to `gpa` must be emulated because the page holds a guest page
@@ -1095,6 +1125,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
                 level,
                 guest_table,
                 large,
+                owner: self.current_key,
             },
         );
         // Roots register lazily, on their first fill (see `fill`): a root the guest never ran on

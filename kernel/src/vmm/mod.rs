@@ -778,12 +778,15 @@ impl Vm {
                 };
                 (action, TrapKind::PageFault(PageFaultOutcome::Reflect))
             }
-            FaultOutcome::EmulatePageTableWrite { .. } => {
-                // A guest user program never writes page tables, and a kernel write that is not
-                // a PTE-style store (PUSH, CALL, ...) means the frame was freed as a table and
-                // reused as data: stop shadowing it (drop every shadow, which lifts all write
-                // protection) and let the guest retry natively. Real VMMs call this unshadowing.
-                let action = if self.cpu.cpl == 3 {
+            FaultOutcome::EmulatePageTableWrite { gpa } => {
+                // A table of an address space that is not running: the guest is recycling its
+                // frame; drop those shadows and let the store run natively. A guest user program
+                // never writes page tables, and a kernel store that is not PTE-style (PUSH,
+                // CALL, ...) means the frame was freed and reused as data: stop shadowing
+                // everything (real VMMs call this unshadowing) and retry natively too.
+                let action = if self.mmu.release_inactive_shadows(gpa) {
+                    Action::Resume("released an inactive address space")
+                } else if self.cpu.cpl == 3 {
                     self.unshadow()
                 } else {
                     match self.emulate(Cause::PageTableWrite, clock) {
@@ -868,6 +871,12 @@ fn report(vm: &mut Vm) {
         stats.p2m_frames,
         stats.shadow_hits
     ));
+    if stats.released_address_spaces > 0 || stats.flushes > 0 {
+        crate::serial::write_line(format_args!(
+            "[vmm] shadow-mmu: page-table writes emulated={} address spaces released={} full flushes={}",
+            stats.page_table_writes, stats.released_address_spaces, stats.flushes
+        ));
+    }
     let unknown = alloc::format!("{}", vm.bus.unknown_ports());
     if !unknown.is_empty() {
         crate::serial::write_line(format_args!("[vmm] unknown ports:"));

@@ -589,3 +589,40 @@ fn emulator_accesses_hit_filled_shadow_entries_without_a_walk() {
         m.audit().unwrap();
     }
 }
+
+#[test]
+fn a_write_to_a_table_of_an_address_space_not_running_releases_it() {
+    const T2: [u64; 4] = [0x50000, 0x51000, 0x52000, 0x53000];
+    let mut m = mmu(Policy::Cached, 64, CR3);
+    map_4k(&mut m, T, UVA, 0x20_0000, P | RW | US, P | RW | US);
+    map_4k(&mut m, T2, UVA, 0x30_0000, P | RW | US, P | RW | US);
+    // Both address spaces run once, so both shadow (and write-protect) their tables.
+    assert_eq!(
+        m.handle_page_fault(View::User, gva(UVA), hw(false, false)),
+        FaultOutcome::Filled
+    );
+    m.load_cr3(T2[0]).unwrap();
+    assert_eq!(
+        m.handle_page_fault(View::User, gva(UVA), hw(false, false)),
+        FaultOutcome::Filled
+    );
+    assert!(m.is_write_protected_gpa(GuestPhysAddr::new(T[3])));
+    assert_eq!(m.stats().roots_live, 4);
+    // Running on T2, a write to T's page table (a process exited; its frames are reused)
+    // drops T's shadows instead of being emulated...
+    assert!(m.release_inactive_shadows(GuestPhysAddr::new(T[3])));
+    assert!(!m.is_write_protected_gpa(GuestPhysAddr::new(T[3])));
+    assert_eq!(m.stats().roots_live, 2);
+    assert_eq!(m.stats().released_address_spaces, 1);
+    // ...while the running address space's own tables stay protected and are emulated.
+    assert!(!m.release_inactive_shadows(GuestPhysAddr::new(T2[3])));
+    assert!(m.is_write_protected_gpa(GuestPhysAddr::new(T2[3])));
+    m.audit().unwrap();
+    // Switching back rebuilds T's shadow from scratch.
+    m.load_cr3(CR3).unwrap();
+    assert_eq!(
+        m.handle_page_fault(View::User, gva(UVA), hw(false, false)),
+        FaultOutcome::Filled
+    );
+    m.audit().unwrap();
+}
