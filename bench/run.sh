@@ -12,7 +12,7 @@ OUT="$ROOT/bench"
 LOGS="$OUT/logs"
 trap_cost=700
 # The policy the VMM uses by default is the one the targets are judged on.
-judged=flush
+judged=cached
 words=()
 while [ $# -gt 0 ]; do
     case "$1" in
