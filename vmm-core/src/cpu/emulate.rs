@@ -122,23 +122,28 @@ where
     P: PortIo + ?Sized,
 {
     let shadow_before = cpu.interrupt_shadow;
-    let (decoded, next, result) = match fetch_bytes(cpu, mem) {
+    let (bytes, first) = match fetch_bytes(cpu, mem) {
+        Ok(fetched) => fetched,
         Err(fault) => {
             mark(Phase::Decode);
             return (None, Err(fault));
         }
-        // The allowed fast path: the one-byte CLI, STI and HLT need no decoder.
-        Ok((bytes, _)) if cause != Cause::PageTableWrite && one_byte(bytes[0]).is_some() => {
-            let (mnemonic, name) = one_byte(bytes[0]).unwrap_or((Mnemonic::INVALID, "other"));
+    };
+    // The fast path: a few privileged instructions with one fixed encoding and no operand
+    // byte to decode (exact byte patterns, no prefixes) skip the decoder.
+    let fast = if cause == Cause::PageTableWrite {
+        None
+    } else {
+        quick(&bytes)
+    };
+    let (decoded, next, result) = match fast {
+        Some((op, len, mnemonic, name)) => {
             mark(Phase::Decode);
-            let next = cpu.rip.wrapping_add(1);
-            let result = match bytes[0] {
-                0xF4 => hlt(cpu),
-                opcode => cli_sti(cpu, opcode == 0xFB, next),
-            };
+            let next = cpu.rip.wrapping_add(len);
+            let result = execute_quick(cpu, mem, ports, op, len as u8, next);
             ((mnemonic, name), next, result)
         }
-        Ok((bytes, first)) => {
+        None => {
             let decoded = decode(cpu, mem, bytes, first);
             mark(Phase::Decode);
             let ins = match decoded {
@@ -162,13 +167,109 @@ where
     (Some(decoded), result)
 }
 
-/// The one-byte instructions of the fast path.
-fn one_byte(opcode: u8) -> Option<(Mnemonic, &'static str)> {
-    match opcode {
-        0xFA => Some((Mnemonic::Cli, "CLI")),
-        0xFB => Some((Mnemonic::Sti, "STI")),
-        0xF4 => Some((Mnemonic::Hlt, "HLT")),
-        _ => None,
+/// An instruction of the fast path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Quick {
+    Cli,
+    Sti,
+    Hlt,
+    /// IN from DX (`None`) or an immediate port, of 1 or 4 bytes.
+    In(Option<u8>, usize),
+    /// OUT to DX (`None`) or an immediate port, of 1 or 4 bytes.
+    Out(Option<u8>, usize),
+    Swapgs,
+    Iretq,
+    Sysretq,
+    Sysexitq,
+    Rdmsr,
+    Wrmsr,
+    Int(u8),
+    Int3,
+}
+
+/// Recognises the fast path's exact encodings: (instruction, length, mnemonic, table name).
+fn quick(b: &[u8; MAX_INSTRUCTION_LEN]) -> Option<(Quick, u64, Mnemonic, &'static str)> {
+    Some(match *b {
+        [0xFA, ..] => (Quick::Cli, 1, Mnemonic::Cli, "CLI"),
+        [0xFB, ..] => (Quick::Sti, 1, Mnemonic::Sti, "STI"),
+        [0xF4, ..] => (Quick::Hlt, 1, Mnemonic::Hlt, "HLT"),
+        [0xEC, ..] => (Quick::In(None, 1), 1, Mnemonic::In, "IN"),
+        [0xED, ..] => (Quick::In(None, 4), 1, Mnemonic::In, "IN"),
+        [0xEE, ..] => (Quick::Out(None, 1), 1, Mnemonic::Out, "OUT"),
+        [0xEF, ..] => (Quick::Out(None, 4), 1, Mnemonic::Out, "OUT"),
+        [0xE4, port, ..] => (Quick::In(Some(port), 1), 2, Mnemonic::In, "IN"),
+        [0xE5, port, ..] => (Quick::In(Some(port), 4), 2, Mnemonic::In, "IN"),
+        [0xE6, port, ..] => (Quick::Out(Some(port), 1), 2, Mnemonic::Out, "OUT"),
+        [0xE7, port, ..] => (Quick::Out(Some(port), 4), 2, Mnemonic::Out, "OUT"),
+        [0x0F, 0x01, 0xF8, ..] => (Quick::Swapgs, 3, Mnemonic::Swapgs, "SWAPGS"),
+        [0x48, 0xCF, ..] => (Quick::Iretq, 2, Mnemonic::Iretq, "IRETQ"),
+        [0x48, 0x0F, 0x07, ..] => (Quick::Sysretq, 3, Mnemonic::Sysretq, "SYSRETQ"),
+        [0x48, 0x0F, 0x35, ..] => (Quick::Sysexitq, 3, Mnemonic::Sysexitq, "SYSEXITQ"),
+        [0x0F, 0x32, ..] => (Quick::Rdmsr, 2, Mnemonic::Rdmsr, "RDMSR"),
+        [0x0F, 0x30, ..] => (Quick::Wrmsr, 2, Mnemonic::Wrmsr, "WRMSR"),
+        [0xCD, vector, ..] => (Quick::Int(vector), 2, Mnemonic::Int, "INT n"),
+        [0xCC, ..] => (Quick::Int3, 1, Mnemonic::Int3, "INT3"),
+        _ => return None,
+    })
+}
+
+/// Executes a fast-path instruction with the same handlers the decoded path uses.
+fn execute_quick<M, P>(
+    cpu: &mut VCpu,
+    mem: &mut M,
+    ports: &mut P,
+    op: Quick,
+    len: u8,
+    next: u64,
+) -> Result<Flow, Fault>
+where
+    M: GuestMemory + ?Sized,
+    P: PortIo + ?Sized,
+{
+    let port = |cpu: &VCpu, imm: Option<u8>| imm.map_or(cpu.reg(Gpr::Rdx) as u16, u16::from);
+    match op {
+        Quick::Cli => cli_sti(cpu, false, next),
+        Quick::Sti => cli_sti(cpu, true, next),
+        Quick::Hlt => hlt(cpu),
+        Quick::In(imm, size) => {
+            let p = port(cpu, imm);
+            port_in(cpu, mem, ports, p, size)
+        }
+        Quick::Out(imm, size) => {
+            let p = port(cpu, imm);
+            port_out(cpu, mem, ports, p, size)
+        }
+        Quick::Swapgs => {
+            swapgs(cpu)?;
+            Ok(Flow::Next)
+        }
+        Quick::Iretq => {
+            iret(cpu, mem, 8)?;
+            Ok(Flow::Jumped)
+        }
+        Quick::Sysretq => {
+            sysret(cpu, true)?;
+            Ok(Flow::Jumped)
+        }
+        Quick::Sysexitq => {
+            sysexit(cpu, true)?;
+            Ok(Flow::Jumped)
+        }
+        Quick::Rdmsr => rdmsr(cpu),
+        Quick::Wrmsr => wrmsr(cpu),
+        Quick::Int(vector) => Err(Event::software(vector, len).into()),
+        Quick::Int3 => Err(int3_event(len).into()),
+    }
+}
+
+/// INT3 (a software exception: the gate DPL is checked, #DF rules apply as for exceptions).
+fn int3_event(len: u8) -> Event {
+    Event {
+        vector: vector::BP,
+        kind: EventKind::SoftwareException,
+        error_code: None,
+        cr2: None,
+        instruction_len: len,
     }
 }
 
@@ -186,6 +287,68 @@ fn cli_sti(cpu: &mut VCpu, sti: bool, next: u64) -> Result<Flow, Fault> {
     } else {
         cpu.rflags &= !rflags::IF;
     }
+    Ok(Flow::Next)
+}
+
+/// RDMSR: ECX selects, EDX:EAX receive (CPL 0 only).
+fn rdmsr(cpu: &mut VCpu) -> Result<Flow, Fault> {
+    require_cpl0(cpu)?;
+    let value = read_msr(cpu, cpu.reg(Gpr::Rcx) as u32)?;
+    cpu.set_reg(Gpr::Rax, value & 0xFFFF_FFFF);
+    cpu.set_reg(Gpr::Rdx, value >> 32);
+    Ok(Flow::Next)
+}
+
+/// WRMSR: ECX selects, EDX:EAX is written (CPL 0 only).
+fn wrmsr(cpu: &mut VCpu) -> Result<Flow, Fault> {
+    require_cpl0(cpu)?;
+    let value = (cpu.reg(Gpr::Rdx) << 32) | (cpu.reg(Gpr::Rax) & 0xFFFF_FFFF);
+    write_msr(cpu, cpu.reg(Gpr::Rcx) as u32, value)?;
+    Ok(Flow::Next)
+}
+
+/// The accumulator of an I/O access of `size` bytes.
+fn accumulator(size: usize) -> Register {
+    match size {
+        1 => Register::AL,
+        2 => Register::AX,
+        _ => Register::EAX,
+    }
+}
+
+/// IN AL/AX/EAX from `port` (EAX zero-extends into RAX).
+fn port_in<M, P>(
+    cpu: &mut VCpu,
+    mem: &mut M,
+    ports: &mut P,
+    port: u16,
+    size: usize,
+) -> Result<Flow, Fault>
+where
+    M: GuestMemory + ?Sized,
+    P: PortIo + ?Sized,
+{
+    check_io_permission(cpu, mem, port, size)?;
+    let value = ports.port_read(port, size as u8);
+    write_reg(cpu, accumulator(size), u64::from(value));
+    Ok(Flow::Next)
+}
+
+/// OUT AL/AX/EAX to `port`.
+fn port_out<M, P>(
+    cpu: &mut VCpu,
+    mem: &mut M,
+    ports: &mut P,
+    port: u16,
+    size: usize,
+) -> Result<Flow, Fault>
+where
+    M: GuestMemory + ?Sized,
+    P: PortIo + ?Sized,
+{
+    check_io_permission(cpu, mem, port, size)?;
+    let value = read_reg(cpu, accumulator(size)) as u32;
+    ports.port_write(port, size as u8, value);
     Ok(Flow::Next)
 }
 
@@ -588,19 +751,8 @@ where
             require_cpl0(cpu)?;
             Ok(Flow::Next)
         }
-        Code::Rdmsr => {
-            require_cpl0(cpu)?;
-            let value = read_msr(cpu, cpu.reg(Gpr::Rcx) as u32)?;
-            cpu.set_reg(Gpr::Rax, value & 0xFFFF_FFFF);
-            cpu.set_reg(Gpr::Rdx, value >> 32);
-            Ok(Flow::Next)
-        }
-        Code::Wrmsr => {
-            require_cpl0(cpu)?;
-            let value = (cpu.reg(Gpr::Rdx) << 32) | (cpu.reg(Gpr::Rax) & 0xFFFF_FFFF);
-            write_msr(cpu, cpu.reg(Gpr::Rcx) as u32, value)?;
-            Ok(Flow::Next)
-        }
+        Code::Rdmsr => rdmsr(cpu),
+        Code::Wrmsr => wrmsr(cpu),
         Code::In_AL_imm8
         | Code::In_AX_imm8
         | Code::In_EAX_imm8
@@ -608,11 +760,7 @@ where
         | Code::In_AX_DX
         | Code::In_EAX_DX => {
             let port = port_operand(cpu, ins, 1);
-            let size = ins.op0_register().size();
-            check_io_permission(cpu, mem, port, size)?;
-            let value = ports.port_read(port, size as u8);
-            write_reg(cpu, ins.op0_register(), u64::from(value));
-            Ok(Flow::Next)
+            port_in(cpu, mem, ports, port, ins.op0_register().size())
         }
         Code::Out_imm8_AL
         | Code::Out_imm8_AX
@@ -621,11 +769,7 @@ where
         | Code::Out_DX_AX
         | Code::Out_DX_EAX => {
             let port = port_operand(cpu, ins, 0);
-            let size = ins.op1_register().size();
-            check_io_permission(cpu, mem, port, size)?;
-            let value = read_reg(cpu, ins.op1_register()) as u32;
-            ports.port_write(port, size as u8, value);
-            Ok(Flow::Next)
+            port_out(cpu, mem, ports, port, ins.op1_register().size())
         }
         Code::Insb_m8_DX | Code::Insw_m16_DX | Code::Insd_m32_DX => {
             string_io(cpu, mem, ports, ins, true)
@@ -730,14 +874,7 @@ where
             Ok(Flow::Next)
         }
         Code::Int_imm8 => Err(Event::software(ins.immediate8(), ins.len() as u8).into()),
-        Code::Int3 => Err(Event {
-            vector: vector::BP,
-            kind: EventKind::SoftwareException,
-            error_code: None,
-            cr2: None,
-            instruction_len: ins.len() as u8,
-        }
-        .into()),
+        Code::Int3 => Err(int3_event(ins.len() as u8).into()),
         Code::Int1 => {
             // ICEBP: a #DB delivered like a hardware exception (no DPL check) after the
             // instruction.
