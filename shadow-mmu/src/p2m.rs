@@ -5,7 +5,9 @@
 //! [`MemoryError::OutsideRam`], which the fault path turns into a stop reason today (an MMIO hook
 //! later); nothing here panics on a guest-chosen address.
 
+use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
+use alloc::vec::Vec;
 
 use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
 use crate::machine::{FrameAllocator, HostMemory};
@@ -27,20 +29,32 @@ pub trait GuestPhysMemory {
     fn write_u64(&mut self, gpa: GuestPhysAddr, value: u64) -> Result<(), MemoryError>;
 }
 
-/// The guest-physical to host-physical map of one guest.
+/// Guest frames per leaf of the map (one host page of entries).
+const CHUNK: usize = 512;
+
+/// The guest-physical to host-physical map of one guest: a two-level radix table indexed by
+/// guest frame number (every guest page walk looks frames up here, so a lookup is two array
+/// indexings, not a tree search), and the reverse map.
 #[derive(Debug)]
 pub struct P2m {
     ram_bytes: u64,
-    frames: BTreeMap<u64, HostPhysAddr>,
+    /// `chunks[gfn / 512][gfn % 512]` = host frame address, 0 when not touched yet.
+    chunks: Vec<Option<Box<[u64; CHUNK]>>>,
+    frames_used: usize,
     owners: BTreeMap<u64, u64>,
 }
 
 impl P2m {
     /// An empty map for a guest with `ram_bytes` of RAM (rounded down to whole frames).
     pub fn new(ram_bytes: u64) -> Self {
+        let ram_bytes = ram_bytes & !(PAGE_SIZE - 1);
+        let frames = (ram_bytes / PAGE_SIZE) as usize;
+        let mut chunks = Vec::new();
+        chunks.resize_with(frames.div_ceil(CHUNK), || None);
         Self {
-            ram_bytes: ram_bytes & !(PAGE_SIZE - 1),
-            frames: BTreeMap::new(),
+            ram_bytes,
+            chunks,
+            frames_used: 0,
             owners: BTreeMap::new(),
         }
     }
@@ -57,12 +71,16 @@ impl P2m {
 
     /// Number of host frames currently backing guest RAM.
     pub fn frames_used(&self) -> usize {
-        self.frames.len()
+        self.frames_used
     }
 
     /// The host frame already backing guest frame `gfn`, if it was touched.
     pub fn lookup(&self, gfn: u64) -> Option<HostPhysAddr> {
-        self.frames.get(&gfn).copied()
+        let chunk = self.chunks.get((gfn / CHUNK as u64) as usize)?.as_ref()?;
+        match chunk.get((gfn % CHUNK as u64) as usize) {
+            Some(&0) | None => None,
+            Some(&hpa) => Some(HostPhysAddr::new(hpa)),
+        }
     }
 
     /// The guest frame a host frame backs, if it is one of this guest's frames.
@@ -77,16 +95,23 @@ impl P2m {
         mem: &mut M,
         alloc: &mut A,
     ) -> Result<HostPhysAddr, MemoryError> {
-        if let Some(f) = self.frames.get(&gfn) {
-            return Ok(*f);
+        if let Some(f) = self.lookup(gfn) {
+            return Ok(f);
         }
         let gpa = GuestPhysAddr::new(gfn.saturating_mul(PAGE_SIZE));
         if gfn >= self.ram_bytes / PAGE_SIZE {
             return Err(MemoryError::OutsideRam(gpa));
         }
+        let Some(slot) = self.chunks.get_mut((gfn / CHUNK as u64) as usize) else {
+            return Err(MemoryError::OutsideRam(gpa));
+        };
         let frame = alloc.allocate_frame().ok_or(MemoryError::OutOfHostFrames)?;
         mem.zero_frame(frame);
-        self.frames.insert(gfn, frame);
+        let chunk = slot.get_or_insert_with(|| Box::new([0; CHUNK]));
+        if let Some(entry) = chunk.get_mut((gfn % CHUNK as u64) as usize) {
+            *entry = frame.as_u64();
+        }
+        self.frames_used += 1;
         self.owners.insert(frame.as_u64(), gfn);
         Ok(frame)
     }
@@ -140,9 +165,14 @@ impl P2m {
 
     /// Gives every host frame back to `alloc` and empties the map.
     pub fn release_all<A: FrameAllocator>(&mut self, alloc: &mut A) {
-        for (_, f) in core::mem::take(&mut self.frames) {
-            alloc.deallocate_frame(f);
+        for chunk in self.chunks.iter_mut() {
+            if let Some(entries) = chunk.take() {
+                for &hpa in entries.iter().filter(|&&hpa| hpa != 0) {
+                    alloc.deallocate_frame(HostPhysAddr::new(hpa));
+                }
+            }
         }
+        self.frames_used = 0;
         self.owners.clear();
     }
 

@@ -223,6 +223,8 @@ pub struct Stats {
     /// Cached address spaces dropped because the guest wrote one of their tables while not
     /// running on them ([`ShadowMmu::release_inactive_shadows`]).
     pub released_address_spaces: u64,
+    /// Guest tables unshadowed after a flood of writes ([`ShadowMmu::unshadow_guest_table`]).
+    pub unshadowed_tables: u64,
     /// CR3 loads whose guest PML4 maps the VMM's slot (never honoured).
     pub guest_vmm_slot_mappings: u64,
     /// Shadow roots alive (two per guest address space).
@@ -267,6 +269,8 @@ struct ShadowPage {
     large: bool,
     /// The key of the address space (root pair) this page belongs to, when it was made.
     owner: u64,
+    /// The host address of the shadow entry that points at this page (`None` for roots).
+    parent: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -303,7 +307,13 @@ pub struct ShadowMmu<M, A> {
     clock: u64,
     tlb_flush: bool,
     stats: Stats,
+    /// The guest table the last emulated page-table writes went to, and how many in a row.
+    write_flood: Option<(u64, u32)>,
 }
+
+/// Consecutive emulated writes to one guest table, with no fill in between, after which it is
+/// unshadowed instead (KVM's "write flooding" heuristic uses 3).
+pub const WRITE_FLOOD_THRESHOLD: u32 = 4;
 
 fn slot(table: u64, idx: usize) -> HostPhysAddr {
     HostPhysAddr::new(table + idx as u64 * 8)
@@ -334,6 +344,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
             quota: config.shadow_quota,
             clock: 0,
             tlb_flush: false,
+            write_flood: None,
             stats: Stats::default(),
         };
         mmu.current_key = mmu.cr3_key(config.guest_cr3);
@@ -537,6 +548,35 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         }
         self.tlb_flush = true;
         !self.shadowed.contains_key(&gpa.frame_number())
+    }
+
+    /// Cached policy: stops shadowing the guest table at `gpa` in every address space (frees
+    /// the shadow pages that mirror it, clearing the entries that point at them), which lifts
+    /// its write protection; the tables are rebuilt, and protected again, when next used.
+    /// False when a root mirrors it (a guest PML4): then nothing changes.
+    pub fn unshadow_guest_table(&mut self, gpa: GuestPhysAddr) -> bool {
+        let gfn = gpa.frame_number();
+        let Some(list) = self.shadowed.get(&gfn).cloned() else {
+            return true;
+        };
+        if list
+            .iter()
+            .any(|h| self.pages.get(h).is_some_and(|p| p.parent.is_none()))
+        {
+            return false;
+        }
+        for hpa in list {
+            let Some(at) = self.pages.get(&hpa).and_then(|p| p.parent) else {
+                continue;
+            };
+            let points_here =
+                PageTableEntry(self.mem.read_u64(HostPhysAddr::new(at))).addr() == hpa;
+            if points_here {
+                self.zap_entry(at & !(PAGE_SIZE - 1), ((at % PAGE_SIZE) / 8) as usize);
+            }
+        }
+        self.stats.unshadowed_tables += 1;
+        !self.shadowed.contains_key(&gfn)
     }
 
     /// True when a guest write to `gpa` must be emulated because the page holds a guest page
@@ -1126,6 +1166,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
                 guest_table,
                 large,
                 owner: self.current_key,
+                parent: None,
             },
         );
         // Roots register lazily, on their first fill (see `fill`): a root the guest never ran on
@@ -1349,6 +1390,9 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
                 None => {
                     let c = self.alloc_page(child_level, guest_table, large)?;
                     self.mem.write_u64(at, c | SHADOW_TABLE_FLAGS);
+                    if let Some(page) = self.pages.get_mut(&c) {
+                        page.parent = Some(at.as_u64());
+                    }
                     c
                 }
             };
@@ -1407,9 +1451,24 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
                 .insert(at.as_u64());
         }
         if access.kind == AccessKind::Write && protected {
+            // Write flooding: a run of stores to one guest table with no fill in between (the
+            // guest zeroing or rebuilding it) is cheaper to let run natively than to emulate
+            // store by store; unshadow the table and have the guest retry.
+            let gfn = t.gpa.frame_number();
+            self.write_flood = match self.write_flood {
+                Some((g, n)) if g == gfn => Some((g, n + 1)),
+                _ => Some((gfn, 1)),
+            };
+            if matches!(self.write_flood, Some((_, n)) if n >= WRITE_FLOOD_THRESHOLD)
+                && self.unshadow_guest_table(t.gpa)
+            {
+                self.write_flood = None;
+                return Ok(FaultOutcome::Filled);
+            }
             self.stats.page_table_writes += 1;
             return Ok(FaultOutcome::EmulatePageTableWrite { gpa: t.gpa });
         }
+        self.write_flood = None;
         if old.is_present() && !old.has(PteFlags::READ_WRITE) && writable {
             self.stats.dirty_upgrades += 1;
         } else {

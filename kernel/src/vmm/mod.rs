@@ -871,10 +871,10 @@ fn report(vm: &mut Vm) {
         stats.p2m_frames,
         stats.shadow_hits
     ));
-    if stats.released_address_spaces > 0 || stats.flushes > 0 {
+    if stats.page_table_writes > 0 || stats.flushes > 0 {
         crate::serial::write_line(format_args!(
-            "[vmm] shadow-mmu: page-table writes emulated={} address spaces released={} full flushes={}",
-            stats.page_table_writes, stats.released_address_spaces, stats.flushes
+            "[vmm] shadow-mmu: page-table writes emulated={} tables unshadowed={} address spaces released={} full flushes={}",
+            stats.page_table_writes, stats.unshadowed_tables, stats.released_address_spaces, stats.flushes
         ));
     }
     let unknown = alloc::format!("{}", vm.bus.unknown_ports());

@@ -626,3 +626,47 @@ fn a_write_to_a_table_of_an_address_space_not_running_releases_it() {
     );
     m.audit().unwrap();
 }
+
+#[test]
+fn a_flood_of_writes_to_one_table_unshadows_it_until_it_is_used_again() {
+    let mut m = mmu(Policy::Cached, 64, CR3);
+    // The guest maps the page table T[3] (which maps UVA) at KVA, through other tables.
+    const TK: [u64; 4] = [T[0], 0x14000, 0x15000, 0x16000];
+    map_4k(&mut m, TK, KVA, T[3], P | RW, P | RW | A | D);
+    map_4k(&mut m, T, UVA, 0x20_0000, P | RW | US, P | RW | US);
+    assert_eq!(
+        m.handle_page_fault(View::User, gva(UVA), hw(false, false)),
+        FaultOutcome::Filled
+    );
+    assert!(m.is_write_protected_gpa(GuestPhysAddr::new(T[3])));
+    let write = |m: &mut Mmu| m.handle_page_fault(View::Kernel, gva(KVA), hw(true, false));
+    for _ in 1..crate::shadow::WRITE_FLOOD_THRESHOLD {
+        assert!(matches!(
+            write(&mut m),
+            FaultOutcome::EmulatePageTableWrite { .. }
+        ));
+    }
+    // The next one in a row unshadows the table instead: the guest retries natively.
+    assert_eq!(write(&mut m), FaultOutcome::Filled);
+    assert!(!m.is_write_protected_gpa(GuestPhysAddr::new(T[3])));
+    assert_eq!(m.stats().unshadowed_tables, 1);
+    assert!(
+        m.shadow_lookup(View::User, gva(UVA)).is_none(),
+        "its shadow is gone"
+    );
+    m.audit().unwrap();
+    // Its retry fills a writable mapping of the (no longer protected) table.
+    assert_eq!(
+        m.handle_page_fault(View::Kernel, gva(KVA), hw(true, true)),
+        FaultOutcome::Filled
+    );
+    assert!(m.shadow_lookup(View::Kernel, gva(KVA)).unwrap().writable);
+    // Using the table again shadows and protects it again.
+    assert_eq!(
+        m.handle_page_fault(View::User, gva(UVA), hw(false, false)),
+        FaultOutcome::Filled
+    );
+    assert!(m.is_write_protected_gpa(GuestPhysAddr::new(T[3])));
+    assert!(!m.shadow_lookup(View::Kernel, gva(KVA)).unwrap().writable);
+    m.audit().unwrap();
+}

@@ -1214,30 +1214,52 @@ fn data_write<M: GuestMemory + ?Sized>(
                 Mnemonic::Stosb | Mnemonic::Stosw | Mnemonic::Stosd | Mnemonic::Stosq
             );
             let rep = ins.has_rep_prefix() || ins.has_repne_prefix();
-            let step = if cpu.rflags & rflags::DF != 0 {
-                (size as u64).wrapping_neg()
-            } else {
-                size as u64
-            };
+            let backwards = cpu.rflags & rflags::DF != 0;
+            // Whole runs of elements inside one page at a time (one guest walk and one write
+            // each, instead of one per element: zeroing a page table is one `rep stosq`); the
+            // registers move only after a run is written, so a fault leaves a restartable state.
+            let mut run = [0u8; 4096];
             loop {
-                if rep && cpu.reg(Gpr::Rcx) == 0 {
+                let left = if rep { cpu.reg(Gpr::Rcx) } else { 1 };
+                if left == 0 {
                     break;
                 }
-                let value = if stos {
-                    cpu.reg(Gpr::Rax)
+                let (rdi, rsi) = (cpu.reg(Gpr::Rdi), cpu.reg(Gpr::Rsi));
+                let room = |addr: u64| (0x1000 - (addr & 0xFFF)) / size as u64;
+                let mut n = if backwards {
+                    1
+                } else if stos {
+                    room(rdi)
                 } else {
-                    let rsi = cpu.reg(Gpr::Rsi);
-                    let v = read_value(mem, rsi, size, cpu.privilege(), false)?;
-                    cpu.set_reg(Gpr::Rsi, rsi.wrapping_add(step));
-                    v
+                    room(rdi).min(room(rsi))
                 };
-                let rdi = cpu.reg(Gpr::Rdi);
-                write_value(mem, rdi, size, value, cpu.privilege(), false)?;
-                cpu.set_reg(Gpr::Rdi, rdi.wrapping_add(step));
+                n = n.clamp(1, left);
+                let bytes = n as usize * size;
+                let chunk = run.get_mut(..bytes).unwrap_or_default();
+                if stos {
+                    let value = cpu.reg(Gpr::Rax).to_le_bytes();
+                    for element in chunk.chunks_exact_mut(size) {
+                        element.copy_from_slice(value.get(..size).unwrap_or_default());
+                    }
+                } else {
+                    mem.read_linear(rsi, chunk, AccessKind::Read, cpu.privilege())
+                        .map_err(|e| access_fault(e, false))?;
+                }
+                mem.write_linear(rdi, chunk, cpu.privilege())
+                    .map_err(|e| access_fault(e, false))?;
+                let advance = if backwards {
+                    (bytes as u64).wrapping_neg()
+                } else {
+                    bytes as u64
+                };
+                cpu.set_reg(Gpr::Rdi, rdi.wrapping_add(advance));
+                if !stos {
+                    cpu.set_reg(Gpr::Rsi, rsi.wrapping_add(advance));
+                }
                 if !rep {
                     break;
                 }
-                cpu.set_reg(Gpr::Rcx, cpu.reg(Gpr::Rcx) - 1);
+                cpu.set_reg(Gpr::Rcx, left - n);
             }
             Ok(Flow::Next)
         }

@@ -1501,3 +1501,44 @@ proptest! {
         prop_assert_eq!(format!("{:?}", r.mem.pages), format!("{:?}", slow.mem.pages));
     }
 }
+
+#[test]
+fn rep_stosq_writes_page_by_page_and_stops_restartably_at_a_fault() {
+    let mut r = Rig::kernel();
+    r.mem.poke(DATA, &[0xAA; 4096]);
+    r.cpu.set_reg(Gpr::Rdi, DATA);
+    r.cpu.set_reg(Gpr::Rcx, 520);
+    r.cpu.set_reg(Gpr::Rax, 0x1111_2222_3333_4444);
+    r.code(&[0xF3, 0x48, 0xAB]);
+    let h = r.run_cause(Cause::PageTableWrite).unwrap();
+    assert!(matches!(
+        h.outcome,
+        Outcome::Delivered(Event { vector: 14, .. })
+    ));
+    assert_eq!(
+        r.mem.peek_u64(DATA + 0xFF8),
+        0x1111_2222_3333_4444,
+        "the mapped page is done"
+    );
+    // The guest's #PF frame is on the kernel stack; the registers it will restart with:
+    assert_eq!(r.cpu.cr2, DATA + 0x1000);
+    assert_eq!(r.cpu.reg(Gpr::Rcx), 8, "512 elements written, 8 left");
+    assert_eq!(r.cpu.reg(Gpr::Rdi), DATA + 0x1000);
+}
+
+#[test]
+fn rep_movsb_backwards_copies_one_element_at_a_time() {
+    let mut r = Rig::kernel();
+    r.mem.poke(DATA + 0x100, b"abcd");
+    r.cpu.rflags |= rflags::DF;
+    r.cpu.set_reg(Gpr::Rsi, DATA + 0x103);
+    r.cpu.set_reg(Gpr::Rdi, DATA + 0x203);
+    r.cpu.set_reg(Gpr::Rcx, 4);
+    r.code(&[0xF3, 0xA4]);
+    r.run_cause(Cause::PageTableWrite).unwrap();
+    assert_eq!(r.mem.peek(DATA + 0x200, 4), b"abcd");
+    assert_eq!(
+        (r.cpu.reg(Gpr::Rsi), r.cpu.reg(Gpr::Rdi)),
+        (DATA + 0xFF, DATA + 0x1FF)
+    );
+}
