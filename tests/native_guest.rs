@@ -111,7 +111,11 @@ fn bench_prints_a_table_and_csv_rows() {
         let total: u64 = row[2].parse().expect("total");
         let per_op: u64 = row[3].parse().expect("per_op");
         // The compute loop runs 1000 times longer than the others (guest-kernel/src/bench.rs).
-        let cap = if row[0] == "compute_loop_user" { 200_000 } else { 200 };
+        let cap = if row[0] == "compute_loop_user" {
+            200_000
+        } else {
+            200
+        };
         assert!(iterations > 0 && iterations <= cap, "{row:?}");
         assert_eq!(per_op, total / iterations, "{row:?}");
     }
