@@ -26,7 +26,7 @@ use core::arch::asm;
 const SPAWN_CAP: u64 = 200;
 const FAULT_CAP: u64 = 1000;
 /// The compute loop runs this many times `iters` iterations.
-const COMPUTE_SCALE: u64 = 1000;
+const COMPUTE_SCALE: u64 = 10_000;
 
 struct Result {
     op: &'static str,
