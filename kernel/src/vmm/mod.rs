@@ -590,14 +590,14 @@ impl Vm {
                 match handled.outcome {
                     // The guest's own fault (a user program's CLI, a bad pointer): counted as the
                     // exception it is, not as an emulated instruction.
-                    Outcome::Delivered(e) if Some(e) == cause_event(cause) => {
+                    Outcome::Reflected(e) => {
                         (Action::Resume("reflected"), TrapKind::Exception(e.vector))
                     }
                     outcome => {
                         let action = match outcome {
                             Outcome::Halted => Action::Resume("halted"),
                             Outcome::Delivered(_) => Action::Resume("fault injected"),
-                            Outcome::Emulated => Action::Resume("emulated"),
+                            _ => Action::Resume("emulated"),
                         };
                         (action, TrapKind::Instruction(handled.name))
                     }
@@ -813,14 +813,6 @@ impl Vm {
     fn load_shadow_root(&self) {
         // SAFETY: every shadow root maps the VMM's slot like the host root (see `run`).
         unsafe { x86::controlregs::cr3_write(self.mmu.current_root(self.view).as_u64()) };
-    }
-}
-
-/// The event a trap cause stands for, to tell a reflected fault from an injected one.
-fn cause_event(cause: Cause) -> Option<Event> {
-    match cause {
-        Cause::Fault(e) => Some(e),
-        Cause::PageTableWrite => None,
     }
 }
 

@@ -44,6 +44,10 @@ pub enum Outcome {
     Emulated,
     /// HLT retired: the guest waits for an interrupt.
     Halted,
+    /// Not an instruction the VMM emulates (a user program's CLI, a load from a non-canonical
+    /// address): the fault the hardware raised is the guest's own and was delivered as is (or
+    /// the #GP/#DF its delivery turned into).
+    Reflected(Event),
     /// It raised an event (or the original fault was the guest's own); this is the one
     /// delivered through the guest's IDT (a #GP or #DF if delivering the first one faulted).
     Delivered(Event),
@@ -70,6 +74,9 @@ enum Flow {
     Jumped,
     /// HLT: continue at the next instruction once an interrupt arrives.
     Halted,
+    /// Not an instruction the VMM emulates: the hardware fault that brought it here is the
+    /// guest's own, delivered unchanged (RIP stays on the instruction).
+    Reflect(Event),
 }
 
 /// Emulates the instruction at RIP and delivers any exception it raises. `Err` is a stop:
@@ -93,6 +100,11 @@ where
     let name = decoded.map_or("fetch", |d| d.1);
     let outcome = match result {
         Ok(Flow::Halted) => Outcome::Halted,
+        Ok(Flow::Reflect(event)) => {
+            let delivered = deliver(cpu, mem, event);
+            mark(Phase::Injection);
+            Outcome::Reflected(delivered?)
+        }
         Ok(_) => Outcome::Emulated,
         Err(Fault::Raise(event)) => {
             let delivered = deliver(cpu, mem, event);
@@ -156,7 +168,7 @@ where
     };
     mark(Phase::Emulate);
     if let Ok(flow) = result {
-        if flow != Flow::Jumped {
+        if matches!(flow, Flow::Next | Flow::Halted) {
             cpu.rip = next;
         }
         // The shadow covers one instruction: it ends with this one unless this one set it.
@@ -883,7 +895,7 @@ where
         }
         _ if cause == Cause::PageTableWrite => data_write(cpu, mem, ins),
         _ => match cause {
-            Cause::Fault(event) if cpu.cpl != 0 || !is_privileged(ins) => Err(event.into()),
+            Cause::Fault(event) if cpu.cpl != 0 || !is_privileged(ins) => Ok(Flow::Reflect(event)),
             _ => Err(CpuStop::NotEmulated {
                 mnemonic: ins.mnemonic(),
             }

@@ -219,7 +219,7 @@ impl Rig {
         self.code(bytes);
         let h = self.run().expect("stopped");
         match h.outcome {
-            Outcome::Delivered(e) => {
+            Outcome::Delivered(e) | Outcome::Reflected(e) => {
                 assert_eq!((e.vector, e.error_code), (vector, code), "{h:?}");
             }
             other => panic!("expected vector {vector}, got {other:?}"),
@@ -1271,8 +1271,9 @@ fn an_ordinary_instruction_that_faulted_gets_its_own_fault_back() {
     r.code(&[0x48, 0x8B, 0x03]); // mov rax, [rbx] with a non-canonical RBX
     r.cpu.set_reg(Gpr::Rbx, 0x8000_0000_0000_0000);
     let h = r.run_cause(Cause::Fault(Event::gp(0))).unwrap();
-    assert_eq!(h.outcome, Outcome::Delivered(Event::gp(0)));
+    assert_eq!(h.outcome, Outcome::Reflected(Event::gp(0)));
     assert_eq!(h.mnemonic, Some(iced_x86::Mnemonic::Mov));
+    assert_eq!(r.stack(1), UCODE, "at the instruction");
 }
 
 #[test]
