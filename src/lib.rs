@@ -141,6 +141,34 @@ pub fn boot(args: &[&str]) -> Run {
     run_script(&all)
 }
 
+/// Like [`boot`], with `input` written to QEMU's standard input (the serial port's receive side),
+/// then end-of-file.
+pub fn boot_with_input(args: &[&str], input: &[u8]) -> Run {
+    use std::io::Write;
+    use std::process::Stdio;
+    if let Some(why) = qemu_missing() {
+        panic!("{why}");
+    }
+    build_images();
+    let mut child = Command::new(root().join("run-qemu.sh"))
+        .current_dir(root())
+        .arg("--no-build")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot run run-qemu.sh");
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(input).expect("cannot write QEMU's input");
+    }
+    Run::from_output(
+        child
+            .wait_with_output()
+            .expect("run-qemu.sh did not finish"),
+    )
+}
+
 /// A path inside the repository, for `--guest` images the tests build or ship.
 pub fn repo_path(relative: &str) -> PathBuf {
     root().join(Path::new(relative))

@@ -39,6 +39,7 @@ struct RxRing {
     bytes: [u8; 256],
     head: usize,
     len: usize,
+    received: u64,
     dropped: u64,
 }
 
@@ -46,14 +47,23 @@ static RX: Mutex<RxRing> = Mutex::new(RxRing {
     bytes: [0; 256],
     head: 0,
     len: 0,
+    received: 0,
     dropped: 0,
 });
 
-/// IRQ 4: moves every byte the UART holds into the receive ring (dropping when it is full).
+/// Bytes received on COM1 so far, and how many of them the full ring dropped.
+pub fn rx_counts() -> (u64, u64) {
+    let rx = RX.lock();
+    (rx.received, rx.dropped)
+}
+
+/// IRQ 4 (and the VMM's polling): moves every byte the UART holds into the receive ring
+/// (dropping when it is full).
 pub fn handle_rx_irq() {
     let mut port = SERIAL.lock();
     let mut rx = RX.lock();
     while let Ok(byte) = port.try_receive() {
+        rx.received += 1;
         if rx.len == rx.bytes.len() {
             rx.dropped += 1;
             continue;

@@ -21,8 +21,8 @@ use spin::Mutex;
 use vmm_core::accounting::{Accounting, PageFaultOutcome, Phase, SyscallKind, TrapKind};
 use vmm_core::config::{HostConfig, ShadowPolicy};
 use vmm_core::cpu::{
-    handle_instruction, inject, syscall, Cause, CpuStop, CpuidSource, Event, Injection, Outcome,
-    TableRegister, VCpu,
+    handle_instruction, inject, syscall, Cause, CpuStop, CpuidSource, Event, EventKind, Injection,
+    Outcome, TableRegister, VCpu,
 };
 use vmm_core::devices::bus::PortBus;
 use vmm_core::io::Clock;
@@ -89,6 +89,8 @@ struct Vm {
     single_step: bool,
     /// The current trap came while `single_step` was set.
     stepped: bool,
+    /// The virtual interrupt injected on the way out of the current trap (for the trace).
+    injected: Option<u8>,
     /// Whether the real SYSENTER currently enters the VMM (see `apply_effects`).
     real_sysenter_on: bool,
     /// Trap count and cost at the guest's last console line, and per benchmark op the traps
@@ -225,6 +227,7 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
         trace_text: None,
         single_step: false,
         stepped: false,
+        injected: None,
         real_sysenter_on: false,
         bench_mark: (0, 0, 0),
         bench_traps: alloc::vec::Vec::new(),
@@ -378,12 +381,19 @@ pub fn handle_guest_trap(frame: &mut TrapFrame) {
     clock.mark(Phase::Exit);
     vm.accounting.record_phases(kind, &clock.phases);
     vm.note_guest_lines();
-    if vm.trace_left > 0 && !matches!(action, Action::Resume("host IRQ")) {
+    let injected = vm.injected.take();
+    if vm.trace_left > 0 && (!matches!(action, Action::Resume("host IRQ")) || injected.is_some()) {
         vm.trace_left -= 1;
-        crate::serial::write_line(format_args!(
-            "[vmm] trace: rip={trap_rip:#x} {} -> {action}",
-            vm.last_trap
-        ));
+        match injected {
+            Some(vector) => crate::serial::write_line(format_args!(
+                "[vmm] trace: rip={trap_rip:#x} {} -> {action}, then interrupt {vector:#x} injected",
+                vm.last_trap
+            )),
+            None => crate::serial::write_line(format_args!(
+                "[vmm] trace: rip={trap_rip:#x} {} -> {action}",
+                vm.last_trap
+            )),
+        }
     }
     match action {
         Action::Resume(_) => {}
@@ -596,6 +606,14 @@ impl Vm {
                     outcome => {
                         let action = match outcome {
                             Outcome::Halted => Action::Resume("halted"),
+                            Outcome::Delivered(e)
+                                if matches!(
+                                    e.kind,
+                                    EventKind::SoftwareInterrupt | EventKind::SoftwareException
+                                ) =>
+                            {
+                                Action::Resume("delivered through the guest IDT")
+                            }
                             Outcome::Delivered(_) => Action::Resume("fault injected"),
                             _ => Action::Resume("emulated"),
                         };
@@ -631,7 +649,15 @@ impl Vm {
 
     /// Feeds host serial input and the host clock to the virtual devices.
     fn poll_devices(&mut self) {
-        while let Some(byte) = crate::serial::take_rx() {
+        // Also poll the UART: an edge-triggered IRQ 4 is lost for good if input was already
+        // pending when the PIC was initialised (the line never drops, so it never rises again).
+        crate::serial::handle_rx_irq();
+        // Only as fast as the virtual UART can receive (as QEMU paces its own serial input):
+        // bytes wait in the host's ring until the guest has set up and drains its UART.
+        while self.bus.com1().can_receive() {
+            let Some(byte) = crate::serial::take_rx() else {
+                break;
+            };
             self.bus.enqueue_rx(byte);
         }
         self.bus.poll_timer();
@@ -668,6 +694,10 @@ impl Vm {
                 Ok(Injection::WindowNeeded) => {
                     // With the guest's own TF set, its #DB comes after the instruction anyway.
                     self.single_step = self.cpu.rflags & RFLAGS_TF == 0;
+                    break;
+                }
+                Ok(Injection::Delivered(vector)) => {
+                    self.injected = Some(vector);
                     break;
                 }
                 Ok(_) => break,
@@ -876,6 +906,12 @@ fn report(vm: &mut Vm) {
     }
     for (op, traps, cost) in &vm.bench_traps {
         crate::serial::write_line(format_args!("[vmm] bench-traps,{op},{traps},{cost}"));
+    }
+    let (received, dropped) = crate::serial::rx_counts();
+    if received > 0 {
+        crate::serial::write_line(format_args!(
+            "[vmm] host serial input: {received} bytes received, {dropped} dropped (ring full)"
+        ));
     }
     let msrs = vm.cpu.msr.unknown();
     if !msrs.is_empty() {

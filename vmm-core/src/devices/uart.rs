@@ -20,6 +20,8 @@ pub const COM1_IRQ: u8 = 4;
 /// Bytes the receive queue holds before it overruns (the 16550's FIFO holds 16; the host side
 /// is deeper so pasted input is not lost while the guest is descheduled).
 pub const RX_QUEUE_CAPACITY: usize = 64;
+/// The 16550's receive FIFO.
+pub const RX_FIFO_DEPTH: usize = 16;
 
 // Register offsets (table 2).
 const DATA: u8 = 0;
@@ -224,6 +226,18 @@ impl<S: ConsoleSink> Serial<S> {
     }
     fn loopback(&self) -> bool {
         self.mcr & MCR_LOOP != 0
+    }
+
+    /// Whether the receiver can take a byte now, as a real 16550 on a serial line would (and as
+    /// QEMU's does): while the FIFO is off, only when the receive buffer is empty; with the FIFO
+    /// on, while it has room. A host feeding input should wait otherwise, not pile bytes up in
+    /// front of a guest that has not set up its UART yet (its FIFO reset would drop them).
+    pub fn can_receive(&self) -> bool {
+        if self.fifo_enabled {
+            self.rx.len() < RX_FIFO_DEPTH
+        } else {
+            self.rx.is_empty()
+        }
     }
 
     /// A byte from the host's input for the guest. Returns false (and sets LSR.OE for the
@@ -524,6 +538,22 @@ mod tests {
         assert_eq!(s.rx_len(), 0);
         s.write(FCR_, 0x00);
         assert_eq!(s.read(IIR_), NO_INT);
+    }
+
+    #[test]
+    fn the_receiver_takes_one_byte_without_a_fifo_and_sixteen_with_one() {
+        let mut s = serial();
+        assert!(s.can_receive());
+        s.enqueue_rx(1);
+        assert!(!s.can_receive(), "RBR holds a byte, no FIFO");
+        s.read(RBR);
+        assert!(s.can_receive());
+        s.write(FCR_, 0x01);
+        for i in 0..RX_FIFO_DEPTH {
+            assert!(s.can_receive(), "room for byte {i}");
+            s.enqueue_rx(i as u8);
+        }
+        assert!(!s.can_receive(), "the 16-byte FIFO is full");
     }
 
     #[test]
