@@ -26,8 +26,10 @@ const LSR_THR_EMPTY: u8 = 0x20;
 const LSR_DATA_READY: u8 = 0x01;
 /// IER: interrupt when a received byte is available.
 const IER_RX_AVAILABLE: u8 = 0x01;
-/// Bytes read per interrupt at most (the 16550 FIFO holds 16).
-const RX_BURST: usize = 16;
+/// Bytes read per interrupt at most. The FIFO holds 16, but bytes keep arriving while we read;
+/// the IRQ line is edge-triggered, so the handler must drain until LSR.DR clears or the line
+/// never drops and no further interrupt comes. The bound only stops a stuck UART from hanging.
+const RX_BURST: usize = 256;
 const INPUT_MAX: usize = 120;
 /// 115200 baud / 115200 = divisor 1.
 const DIVISOR: u16 = 1;

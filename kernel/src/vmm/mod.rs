@@ -652,9 +652,13 @@ impl Vm {
         // Also poll the UART: an edge-triggered IRQ 4 is lost for good if input was already
         // pending when the PIC was initialised (the line never drops, so it never rises again).
         crate::serial::handle_rx_irq();
-        // Only as fast as the virtual UART can receive (as QEMU paces its own serial input):
-        // bytes wait in the host's ring until the guest has set up and drains its UART.
-        while self.bus.com1().can_receive() {
+        // Only as fast as the virtual UART can receive (as QEMU paces its own serial input),
+        // and a new burst only once the guest has drained the last one: bytes wait in the
+        // host's ring until the guest has set up its UART, and every burst raises a fresh edge
+        // on the (edge-triggered) IRQ 4 line, even for a driver that reads a bounded number of
+        // bytes per interrupt.
+        let drained = self.bus.com1().rx_len() == 0;
+        while drained && self.bus.com1().can_receive() {
             let Some(byte) = crate::serial::take_rx() else {
                 break;
             };
