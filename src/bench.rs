@@ -59,33 +59,19 @@ pub fn parse_run(serial: &str) -> Result<BenchRun, String> {
     let mut run = BenchRun::default();
     for line in serial.lines().map(|l| l.trim_end_matches('\r')) {
         if let Some(rest) = line.strip_prefix("[guest] bench,") {
-            let f: Vec<&str> = rest.split(',').collect();
-            if f.len() != 4 {
-                return Err(format!("malformed bench line: {line}"));
-            }
-            let num = |s: &str| {
-                s.parse::<u64>()
-                    .map_err(|_| format!("not a number '{s}' in: {line}"))
-            };
+            let (op, n) = numbers::<3>(rest, line)?;
             run.rows.push(BenchRow {
-                op: f[0].to_string(),
-                iterations: num(f[1])?,
-                total: num(f[2])?,
+                op,
+                iterations: n[0],
+                total: n[1],
             });
         } else if let Some(rest) = line.strip_prefix("[vmm] bench-traps,") {
-            let f: Vec<&str> = rest.split(',').collect();
-            if f.len() != 3 {
-                return Err(format!("malformed bench-traps line: {line}"));
-            }
-            let num = |s: &str| {
-                s.parse::<u64>()
-                    .map_err(|_| format!("not a number '{s}' in: {line}"))
-            };
+            let (op, n) = numbers::<2>(rest, line)?;
             run.traps.insert(
-                f[0].to_string(),
+                op,
                 OpTraps {
-                    traps: num(f[1])?,
-                    vmm_cost: num(f[2])?,
+                    traps: n[0],
+                    vmm_cost: n[1],
                 },
             );
         }
@@ -94,6 +80,25 @@ pub fn parse_run(serial: &str) -> Result<BenchRun, String> {
         return Err("no bench lines in the output (did the guest run `bench`?)".to_string());
     }
     Ok(run)
+}
+
+/// Splits `<op>,<N numbers>` into the op and the numbers.
+fn numbers<const N: usize>(rest: &str, line: &str) -> Result<(String, [u64; N]), String> {
+    let mut fields = rest.split(',');
+    let op = fields.next().unwrap_or_default().to_string();
+    let mut out = [0u64; N];
+    for slot in out.iter_mut() {
+        let f = fields
+            .next()
+            .ok_or_else(|| format!("malformed line: {line}"))?;
+        *slot = f
+            .parse()
+            .map_err(|_| format!("not a number '{f}' in: {line}"))?;
+    }
+    if fields.next().is_some() {
+        return Err(format!("malformed line: {line}"));
+    }
+    Ok((op, out))
 }
 
 /// A performance goal of the VMM for one op (issue "trap-cost experiments").
