@@ -148,3 +148,17 @@ fn host_serial_input_reaches_the_guest_through_the_virtual_16550() {
     );
     run.expect_line("[vmm] host serial input: ");
 }
+
+#[test]
+fn the_guest_kernels_own_fault_report_and_exit_code_pass_through_the_vmm() {
+    // A #PF in the guest *kernel* is reflected to its own handler, which reports and exits 0x11
+    // (status 1), exactly as on bare QEMU.
+    let run = boot(&["--timeout", "120", "--", "fault=kernel"]);
+    run.expect_status(1);
+    run.expect_line("[guest] kernel fault: vector 14 (#PF page fault)");
+    run.expect_line("[vmm] traps (cost in TSC cycles");
+    // A bad guest command line is the guest's error, not the host's.
+    let run = boot(&["--timeout", "120", "--", "bogus"]);
+    run.expect_status(1);
+    run.expect_line("[guest] error: unknown mode or option 'bogus'; valid modes: selftest");
+}
