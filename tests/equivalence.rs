@@ -32,6 +32,11 @@ fn assert_equivalent(mode: &str, shadow: &str) {
     let holes = holes();
     let n = native(mode);
     let v = under_vmm(mode, shadow);
+    if mode == "selftest" {
+        // Most of the guest's CLI/STI never reach the Rust dispatcher: the fast path in the
+        // entry stub flips the virtual IF, and the self-test still sees native behaviour.
+        v.expect_line("[vmm] fast path in the entry stub (not in the tables): CLI ");
+    }
     let (no, vo) = (observations(&n.serial), observations(&v.serial));
     assert!(!no.is_empty(), "the native {mode} printed no observations");
     let problems = compare_observations(&no, &vo, &holes);

@@ -197,6 +197,8 @@ extern "C" {
     static fixup_read_u64_recover: u8;
     fn fixup_rdmsr(msr: u32, out: *mut u64) -> u64;
     fn fixup_copy(dst: *mut u8, src: *const u8, len: usize) -> usize;
+    static gp_fast_fetch: u8;
+    static gp_fast_bail: u8;
     static fixup_copy_insn: u8;
     static fixup_copy_recover: u8;
     static fixup_rdmsr_insn: u8;
@@ -296,6 +298,10 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
             // the faulting address.
             LAST_RECOVERED_CR2.store(unsafe { x86::controlregs::cr2() } as u64, Ordering::Relaxed);
             frame.rip = core::ptr::addr_of!(fixup_read_u64_recover) as u64;
+        }
+        vector::PAGE_FAULT if frame.rip == core::ptr::addr_of!(gp_fast_fetch) as u64 => {
+            // The CLI/STI fast path could not read the guest's instruction: take the slow path.
+            frame.rip = core::ptr::addr_of!(gp_fast_bail) as u64;
         }
         vector::PAGE_FAULT if frame.rip == core::ptr::addr_of!(fixup_copy_insn) as u64 => {
             // RCX still counts the bytes left; the recovery label returns it.
