@@ -883,10 +883,9 @@ fn report(vm: &mut Vm) {
     ));
     print_lines(&table);
     let (cli, sti, fast_cost) = fast::counts();
-    if cli + sti > 0 {
+    if let Some(mean) = fast_cost.checked_div(cli + sti) {
         crate::serial::write_line(format_args!(
-            "[vmm] fast path in the entry stub (not in the tables): CLI {cli}, STI {sti}, {fast_cost} cycles in all, mean {}",
-            fast_cost / (cli + sti)
+            "[vmm] fast path in the entry stub (not in the tables): CLI {cli}, STI {sti}, {fast_cost} cycles in all, mean {mean}"
         ));
     }
     let mut phases = alloc::string::String::new();
