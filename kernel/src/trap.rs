@@ -47,7 +47,14 @@ pub struct TrapFrame {
 impl TrapFrame {
     /// True when the trap interrupted Ring 3 (the guest), false when it interrupted the host.
     pub fn interrupted_ring3(&self) -> bool {
-        self.cs & 3 == 3
+        self.cs & 3 == 3 || self.interrupted_vm86()
+    }
+
+    /// True when the trap interrupted virtual-8086 mode. Real CPUs never enter it in long
+    /// mode, but QEMU's TCG lets a 32-bit IRET at CPL 3 set RFLAGS.VM there: only the guest
+    /// can have done that, and its frame carries real-mode selectors (CS RPL 0).
+    pub fn interrupted_vm86(&self) -> bool {
+        self.rflags & (1 << 17) != 0
     }
 }
 
@@ -97,6 +104,8 @@ pub mod vector {
     pub const GENERAL_PROTECTION: u64 = 13;
     /// #PF page fault.
     pub const PAGE_FAULT: u64 = 14;
+    /// #DB debug.
+    pub const DEBUG: u64 = 1;
     /// #MC machine check.
     pub const MACHINE_CHECK: u64 = 18;
     /// First vector of the remapped master 8259 (IRQ 0, the PIT).
@@ -274,6 +283,17 @@ pub unsafe fn copy_or_fault(dst: *mut u8, src: *const u8, len: usize) -> bool {
     unsafe { fixup_copy(dst, src, len) == 0 }
 }
 
+/// Whether `rip` is inside the SYSENTER entry stub (asm/trap_entry.S).
+fn in_sysenter_entry(rip: u64) -> bool {
+    extern "C" {
+        static sysenter_entry: u8;
+        static sysenter_entry_end: u8;
+    }
+    let start = core::ptr::addr_of!(sysenter_entry) as u64;
+    let end = core::ptr::addr_of!(sysenter_entry_end) as u64;
+    (start..end).contains(&rip)
+}
+
 /// RDMSR that returns `None` instead of faulting when the MSR does not exist.
 pub fn rdmsr_or_fault(msr: u32) -> Option<u64> {
     let mut value = 0;
@@ -299,9 +319,17 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
             LAST_RECOVERED_CR2.store(unsafe { x86::controlregs::cr2() } as u64, Ordering::Relaxed);
             frame.rip = core::ptr::addr_of!(fixup_read_u64_recover) as u64;
         }
-        vector::PAGE_FAULT if frame.rip == core::ptr::addr_of!(gp_fast_fetch) as u64 => {
-            // The CLI/STI fast path could not read the guest's instruction: take the slow path.
+        vector::PAGE_FAULT | vector::GENERAL_PROTECTION
+            if frame.rip == core::ptr::addr_of!(gp_fast_fetch) as u64 =>
+        {
+            // The CLI/STI fast path could not read the guest's instruction (not mapped, or a
+            // non-canonical RIP, which QEMU reports for a jump there): take the slow path.
             frame.rip = core::ptr::addr_of!(gp_fast_bail) as u64;
+        }
+        vector::DEBUG if in_sysenter_entry(frame.rip) => {
+            // SYSENTER does not clear TF (SDM Vol. 2B): a guest that single-steps into it
+            // traps once in our stub. Finish the stub; the guest's TF is not kept.
+            frame.rflags &= !(1 << 8);
         }
         vector::PAGE_FAULT if frame.rip == core::ptr::addr_of!(fixup_copy_insn) as u64 => {
             // RCX still counts the bytes left; the recovery label returns it.

@@ -198,6 +198,8 @@ sysenter_entry:
     pushq $0
     pushq $257
     jmp trap_common
+.global sysenter_entry_end
+sysenter_entry_end:
 
 /*
  * u64 fixup_read_u64(const u64 *addr, u64 *out): reads *addr into *out and returns 0, or returns

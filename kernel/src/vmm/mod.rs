@@ -100,39 +100,70 @@ struct Vm {
     bench_traps: alloc::vec::Vec<(alloc::string::String, u64, u64)>,
 }
 
-/// Detects a guest that makes no progress (`cli; jmp $`, a spin on a flag nothing will set):
-/// the host timer keeps interrupting it, and if it is found at the same RIP for `limit`
-/// consecutive ticks with no other trap in between, it is stopped.
+/// Detects a guest that makes no progress, sampled at every host timer tick that interrupts
+/// it. It is stopped when, for `limit` consecutive ticks, everything it did (every trap and
+/// every sample) stayed within a few bytes of code (`jmp $`, `1: out dx, al; jmp 1b`, a spin on
+/// a flag nothing will set), or it ran with its virtual interrupts disabled and took no trap at
+/// all (`cli` and a loop of any length: nothing can ever reach it). A real kernel's own timer
+/// interrupts move it elsewhere long before; one that keeps interrupts off for seconds without
+/// touching a device is hung.
 #[derive(Debug, Clone, Copy)]
 struct Watchdog {
     limit: u64,
-    last_rip: u64,
-    same_ticks: u64,
+    /// The code window the guest has stayed in: the lowest and highest RIP seen.
+    low: u64,
+    high: u64,
+    /// Ticks spent in that window.
+    stuck_ticks: u64,
+    /// Ticks with interrupts disabled and no trap in between.
+    quiet_ticks: u64,
 }
+
+/// How far apart (bytes) the RIPs of a loop that goes nowhere can be.
+const STUCK_WINDOW: u64 = 32;
 
 impl Watchdog {
     fn new(limit: u64) -> Self {
         Self {
             limit,
-            last_rip: u64::MAX,
-            same_ticks: 0,
+            low: u64::MAX,
+            high: 0,
+            stuck_ticks: 0,
+            quiet_ticks: 0,
         }
     }
 
-    /// Any trap other than a host timer tick is progress.
-    fn progress(&mut self) {
-        self.same_ticks = 0;
+    /// The guest was at `rip`; leaving the window is progress.
+    fn observe(&mut self, rip: u64) {
+        let (low, high) = (self.low.min(rip), self.high.max(rip));
+        if high - low <= STUCK_WINDOW {
+            (self.low, self.high) = (low, high);
+        } else {
+            (self.low, self.high) = (rip, rip);
+            self.stuck_ticks = 0;
+        }
+    }
+
+    /// A trap other than a host timer tick, at `rip`.
+    fn trap(&mut self, rip: u64) {
+        self.quiet_ticks = 0;
+        self.observe(rip);
     }
 
     /// A host timer tick found the guest at `rip`; true when the guest has stalled.
-    fn tick(&mut self, rip: u64) -> bool {
-        if rip == self.last_rip {
-            self.same_ticks += 1;
+    fn tick(&mut self, rip: u64, interrupts_off: bool) -> bool {
+        self.observe(rip);
+        self.stuck_ticks += 1;
+        self.quiet_ticks = if interrupts_off {
+            self.quiet_ticks + 1
         } else {
-            self.last_rip = rip;
-            self.same_ticks = 0;
-        }
-        self.limit != 0 && self.same_ticks >= self.limit
+            0
+        };
+        self.limit != 0 && self.stalled_ticks() >= self.limit
+    }
+
+    fn stalled_ticks(&self) -> u64 {
+        self.stuck_ticks.max(self.quiet_ticks)
     }
 }
 
@@ -356,6 +387,14 @@ pub fn handle_guest_trap(frame: &mut TrapFrame) {
         drop(guard);
         stop_without_vm(frame)
     };
+    if frame.interrupted_vm86() {
+        let vm = guard.take();
+        drop(guard);
+        if let Some(vm) = vm {
+            stop_guest(frame, StopWhy::Vm86, vm)
+        }
+        stop_without_vm(frame)
+    }
     let trap_rip = frame.rip;
     // Our single step for an interrupt window ends with whatever trap comes next: the TF in the
     // frame is ours, not the guest's (we only set it when the guest's TF was clear).
@@ -368,7 +407,7 @@ pub fn handle_guest_trap(frame: &mut TrapFrame) {
     clock.mark(Phase::EntryStub);
     let (mut action, kind) = vm.dispatch(frame, &mut clock);
     if !matches!(kind, TrapKind::Irq(_)) {
-        vm.watchdog.progress();
+        vm.watchdog.trap(trap_rip);
     }
     if let Action::Resume(_) = action {
         if let Some(code) = vm.bus.exit_requested() {
@@ -440,6 +479,8 @@ enum StopWhy {
     NoProgress(u64),
     /// HLT with interrupts on, and no virtual interrupt for this many host ticks.
     IdleTooLong(u64),
+    /// The guest put the real CPU in virtual-8086 mode (see `TrapFrame::interrupted_vm86`).
+    Vm86,
 }
 
 impl core::fmt::Display for Action {
@@ -509,8 +550,12 @@ impl Vm {
                 crate::timer::handle_irq(irq);
                 let mut action = Action::Resume("host IRQ");
                 self.poll_devices();
-                if irq == 0 && self.watchdog.tick(frame.rip) {
-                    action = Action::Stop(StopWhy::NoProgress(self.watchdog.same_ticks));
+                if irq == 0
+                    && self
+                        .watchdog
+                        .tick(frame.rip, !self.cpu.interrupts_enabled())
+                {
+                    action = Action::Stop(StopWhy::NoProgress(self.watchdog.stalled_ticks()));
                 }
                 (action, TrapKind::Irq(irq))
             }
@@ -954,13 +999,16 @@ fn stop_guest(frame: &TrapFrame, why: StopWhy, mut vm: Vm) -> ! {
     let reason = match why {
         StopWhy::Mmu(reason) => alloc::format!("{reason}"),
         StopWhy::NoProgress(ticks) => alloc::format!(
-            "no progress: at the same instruction for {ticks} host timer ticks with no other trap (watchdog=)"
+            "no progress: for {ticks} host timer ticks within the same few bytes of code, or with interrupts disabled and no trap (watchdog=)"
         ),
         StopWhy::Cpu(stop) => alloc::format!("{stop}"),
         StopWhy::Unexpected => alloc::format!(
             "unexpected {} (error {:#x}) from the guest",
             trap::vector_name(frame.vector),
             frame.error_code
+        ),
+        StopWhy::Vm86 => alloc::format!(
+            "the guest entered virtual-8086 mode (a CPL-3 IRET with RFLAGS.VM set: QEMU allows it in long mode, real CPUs do not)"
         ),
         StopWhy::IdleTooLong(ticks) => alloc::format!(
             "halted with interrupts enabled but no virtual interrupt for {ticks} host ticks (watchdog=)"
