@@ -1007,8 +1007,8 @@ fn stop_guest(frame: &TrapFrame, why: StopWhy, mut vm: Vm) -> ! {
             trap::vector_name(frame.vector),
             frame.error_code
         ),
-        StopWhy::Vm86 => alloc::format!(
-            "the guest entered virtual-8086 mode (a CPL-3 IRET with RFLAGS.VM set: QEMU allows it in long mode, real CPUs do not)"
+        StopWhy::Vm86 => alloc::string::String::from(
+            "the guest entered virtual-8086 mode (a CPL-3 IRET with RFLAGS.VM set: QEMU allows it in long mode, real CPUs do not)",
         ),
         StopWhy::IdleTooLong(ticks) => alloc::format!(
             "halted with interrupts enabled but no virtual interrupt for {ticks} host ticks (watchdog=)"
