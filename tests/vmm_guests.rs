@@ -41,7 +41,7 @@ fn a_guest_that_makes_no_progress_is_stopped_by_the_watchdog() {
     let run = run_guest(&test_guest("spin"), "watchdog=50");
     run.expect_status(4);
     run.expect_line(
-        "[vmm] guest stopped: no progress: for 50 host timer ticks within the same few bytes of code",
+        "[vmm] guest stopped: no progress: 50 host timer ticks stuck in a few bytes of code",
     );
     run.expect_line("[vmm] traps (cost in TSC cycles");
     run.expect_line("[vmm] irq 0 ");

@@ -102,21 +102,27 @@ struct Vm {
 
 /// Detects a guest that makes no progress, sampled at every host timer tick that interrupts
 /// it. It is stopped when, for `limit` consecutive ticks, everything it did (every trap and
-/// every sample) stayed within a few bytes of code (`jmp $`, `1: out dx, al; jmp 1b`, a spin on
-/// a flag nothing will set), or it ran with its virtual interrupts disabled and took no trap at
-/// all (`cli` and a loop of any length: nothing can ever reach it). A real kernel's own timer
-/// interrupts move it elsewhere long before; one that keeps interrupts off for seconds without
-/// touching a device is hung.
+/// every sample) stayed within a few bytes of code with its registers unchanged (`jmp $`, a
+/// spin on a flag nothing will set), or it ran with its virtual interrupts disabled either
+/// without a single trap or without leaving those few bytes (`cli` and then any loop: nothing
+/// can ever reach it; `1: out dx, al; inc ecx; jmp 1b`). A real kernel's own timer interrupts
+/// move it elsewhere long before; one that keeps interrupts off for seconds in one spot is hung.
+/// `watchdog=0` turns it off.
 #[derive(Debug, Clone, Copy)]
 struct Watchdog {
     limit: u64,
     /// The code window the guest has stayed in: the lowest and highest RIP seen.
     low: u64,
     high: u64,
-    /// Ticks spent in that window.
+    /// The window was left, or a trap came, since the last tick.
+    moved: bool,
+    trapped: bool,
+    /// Ticks spent in the window with the same registers.
     stuck_ticks: u64,
-    /// Ticks with interrupts disabled and no trap in between.
+    /// Ticks with interrupts disabled, in the window or with no trap in between.
     quiet_ticks: u64,
+    /// A digest of the general registers at the last tick.
+    last_registers: u64,
 }
 
 /// How far apart (bytes) the RIPs of a loop that goes nowhere can be.
@@ -128,8 +134,11 @@ impl Watchdog {
             limit,
             low: u64::MAX,
             high: 0,
+            moved: true,
+            trapped: false,
             stuck_ticks: 0,
             quiet_ticks: 0,
+            last_registers: 0,
         }
     }
 
@@ -140,25 +149,33 @@ impl Watchdog {
             (self.low, self.high) = (low, high);
         } else {
             (self.low, self.high) = (rip, rip);
-            self.stuck_ticks = 0;
+            self.moved = true;
         }
     }
 
     /// A trap other than a host timer tick, at `rip`.
     fn trap(&mut self, rip: u64) {
-        self.quiet_ticks = 0;
+        self.trapped = true;
         self.observe(rip);
     }
 
-    /// A host timer tick found the guest at `rip`; true when the guest has stalled.
-    fn tick(&mut self, rip: u64, interrupts_off: bool) -> bool {
+    /// A host timer tick found the guest at `rip` with general registers digesting to
+    /// `registers`; true when the guest has stalled.
+    fn tick(&mut self, rip: u64, registers: u64, interrupts_off: bool) -> bool {
         self.observe(rip);
-        self.stuck_ticks += 1;
-        self.quiet_ticks = if interrupts_off {
-            self.quiet_ticks + 1
+        let moved = core::mem::take(&mut self.moved);
+        let trapped = core::mem::take(&mut self.trapped);
+        if moved || registers != self.last_registers {
+            self.last_registers = registers;
+            self.stuck_ticks = 0;
         } else {
-            0
-        };
+            self.stuck_ticks += 1;
+        }
+        if interrupts_off && (!trapped || !moved) {
+            self.quiet_ticks += 1;
+        } else {
+            self.quiet_ticks = 0;
+        }
         self.limit != 0 && self.stalled_ticks() >= self.limit
     }
 
@@ -550,11 +567,9 @@ impl Vm {
                 crate::timer::handle_irq(irq);
                 let mut action = Action::Resume("host IRQ");
                 self.poll_devices();
-                if irq == 0
-                    && self
-                        .watchdog
-                        .tick(frame.rip, !self.cpu.interrupts_enabled())
-                {
+                let registers = self.cpu.gpr.iter().fold(0u64, |h, r| h.rotate_left(7) ^ r);
+                let interrupts_off = !self.cpu.interrupts_enabled();
+                if irq == 0 && self.watchdog.tick(frame.rip, registers, interrupts_off) {
                     action = Action::Stop(StopWhy::NoProgress(self.watchdog.stalled_ticks()));
                 }
                 (action, TrapKind::Irq(irq))
@@ -999,7 +1014,7 @@ fn stop_guest(frame: &TrapFrame, why: StopWhy, mut vm: Vm) -> ! {
     let reason = match why {
         StopWhy::Mmu(reason) => alloc::format!("{reason}"),
         StopWhy::NoProgress(ticks) => alloc::format!(
-            "no progress: for {ticks} host timer ticks within the same few bytes of code, or with interrupts disabled and no trap (watchdog=)"
+            "no progress: {ticks} host timer ticks stuck in a few bytes of code, or with interrupts disabled and nothing else happening (watchdog=)"
         ),
         StopWhy::Cpu(stop) => alloc::format!("{stop}"),
         StopWhy::Unexpected => alloc::format!(
