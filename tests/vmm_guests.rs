@@ -164,37 +164,43 @@ fn the_guest_kernels_own_fault_report_and_exit_code_pass_through_the_vmm() {
 }
 
 #[test]
-fn random_code_at_cpl0_never_makes_the_host_panic() {
-    // Each seed runs rounds of random bytes as guest kernel code; every run must end as the
+fn random_code_at_cpl0_and_cpl3_never_makes_the_host_panic() {
+    // Each seed runs rounds of random bytes as guest kernel code (user=0) or as a guest user
+    // program (user=1, every fault delivered through the TSS's RSP0); every run must end as the
     // CPU would have it (the guest's own handlers) or with a clean stop and the report: never a
-    // host panic, never a hang (a loop with interrupts off is caught by the watchdog).
+    // host panic, never a hang (loops that go nowhere are caught by the watchdog).
     let chaos = test_guest("chaos");
-    for seed in 1..=24 {
-        let words = format!("seed={seed}");
-        let run = boot(&[
-            "--timeout",
-            "60",
-            "--guest",
-            &chaos,
-            "--append",
-            "watchdog=300",
-            "--",
-            &words,
-            "rounds=500",
-        ]);
-        assert!(
-            !run.serial.contains("PANIC") && !run.serial.contains("unexpected"),
-            "seed {seed}: the host must not panic\n{run}"
-        );
-        match run.status {
-            // Survived every round, or a clean stop with the report.
-            0 => run.expect_line("chaos: 500 rounds survived"),
-            4 => {
-                run.expect_line("[vmm] guest stopped: ");
-                run.expect_line("[vmm] traps (cost in TSC cycles");
+    for user in ["user=0", "user=1"] {
+        for seed in 1..=12 {
+            let words = format!("seed={seed}");
+            let run = boot(&[
+                "--timeout",
+                "60",
+                "--mem",
+                "8",
+                "--guest",
+                &chaos,
+                "--append",
+                "watchdog=300",
+                "--",
+                &words,
+                "rounds=300",
+                user,
+            ]);
+            assert!(
+                !run.serial.contains("PANIC") && !run.serial.contains("unexpected"),
+                "{user} seed {seed}: the host must not panic\n{run}"
+            );
+            match run.status {
+                // Survived every round, or a clean stop with the report.
+                0 => run.expect_line("chaos: 300 rounds survived"),
+                4 => {
+                    run.expect_line("[vmm] guest stopped: ");
+                    run.expect_line("[vmm] traps (cost in TSC cycles");
+                }
+                // Random bytes may also write the isa-debug-exit port: the guest's own code.
+                _ => run.expect_line("[vmm] traps (cost in TSC cycles"),
             }
-            // Random bytes may also write the isa-debug-exit port: the guest's own exit code.
-            _ => run.expect_line("[vmm] traps (cost in TSC cycles"),
         }
     }
 }

@@ -96,7 +96,8 @@ pub enum Policy {
 /// Why the guest cannot continue; the kernel reports it and stops the guest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StopReason {
-    /// The guest touched the VMM's linear range (PML4 slot 511), which it is told is reserved.
+    /// The guest touched the VMM's linear range (PML4 slot 511) through a mapping of its own
+    /// there, which it is told never to make (without one, it just gets its #PF).
     VmmRange {
         /// The address it touched.
         gva: GuestVirtAddr,
@@ -629,9 +630,6 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         gva: GuestVirtAddr,
         hw: PageFaultErrorCode,
     ) -> FaultOutcome {
-        if gva.table_index(4) == VMM_PML4_SLOT {
-            return self.stop(StopReason::VmmRange { gva });
-        }
         if hw.contains(PageFaultErrorCode::RESERVED_BIT) {
             // A reserved bit in a shadow entry is a VMM bug (e.g. a host frame above the host's
             // MAXPHYADDR); the refill below rewrites the leaf.
@@ -653,12 +651,19 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         }
         let t = match self.guest_walk(gva, access) {
             Ok(t) => t,
+            // The VMM's slot included: the guest was told never to map it, and where it does not,
+            // its own #PF is exactly what the hardware would give it (a wild pointer in a guest
+            // process is the guest kernel's to handle, not a reason to stop the machine).
             Err(WalkError::PageFault(pf)) => {
                 self.stats.reflections += 1;
                 return FaultOutcome::Reflect(pf);
             }
             Err(WalkError::Memory(e)) => return self.stop(self.memory_stop(e, Some(gva))),
         };
+        if gva.table_index(4) == VMM_PML4_SLOT {
+            // The guest maps the VMM's slot: that mapping can never be honoured.
+            return self.stop(StopReason::VmmRange { gva });
+        }
         let mut budget = true;
         loop {
             match self.fill(view, gva, &t, access) {
@@ -684,16 +689,17 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
     }
 
     /// Translates `gva` for an emulated access with the guest's current CR3 and paging mode,
-    /// setting A/D like hardware (§4.8). Refuses the VMM's slot.
+    /// setting A/D like hardware (§4.8). In the VMM's slot, the guest's own #PF when its
+    /// tables do not map it, a stop when they do (never honoured).
     pub fn translate(
         &mut self,
         gva: GuestVirtAddr,
         access: Access,
     ) -> Result<Translation, TranslateError> {
-        if gva.table_index(4) == VMM_PML4_SLOT {
-            return Err(TranslateError::Stop(StopReason::VmmRange { gva }));
-        }
         match self.guest_walk(gva, access) {
+            Ok(_) if gva.table_index(4) == VMM_PML4_SLOT => {
+                Err(TranslateError::Stop(StopReason::VmmRange { gva }))
+            }
             Ok(t) => Ok(t),
             Err(WalkError::PageFault(pf)) => Err(TranslateError::PageFault(pf)),
             Err(WalkError::Memory(e)) => Err(TranslateError::Stop(self.memory_stop(e, Some(gva)))),

@@ -171,18 +171,33 @@ fn execute_disable_is_kept_and_fetch_faults_report_i_d() {
 fn vmm_range_and_gpa_outside_ram_stop_the_guest() {
     let mut m = mmu(Policy::Flush, 64, CR3);
     let vmm = gva(0xffff_ff80_0000_1000);
+    // Not mapped by the guest (as the contract says): its own #PF, as on hardware.
+    let not_present = crate::PageFault {
+        error_code: E::empty(),
+        cr2: vmm,
+    };
     assert_eq!(
-        m.handle_page_fault(View::Kernel, vmm, hw(false, false)),
+        m.handle_page_fault(View::Kernel, vmm, hw(false, true)),
+        FaultOutcome::Reflect(not_present)
+    );
+    assert_eq!(
+        m.translate(vmm, Access::new(AccessKind::Read, Privilege::Supervisor)),
+        Err(TranslateError::PageFault(not_present))
+    );
+    // A guest mapping of slot 511 is reported on CR3 load and never honoured: touching it
+    // through that mapping stops the guest.
+    const T511: [u64; 4] = [CR3, 0x60000, 0x61000, 0x62000];
+    map_4k(&mut m, T511, vmm.as_u64(), 0x20_0000, P | RW, P | RW);
+    m.load_cr3(CR3).unwrap();
+    assert_eq!(m.stats().guest_vmm_slot_mappings, 1);
+    assert_eq!(
+        m.handle_page_fault(View::Kernel, vmm, hw(false, true)),
         FaultOutcome::Stop(StopReason::VmmRange { gva: vmm })
     );
     assert!(matches!(
         m.translate(vmm, Access::new(AccessKind::Read, Privilege::Supervisor)),
         Err(TranslateError::Stop(StopReason::VmmRange { .. }))
     ));
-    // A guest mapping of slot 511 is reported on CR3 load and never honoured.
-    poke(&mut m, CR3 + 511 * 8, T[1] | P | RW);
-    m.load_cr3(CR3).unwrap();
-    assert_eq!(m.stats().guest_vmm_slot_mappings, 1);
     // A leaf beyond RAM.
     map_4k(&mut m, T, KVA, RAM + 0x1000, P | RW, P | RW);
     assert_eq!(

@@ -1105,6 +1105,11 @@ where
     M: GuestMemory + ?Sized,
     P: PortIo + ?Sized,
 {
+    // The I/O permission check comes first: a user program's INS/OUTS is its #GP whatever
+    // its address size.
+    let size = ins.memory_size().size();
+    let port = cpu.reg(Gpr::Rdx) as u16;
+    check_io_permission(cpu, mem, port, size)?;
     let addressing = if input {
         ins.op0_kind()
     } else {
@@ -1113,9 +1118,6 @@ where
     if !matches!(addressing, OpKind::MemoryESRDI | OpKind::MemorySegRSI) {
         return Err(CpuStop::Unsupported("string I/O with 16- or 32-bit addressing").into());
     }
-    let size = ins.memory_size().size();
-    let port = cpu.reg(Gpr::Rdx) as u16;
-    check_io_permission(cpu, mem, port, size)?;
     let rep = ins.has_rep_prefix();
     let step = if cpu.rflags & rflags::DF != 0 {
         (size as u64).wrapping_neg()
