@@ -2,18 +2,26 @@
 //! every trap it causes.
 //!
 //! Everything architectural is delegated: `vmm_core::loader` validates the ELF and builds the
-//! entry state; `shadow_mmu::ShadowMmu` owns guest-physical memory (P2M) and the shadow page
-//! tables and decides every guest page fault. This module only wires them to the hardware
-//! (`host.rs`), moves state between the real [`TrapFrame`] and them, and reports.
+//! entry state; `vmm_core::cpu` is the virtual CPU (emulation, delivery, injection);
+//! `shadow_mmu::ShadowMmu` owns guest-physical memory (P2M) and the shadow page tables and
+//! decides every guest page fault. This module wires them to the hardware (`host.rs`: memory
+//! and frames; `fast.rs`: the CLI/STI fast path's state) and moves state between the real
+//! [`TrapFrame`] and them (`handle_guest_trap`, the one dispatcher); `watchdog.rs` stops hung
+//! guests, `report.rs` prints what happened, `console.rs` turns the guest's UART into lines.
 
 pub mod console;
 pub mod fast;
 pub mod host;
+mod report;
+mod watchdog;
+
+use report::{report, stop_guest, stop_without_vm};
+use watchdog::Watchdog;
 
 use crate::gdt;
 use crate::memory::{paging, phys_to_virt};
 use crate::multiboot::Module;
-use crate::trap::{self, vector, TrapFrame, REPORT_NEWLINE};
+use crate::trap::{self, vector, TrapFrame};
 use console::GuestConsole;
 use host::{DirectMap, HostFrames};
 use shadow_mmu::shadow::{FaultOutcome, MmuConfig, Policy, ShadowMmu, StopReason, View};
@@ -98,90 +106,6 @@ struct Vm {
     /// and VMM cost since the line before its `bench,` line (see `note_guest_lines`).
     bench_mark: (u64, u64, u64),
     bench_traps: alloc::vec::Vec<(alloc::string::String, u64, u64)>,
-}
-
-/// Detects a guest that makes no progress, sampled at every host timer tick that interrupts
-/// it. It is stopped when, for `limit` consecutive ticks, everything it did (every trap and
-/// every sample) stayed within a few bytes of code with its registers unchanged (`jmp $`, a
-/// spin on a flag nothing will set), or it ran with its virtual interrupts disabled either
-/// without a single trap or without leaving those few bytes (`cli` and then any loop: nothing
-/// can ever reach it; `1: out dx, al; inc ecx; jmp 1b`). A real kernel's own timer interrupts
-/// move it elsewhere long before; one that keeps interrupts off for seconds in one spot is hung.
-/// `watchdog=0` turns it off.
-#[derive(Debug, Clone, Copy)]
-struct Watchdog {
-    limit: u64,
-    /// The code window the guest has stayed in: the lowest and highest RIP seen.
-    low: u64,
-    high: u64,
-    /// The window was left, or a trap came, since the last tick.
-    moved: bool,
-    trapped: bool,
-    /// Ticks spent in the window with the same registers.
-    stuck_ticks: u64,
-    /// Ticks with interrupts disabled, in the window or with no trap in between.
-    quiet_ticks: u64,
-    /// A digest of the general registers at the last tick.
-    last_registers: u64,
-}
-
-/// How far apart (bytes) the RIPs of a loop that goes nowhere can be.
-const STUCK_WINDOW: u64 = 32;
-
-impl Watchdog {
-    fn new(limit: u64) -> Self {
-        Self {
-            limit,
-            low: u64::MAX,
-            high: 0,
-            moved: true,
-            trapped: false,
-            stuck_ticks: 0,
-            quiet_ticks: 0,
-            last_registers: 0,
-        }
-    }
-
-    /// The guest was at `rip`; leaving the window is progress.
-    fn observe(&mut self, rip: u64) {
-        let (low, high) = (self.low.min(rip), self.high.max(rip));
-        if high - low <= STUCK_WINDOW {
-            (self.low, self.high) = (low, high);
-        } else {
-            (self.low, self.high) = (rip, rip);
-            self.moved = true;
-        }
-    }
-
-    /// A trap other than a host timer tick, at `rip`.
-    fn trap(&mut self, rip: u64) {
-        self.trapped = true;
-        self.observe(rip);
-    }
-
-    /// A host timer tick found the guest at `rip` with general registers digesting to
-    /// `registers`; true when the guest has stalled.
-    fn tick(&mut self, rip: u64, registers: u64, interrupts_off: bool) -> bool {
-        self.observe(rip);
-        let moved = core::mem::take(&mut self.moved);
-        let trapped = core::mem::take(&mut self.trapped);
-        if moved || registers != self.last_registers {
-            self.last_registers = registers;
-            self.stuck_ticks = 0;
-        } else {
-            self.stuck_ticks += 1;
-        }
-        if interrupts_off && (!trapped || !moved) {
-            self.quiet_ticks += 1;
-        } else {
-            self.quiet_ticks = 0;
-        }
-        self.limit != 0 && self.stalled_ticks() >= self.limit
-    }
-
-    fn stalled_ticks(&self) -> u64 {
-        self.stuck_ticks.max(self.quiet_ticks)
-    }
 }
 
 /// The VM, reached from the trap dispatcher. Only ever locked with interrupts disabled (in trap
@@ -750,7 +674,7 @@ impl Vm {
                 Ok(Injection::Idle) => {
                     let since = *idle_since.get_or_insert(crate::timer::ticks());
                     let idle = crate::timer::ticks() - since;
-                    if self.watchdog.limit != 0 && idle > self.watchdog.limit {
+                    if self.watchdog.idle_too_long(idle) {
                         return Err(StopWhy::IdleTooLong(idle));
                     }
                     // Sleep until the next host interrupt (the PIT at the latest), then look
@@ -915,125 +839,4 @@ impl Vm {
         // SAFETY: every shadow root maps the VMM's slot like the host root (see `run`).
         unsafe { x86::controlregs::cr3_write(self.mmu.current_root(self.view).as_u64()) };
     }
-}
-
-/// A trap from Ring 3 before any guest exists: a host bug.
-fn stop_without_vm(frame: &TrapFrame) -> ! {
-    panic!(
-        "trap from Ring 3 with no guest: {} at rip={:#x}",
-        trap::vector_name(frame.vector),
-        frame.rip
-    )
-}
-
-/// Prints a multi-line text (a table) as `[vmm] ` lines.
-fn print_lines(text: &str) {
-    for line in text.lines() {
-        crate::serial::write_line(format_args!("[vmm] {line}"));
-    }
-}
-
-/// The end-of-run report: trap table, shadow-mmu statistics, unknown ports.
-fn report(vm: &mut Vm) {
-    vm.bus.com1_mut().sink_mut().flush();
-    let mut table = alloc::string::String::new();
-    let _ = vm.accounting.write_table(&mut table);
-    crate::serial::write_line(format_args!(
-        "[vmm] traps (cost in TSC cycles; under --icount, instructions):"
-    ));
-    print_lines(&table);
-    let (cli, sti, fast_cost) = fast::counts();
-    if let Some(mean) = fast_cost.checked_div(cli + sti) {
-        crate::serial::write_line(format_args!(
-            "[vmm] fast path in the entry stub (not in the tables): CLI {cli}, STI {sti}, {fast_cost} cycles in all, mean {mean}"
-        ));
-    }
-    let mut phases = alloc::string::String::new();
-    let _ = vm.accounting.write_phase_table(&mut phases);
-    if !phases.is_empty() {
-        crate::serial::write_line(format_args!(
-            "[vmm] the same traps by phase (entry stub, decode, emulate, shadow-mmu, injection, exit):"
-        ));
-        print_lines(&phases);
-    }
-    let stats = vm.mmu.stats();
-    crate::serial::write_line(format_args!(
-        "[vmm] shadow-mmu: fills={} reflections={} dirty-upgrades={} zaps={} cr3-loads={} roots={} shadow-pages={}/{} p2m-frames={} emulator-hits={}",
-        stats.fills,
-        stats.reflections,
-        stats.dirty_upgrades,
-        stats.zaps,
-        stats.cr3_loads,
-        stats.roots_live,
-        stats.shadow_pages,
-        stats.shadow_quota,
-        stats.p2m_frames,
-        stats.shadow_hits
-    ));
-    if stats.page_table_writes > 0 || stats.flushes > 0 {
-        crate::serial::write_line(format_args!(
-            "[vmm] shadow-mmu: page-table writes emulated={} tables unshadowed={} address spaces released={} full flushes={}",
-            stats.page_table_writes, stats.unshadowed_tables, stats.released_address_spaces, stats.flushes
-        ));
-    }
-    let unknown = alloc::format!("{}", vm.bus.unknown_ports());
-    if !unknown.is_empty() {
-        crate::serial::write_line(format_args!("[vmm] unknown ports:"));
-        print_lines(&unknown);
-    }
-    for (op, traps, cost) in &vm.bench_traps {
-        crate::serial::write_line(format_args!("[vmm] bench-traps,{op},{traps},{cost}"));
-    }
-    let (received, dropped) = crate::serial::rx_counts();
-    if received > 0 {
-        crate::serial::write_line(format_args!(
-            "[vmm] host serial input: {received} bytes received, {dropped} dropped (ring full)"
-        ));
-    }
-    let msrs = vm.cpu.msr.unknown();
-    if !msrs.is_empty() {
-        crate::serial::write_line(format_args!("[vmm] unknown MSRs (each access was a #GP):"));
-        for m in msrs {
-            crate::serial::write_line(format_args!(
-                "[vmm] unknown MSR {:#x}: {} reads, {} writes",
-                m.index, m.reads, m.writes
-            ));
-        }
-        if vm.cpu.msr.unknown_overflow() > 0 {
-            crate::serial::write_line(format_args!(
-                "[vmm] ... and {} more accesses to other unknown MSRs",
-                vm.cpu.msr.unknown_overflow()
-            ));
-        }
-    }
-}
-
-/// Prints why the guest stopped, its registers and the report, and exits with 0x13.
-fn stop_guest(frame: &TrapFrame, why: StopWhy, mut vm: Vm) -> ! {
-    vm.bus.com1_mut().sink_mut().flush();
-    let reason = match why {
-        StopWhy::Mmu(reason) => alloc::format!("{reason}"),
-        StopWhy::NoProgress(ticks) => alloc::format!(
-            "no progress: {ticks} host timer ticks stuck in a few bytes of code, or with interrupts disabled and nothing else happening (watchdog=)"
-        ),
-        StopWhy::Cpu(stop) => alloc::format!("{stop}"),
-        StopWhy::Unexpected => alloc::format!(
-            "unexpected {} (error {:#x}) from the guest",
-            trap::vector_name(frame.vector),
-            frame.error_code
-        ),
-        StopWhy::Vm86 => alloc::string::String::from(
-            "the guest entered virtual-8086 mode (a CPL-3 IRET with RFLAGS.VM set: QEMU allows it in long mode, real CPUs do not)",
-        ),
-        StopWhy::IdleTooLong(ticks) => alloc::format!(
-            "halted with interrupts enabled but no virtual interrupt for {ticks} host ticks (watchdog=)"
-        ),
-    };
-    let c = &vm.cpu;
-    crate::serial::write_line(format_args!(
-        "[vmm] guest stopped: {reason} at rip={:#x}{REPORT_NEWLINE}{frame}{REPORT_NEWLINE}virtual: cpl={} rflags={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
-        frame.rip, c.cpl, c.rflags, c.cr0, c.cr2, c.cr3, c.cr4, c.efer
-    ));
-    report(&mut vm);
-    crate::exit::exit(boot::exit_code::GUEST_STOPPED)
 }
