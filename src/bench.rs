@@ -167,6 +167,16 @@ pub struct ResultRow {
     pub target: Option<(Target, bool)>,
 }
 
+impl ResultRow {
+    /// The target column and the met column (`missed` is how a miss is written).
+    fn target_cells(&self, missed: &'static str) -> (String, &'static str) {
+        match &self.target {
+            Some((t, ok)) => (t.describe(), if *ok { "yes" } else { missed }),
+            None => (String::new(), ""),
+        }
+    }
+}
+
 /// Which VMM run the targets are judged on: the policy the VMM uses by default.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Judged {
@@ -247,10 +257,7 @@ pub fn to_csv(rows: &[ResultRow]) -> String {
         "op,iterations,native,vmm_flush,vmm_cached,ratio,traps_per_op,vmm_instructions_per_trap,modelled_cycles,target,target_met\n",
     );
     for r in rows {
-        let (t, ok) = match &r.target {
-            Some((t, ok)) => (t.describe(), if *ok { "yes" } else { "no" }),
-            None => (String::new(), ""),
-        };
+        let (t, ok) = r.target_cells("no");
         let _ = writeln!(
             s,
             "{},{},{:.1},{:.1},{:.1},{:.2},{:.2},{:.0},{:.0},{},{}",
@@ -283,10 +290,7 @@ pub fn to_markdown(rows: &[ResultRow], judged: Judged, trap_cost: f64) -> String
     );
     s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---|---|\n");
     for r in rows {
-        let (t, ok) = match &r.target {
-            Some((t, ok)) => (t.describe(), if *ok { "yes" } else { "**no**" }),
-            None => (String::new(), ""),
-        };
+        let (t, ok) = r.target_cells("**no**");
         let _ = writeln!(
             s,
             "| {} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} | {:.0} | {} | {} |",

@@ -106,6 +106,12 @@ pub mod vector {
     pub const PAGE_FAULT: u64 = 14;
     /// #DB debug.
     pub const DEBUG: u64 = 1;
+    /// #UD invalid opcode.
+    pub const INVALID_OPCODE: u64 = 6;
+    /// Pseudo-vector of a SYSCALL from the guest (`syscall_entry` in asm/trap_entry.S).
+    pub const SYSCALL: u64 = 256;
+    /// Pseudo-vector of a SYSENTER from the guest (`sysenter_entry`).
+    pub const SYSENTER: u64 = 257;
     /// #MC machine check.
     pub const MACHINE_CHECK: u64 = 18;
     /// First vector of the remapped master 8259 (IRQ 0, the PIT).

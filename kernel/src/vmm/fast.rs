@@ -4,6 +4,7 @@
 //! read back from here at every trap, and written here, with whether the fast path may run, at
 //! every exit.
 
+use vmm_core::cpu::state::rflags;
 use vmm_core::cpu::VCpu;
 
 extern "C" {
@@ -16,8 +17,6 @@ extern "C" {
     static fast_cycles: u64;
 }
 
-const RFLAGS_IF: u64 = 1 << 9;
-
 /// At trap entry: what the fast path did since the last exit goes into the vCPU.
 pub fn absorb(cpu: &mut VCpu) {
     // SAFETY: trap context with interrupts off: the stub that writes these cannot run now.
@@ -26,11 +25,7 @@ pub fn absorb(cpu: &mut VCpu) {
         core::ptr::addr_of_mut!(fast_shadow).write_volatile(0);
         (core::ptr::addr_of!(fast_vif).read_volatile(), shadow)
     };
-    if vif != 0 {
-        cpu.rflags |= RFLAGS_IF;
-    } else {
-        cpu.rflags &= !RFLAGS_IF;
-    }
+    cpu.set_interrupts_enabled(vif != 0);
     if shadow != 0 {
         cpu.interrupt_shadow = Some(shadow);
     }
@@ -41,7 +36,7 @@ pub fn absorb(cpu: &mut VCpu) {
 /// allowed (virtual CPL <= IOPL) and nobody single-steps (our interrupt window, or the guest's
 /// own TF, whose #DB the fast path would swallow).
 pub fn publish(cpu: &VCpu, pending: bool, single_step: bool) {
-    let allowed = cpu.cpl <= cpu.iopl() && !single_step && cpu.rflags & (1 << 8) == 0;
+    let allowed = cpu.may_toggle_interrupts() && !single_step && cpu.rflags & rflags::TF == 0;
     // SAFETY: as in `absorb`.
     unsafe {
         core::ptr::addr_of_mut!(fast_vif).write_volatile(u8::from(cpu.interrupts_enabled()));

@@ -29,6 +29,7 @@ use shadow_mmu::{GuestPhysAddr, GuestVirtAddr, PageFaultErrorCode, PagingMode};
 use spin::Mutex;
 use vmm_core::accounting::{Accounting, PageFaultOutcome, Phase, SyscallKind, TrapKind};
 use vmm_core::config::{HostConfig, ShadowPolicy};
+use vmm_core::cpu::state::rflags;
 use vmm_core::cpu::{
     handle_instruction, inject, syscall, Cause, CpuStop, CpuidSource, Event, EventKind, Injection,
     Outcome, TableRegister, VCpu,
@@ -39,9 +40,6 @@ use vmm_core::loader::{self, EntryState, GuestPhysWrite, LoadError};
 
 /// Shadow page-table pages the VMM may keep alive at once (roots included): 4 MiB.
 const SHADOW_QUOTA: usize = 1024;
-/// RFLAGS the guest really runs with: IF = 1 (so the host keeps its timer), IOPL = 0 (so
-/// CLI/STI/IN/OUT trap), bit 1 always set. Its virtual RFLAGS live in the vCPU.
-const GUEST_REAL_RFLAGS: u64 = 0x202;
 
 /// The guest's shadow MMU on this machine's memory.
 pub type Mmu = ShadowMmu<DirectMap, HostFrames>;
@@ -179,6 +177,9 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
             limit: entry.gdtr_limit,
         },
     );
+    // The first entry is a made-up return from a trap, built like every other return.
+    let mut frame = TrapFrame::default();
+    vcpu_to_frame(&cpu, &mut frame, false);
     crate::cpu::enable_fast_syscall_entries();
     if crate::cpu::enable_cpuid_faulting() {
         log::info!("cpu: CPUID faulting on: the guest's CPUID traps and is emulated");
@@ -211,15 +212,6 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
         entry.rsp,
         entry.rdi
     );
-    let frame = TrapFrame {
-        rip: entry.rip,
-        cs: u64::from(gdt::GUEST_CODE),
-        rflags: GUEST_REAL_RFLAGS,
-        rsp: entry.rsp,
-        ss: u64::from(gdt::GUEST_DATA),
-        rdi: entry.rdi,
-        ..TrapFrame::default()
-    };
     // SAFETY: the shadow root maps the VMM's slot 511 exactly as the host root does (shadow-mmu
     // copies that entry), so the host keeps running after the switch; the frame is a valid
     // Ring-3 frame on the VMM's own guest selectors.
@@ -228,17 +220,6 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
         trap::enter_ring3(&frame)
     }
 }
-
-/// Pseudo-vector of a SYSCALL from the guest (asm/trap_entry.S).
-const SYSCALL_VECTOR: u64 = 256;
-/// Pseudo-vector of a SYSENTER from the guest.
-const SYSENTER_VECTOR: u64 = 257;
-/// #DB, #UD, #GP.
-const DEBUG_VECTOR: u64 = 1;
-const INVALID_OPCODE_VECTOR: u64 = 6;
-const GENERAL_PROTECTION_VECTOR: u64 = 13;
-/// RFLAGS.TF: set on the way back when an interrupt waits for the STI/MOV SS shadow to end.
-const RFLAGS_TF: u64 = 1 << 8;
 
 fn rdtsc() -> u64 {
     // SAFETY: RDTSC has no side effects.
@@ -314,7 +295,7 @@ fn vcpu_to_frame(cpu: &VCpu, frame: &mut TrapFrame, single_step: bool) {
     (frame.r8, frame.r9, frame.r10, frame.r11) = (r8, r9, r10, r11);
     (frame.r12, frame.r13, frame.r14, frame.r15) = (r12, r13, r14, r15);
     frame.rip = cpu.rip;
-    frame.rflags = cpu.real_rflags() | if single_step { RFLAGS_TF } else { 0 };
+    frame.rflags = cpu.real_rflags() | if single_step { rflags::TF } else { 0 };
     frame.cs = u64::from(gdt::GUEST_CODE);
     frame.ss = u64::from(gdt::GUEST_DATA);
 }
@@ -341,7 +322,7 @@ pub fn handle_guest_trap(frame: &mut TrapFrame) {
     // frame is ours, not the guest's (we only set it when the guest's TF was clear).
     vm.stepped = core::mem::take(&mut vm.single_step);
     if vm.stepped {
-        frame.rflags &= !RFLAGS_TF;
+        frame.rflags &= !rflags::TF;
     }
     frame_to_vcpu(frame, &mut vm.cpu);
     fast::absorb(&mut vm.cpu);
@@ -446,8 +427,8 @@ enum TrapName {
 impl core::fmt::Display for TrapName {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            TrapName::Vector(SYSCALL_VECTOR, _) => write!(f, "SYSCALL"),
-            TrapName::Vector(SYSENTER_VECTOR, _) => write!(f, "SYSENTER"),
+            TrapName::Vector(vector::SYSCALL, _) => write!(f, "SYSCALL"),
+            TrapName::Vector(vector::SYSENTER, _) => write!(f, "SYSENTER"),
             TrapName::Vector(v, e) => write!(f, "{} error={e:#x}", trap::vector_name(*v)),
             TrapName::Instruction(name) => write!(f, "{name}"),
             TrapName::Disassembled(text) => write!(f, "{text}"),
@@ -498,29 +479,29 @@ impl Vm {
                 }
                 (action, TrapKind::Irq(irq))
             }
-            GENERAL_PROTECTION_VECTOR | INVALID_OPCODE_VECTOR => {
-                let hw = if frame.vector == GENERAL_PROTECTION_VECTOR {
+            vector::GENERAL_PROTECTION | vector::INVALID_OPCODE => {
+                let hw = if frame.vector == vector::GENERAL_PROTECTION {
                     Event::gp(frame.error_code as u32)
                 } else {
                     Event::ud()
                 };
                 self.emulate(Cause::Fault(hw), clock)
             }
-            SYSCALL_VECTOR => {
+            vector::SYSCALL => {
                 let r = syscall::syscall(&mut self.cpu);
                 (
                     self.after_forward(r),
                     TrapKind::SystemCall(SyscallKind::Syscall),
                 )
             }
-            SYSENTER_VECTOR => {
+            vector::SYSENTER => {
                 let r = syscall::sysenter(&mut self.cpu);
                 (
                     self.after_forward(r),
                     TrapKind::SystemCall(SyscallKind::Sysenter),
                 )
             }
-            DEBUG_VECTOR if self.stepped => {
+            vector::DEBUG if self.stepped => {
                 // Our own single step: the instruction in the interrupt shadow has retired.
                 self.cpu.interrupt_shadow = None;
                 (
@@ -688,7 +669,7 @@ impl Vm {
                 }
                 Ok(Injection::WindowNeeded) => {
                     // With the guest's own TF set, its #DB comes after the instruction anyway.
-                    self.single_step = self.cpu.rflags & RFLAGS_TF == 0;
+                    self.single_step = self.cpu.rflags & rflags::TF == 0;
                     break;
                 }
                 Ok(Injection::Delivered(vector)) => {

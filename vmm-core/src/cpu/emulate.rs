@@ -149,11 +149,11 @@ where
         quick(&bytes)
     };
     let (decoded, next, result) = match fast {
-        Some((op, len, mnemonic, name)) => {
+        Some((op, len, mnemonic)) => {
             mark(Phase::Decode);
             let next = cpu.rip.wrapping_add(len);
             let result = execute_quick(cpu, mem, ports, op, len as u8, next);
-            ((mnemonic, name), next, result)
+            ((mnemonic, mnemonic_name(mnemonic)), next, result)
         }
         None => {
             let decoded = decode(cpu, mem, bytes, first);
@@ -199,28 +199,28 @@ enum Quick {
     Int3,
 }
 
-/// Recognises the fast path's exact encodings: (instruction, length, mnemonic, table name).
-fn quick(b: &[u8; MAX_INSTRUCTION_LEN]) -> Option<(Quick, u64, Mnemonic, &'static str)> {
+/// Recognises the fast path's exact encodings: (instruction, length, mnemonic).
+fn quick(b: &[u8; MAX_INSTRUCTION_LEN]) -> Option<(Quick, u64, Mnemonic)> {
     Some(match *b {
-        [0xFA, ..] => (Quick::Cli, 1, Mnemonic::Cli, "CLI"),
-        [0xFB, ..] => (Quick::Sti, 1, Mnemonic::Sti, "STI"),
-        [0xF4, ..] => (Quick::Hlt, 1, Mnemonic::Hlt, "HLT"),
-        [0xEC, ..] => (Quick::In(None, 1), 1, Mnemonic::In, "IN"),
-        [0xED, ..] => (Quick::In(None, 4), 1, Mnemonic::In, "IN"),
-        [0xEE, ..] => (Quick::Out(None, 1), 1, Mnemonic::Out, "OUT"),
-        [0xEF, ..] => (Quick::Out(None, 4), 1, Mnemonic::Out, "OUT"),
-        [0xE4, port, ..] => (Quick::In(Some(port), 1), 2, Mnemonic::In, "IN"),
-        [0xE5, port, ..] => (Quick::In(Some(port), 4), 2, Mnemonic::In, "IN"),
-        [0xE6, port, ..] => (Quick::Out(Some(port), 1), 2, Mnemonic::Out, "OUT"),
-        [0xE7, port, ..] => (Quick::Out(Some(port), 4), 2, Mnemonic::Out, "OUT"),
-        [0x0F, 0x01, 0xF8, ..] => (Quick::Swapgs, 3, Mnemonic::Swapgs, "SWAPGS"),
-        [0x48, 0xCF, ..] => (Quick::Iretq, 2, Mnemonic::Iretq, "IRETQ"),
-        [0x48, 0x0F, 0x07, ..] => (Quick::Sysretq, 3, Mnemonic::Sysretq, "SYSRETQ"),
-        [0x48, 0x0F, 0x35, ..] => (Quick::Sysexitq, 3, Mnemonic::Sysexitq, "SYSEXITQ"),
-        [0x0F, 0x32, ..] => (Quick::Rdmsr, 2, Mnemonic::Rdmsr, "RDMSR"),
-        [0x0F, 0x30, ..] => (Quick::Wrmsr, 2, Mnemonic::Wrmsr, "WRMSR"),
-        [0xCD, vector, ..] => (Quick::Int(vector), 2, Mnemonic::Int, "INT n"),
-        [0xCC, ..] => (Quick::Int3, 1, Mnemonic::Int3, "INT3"),
+        [0xFA, ..] => (Quick::Cli, 1, Mnemonic::Cli),
+        [0xFB, ..] => (Quick::Sti, 1, Mnemonic::Sti),
+        [0xF4, ..] => (Quick::Hlt, 1, Mnemonic::Hlt),
+        [0xEC, ..] => (Quick::In(None, 1), 1, Mnemonic::In),
+        [0xED, ..] => (Quick::In(None, 4), 1, Mnemonic::In),
+        [0xEE, ..] => (Quick::Out(None, 1), 1, Mnemonic::Out),
+        [0xEF, ..] => (Quick::Out(None, 4), 1, Mnemonic::Out),
+        [0xE4, port, ..] => (Quick::In(Some(port), 1), 2, Mnemonic::In),
+        [0xE5, port, ..] => (Quick::In(Some(port), 4), 2, Mnemonic::In),
+        [0xE6, port, ..] => (Quick::Out(Some(port), 1), 2, Mnemonic::Out),
+        [0xE7, port, ..] => (Quick::Out(Some(port), 4), 2, Mnemonic::Out),
+        [0x0F, 0x01, 0xF8, ..] => (Quick::Swapgs, 3, Mnemonic::Swapgs),
+        [0x48, 0xCF, ..] => (Quick::Iretq, 2, Mnemonic::Iretq),
+        [0x48, 0x0F, 0x07, ..] => (Quick::Sysretq, 3, Mnemonic::Sysretq),
+        [0x48, 0x0F, 0x35, ..] => (Quick::Sysexitq, 3, Mnemonic::Sysexitq),
+        [0x0F, 0x32, ..] => (Quick::Rdmsr, 2, Mnemonic::Rdmsr),
+        [0x0F, 0x30, ..] => (Quick::Wrmsr, 2, Mnemonic::Wrmsr),
+        [0xCD, vector, ..] => (Quick::Int(vector), 2, Mnemonic::Int),
+        [0xCC, ..] => (Quick::Int3, 1, Mnemonic::Int3),
         _ => return None,
     })
 }
@@ -288,17 +288,13 @@ fn int3_event(len: u8) -> Event {
 /// CLI/STI at CPL > IOPL fault (CR4.PVI is not offered); STI that sets IF opens a
 /// one-instruction interrupt shadow (SDM Vol. 3 §6.8.3).
 fn cli_sti(cpu: &mut VCpu, sti: bool, next: u64) -> Result<Flow, Fault> {
-    if cpu.cpl > cpu.iopl() {
+    if !cpu.may_toggle_interrupts() {
         return Err(Event::gp(0).into());
     }
-    if sti {
-        if !cpu.interrupts_enabled() {
-            cpu.interrupt_shadow = Some(next);
-        }
-        cpu.rflags |= rflags::IF;
-    } else {
-        cpu.rflags &= !rflags::IF;
+    if sti && !cpu.interrupts_enabled() {
+        cpu.interrupt_shadow = Some(next);
     }
+    cpu.set_interrupts_enabled(sti);
     Ok(Flow::Next)
 }
 
@@ -383,47 +379,52 @@ pub fn trap_name(ins: &Instruction) -> &'static str {
         },
         Code::Mov_r64_cr | Code::Mov_r32_cr => "MOV from CRn",
         Code::Mov_Sreg_rm16 | Code::Mov_Sreg_r32m16 | Code::Mov_Sreg_r64m16 => "MOV Sreg",
-        _ => match ins.mnemonic() {
-            Mnemonic::Cli => "CLI",
-            Mnemonic::Sti => "STI",
-            Mnemonic::Hlt => "HLT",
-            Mnemonic::In => "IN",
-            Mnemonic::Out => "OUT",
-            Mnemonic::Insb | Mnemonic::Insw | Mnemonic::Insd => "INS",
-            Mnemonic::Outsb | Mnemonic::Outsw | Mnemonic::Outsd => "OUTS",
-            Mnemonic::Rdmsr => "RDMSR",
-            Mnemonic::Wrmsr => "WRMSR",
-            Mnemonic::Invlpg => "INVLPG",
-            Mnemonic::Iretq | Mnemonic::Iretd | Mnemonic::Iret => "IRETQ",
-            Mnemonic::Sysretq | Mnemonic::Sysret => "SYSRETQ",
-            Mnemonic::Sysexitq | Mnemonic::Sysexit => "SYSEXITQ",
-            Mnemonic::Syscall => "SYSCALL",
-            Mnemonic::Sysenter => "SYSENTER",
-            Mnemonic::Swapgs => "SWAPGS",
-            Mnemonic::Lgdt => "LGDT",
-            Mnemonic::Lidt => "LIDT",
-            Mnemonic::Sgdt => "SGDT",
-            Mnemonic::Sidt => "SIDT",
-            Mnemonic::Lldt => "LLDT",
-            Mnemonic::Sldt => "SLDT",
-            Mnemonic::Ltr => "LTR",
-            Mnemonic::Str => "STR",
-            Mnemonic::Smsw => "SMSW",
-            Mnemonic::Lmsw => "LMSW",
-            Mnemonic::Clts => "CLTS",
-            Mnemonic::Wbinvd | Mnemonic::Invd => "WBINVD",
-            Mnemonic::Cpuid => "CPUID",
-            Mnemonic::Int => "INT n",
-            Mnemonic::Int3 => "INT3",
-            Mnemonic::Pop => "POP Sreg",
-            Mnemonic::Retf => "RETF",
-            Mnemonic::Jmp => "JMP far",
-            Mnemonic::Call => "CALL far",
-            Mnemonic::Mov => "MOV",
-            Mnemonic::Stosb | Mnemonic::Stosw | Mnemonic::Stosd | Mnemonic::Stosq => "STOS",
-            Mnemonic::Movsb | Mnemonic::Movsw | Mnemonic::Movsd | Mnemonic::Movsq => "MOVS",
-            _ => "other",
-        },
+        _ => mnemonic_name(ins.mnemonic()),
+    }
+}
+
+/// The trap-table name of a mnemonic the emulator handles.
+fn mnemonic_name(mnemonic: Mnemonic) -> &'static str {
+    match mnemonic {
+        Mnemonic::Cli => "CLI",
+        Mnemonic::Sti => "STI",
+        Mnemonic::Hlt => "HLT",
+        Mnemonic::In => "IN",
+        Mnemonic::Out => "OUT",
+        Mnemonic::Insb | Mnemonic::Insw | Mnemonic::Insd => "INS",
+        Mnemonic::Outsb | Mnemonic::Outsw | Mnemonic::Outsd => "OUTS",
+        Mnemonic::Rdmsr => "RDMSR",
+        Mnemonic::Wrmsr => "WRMSR",
+        Mnemonic::Invlpg => "INVLPG",
+        Mnemonic::Iretq | Mnemonic::Iretd | Mnemonic::Iret => "IRETQ",
+        Mnemonic::Sysretq | Mnemonic::Sysret => "SYSRETQ",
+        Mnemonic::Sysexitq | Mnemonic::Sysexit => "SYSEXITQ",
+        Mnemonic::Syscall => "SYSCALL",
+        Mnemonic::Sysenter => "SYSENTER",
+        Mnemonic::Swapgs => "SWAPGS",
+        Mnemonic::Lgdt => "LGDT",
+        Mnemonic::Lidt => "LIDT",
+        Mnemonic::Sgdt => "SGDT",
+        Mnemonic::Sidt => "SIDT",
+        Mnemonic::Lldt => "LLDT",
+        Mnemonic::Sldt => "SLDT",
+        Mnemonic::Ltr => "LTR",
+        Mnemonic::Str => "STR",
+        Mnemonic::Smsw => "SMSW",
+        Mnemonic::Lmsw => "LMSW",
+        Mnemonic::Clts => "CLTS",
+        Mnemonic::Wbinvd | Mnemonic::Invd => "WBINVD",
+        Mnemonic::Cpuid => "CPUID",
+        Mnemonic::Int => "INT n",
+        Mnemonic::Int3 => "INT3",
+        Mnemonic::Pop => "POP Sreg",
+        Mnemonic::Retf => "RETF",
+        Mnemonic::Jmp => "JMP far",
+        Mnemonic::Call => "CALL far",
+        Mnemonic::Mov => "MOV",
+        Mnemonic::Stosb | Mnemonic::Stosw | Mnemonic::Stosd | Mnemonic::Stosq => "STOS",
+        Mnemonic::Movsb | Mnemonic::Movsw | Mnemonic::Movsd | Mnemonic::Movsq => "MOVS",
+        _ => "other",
     }
 }
 

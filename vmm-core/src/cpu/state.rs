@@ -363,9 +363,23 @@ impl VCpu {
         self.rflags & rflags::IF != 0
     }
 
+    /// Sets or clears the virtual RFLAGS.IF.
+    pub fn set_interrupts_enabled(&mut self, enabled: bool) {
+        if enabled {
+            self.rflags |= rflags::IF;
+        } else {
+            self.rflags &= !rflags::IF;
+        }
+    }
+
     /// Virtual IOPL.
     pub fn iopl(&self) -> u8 {
         rflags::iopl(self.rflags)
+    }
+
+    /// Whether CLI/STI are allowed now: CPL <= IOPL (CR4.PVI is not offered), SDM Vol. 2 "CLI".
+    pub fn may_toggle_interrupts(&self) -> bool {
+        self.cpl <= self.iopl()
     }
 
     /// Sets the virtual CPL, recording a view switch when it changes.

@@ -1543,3 +1543,13 @@ fn rep_movsb_backwards_copies_one_element_at_a_time() {
         (DATA + 0xFF, DATA + 0x1FF)
     );
 }
+
+#[test]
+fn string_io_from_user_mode_is_gp_before_its_address_size_matters() {
+    // outsb with a 32-bit address size (not emulated) from a user program: the I/O permission
+    // check comes first, so the program gets its #GP instead of the guest being stopped.
+    Rig::user().raises(&[0x67, 0x6E], 13, Some(0));
+    let mut r = Rig::kernel();
+    r.code(&[0x67, 0x6E]);
+    assert!(matches!(r.run(), Err(CpuStop::Unsupported(_))));
+}
