@@ -98,6 +98,13 @@ if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
 fi
 
 if [ "$build" = 1 ]; then
+    # rustup installs rust-toolchain.toml's targets only with a new toolchain: an existing one
+    # may lack the bare-metal target ("can't find crate for `core`").
+    if command -v rustup >/dev/null 2>&1 \
+        && ! (cd "$ROOT" && rustup target list --installed 2>/dev/null) | grep -qx "$TARGET"; then
+        echo "run-qemu.sh: adding the $TARGET target to the pinned toolchain" >&2
+        (cd "$ROOT" && rustup target add "$TARGET") >&2 || { echo "run-qemu.sh: cannot add $TARGET" >&2; exit 2; }
+    fi
     # A separate target directory, so this nested cargo never waits on an outer one's lock.
     (cd "$ROOT" && cargo build --quiet --release --target "$TARGET" --target-dir "$TARGET_DIR" \
         -p kernel -p guest-kernel -p test-guests) || { echo "run-qemu.sh: build failed" >&2; exit 2; }

@@ -93,6 +93,22 @@ pub fn qemu_missing() -> Option<String> {
 pub fn build_images() {
     static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
     let result = BUILT.get_or_init(|| {
+        // As run-qemu.sh does: an installed toolchain may lack the bare-metal target.
+        let installed = Command::new("rustup")
+            .current_dir(root())
+            .args(["target", "list", "--installed"])
+            .output();
+        if let Ok(out) = installed {
+            if !String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .any(|l| l.trim() == "x86_64-unknown-none")
+            {
+                let _ = Command::new("rustup")
+                    .current_dir(root())
+                    .args(["target", "add", "x86_64-unknown-none"])
+                    .status();
+            }
+        }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let out = Command::new(cargo)
             .current_dir(root())
