@@ -1,28 +1,31 @@
-//! The VMM-owned GDT and TSS.
+//! The real GDT and TSS: the guest's shadow descriptor table below, the VMM's own descriptors
+//! in a reserved range at the top (vmm-core `cpu::shadow_gdt` has the rules and the layout).
 //!
-//! Layout (selectors): 0x08 host code (64-bit, DPL 0), 0x10 host data (DPL 0), 0x18 guest data
-//! (DPL 3), 0x20 guest code (64-bit, DPL 3), 0x28 the 64-bit TSS (two slots). The guest always
-//! runs on 0x23/0x1b (RPL 3); the selectors the guest *thinks* it uses are virtual (vmm-core), so
-//! any real load of them from CPL 3 traps. The TSS gives RSP0 (traps from Ring 3) and the IST
-//! stacks for #DF, NMI and #MC, which must work even when the current stack is broken.
+//! | index | selector | what |
+//! |---|---|---|
+//! | 0 .. 8186 | 0x0000 .. 0xFFD0 | the guest's descriptors at their own index, DPL 3, absent except the guest's current CS and SS (written by the VMM) |
+//! | 8187 | 0xFFDB | the null-SS stand-in (DPL 3 data), present only while the guest's SS is null |
+//! | 8188 | 0xFFE0 | host code (64-bit, DPL 0): IDT gates, STAR, SYSENTER_CS |
+//! | 8189 | 0xFFE8 | host data (DPL 0): SYSCALL/SYSENTER's SS (code + 8) |
+//! | 8190, 8191 | 0xFFF0 | the 64-bit TSS: RSP0 (traps from Ring 3), IST stacks for #DF, NMI, #MC |
+//!
+//! The table is the whole 64 KiB a GDTR can cover, so no guest selector is ever beyond the real
+//! limit: every one names either a guest entry the VMM wrote or a reserved entry.
 
 use core::cell::UnsafeCell;
 use core::mem::size_of;
+use vmm_core::cpu::shadow_gdt::{self, REAL_GDT_ENTRIES, SHADOWED_ENTRIES};
 use x86::bits64::task::TaskStateSegment;
 use x86::dtables::{lgdt, DescriptorTablePointer};
 use x86::segmentation::SegmentSelector;
 use x86::Ring;
 
 /// Host kernel code selector.
-pub const HOST_CODE: u16 = 0x08;
+pub const HOST_CODE: u16 = shadow_gdt::HOST_CODE;
 /// Host kernel data selector.
-pub const HOST_DATA: u16 = 0x10;
-/// The real data/stack selector the guest runs on (RPL 3).
-pub const GUEST_DATA: u16 = 0x18 | 3;
-/// The real code selector the guest runs on (RPL 3).
-pub const GUEST_CODE: u16 = 0x20 | 3;
+pub const HOST_DATA: u16 = shadow_gdt::HOST_DATA;
 /// The task-state segment.
-pub const TSS: u16 = 0x28;
+pub const TSS: u16 = shadow_gdt::HOST_TSS;
 
 /// IST slot (1-based, as in the IDT gate) of the double-fault stack.
 pub const IST_DOUBLE_FAULT: u8 = 1;
@@ -51,7 +54,7 @@ static NMI_STACK: Stack<STACK_SIZE> = Stack::new();
 static MACHINE_CHECK_STACK: Stack<STACK_SIZE> = Stack::new();
 
 struct Tables {
-    gdt: [u64; 7],
+    gdt: [u64; REAL_GDT_ENTRIES],
     tss: TaskStateSegment,
 }
 
@@ -61,17 +64,14 @@ struct TablesCell(UnsafeCell<Tables>);
 unsafe impl Sync for TablesCell {}
 
 static TABLES: TablesCell = TablesCell(UnsafeCell::new(Tables {
-    gdt: [
-        0,
-        0x00AF_9A00_0000_FFFF, // 0x08 host code: P, DPL 0, code exec/read, L
-        0x00CF_9200_0000_FFFF, // 0x10 host data: P, DPL 0, data read/write
-        0x00CF_F200_0000_FFFF, // 0x18 guest data: P, DPL 3, data read/write
-        0x00AF_FA00_0000_FFFF, // 0x20 guest code: P, DPL 3, code exec/read, L
-        0,                     // 0x28 TSS, low half (filled by init)
-        0,                     // 0x30 TSS, high half
-    ],
+    gdt: [0; REAL_GDT_ENTRIES],
     tss: TaskStateSegment::new(),
 }));
+
+/// Host code: P, DPL 0, code exec/read, L.
+const HOST_CODE_DESCRIPTOR: u64 = 0x00AF_9A00_0000_FFFF;
+/// Host data: P, DPL 0, data read/write.
+const HOST_DATA_DESCRIPTOR: u64 = 0x00CF_9200_0000_FFFF;
 
 /// A 64-bit available-TSS descriptor (SDM vol. 3 §8.2.3, figure 8-4), as two GDT slots.
 fn tss_descriptor(base: u64, limit: u32) -> [u64; 2] {
@@ -94,8 +94,10 @@ pub fn init() {
     tables.tss.iomap_base = size_of::<TaskStateSegment>() as u16; // no I/O bitmap: all ports trap
     let tss_base = &tables.tss as *const TaskStateSegment as u64;
     let [low, high] = tss_descriptor(tss_base, size_of::<TaskStateSegment>() as u32 - 1);
-    tables.gdt[5] = low;
-    tables.gdt[6] = high;
+    tables.gdt[usize::from(HOST_CODE / 8)] = HOST_CODE_DESCRIPTOR;
+    tables.gdt[usize::from(HOST_DATA / 8)] = HOST_DATA_DESCRIPTOR;
+    tables.gdt[usize::from(TSS / 8)] = low;
+    tables.gdt[usize::from(TSS / 8) + 1] = high;
 
     let pointer = DescriptorTablePointer::new(&tables.gdt);
     // SAFETY: the GDT is static and valid: 0x08/0x10 are the same kinds of descriptors the boot
@@ -121,6 +123,19 @@ pub fn init() {
         );
         x86::task::load_tr(SegmentSelector::new(TSS / 8, Ring::Ring0));
     }
+}
+
+/// The guest part of the real GDT (every guest index and the null-SS stand-in), for the VMM's
+/// shadow descriptor table to write.
+///
+/// # Safety
+/// Trap context (or before the guest first runs) with interrupts off, one CPU: the caller is
+/// the only one holding the slice, and the CPU reads these entries only while loading a guest
+/// segment, which cannot happen while the host runs.
+pub unsafe fn guest_entries() -> &'static mut [u64] {
+    // SAFETY: the caller's contract; the reserved entries above SHADOWED_ENTRIES stay out of the
+    // slice, so the host's own descriptors cannot be changed through it.
+    unsafe { &mut (&mut (*TABLES.0.get()).gdt)[..SHADOWED_ENTRIES] }
 }
 
 extern "C" {

@@ -100,6 +100,10 @@ pub mod vector {
     pub const BREAKPOINT: u64 = 3;
     /// #DF double fault.
     pub const DOUBLE_FAULT: u64 = 8;
+    /// #NP segment not present.
+    pub const SEGMENT_NOT_PRESENT: u64 = 11;
+    /// #SS stack-segment fault.
+    pub const STACK_FAULT: u64 = 12;
     /// #GP general protection.
     pub const GENERAL_PROTECTION: u64 = 13;
     /// #PF page fault.

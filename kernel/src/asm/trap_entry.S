@@ -168,8 +168,10 @@ trap_return:
  * SYSCALL (SDM vol. 2B): RCX = return RIP, R11 = RFLAGS, RSP is still the guest's; IA32_FMASK has
  * cleared IF, so nothing can interrupt us before the stack switch.
  */
-.set GUEST_CODE_SELECTOR, 0x23
-.set GUEST_DATA_SELECTOR, 0x1b
+/* Any RPL-3 selector marks the frame as the guest's (`TrapFrame::interrupted_ring3`); the VMM
+ * replaces CS and SS with the guest's real selectors before it returns. */
+.set GUEST_CODE_SELECTOR, 3
+.set GUEST_DATA_SELECTOR, 3
 .global syscall_entry
 syscall_entry:
     mov %rsp, syscall_saved_rsp(%rip)

@@ -29,6 +29,7 @@ use shadow_mmu::{GuestPhysAddr, GuestVirtAddr, PageFaultErrorCode, PagingMode};
 use spin::Mutex;
 use vmm_core::accounting::{Accounting, PageFaultOutcome, Phase, SyscallKind, TrapKind};
 use vmm_core::config::{HostConfig, ShadowPolicy};
+use vmm_core::cpu::shadow_gdt::{RealSelectors, ShadowGdt};
 use vmm_core::cpu::state::rflags;
 use vmm_core::cpu::{
     handle_instruction, inject, syscall, Cause, CpuStop, CpuidSource, Event, EventKind, Injection,
@@ -77,6 +78,8 @@ struct Vm {
     /// The guest's virtual CPU.
     cpu: VCpu,
     mmu: Mmu,
+    /// What the real GDT holds for the guest (its shadow descriptor table).
+    gdt: ShadowGdt,
     /// Which shadow view is loaded: the kernel view while the guest is at virtual CPL 0.
     view: View,
     /// The guest's port bus: virtual PIC pair, PIT, COM1 (into the console), debug exit.
@@ -177,9 +180,6 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
             limit: entry.gdtr_limit,
         },
     );
-    // The first entry is a made-up return from a trap, built like every other return.
-    let mut frame = TrapFrame::default();
-    vcpu_to_frame(&cpu, &mut frame, false);
     crate::cpu::enable_fast_syscall_entries();
     if crate::cpu::enable_cpuid_faulting() {
         log::info!("cpu: CPUID faulting on: the guest's CPUID traps and is emulated");
@@ -189,9 +189,10 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
         );
     }
     vmm_core::cpu::emulate::warm_up_decoder();
-    *VM.lock() = Some(Vm {
+    let mut vm = Vm {
         cpu,
         mmu,
+        gdt: ShadowGdt::new(),
         view: View::Kernel,
         bus: PortBus::new(GuestConsole::new(), HostClock),
         accounting: Accounting::new(),
@@ -205,7 +206,14 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
         real_sysenter_on: false,
         bench_mark: (0, 0, 0),
         bench_traps: alloc::vec::Vec::new(),
-    });
+    };
+    // The first entry is a made-up return from a trap, built like every other return.
+    let mut frame = TrapFrame::default();
+    match vm.sync_descriptor_table() {
+        Ok(selectors) => vcpu_to_frame(&vm.cpu, &mut frame, selectors, false),
+        Err(why) => stop_guest(&frame, why, vm),
+    }
+    *VM.lock() = Some(vm);
     log::info!(
         "guest: entering at Ring 3 (rip={:#x} rsp={:#x} rdi={:#x}), shadow policy {policy:?}",
         entry.rip,
@@ -214,7 +222,7 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
     );
     // SAFETY: the shadow root maps the VMM's slot 511 exactly as the host root does (shadow-mmu
     // copies that entry), so the host keeps running after the switch; the frame is a valid
-    // Ring-3 frame on the VMM's own guest selectors.
+    // Ring-3 frame on the guest's shadow descriptors (`sync_descriptor_table` made them present).
     unsafe {
         x86::controlregs::cr3_write(root.as_u64());
         trap::enter_ring3(&frame)
@@ -286,9 +294,9 @@ fn frame_to_vcpu(frame: &TrapFrame, cpu: &mut VCpu) {
     cpu.merge_hardware_rflags(frame.rflags);
 }
 
-/// Copies the vCPU back into the frame the stub will `iretq` with: always Ring 3 on the VMM's
-/// guest selectors, real IF = 1, IOPL = 0.
-fn vcpu_to_frame(cpu: &VCpu, frame: &mut TrapFrame, single_step: bool) {
+/// Copies the vCPU back into the frame the stub will `iretq` with: always Ring 3, on the real
+/// selectors of the guest's shadow descriptor table, real IF = 1, IOPL = 0.
+fn vcpu_to_frame(cpu: &VCpu, frame: &mut TrapFrame, selectors: RealSelectors, single_step: bool) {
     let [rax, rcx, rdx, rbx, rsp, rbp, rsi, rdi, r8, r9, r10, r11, r12, r13, r14, r15] = cpu.gpr;
     (frame.rax, frame.rcx, frame.rdx, frame.rbx) = (rax, rcx, rdx, rbx);
     (frame.rsp, frame.rbp, frame.rsi, frame.rdi) = (rsp, rbp, rsi, rdi);
@@ -296,8 +304,8 @@ fn vcpu_to_frame(cpu: &VCpu, frame: &mut TrapFrame, single_step: bool) {
     (frame.r12, frame.r13, frame.r14, frame.r15) = (r12, r13, r14, r15);
     frame.rip = cpu.rip;
     frame.rflags = cpu.real_rflags() | if single_step { rflags::TF } else { 0 };
-    frame.cs = u64::from(gdt::GUEST_CODE);
-    frame.ss = u64::from(gdt::GUEST_DATA);
+    frame.cs = u64::from(selectors.cs);
+    frame.ss = u64::from(selectors.ss);
 }
 
 /// Handles a trap taken while the guest ran (or a SYSCALL/SYSENTER from it): the one
@@ -331,15 +339,22 @@ pub fn handle_guest_trap(frame: &mut TrapFrame) {
     if !matches!(kind, TrapKind::Irq(_)) {
         vm.watchdog.trap(trap_rip);
     }
+    let mut selectors = None;
     if let Action::Resume(_) = action {
         if let Some(code) = vm.bus.exit_requested() {
             action = Action::Exit(code);
-        } else if let Err(why) = vm.inject_and_apply(&mut clock) {
-            action = Action::Stop(why);
+        } else {
+            match vm
+                .inject_and_apply(&mut clock)
+                .and_then(|()| vm.sync_descriptor_table())
+            {
+                Ok(real) => selectors = Some(real),
+                Err(why) => action = Action::Stop(why),
+            }
         }
     }
-    if let Action::Resume(_) = action {
-        vcpu_to_frame(&vm.cpu, frame, vm.single_step);
+    if let (Action::Resume(_), Some(selectors)) = (&action, selectors) {
+        vcpu_to_frame(&vm.cpu, frame, selectors, vm.single_step);
         let pending = vmm_core::devices::InterruptSource::has_pending(&vm.bus);
         fast::publish(&vm.cpu, pending, vm.single_step);
     } else {
@@ -479,11 +494,20 @@ impl Vm {
                 }
                 (action, TrapKind::Irq(irq))
             }
-            vector::GENERAL_PROTECTION | vector::INVALID_OPCODE => {
-                let hw = if frame.vector == vector::GENERAL_PROTECTION {
-                    Event::gp(frame.error_code as u32)
-                } else {
-                    Event::ud()
+            vector::GENERAL_PROTECTION
+            | vector::INVALID_OPCODE
+            | vector::SEGMENT_NOT_PRESENT
+            | vector::STACK_FAULT => {
+                // #NP and #SS(selector) are how a segment load the shadow descriptor table
+                // keeps absent comes here (IRETQ/RETF to another CS, MOV SS, MOV DS, ...): it is
+                // redone against the guest's own table; any other instruction's fault is the
+                // guest's own and is reflected unchanged.
+                let code = frame.error_code as u32;
+                let hw = match frame.vector {
+                    vector::GENERAL_PROTECTION => Event::gp(code),
+                    vector::SEGMENT_NOT_PRESENT => Event::np(code),
+                    vector::STACK_FAULT => Event::ss(code),
+                    _ => Event::ud(),
                 };
                 self.emulate(Cause::Fault(hw), clock)
             }
@@ -639,9 +663,12 @@ impl Vm {
         self.bus.poll_timer();
     }
 
-    /// On the way back: inject a due virtual interrupt (idling on HLT until one is), then apply
-    /// what the vCPU changed to the shadow MMU and the real registers.
+    /// On the way back: apply what the trapping instruction changed (a new CR3, a new view)
+    /// *before* an interrupt is delivered — the interrupt comes after the instruction retired,
+    /// so its frame goes through the new address space — then inject a due virtual interrupt
+    /// (idling on HLT until one is) and apply what the delivery changed.
     fn inject_and_apply(&mut self, clock: &mut PhaseClock) -> Result<(), StopWhy> {
+        self.apply_effects()?;
         let mut idle_since = None;
         loop {
             match inject(
@@ -686,10 +713,32 @@ impl Vm {
         applied
     }
 
+    /// Brings the real GDT in line with the vCPU (vmm-core `shadow_gdt`): only the guest's
+    /// virtual CS and SS are loadable, so every other segment load traps, whatever selectors the
+    /// guest uses. Returns the real selectors to run it on.
+    fn sync_descriptor_table(&mut self) -> Result<RealSelectors, StopWhy> {
+        // SAFETY: trap context (or before the first entry) with interrupts off: nothing else
+        // uses the guest part of the real GDT now.
+        let real = unsafe { gdt::guest_entries() };
+        self.gdt
+            .sync(
+                &self.cpu,
+                &mut host::GuestAccess {
+                    mmu: &mut self.mmu,
+                    view: self.view,
+                },
+                real,
+            )
+            .map_err(StopWhy::Cpu)
+    }
+
     /// Applies the vCPU's effects: CR3 loads, INVLPG, paging-mode changes, view switches,
     /// FS/GS bases, and whether real SYSENTER may enter the VMM.
     fn apply_effects(&mut self) -> Result<(), StopWhy> {
         let effects = self.cpu.take_effects();
+        if effects.descriptor_table {
+            self.gdt.invalidate();
+        }
         let mut reload = false;
         if effects.paging_mode {
             self.mmu

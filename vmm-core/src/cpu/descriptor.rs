@@ -62,6 +62,28 @@ impl Descriptor {
         }
     }
 
+    /// Encodes the descriptor's low 8 bytes: the inverse of [`Descriptor::from_raw`] (the G
+    /// bit is set when the limit needs it; a limit that is not a whole number of 4 KiB pages
+    /// above 1 MiB is rounded up, as G = 1 can only express).
+    pub fn to_raw(&self) -> u64 {
+        let (limit, granularity) = if self.limit > 0xF_FFFF {
+            (u64::from(self.limit >> 12), 1u64)
+        } else {
+            (u64::from(self.limit), 0)
+        };
+        (limit & 0xFFFF)
+            | ((self.base & 0xFF_FFFF) << 16)
+            | (u64::from(self.typ & 0xF) << 40)
+            | (u64::from(self.code_or_data) << 44)
+            | (u64::from(self.dpl & 3) << 45)
+            | (u64::from(self.present) << 47)
+            | (((limit >> 16) & 0xF) << 48)
+            | (u64::from(self.long) << 53)
+            | (u64::from(self.default_big) << 54)
+            | (granularity << 55)
+            | (((self.base >> 24) & 0xFF) << 56)
+    }
+
     /// Decodes a 16-byte system descriptor of long mode (LDT, TSS): bits 63:32 of the base
     /// come from the second quadword.
     pub fn from_raw_system(low: u64, high: u64) -> Self {
@@ -195,6 +217,19 @@ mod tests {
         assert!(code.is_long_code() && code.present && code.dpl == 0 && code.is_readable_code());
         let data = Descriptor::from_raw(boot::BOOT_GDT[2]);
         assert!(data.is_writable_data() && data.present && data.limit == 0xFFFF_FFFF);
+    }
+
+    #[test]
+    fn segment_descriptors_round_trip_through_to_raw() {
+        for raw in [
+            boot::BOOT_GDT[1],
+            boot::BOOT_GDT[2],
+            encode_segment(true, true, 3, true, true),
+            encode_segment(false, false, 3, false, true),
+            0x0040_9300_1234_00FF, // byte granular, base 0x1234 << 16
+        ] {
+            assert_eq!(Descriptor::from_raw(raw).to_raw(), raw, "{raw:#x}");
+        }
     }
 
     #[test]

@@ -419,6 +419,9 @@ fn mnemonic_name(mnemonic: Mnemonic) -> &'static str {
         Mnemonic::Int3 => "INT3",
         Mnemonic::Pop => "POP Sreg",
         Mnemonic::Retf => "RETF",
+        Mnemonic::Lss => "LSS",
+        Mnemonic::Lfs => "LFS",
+        Mnemonic::Lgs => "LGS",
         Mnemonic::Jmp => "JMP far",
         Mnemonic::Call => "CALL far",
         Mnemonic::Mov => "MOV",
@@ -698,6 +701,7 @@ where
             let table = TableRegister { base, limit };
             if matches!(ins.code(), Code::Lgdt_m1664 | Code::Lgdt_m1632) {
                 cpu.gdtr = table;
+                cpu.note(|e| e.descriptor_table = true);
             } else {
                 cpu.idtr = table;
             }
@@ -848,6 +852,36 @@ where
             let selector = read_value(mem, rsp, size, cpu.privilege(), true)? as u16;
             load_data_segment(cpu, mem, seg, selector)?;
             cpu.set_reg(Gpr::Rsp, rsp.wrapping_add(size as u64));
+            Ok(Flow::Next)
+        }
+        Code::Lss_r16_m1616
+        | Code::Lss_r32_m1632
+        | Code::Lss_r64_m1664
+        | Code::Lfs_r16_m1616
+        | Code::Lfs_r32_m1632
+        | Code::Lfs_r64_m1664
+        | Code::Lgs_r16_m1616
+        | Code::Lgs_r32_m1632
+        | Code::Lgs_r64_m1664 => {
+            // LSS/LFS/LGS r, m16:xx: the offset, then the selector (SDM Vol. 2A "LDS/LES/LFS/
+            // LGS/LSS"); the segment is loaded first, the register only if that succeeds.
+            let seg = match ins.mnemonic() {
+                Mnemonic::Lss => SegReg::Ss,
+                Mnemonic::Lfs => SegReg::Fs,
+                _ => SegReg::Gs,
+            };
+            let dest = ins.op0_register();
+            let size = dest.size();
+            let at = address(cpu, ins, 1);
+            let stack = is_stack_access(ins);
+            let offset = read_value(mem, at, size, cpu.privilege(), stack)?;
+            let selector =
+                read_value(mem, at.wrapping_add(size as u64), 2, cpu.privilege(), stack)? as u16;
+            load_data_segment(cpu, mem, seg, selector)?;
+            write_reg(cpu, dest, offset);
+            if seg == SegReg::Ss {
+                cpu.interrupt_shadow = Some(next);
+            }
             Ok(Flow::Next)
         }
         Code::Retfq | Code::Retfd | Code::Retfq_imm16 | Code::Retfd_imm16 => {
@@ -1048,6 +1082,7 @@ fn ltr<M: GuestMemory + ?Sized>(cpu: &mut VCpu, mem: &mut M, sel: u16) -> Result
     }
     let busy = entry.raw | (0x2 << 40);
     write_value(mem, entry.address, 8, busy, Privilege::Supervisor, false)?;
+    cpu.note(|e| e.descriptor_table = true);
     let mut d = d;
     d.typ = super::descriptor::system_type::TSS_BUSY;
     cpu.tr = Segment {

@@ -6,6 +6,7 @@
 //! | [`state`] | 特权级压缩 (ring compression): virtual CPL, RFLAGS.IF/IOPL, CRs, descriptor tables |
 //! | [`emulate`] | 敏感指令的陷入和模拟: each trapping instruction redone at the virtual CPL |
 //! | [`segments`] | segment loads, far transfers, IRET against the guest's own GDT (Vol. 3 §5) |
+//! | [`shadow_gdt`] | 资源控制: the real GDT built from the guest's, only its CS/SS loadable (Vol. 3 §3.4) |
 //! | [`syscall`] | 系统调用: SYSCALL/SYSENTER forwarded, SYSRET/SYSEXIT emulated (Vol. 3 §5.8.7–8) |
 //! | [`deliver`] | 中断和异常的虚拟化: delivery through the guest IDT, #DF, triple fault (Vol. 3 §6) |
 //! | [`inject`] | virtual interrupts: IF, the STI/MOV SS shadow, HLT (Vol. 3 §6.8) |
@@ -27,6 +28,7 @@ pub mod inject;
 pub mod memory;
 pub mod msr;
 pub mod segments;
+pub mod shadow_gdt;
 pub mod state;
 pub mod syscall;
 

@@ -215,6 +215,9 @@ pub struct Effects {
     pub privilege: bool,
     /// FS or GS base changed (WRMSR, SWAPGS, segment load): reload the real bases.
     pub segment_bases: bool,
+    /// The guest's GDT changed in a way the VMM made (LTR marks the TSS busy in it) or the
+    /// GDTR was loaded: rebuild the shadow descriptor table from it.
+    pub descriptor_table: bool,
 }
 
 impl Effects {

@@ -1,0 +1,419 @@
+//! The shadow descriptor table: the real GDT the guest runs under, built by the VMM from the
+//! guest's own GDT (SDM Vol. 3 §3.4–3.5, §5.5; article challenges "资源控制" and "特权级压缩").
+//!
+//! The guest kernel really runs at CPL 3, so any descriptor the CPU may load for it must have
+//! DPL 3 — and then the CPU would let the guest load it *without trapping*. A guest whose user
+//! code selector happened to name a real DPL-3 descriptor could `iretq` into its "user mode"
+//! without the VMM seeing the privilege change (the VMM would keep the kernel's shadow page
+//! tables: no isolation). So the VMM decides, entry by entry, what the hardware may load:
+//!
+//! - **Each guest descriptor sits at its own index**, privilege compressed to DPL 3 and marked
+//!   **not present**. Everything else of it (type, base, limit, L/D) is the guest's, so LAR,
+//!   LSL, VERR and VERW — which run natively and ignore P — see the guest's own table with
+//!   only the DPL (and P) changed.
+//! - **Only the two descriptors the guest is running on are present**: the ones in its virtual
+//!   CS and SS, encoded from the vCPU's descriptor caches (the hidden part the CPU would keep,
+//!   even if the guest has since rewritten its table). The real CS and SS are those indices
+//!   with RPL 3, so `mov ax, cs` shows the guest's own selector with RPL 3.
+//! - So **every other segment load traps**: IRETQ/RETF/far JMP to another CS (#NP), MOV SS /
+//!   LSS to another SS (#SS), MOV/POP/LFS/LGS of DS/ES/FS/GS (#NP), whatever selector layout
+//!   the guest chose, and is emulated against the guest's table *in memory* (`segments.rs`).
+//!   That is stricter than the one-table-per-mode scheme (a mode switch is exactly a change
+//!   of CS and SS, so it always traps), and it makes coherence free: a guest that rewrites a
+//!   descriptor and loads it again sees what it wrote, with no write tracking.
+//! - A null SS (64-bit mode loads one on every interrupt to CPL 0 from user mode) cannot be
+//!   real at CPL 3: the real SS is then the VMM's **null-SS stand-in**, a DPL-3 data
+//!   descriptor in the reserved range, present only while the virtual SS is null.
+//!
+//! **The reserved range** ([`FIRST_RESERVED_INDEX`] up to the end of the 64 KiB table) holds
+//! the stand-in and the VMM's own descriptors (host code and data, TSS): address-space
+//! compression applied to the descriptor table, like the VMM's PML4 slot. Guest descriptors
+//! there are not shadowed (the real entries are the VMM's, all DPL 0 except the stand-in); a
+//! guest may load them into DS/ES/FS/GS (emulated; the real register then holds null), but
+//! running on one — CS or SS — stops the guest with a message naming the selector.
+//!
+//! The LDT is not shadowed: the real LDTR stays null, so every LDT selector load traps and is
+//! emulated against the guest's LDT; running with CS or SS from the LDT stops the guest.
+
+use super::event::CpuStop;
+use super::memory::GuestMemory;
+use super::state::{SegReg, Segment, TableRegister, VCpu};
+use shadow_mmu::{AccessKind, Privilege};
+
+/// Entries of the real GDT: the whole 64 KiB a GDTR limit can cover.
+pub const REAL_GDT_ENTRIES: usize = 8192;
+/// The first index of the VMM's reserved range at the top of the real GDT; guest descriptors
+/// at lower indices are shadowed at their own index.
+pub const FIRST_RESERVED_INDEX: usize = 8187;
+/// The real SS while the guest's virtual SS is null (RPL 3).
+pub const NULL_SS_STAND_IN: u16 = (FIRST_RESERVED_INDEX as u16) << 3 | 3;
+/// The host's code selector (DPL 0).
+pub const HOST_CODE: u16 = ((FIRST_RESERVED_INDEX + 1) as u16) << 3;
+/// The host's data selector (DPL 0); SYSCALL and SYSENTER load it as HOST_CODE + 8.
+pub const HOST_DATA: u16 = ((FIRST_RESERVED_INDEX + 2) as u16) << 3;
+/// The host's 64-bit TSS (two entries, the last of the table).
+pub const HOST_TSS: u16 = ((FIRST_RESERVED_INDEX + 3) as u16) << 3;
+const _: () = assert!(HOST_DATA == HOST_CODE + 8);
+const _: () = assert!(HOST_TSS as usize / 8 + 2 == REAL_GDT_ENTRIES);
+
+/// The part of the real GDT the shadow writes: every guest index and the stand-in.
+pub const SHADOWED_ENTRIES: usize = FIRST_RESERVED_INDEX + 1;
+
+/// The stand-in's descriptor: flat writable data, DPL 3, present.
+const NULL_SS_STAND_IN_DESCRIPTOR: u64 = 0x00CF_F200_0000_FFFF;
+
+const DESCRIPTOR_P: u64 = 1 << 47;
+const DESCRIPTOR_DPL: u64 = 3 << 45;
+
+/// A guest descriptor as it appears in the real GDT when the guest does not run on it: DPL 3
+/// and not present, everything else the guest's own. The null descriptor stays null.
+pub fn compressed_absent(raw: u64) -> u64 {
+    if raw == 0 {
+        0
+    } else {
+        (raw | DESCRIPTOR_DPL) & !DESCRIPTOR_P
+    }
+}
+
+/// The real selectors the guest runs on, for the frame the host returns with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RealSelectors {
+    /// Real CS: the guest's CS index with RPL 3.
+    pub cs: u16,
+    /// Real SS: the guest's SS index with RPL 3, or [`NULL_SS_STAND_IN`].
+    pub ss: u16,
+}
+
+/// What the real GDT holds for the guest, so each exit rewrites only what changed.
+#[derive(Clone, Debug, Default)]
+pub struct ShadowGdt {
+    /// The guest GDTR the table was last built from (`None`: never built).
+    built_for: Option<TableRegister>,
+    /// Guest entries written at the last build (they are cleared on the next).
+    built_entries: usize,
+    /// For CS and SS: the real index made present, the descriptor put there, and the absent
+    /// form it replaced.
+    pinned: [Option<(usize, u64, u64)>; 2],
+    /// The stand-in is present.
+    stand_in: bool,
+    /// Full rebuilds so far (LGDT).
+    pub rebuilds: u64,
+}
+
+impl ShadowGdt {
+    /// An empty shadow: the first [`ShadowGdt::sync`] builds the whole table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The guest's table changed (`Effects::descriptor_table`): the next sync rebuilds it, so
+    /// LAR/LSL/VERR/VERW see the change too.
+    pub fn invalidate(&mut self) {
+        self.built_for = None;
+    }
+
+    /// Brings the real GDT (`real`: its first [`SHADOWED_ENTRIES`] entries) in line with the
+    /// vCPU: rebuilt from guest memory when the guest loaded a new GDTR, the virtual CS and SS
+    /// made present. Returns the real selectors to run the guest on. A guest running on a
+    /// descriptor the VMM cannot shadow (reserved range, LDT, not 64-bit code) is a stop.
+    pub fn sync<M: GuestMemory + ?Sized>(
+        &mut self,
+        cpu: &VCpu,
+        mem: &mut M,
+        real: &mut [u64],
+    ) -> Result<RealSelectors, CpuStop> {
+        let real = &mut real[..SHADOWED_ENTRIES];
+        if self.built_for != Some(cpu.gdtr) {
+            self.unpin(real);
+            self.rebuild(cpu.gdtr, mem, real);
+        }
+        let cs = *cpu.segment(SegReg::Cs);
+        let ss = *cpu.segment(SegReg::Ss);
+        if !cs.cache.is_long_code() {
+            return Err(CpuStop::Unsupported(
+                "CS is not a 64-bit code segment (compatibility mode)",
+            ));
+        }
+        let cs_index = shadow_index(cs.selector)?;
+        let ss_index = if ss.selector & !3 == 0 {
+            None
+        } else {
+            Some(shadow_index(ss.selector)?)
+        };
+        let want = [
+            Some((cs_index, pinned_descriptor(&cs))),
+            ss_index.map(|i| (i, pinned_descriptor(&ss))),
+        ];
+        if want != self.pinned.map(|p| p.map(|(i, d, _)| (i, d))) {
+            self.unpin(real);
+            for (slot, w) in self.pinned.iter_mut().zip(want) {
+                if let Some((i, d)) = w {
+                    *slot = Some((i, d, real[i]));
+                    real[i] = d;
+                }
+            }
+        }
+        let stand_in = ss_index.is_none();
+        if stand_in != self.stand_in {
+            self.stand_in = stand_in;
+            real[FIRST_RESERVED_INDEX] = if stand_in {
+                NULL_SS_STAND_IN_DESCRIPTOR
+            } else {
+                0
+            };
+        }
+        Ok(RealSelectors {
+            cs: (cs_index as u16) << 3 | 3,
+            ss: ss_index.map_or(NULL_SS_STAND_IN, |i| (i as u16) << 3 | 3),
+        })
+    }
+
+    /// Puts back the absent form of the pinned entries.
+    fn unpin(&mut self, real: &mut [u64]) {
+        // In reverse, so that were CS and SS ever one index, the older absent form wins.
+        for slot in self.pinned.iter_mut().rev() {
+            if let Some((i, _, before)) = slot.take() {
+                real[i] = before;
+            }
+        }
+    }
+
+    /// Rewrites every guest entry from the guest's table in memory (absent form) and clears
+    /// what the previous table had beyond the new one's end.
+    fn rebuild<M: GuestMemory + ?Sized>(
+        &mut self,
+        gdtr: TableRegister,
+        mem: &mut M,
+        real: &mut [u64],
+    ) {
+        self.rebuilds += 1;
+        let entries = ((usize::from(gdtr.limit) + 1) / 8).min(FIRST_RESERVED_INDEX);
+        let mut i = 0;
+        while i < entries {
+            // One page of the guest's table at a time; an unreadable page shadows as null
+            // descriptors (LGDT itself reads nothing: a load from it will fault when emulated).
+            let at = gdtr.base.wrapping_add(8 * i as u64);
+            let in_page = ((0x1000 - (at & 0xFFF)) / 8).max(1) as usize;
+            let n = in_page.min(entries - i);
+            let mut bytes = [0u8; 0x1000];
+            let chunk = &mut bytes[..8 * n];
+            let ok = mem
+                .read_linear(at, chunk, AccessKind::Read, Privilege::Supervisor)
+                .is_ok();
+            for (k, raw) in chunk.chunks_exact(8).enumerate() {
+                let raw = u64::from_le_bytes(raw.try_into().unwrap_or([0; 8]));
+                real[i + k] = if ok && i + k != 0 {
+                    compressed_absent(raw)
+                } else {
+                    0
+                };
+            }
+            i += n;
+        }
+        for slot in real.iter_mut().take(self.built_entries).skip(entries) {
+            *slot = 0;
+        }
+        self.built_entries = entries;
+        self.built_for = Some(gdtr);
+    }
+}
+
+/// The real index for a selector the guest runs on (CS or SS).
+fn shadow_index(selector: u16) -> Result<usize, CpuStop> {
+    if selector & 4 != 0 {
+        return Err(CpuStop::Unsupported(
+            "running on a code or stack segment from the LDT",
+        ));
+    }
+    let index = usize::from(selector >> 3);
+    if index >= FIRST_RESERVED_INDEX {
+        return Err(CpuStop::Unsupported(
+            "running on a GDT entry in the VMM's reserved range (index 8187 and up)",
+        ));
+    }
+    Ok(index)
+}
+
+/// The present, DPL-3 real descriptor for a loaded segment, from its descriptor cache.
+fn pinned_descriptor(seg: &Segment) -> u64 {
+    let mut d = seg.cache;
+    d.dpl = 3;
+    d.present = true;
+    d.to_raw()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::descriptor::{encode_segment, Descriptor};
+    use crate::cpu::memory::flat::{FlatMemory, RW_KERNEL};
+
+    const GDT: u64 = 0x5000;
+
+    fn real() -> std::vec::Vec<u64> {
+        std::vec![0u64; REAL_GDT_ENTRIES]
+    }
+
+    /// A guest with the "low" layout: user data 0x1b, user code 0x23 (the VMM's old real
+    /// selectors), kernel 0x08/0x10.
+    fn low_layout_guest() -> (VCpu, FlatMemory) {
+        let table = [
+            0,
+            encode_segment(true, true, 0, true, true),
+            encode_segment(false, false, 0, true, true),
+            encode_segment(false, false, 3, true, true),
+            encode_segment(true, true, 3, true, true),
+        ];
+        let mut mem = FlatMemory::default();
+        mem.map(GDT, 0x1000, RW_KERNEL);
+        mem.map(0x9000, 0x1000, RW_KERNEL);
+        for (i, d) in table.iter().enumerate() {
+            mem.poke(GDT + 8 * i as u64, &d.to_le_bytes());
+        }
+        let cpu = VCpu::at_entry(
+            0x1000,
+            0x2000,
+            0,
+            0,
+            TableRegister {
+                base: GDT,
+                limit: 5 * 8 - 1,
+            },
+        );
+        (cpu, mem)
+    }
+
+    #[test]
+    fn only_the_guests_cs_and_ss_are_present_and_user_descriptors_trap_in_kernel_mode() {
+        let (cpu, mut mem) = low_layout_guest();
+        let mut real = real();
+        let mut shadow = ShadowGdt::new();
+        let sel = shadow.sync(&cpu, &mut mem, &mut real).unwrap();
+        assert_eq!(sel, RealSelectors { cs: 0x0B, ss: 0x13 });
+        let d = |i: usize| Descriptor::from_raw(real[i]);
+        assert!(d(1).present && d(1).dpl == 3 && d(1).is_long_code());
+        assert!(d(2).present && d(2).dpl == 3 && d(2).is_writable_data());
+        // The guest's user descriptors are there (LAR sees them) but absent: IRETQ to 0x23 or
+        // MOV SS 0x1b from the virtual kernel traps.
+        assert!(!d(3).present && d(3).dpl == 3 && d(3).is_writable_data());
+        assert!(!d(4).present && d(4).dpl == 3 && d(4).is_long_code());
+        assert_eq!(real[0], 0);
+        assert_eq!(real[FIRST_RESERVED_INDEX], 0, "stand-in absent");
+    }
+
+    #[test]
+    fn a_mode_switch_moves_the_present_entries_and_a_null_ss_uses_the_stand_in() {
+        let (mut cpu, mut mem) = low_layout_guest();
+        let mut real = real();
+        let mut shadow = ShadowGdt::new();
+        shadow.sync(&cpu, &mut mem, &mut real).unwrap();
+        // Virtual user mode on 0x23/0x1b.
+        let user_code = Descriptor::from_raw(encode_segment(true, true, 3, true, true));
+        let user_data = Descriptor::from_raw(encode_segment(false, false, 3, true, true));
+        cpu.set_segment(
+            SegReg::Cs,
+            Segment {
+                selector: 0x23,
+                cache: user_code,
+            },
+        );
+        cpu.set_segment(
+            SegReg::Ss,
+            Segment {
+                selector: 0x1b,
+                cache: user_data,
+            },
+        );
+        cpu.set_cpl(3);
+        let sel = shadow.sync(&cpu, &mut mem, &mut real).unwrap();
+        assert_eq!(sel, RealSelectors { cs: 0x23, ss: 0x1b });
+        let present = |r: &[u64], i: usize| Descriptor::from_raw(r[i]).present;
+        assert!(
+            !present(&real, 1) && !present(&real, 2),
+            "kernel entries absent"
+        );
+        assert!(present(&real, 3) && present(&real, 4));
+        // An interrupt to the virtual kernel: CS 0x08, null SS.
+        cpu.set_segment(
+            SegReg::Cs,
+            Segment {
+                selector: 0x08,
+                cache: Descriptor::from_raw(encode_segment(true, true, 0, true, true)),
+            },
+        );
+        cpu.set_segment(SegReg::Ss, Segment::null(0));
+        cpu.set_cpl(0);
+        let sel = shadow.sync(&cpu, &mut mem, &mut real).unwrap();
+        assert_eq!(
+            sel,
+            RealSelectors {
+                cs: 0x0B,
+                ss: NULL_SS_STAND_IN
+            }
+        );
+        assert!(present(&real, 1) && !present(&real, 2));
+        assert!(!present(&real, 3) && !present(&real, 4));
+        assert!(present(&real, FIRST_RESERVED_INDEX));
+    }
+
+    #[test]
+    fn a_new_gdtr_rebuilds_from_memory_and_clears_the_old_tables_tail() {
+        let (mut cpu, mut mem) = low_layout_guest();
+        let mut real = real();
+        let mut shadow = ShadowGdt::new();
+        shadow.sync(&cpu, &mut mem, &mut real).unwrap();
+        // A shorter table elsewhere with the same kernel descriptors.
+        let other = 0x9000;
+        for i in 0..3u64 {
+            let d = mem.peek_u64(GDT + 8 * i);
+            mem.poke(other + 8 * i, &d.to_le_bytes());
+        }
+        cpu.gdtr = TableRegister {
+            base: other,
+            limit: 3 * 8 - 1,
+        };
+        shadow.sync(&cpu, &mut mem, &mut real).unwrap();
+        assert_eq!((real[3], real[4]), (0, 0));
+        assert_eq!(shadow.rebuilds, 2);
+        // An invalidation (LTR wrote the busy bit) rebuilds the same table again.
+        shadow.invalidate();
+        shadow.sync(&cpu, &mut mem, &mut real).unwrap();
+        assert_eq!(shadow.rebuilds, 3);
+        assert!(Descriptor::from_raw(real[1]).present, "CS pinned again");
+    }
+
+    #[test]
+    fn the_pinned_entries_come_from_the_descriptor_cache_not_from_memory() {
+        let (cpu, mut mem) = low_layout_guest();
+        // The guest overwrites its loaded code descriptor with zeros: the CPU keeps running on
+        // the cached one, and so must the real CS.
+        mem.poke(GDT + 8, &[0; 8]);
+        let mut real = real();
+        let sel = ShadowGdt::new().sync(&cpu, &mut mem, &mut real).unwrap();
+        assert_eq!(sel.cs, 0x0B);
+        assert!(Descriptor::from_raw(real[1]).is_long_code());
+    }
+
+    #[test]
+    fn running_on_a_reserved_or_ldt_selector_is_a_stop() {
+        let (mut cpu, mut mem) = low_layout_guest();
+        let mut cs = *cpu.segment(SegReg::Cs);
+        cs.selector = HOST_CODE;
+        cpu.set_segment(SegReg::Cs, cs);
+        let mut real = real();
+        assert!(ShadowGdt::new().sync(&cpu, &mut mem, &mut real).is_err());
+        cs.selector = 0x0C;
+        cpu.set_segment(SegReg::Cs, cs);
+        assert!(ShadowGdt::new().sync(&cpu, &mut mem, &mut real).is_err());
+    }
+
+    #[test]
+    fn a_guest_table_reaching_into_the_reserved_range_is_cut_off() {
+        let (mut cpu, mut mem) = low_layout_guest();
+        cpu.gdtr.limit = 0xFFFF;
+        let mut real = real();
+        ShadowGdt::new().sync(&cpu, &mut mem, &mut real).unwrap();
+        assert_eq!(real[FIRST_RESERVED_INDEX], 0);
+        assert!(real[SHADOWED_ENTRIES..].iter().all(|&d| d == 0));
+    }
+}
