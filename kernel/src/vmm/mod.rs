@@ -10,6 +10,7 @@
 //! guests, `report.rs` prints what happened, `console.rs` turns the guest's UART into lines.
 
 pub mod console;
+mod data_segments;
 pub mod fast;
 pub mod host;
 mod report;
@@ -23,6 +24,7 @@ use crate::memory::{paging, phys_to_virt};
 use crate::multiboot::Module;
 use crate::trap::{self, vector, TrapFrame};
 use console::GuestConsole;
+use data_segments::DataSegments;
 use host::{DirectMap, HostFrames};
 use shadow_mmu::shadow::{FaultOutcome, MmuConfig, Policy, ShadowMmu, StopReason, View};
 use shadow_mmu::{GuestPhysAddr, GuestVirtAddr, PageFaultErrorCode, PagingMode};
@@ -80,6 +82,8 @@ struct Vm {
     mmu: Mmu,
     /// What the real GDT holds for the guest (its shadow descriptor table).
     gdt: ShadowGdt,
+    /// What the real DS/ES/FS/GS held when the guest was last entered.
+    data_segments: DataSegments,
     /// Which shadow view is loaded: the kernel view while the guest is at virtual CPL 0.
     view: View,
     /// The guest's port bus: virtual PIC pair, PIT, COM1 (into the console), debug exit.
@@ -193,6 +197,7 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
         cpu,
         mmu,
         gdt: ShadowGdt::new(),
+        data_segments: DataSegments::new(),
         view: View::Kernel,
         bus: PortBus::new(GuestConsole::new(), HostClock),
         accounting: Accounting::new(),
@@ -333,6 +338,7 @@ pub fn handle_guest_trap(frame: &mut TrapFrame) {
         frame.rflags &= !rflags::TF;
     }
     frame_to_vcpu(frame, &mut vm.cpu);
+    vm.data_segments.absorb(&mut vm.cpu);
     fast::absorb(&mut vm.cpu);
     clock.mark(Phase::EntryStub);
     let (mut action, kind) = vm.dispatch(frame, &mut clock);
@@ -720,7 +726,8 @@ impl Vm {
         // SAFETY: trap context (or before the first entry) with interrupts off: nothing else
         // uses the guest part of the real GDT now.
         let real = unsafe { gdt::guest_entries() };
-        self.gdt
+        let selectors = self
+            .gdt
             .sync(
                 &self.cpu,
                 &mut host::GuestAccess {
@@ -729,7 +736,20 @@ impl Vm {
                 },
                 real,
             )
-            .map_err(StopWhy::Cpu)
+            .map_err(StopWhy::Cpu)?;
+        if self.data_segments.publish(&self.cpu, real) {
+            self.write_segment_bases();
+        }
+        Ok(selectors)
+    }
+
+    /// The real FS and GS bases follow the virtual ones.
+    fn write_segment_bases(&self) {
+        // SAFETY: the host never uses FS or GS; these bases only matter in Ring 3.
+        unsafe {
+            x86::msr::wrmsr(x86::msr::IA32_FS_BASE, self.cpu.fs_base());
+            x86::msr::wrmsr(x86::msr::IA32_GS_BASE, self.cpu.gs_base());
+        }
     }
 
     /// Applies the vCPU's effects: CR3 loads, INVLPG, paging-mode changes, view switches,
@@ -774,11 +794,7 @@ impl Vm {
             self.load_shadow_root();
         }
         if effects.segment_bases {
-            // SAFETY: the host never uses FS or GS; these bases only matter in Ring 3.
-            unsafe {
-                x86::msr::wrmsr(x86::msr::IA32_FS_BASE, self.cpu.fs_base());
-                x86::msr::wrmsr(x86::msr::IA32_GS_BASE, self.cpu.gs_base());
-            }
+            self.write_segment_bases();
         }
         // A guest that has not set SYSENTER_CS must see SYSENTER fault with #GP at the
         // instruction: the real SYSENTER would lose its RIP, so it is disabled until then.

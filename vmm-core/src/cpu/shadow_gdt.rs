@@ -60,7 +60,7 @@ const _: () = assert!(HOST_TSS as usize / 8 + 2 == REAL_GDT_ENTRIES);
 pub const SHADOWED_ENTRIES: usize = FIRST_RESERVED_INDEX + 1;
 
 /// The stand-in's descriptor: flat writable data, DPL 3, present.
-const NULL_SS_STAND_IN_DESCRIPTOR: u64 = 0x00CF_F200_0000_FFFF;
+pub const NULL_SS_STAND_IN_DESCRIPTOR: u64 = 0x00CF_F200_0000_FFFF;
 
 const DESCRIPTOR_P: u64 = 1 << 47;
 const DESCRIPTOR_DPL: u64 = 3 << 45;
@@ -234,8 +234,18 @@ fn shadow_index(selector: u16) -> Result<usize, CpuStop> {
     Ok(index)
 }
 
-/// The present, DPL-3 real descriptor for a loaded segment, from its descriptor cache.
-fn pinned_descriptor(seg: &Segment) -> u64 {
+/// The real index through which the host can load a guest data-segment selector into the real
+/// register (`None`: null, from the LDT, or in the reserved range — the real register then holds
+/// null).
+pub fn data_selector_index(selector: u16) -> Option<usize> {
+    let index = usize::from(selector >> 3);
+    (selector & !3 != 0 && selector & 4 == 0 && index < FIRST_RESERVED_INDEX).then_some(index)
+}
+
+/// The present, DPL-3 real descriptor for a loaded segment, from its descriptor cache: what
+/// the real GDT holds for the guest's CS and SS, and, for the instant the host loads it, for a
+/// data segment the guest loaded through the emulator.
+pub fn pinned_descriptor(seg: &Segment) -> u64 {
     let mut d = seg.cache;
     d.dpl = 3;
     d.present = true;

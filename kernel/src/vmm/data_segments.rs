@@ -1,0 +1,124 @@
+//! The guest's DS, ES, FS and GS live in the real segment registers while it runs, like its
+//! general registers, so `mov ax, ds` and `push fs` show the guest's own selectors.
+//!
+//! The shadow descriptor table (vmm-core `cpu::shadow_gdt`) keeps every guest descriptor absent
+//! except the current CS and SS, so a data-segment load normally traps and is emulated into the
+//! vCPU; on the way out the host then loads the same selector into the real register, making
+//! its descriptor present for that one instruction (the CPU keeps the loaded copy, and a
+//! segment register is never reloaded from the table behind the guest's back). A few loads do
+//! not trap — a null selector, the selectors of the current CS or SS, the null-SS stand-in —
+//! and each trap entry takes those, and the real FS/GS bases (which a native load of FS or GS
+//! changes), back into the vCPU.
+
+use vmm_core::cpu::descriptor::Descriptor;
+use vmm_core::cpu::shadow_gdt::{self, NULL_SS_STAND_IN, NULL_SS_STAND_IN_DESCRIPTOR};
+use vmm_core::cpu::{SegReg, Segment, VCpu};
+use x86::segmentation::SegmentSelector;
+
+/// The four registers, in the order of [`DataSegments::real`].
+const REGISTERS: [SegReg; 4] = [SegReg::Es, SegReg::Ds, SegReg::Fs, SegReg::Gs];
+
+/// What the real data-segment registers held when the guest was last entered.
+pub struct DataSegments {
+    real: [u16; 4],
+}
+
+fn read_real() -> [u16; 4] {
+    [
+        x86::segmentation::es().bits(),
+        x86::segmentation::ds().bits(),
+        x86::segmentation::fs().bits(),
+        x86::segmentation::gs().bits(),
+    ]
+}
+
+impl DataSegments {
+    /// Starts from what the registers hold now (the first exit loads the guest's).
+    pub fn new() -> Self {
+        Self { real: read_real() }
+    }
+
+    /// At trap entry: what the guest loaded without trapping since the last exit.
+    pub fn absorb(&mut self, cpu: &mut VCpu) {
+        let now = read_real();
+        for ((seg, real), now) in REGISTERS.iter().zip(self.real.iter_mut()).zip(now) {
+            if *real == now {
+                continue;
+            }
+            *real = now;
+            let cs = *cpu.segment(SegReg::Cs);
+            let ss = *cpu.segment(SegReg::Ss);
+            let same_index = |s: &Segment| s.selector & !3 != 0 && s.selector & !3 == now & !3;
+            let cache = if now & !3 == 0 {
+                Segment::null(0).cache
+            } else if same_index(&cs) {
+                cs.cache
+            } else if same_index(&ss) {
+                ss.cache
+            } else if now & !3 == NULL_SS_STAND_IN & !3 {
+                // Only the stand-in is left that a native load can reach.
+                Descriptor::from_raw(NULL_SS_STAND_IN_DESCRIPTOR)
+            } else {
+                continue;
+            };
+            cpu.seg[*seg as usize] = Segment {
+                selector: now,
+                cache,
+            };
+        }
+        // SAFETY: reading the base MSRs has no side effects.
+        let (fs_base, gs_base) = unsafe {
+            (
+                x86::msr::rdmsr(x86::msr::IA32_FS_BASE),
+                x86::msr::rdmsr(x86::msr::IA32_GS_BASE),
+            )
+        };
+        cpu.seg[SegReg::Fs as usize].cache.base = fs_base;
+        cpu.seg[SegReg::Gs as usize].cache.base = gs_base;
+    }
+
+    /// On the way out: loads each register whose virtual selector the emulator changed, through
+    /// its guest descriptor made present for the instant of the load (`real_gdt` is the guest
+    /// part of the real GDT). Returns whether FS or GS was loaded (its base must then be
+    /// written again: a load sets the base from the descriptor).
+    pub fn publish(&mut self, cpu: &VCpu, real_gdt: &mut [u64]) -> bool {
+        let mut fs_gs = false;
+        for (i, seg) in REGISTERS.iter().enumerate() {
+            let want = *cpu.segment(*seg);
+            let loaded = match shadow_gdt::data_selector_index(want.selector) {
+                _ if want.selector == self.real[i] => continue,
+                None if want.selector & !3 == 0 => want.selector,
+                None => 0,
+                Some(index) => {
+                    let kept = real_gdt[index];
+                    real_gdt[index] = shadow_gdt::pinned_descriptor(&want);
+                    load(*seg, want.selector);
+                    real_gdt[index] = kept;
+                    self.real[i] = want.selector;
+                    fs_gs |= matches!(seg, SegReg::Fs | SegReg::Gs);
+                    continue;
+                }
+            };
+            load(*seg, loaded);
+            self.real[i] = loaded;
+            fs_gs |= matches!(seg, SegReg::Fs | SegReg::Gs);
+        }
+        fs_gs
+    }
+}
+
+/// Loads a real data-segment register.
+fn load(seg: SegReg, selector: u16) {
+    let sel = SegmentSelector::from_raw(selector);
+    // SAFETY: the host itself uses none of these registers (64-bit mode ignores DS/ES bases and
+    // the host never addresses through FS/GS); the selector is null or names a present
+    // DPL-3 code or data descriptor the caller just wrote, so the load cannot fault.
+    unsafe {
+        match seg {
+            SegReg::Es => x86::segmentation::load_es(sel),
+            SegReg::Ds => x86::segmentation::load_ds(sel),
+            SegReg::Fs => x86::segmentation::load_fs(sel),
+            _ => x86::segmentation::load_gs(sel),
+        }
+    }
+}
