@@ -105,9 +105,10 @@ extern "C" {
 }
 
 /// Points the real SYSCALL at the VMM's entry stub (asm/trap_entry.S): IA32_LSTAR, CS/SS from
-/// IA32_STAR (host code 0x08, data 0x10), IA32_FMASK clearing IF, TF, DF and AC so nothing runs
-/// between the instruction and the stub's stack switch; EFER.SCE on. SYSENTER starts disabled
-/// ([`set_sysenter_enabled`]).
+/// IA32_STAR (host code and data), IA32_FMASK clearing IF, TF, DF and AC so nothing runs
+/// between the instruction and the stub's stack switch. Both SYSCALL (EFER.SCE) and SYSENTER
+/// start disabled: they follow the guest's own settings ([`set_syscall_enabled`],
+/// [`set_sysenter_enabled`]).
 pub fn enable_fast_syscall_entries() {
     const FMASK: u64 = (1 << 9) | (1 << 8) | (1 << 10) | (1 << 18);
     let star = u64::from(crate::gdt::HOST_CODE) << 32;
@@ -118,10 +119,6 @@ pub fn enable_fast_syscall_entries() {
         x86::msr::wrmsr(x86::msr::IA32_LSTAR, syscall_entry as *const () as u64);
         x86::msr::wrmsr(x86::msr::IA32_STAR, star);
         x86::msr::wrmsr(x86::msr::IA32_FMASK, FMASK);
-        x86::msr::wrmsr(
-            x86::msr::IA32_EFER,
-            x86::msr::rdmsr(x86::msr::IA32_EFER) | 1,
-        );
         x86::msr::wrmsr(x86::msr::IA32_SYSENTER_ESP, crate::gdt::trap_stack_top());
         x86::msr::wrmsr(
             x86::msr::IA32_SYSENTER_EIP,
@@ -129,6 +126,7 @@ pub fn enable_fast_syscall_entries() {
         );
         x86::msr::wrmsr(x86::msr::IA32_SYSENTER_CS, 0);
     }
+    set_syscall_enabled(false);
 }
 
 /// Lets the real SYSENTER enter the VMM (IA32_SYSENTER_CS = host code) or makes it raise #GP
@@ -143,6 +141,24 @@ pub fn set_sysenter_enabled(on: bool) {
     // SAFETY: either value is valid; the other SYSENTER MSRs were set by
     // `enable_fast_syscall_entries`.
     unsafe { x86::msr::wrmsr(x86::msr::IA32_SYSENTER_CS, cs) };
+}
+
+/// EFER.SCE: the real SYSCALL enters the VMM (on) or raises #UD at the instruction itself (off),
+/// as it must for a guest that has not set its own EFER.SCE — only the CPU knows where an
+/// instruction with prefixes began.
+pub fn set_syscall_enabled(on: bool) {
+    const EFER_SCE: u64 = 1;
+    // SAFETY: SCE only enables SYSCALL/SYSRET, which the host itself never executes; the
+    // other EFER bits are written back unchanged.
+    unsafe {
+        let efer = x86::msr::rdmsr(x86::msr::IA32_EFER);
+        let efer = if on {
+            efer | EFER_SCE
+        } else {
+            efer & !EFER_SCE
+        };
+        x86::msr::wrmsr(x86::msr::IA32_EFER, efer);
+    }
 }
 
 /// Waits for the next interrupt with interrupts enabled just for the wait: `sti; hlt` is

@@ -7,7 +7,7 @@
 
 use core::cell::UnsafeCell;
 use core::fmt;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use x86::dtables::{lidt, DescriptorTablePointer};
 
 use crate::{gdt, timer};
@@ -270,6 +270,14 @@ pub fn init() {
 
 /// Traps seen by the dispatcher, by vector (for the self-checks and the exit report).
 pub static TRAP_COUNTS: [AtomicU64; 256] = [const { AtomicU64::new(0) }; 256];
+/// A SYSENTER began with TF set (see the #DB case of `trap_dispatch`).
+static SYSENTER_SINGLE_STEP: AtomicBool = AtomicBool::new(false);
+
+/// Whether the SYSENTER that just entered the VMM began with TF set; clears the record.
+pub fn take_sysenter_single_step() -> bool {
+    SYSENTER_SINGLE_STEP.swap(false, Ordering::Relaxed)
+}
+
 /// The CR2 of the last page fault recovered through the fixup table.
 pub static LAST_RECOVERED_CR2: AtomicU64 = AtomicU64::new(0);
 
@@ -338,8 +346,10 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
         }
         vector::DEBUG if in_sysenter_entry(frame.rip) => {
             // SYSENTER does not clear TF (SDM Vol. 2B): a guest that single-steps into it
-            // traps once in our stub. Finish the stub; the guest's TF is not kept.
+            // traps once in our stub. Finish the stub without TF, and tell the VMM, which
+            // gives the guest its single-step trap at its own SYSENTER handler.
             frame.rflags &= !(1 << 8);
+            SYSENTER_SINGLE_STEP.store(true, Ordering::Relaxed);
         }
         vector::PAGE_FAULT if frame.rip == core::ptr::addr_of!(fixup_copy_insn) as u64 => {
             // RCX still counts the bytes left; the recovery label returns it.

@@ -65,6 +65,9 @@ gp_fast_path:
     shl $32, %rdx
     or %rax, %rdx
     mov 40(%rsp), %rax              /* the guest RIP (three pushes later) */
+    mov $0x7fffffffffff, %rcx       /* the last canonical byte: RIP + 1 would not be, */
+    cmp %rcx, %rax                  /* so the emulator must raise the guest's #GP */
+    je gp_fast_bail
 .global gp_fast_fetch
 gp_fast_fetch:
     movzbl (%rax), %ecx             /* a #PF here resumes at gp_fast_bail (trap.rs) */

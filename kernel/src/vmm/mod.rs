@@ -107,6 +107,8 @@ struct Vm {
     injected: Option<u8>,
     /// Whether the real SYSENTER currently enters the VMM (see `apply_effects`).
     real_sysenter_on: bool,
+    /// Whether the real SYSCALL currently enters the VMM (real EFER.SCE, see `apply_effects`).
+    real_syscall_on: bool,
     /// Trap count and cost at the guest's last console line, and per benchmark op the traps
     /// and VMM cost since the line before its `bench,` line (see `note_guest_lines`).
     bench_mark: (u64, u64, u64),
@@ -209,6 +211,7 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
         stepped: false,
         injected: None,
         real_sysenter_on: false,
+        real_syscall_on: false,
         bench_mark: (0, 0, 0),
         bench_traps: alloc::vec::Vec::new(),
     };
@@ -336,12 +339,20 @@ pub fn handle_guest_trap(frame: &mut TrapFrame) {
     vm.stepped = core::mem::take(&mut vm.single_step);
     if vm.stepped {
         frame.rflags &= !rflags::TF;
+        if frame.vector == vector::SYSCALL {
+            // SYSCALL saved the flags, our TF included, in R11.
+            frame.r11 &= !rflags::TF;
+        }
     }
+    // The guest's own TF when a SYSENTER began (SYSENTER keeps TF, so it trapped once in
+    // our entry stub, which took it out of the frame).
+    let sysenter_stepping =
+        trap::take_sysenter_single_step() && frame.vector == vector::SYSENTER && !vm.stepped;
     frame_to_vcpu(frame, &mut vm.cpu);
     vm.data_segments.absorb(&mut vm.cpu);
     fast::absorb(&mut vm.cpu);
     clock.mark(Phase::EntryStub);
-    let (mut action, kind) = vm.dispatch(frame, &mut clock);
+    let (mut action, kind) = vm.dispatch(frame, sysenter_stepping, &mut clock);
     if !matches!(kind, TrapKind::Irq(_)) {
         vm.watchdog.trap(trap_rip);
     }
@@ -358,6 +369,13 @@ pub fn handle_guest_trap(frame: &mut TrapFrame) {
                 Err(why) => action = Action::Stop(why),
             }
         }
+    }
+    if let (Action::Resume(_), false) = (&action, shadow_mmu::addr::is_canonical(vm.cpu.rip)) {
+        // The host's IRETQ would fault at CPL 0 on a non-canonical RIP: whatever put it there
+        // (a bug in the emulation), the guest stops, the host does not.
+        action = Action::Stop(StopWhy::Cpu(CpuStop::Unsupported(
+            "the guest's next RIP is not canonical",
+        )));
     }
     if let (Action::Resume(_), Some(selectors)) = (&action, selectors) {
         vcpu_to_frame(&vm.cpu, frame, selectors, vm.single_step);
@@ -478,14 +496,24 @@ impl Vm {
 
     /// Routes one trap: instruction faults to the emulator, page faults to shadow-mmu, host
     /// IRQs to the virtual devices, fast system calls to their forwarding.
-    fn dispatch(&mut self, frame: &TrapFrame, clock: &mut PhaseClock) -> (Action, TrapKind) {
+    fn dispatch(
+        &mut self,
+        frame: &TrapFrame,
+        sysenter_stepping: bool,
+        clock: &mut PhaseClock,
+    ) -> (Action, TrapKind) {
         self.last_trap = TrapName::Vector(frame.vector, frame.error_code);
-        let routed = self.route(frame, clock);
+        let routed = self.route(frame, sysenter_stepping, clock);
         clock.mark(Phase::Emulate);
         routed
     }
 
-    fn route(&mut self, frame: &TrapFrame, clock: &mut PhaseClock) -> (Action, TrapKind) {
+    fn route(
+        &mut self,
+        frame: &TrapFrame,
+        sysenter_stepping: bool,
+        clock: &mut PhaseClock,
+    ) -> (Action, TrapKind) {
         match frame.vector {
             vector::PAGE_FAULT => self.page_fault(frame, clock),
             v if (vector::IRQ_BASE..vector::IRQ_BASE + 16).contains(&v) => {
@@ -518,16 +546,20 @@ impl Vm {
                 self.emulate(Cause::Fault(hw), clock)
             }
             vector::SYSCALL => {
+                let stepping = self.cpu.rflags & rflags::TF != 0;
                 let r = syscall::syscall(&mut self.cpu);
                 (
-                    self.after_forward(r),
+                    self.after_forward(r, stepping),
                     TrapKind::SystemCall(SyscallKind::Syscall),
                 )
             }
             vector::SYSENTER => {
+                if sysenter_stepping {
+                    self.cpu.rflags |= rflags::TF;
+                }
                 let r = syscall::sysenter(&mut self.cpu);
                 (
-                    self.after_forward(r),
+                    self.after_forward(r, sysenter_stepping),
                     TrapKind::SystemCall(SyscallKind::Sysenter),
                 )
             }
@@ -628,9 +660,24 @@ impl Vm {
     }
 
     /// After SYSCALL/SYSENTER forwarding: a fault it raised (#UD without EFER.SCE) is
-    /// delivered like any other.
-    fn after_forward(&mut self, result: Result<(), vmm_core::cpu::Fault>) -> Action {
+    /// delivered like any other; with the guest's TF set when it began, the single-step trap
+    /// follows, at the first instruction of the guest's handler (SDM Vol. 3 §17.3.1.4).
+    fn after_forward(
+        &mut self,
+        result: Result<(), vmm_core::cpu::Fault>,
+        stepping: bool,
+    ) -> Action {
         match result {
+            Ok(()) if stepping => {
+                let mut mem = host::GuestAccess {
+                    mmu: &mut self.mmu,
+                    view: self.view,
+                };
+                match vmm_core::cpu::emulate::single_step_trap(&mut self.cpu, &mut mem) {
+                    Ok(_) => Action::Resume("forwarded, then single-step #DB"),
+                    Err(stop) => Action::Stop(StopWhy::Cpu(stop)),
+                }
+            }
             Ok(()) => Action::Resume("forwarded"),
             Err(vmm_core::cpu::Fault::Raise(event)) => {
                 match vmm_core::cpu::deliver(
@@ -701,8 +748,22 @@ impl Vm {
                     self.poll_devices();
                 }
                 Ok(Injection::WindowNeeded) => {
+                    let guest_stepping = self.cpu.rflags & rflags::TF != 0;
+                    let mut mem = host::GuestAccess {
+                        mmu: &mut self.mmu,
+                        view: self.view,
+                    };
+                    if !guest_stepping
+                        && vmm_core::cpu::emulate::pushf_in_interrupt_shadow(
+                            &mut self.cpu,
+                            &mut mem,
+                        )
+                    {
+                        // The shadow is over without our TF for PUSHF to see: inject now.
+                        continue;
+                    }
                     // With the guest's own TF set, its #DB comes after the instruction anyway.
-                    self.single_step = self.cpu.rflags & rflags::TF == 0;
+                    self.single_step = !guest_stepping;
                     break;
                 }
                 Ok(Injection::Delivered(vector)) => {
@@ -802,6 +863,12 @@ impl Vm {
         if sysenter_on != self.real_sysenter_on {
             self.real_sysenter_on = sysenter_on;
             crate::cpu::set_sysenter_enabled(sysenter_on);
+        }
+        // Likewise SYSCALL without the guest's EFER.SCE: #UD at the instruction, by the CPU.
+        let syscall_on = self.cpu.efer & vmm_core::cpu::state::efer::SCE != 0;
+        if syscall_on != self.real_syscall_on {
+            self.real_syscall_on = syscall_on;
+            crate::cpu::set_syscall_enabled(syscall_on);
         }
         Ok(())
     }

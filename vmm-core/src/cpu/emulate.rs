@@ -95,11 +95,21 @@ where
     M: GuestMemory + ?Sized,
     P: PortIo + ?Sized,
 {
+    let single_stepping = cpu.rflags & rflags::TF != 0;
     let (decoded, result) = emulate(cpu, mem, ports, cpuid, cause, mark);
     let mnemonic = decoded.map(|d| d.0);
     let name = decoded.map_or("fetch", |d| d.1);
+    // An instruction that opens an interrupt shadow (MOV SS, SDM Vol. 3 §6.8.3; STI that sets
+    // IF, as QEMU's CPU does too) delays the single-step trap past the next instruction, which
+    // the CPU then runs with TF set and traps after by itself.
+    let opened_shadow = cpu.interrupt_shadow.is_some() && cpu.interrupt_shadow == Some(cpu.rip);
     let outcome = match result {
         Ok(Flow::Halted) => Outcome::Halted,
+        Ok(Flow::Next | Flow::Jumped) if single_stepping && !opened_shadow => {
+            let delivered = single_step_trap(cpu, mem);
+            mark(Phase::Injection);
+            Outcome::Delivered(delivered?)
+        }
         Ok(Flow::Reflect(event)) => {
             let delivered = deliver(cpu, mem, event);
             mark(Phase::Injection);
@@ -118,6 +128,42 @@ where
         name,
         outcome,
     })
+}
+
+/// The single-step trap after an instruction the guest did not really execute (one the VMM
+/// emulated, or a SYSCALL/SYSENTER it forwarded): with RFLAGS.TF set when the instruction
+/// began, a #DB follows it once it retires, with RIP at the next instruction (SDM Vol. 3
+/// §17.3.1.4). The hardware cannot raise it: the instruction trapped before it could retire.
+pub fn single_step_trap<M: GuestMemory + ?Sized>(
+    cpu: &mut VCpu,
+    mem: &mut M,
+) -> Result<Event, CpuStop> {
+    deliver(cpu, mem, Event::exception(vector::DB))
+}
+
+/// Executes PUSHF when it is the instruction in an STI/MOV SS interrupt shadow, so that the VMM
+/// need not single-step it to open the interrupt window: single-stepping sets the real TF, and
+/// PUSHF would push it, so the guest would see (and later POPF) a TF it never set. The image is
+/// the virtual RFLAGS with VM and RF clear (SDM Vol. 2B "PUSHF"). Returns whether it did; a
+/// PUSHF whose push would fault is left to the CPU.
+pub fn pushf_in_interrupt_shadow<M: GuestMemory + ?Sized>(cpu: &mut VCpu, mem: &mut M) -> bool {
+    let Ok(ins) = fetch(cpu, mem) else {
+        return false;
+    };
+    let size = match ins.code() {
+        Code::Pushfq => 8,
+        Code::Pushfw => 2,
+        _ => return false,
+    };
+    let image = cpu.rflags & !(rflags::VM | rflags::RF);
+    let rsp = cpu.reg(Gpr::Rsp).wrapping_sub(size as u64);
+    if write_value(mem, rsp, size, image, cpu.privilege(), true).is_err() {
+        return false;
+    }
+    cpu.set_reg(Gpr::Rsp, rsp);
+    cpu.rip = ins.next_ip();
+    cpu.interrupt_shadow = None;
+    true
 }
 
 /// Fetches, decodes and executes one instruction without delivering what it raises.
@@ -812,6 +858,11 @@ where
             Ok(Flow::Jumped)
         }
         Code::Syscall => {
+            // #UD at the instruction, prefixes and all (the real EFER.SCE follows the virtual
+            // one, so this is where a SYSCALL without SCE arrives).
+            if cpu.efer & efer::SCE == 0 {
+                return Err(Event::ud().into());
+            }
             cpu.rip = next;
             syscall(cpu)?;
             Ok(Flow::Jumped)
@@ -879,9 +930,7 @@ where
                 read_value(mem, at.wrapping_add(size as u64), 2, cpu.privilege(), stack)? as u16;
             load_data_segment(cpu, mem, seg, selector)?;
             write_reg(cpu, dest, offset);
-            if seg == SegReg::Ss {
-                cpu.interrupt_shadow = Some(next);
-            }
+            // Unlike MOV SS, LSS opens no interrupt shadow (SDM Vol. 3 §6.8.3).
             Ok(Flow::Next)
         }
         Code::Retfq | Code::Retfd | Code::Retfq_imm16 | Code::Retfd_imm16 => {
