@@ -7,6 +7,9 @@
 
 use core::fmt::{self, Write};
 
+pub mod machine;
+pub mod user_mode;
+
 // Native boot (`./run-qemu.sh --native --guest PATH`): the shared Multiboot header and 32->64-bit
 // trampoline, then the continuation that builds the BootInfo and enters `_start` as the VMM's
 // loader does (linker.ld keeps the file laid out as memory and pulls these in).
