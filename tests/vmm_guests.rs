@@ -282,3 +282,34 @@ fn user_mode_with_linux_selectors_under_the_vmm() {
     run.expect_line("phase int81-dpl0-gate: vector=13 error=0x40a");
     run.expect_line("cs=0x33 ss=0x2b rsp=0x");
 }
+
+/// `canonical-edge insn=NAME`: the instruction ends at 0x7fff_ffff_ffff; the CPU's answer (QEMU
+/// natively) is #GP(0) with the saved RIP = 0x8000_0000_0000, after the instruction took effect.
+fn canonical_edge(insn: &str, native: bool) {
+    let word = format!("insn={insn}");
+    let run = if native {
+        native_guest("canonical-edge", &[&word])
+    } else {
+        vmm_guest("canonical-edge", &[&word])
+    };
+    cpu_correct(
+        &run,
+        &[&format!(
+            "canonical-edge {insn}: #GP=true error=0x0 rip=0x800000000000 (hole 0x800000000000)"
+        )],
+    );
+}
+
+#[test]
+fn an_instruction_ending_at_the_canonical_edge_then_gp_natively() {
+    for insn in ["cli", "sti", "out", "movcr3"] {
+        canonical_edge(insn, true);
+    }
+}
+
+#[test]
+fn an_emulated_instruction_ending_at_the_canonical_edge_is_the_guests_gp_under_the_vmm() {
+    for insn in ["cli", "sti", "out", "movcr3"] {
+        canonical_edge(insn, false);
+    }
+}
