@@ -151,9 +151,9 @@ extern "C" fn _start(info: *const boot::BootInfo) -> ! {
         if ok { "ok" } else { "WRONG" }
     ));
     if !ok {
-        for i in NAMES.len()..n.min(MAX) {
-            // SAFETY: as above.
-            let rip = unsafe { RIPS[i] };
+        // SAFETY: the handler is done (TF is off).
+        let rips = unsafe { *core::ptr::addr_of!(RIPS) };
+        for rip in &rips[NAMES.len().min(n)..n.min(MAX)] {
             println(format_args!(
                 "tf-over-emulated: extra trap at block+{:#x}",
                 rip - base
