@@ -354,3 +354,18 @@ fn pushf_after_sti_sees_no_tf_natively() {
 fn pushf_after_sti_sees_no_tf_under_the_vmm() {
     cpu_correct(&vmm_guest("pushf-after-sti", &[]), PUSHF_AFTER_STI);
 }
+
+const REP_BOMB: &[&str] = &[
+    "rep-bomb outsb: #PF error=0x0 cr2=0x4000001000 rip=insn+0 rcx=2^64-1-256 index=0x4000001000 -> ok",
+    "rep-bomb insb: #PF error=0x2 cr2=0x4000001000 rip=insn+0 rcx=2^64-1-256 index=0x4000001000 -> ok",
+];
+
+#[test]
+fn rep_string_io_with_a_huge_count_faults_where_memory_ends_natively() {
+    cpu_correct(&native_guest("rep-bomb", &[]), REP_BOMB);
+}
+
+#[test]
+fn rep_string_io_with_a_huge_count_is_the_guests_restartable_pf_under_the_vmm() {
+    cpu_correct(&vmm_guest("rep-bomb", &[]), REP_BOMB);
+}
