@@ -369,3 +369,24 @@ fn rep_string_io_with_a_huge_count_faults_where_memory_ends_natively() {
 fn rep_string_io_with_a_huge_count_is_the_guests_restartable_pf_under_the_vmm() {
     cpu_correct(&vmm_guest("rep-bomb", &[]), REP_BOMB);
 }
+
+const TF_SYSCALL_SYSENTER: &[&str] = &[
+    "tf-syscall: #DB rip=0x",
+    "(the entry point) cs=0x10",
+    "tf-syscall: 2 single-step traps, last in the kernel at the entry point: true -> ok",
+    "tf-sysenter: 2 single-step traps, last in the kernel at the entry point: true -> ok",
+];
+
+#[test]
+fn syscall_and_sysenter_with_tf_trap_on_the_entry_point_natively() {
+    cpu_correct(
+        &native_guest("tf-syscall-sysenter", &[]),
+        TF_SYSCALL_SYSENTER,
+    );
+}
+
+#[test]
+#[ignore = "needs the single-step #DB delivered at the guest's LSTAR / SYSENTER_EIP (issue 12): today SYSCALL's #DB comes one instruction late (entry+7) and SYSENTER's never"]
+fn syscall_and_sysenter_with_tf_trap_on_the_entry_point_under_the_vmm() {
+    cpu_correct(&vmm_guest("tf-syscall-sysenter", &[]), TF_SYSCALL_SYSENTER);
+}
