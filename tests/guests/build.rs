@@ -6,4 +6,6 @@ fn main() {
         println!("cargo:rustc-link-arg-bins=-zmax-page-size=4096");
     }
     println!("cargo:rerun-if-changed=linker.ld");
+    println!("cargo:rerun-if-changed=src/asm");
+    println!("cargo:rerun-if-changed=../../boot/src/multiboot32.S");
 }
