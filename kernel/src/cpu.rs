@@ -161,6 +161,18 @@ pub fn set_syscall_enabled(on: bool) {
     }
 }
 
+/// The real DR6's status bits after a #DB, and DR6 reset for the next one (the CPU never
+/// clears them itself, SDM Vol. 3 §17.2.3).
+pub fn take_debug_status() -> u64 {
+    const DR6_INIT: usize = 0xFFFF_0FF0;
+    // SAFETY: DR6 only records debug conditions; the host sets no breakpoints of its own.
+    unsafe {
+        let status = x86::debugregs::dr6().bits() as u64;
+        x86::debugregs::dr6_write(x86::debugregs::Dr6::from_bits_truncate(DR6_INIT));
+        status
+    }
+}
+
 /// Waits for the next interrupt with interrupts enabled just for the wait: `sti; hlt` is
 /// atomic (the STI shadow covers HLT), so an interrupt cannot slip in between and be missed.
 /// The handler runs on this stack (a host-context trap) before we return with IF = 0.

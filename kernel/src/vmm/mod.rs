@@ -578,6 +578,11 @@ impl Vm {
                 ) =>
             {
                 // The guest's own exception (#DE, #DB, #NM, #SS, #AC, ...): deliver it as is.
+                if v == vector::DEBUG {
+                    // What the CPU recorded (BS for a single step) goes into the virtual DR6.
+                    self.cpu.dr6 |=
+                        crate::cpu::take_debug_status() & vmm_core::cpu::state::dr::DR6_STATUS;
+                }
                 let code = Event::vector_has_error_code(v as u8).then_some(frame.error_code as u32);
                 let event = match code {
                     Some(code) => Event::exception_with_code(v as u8, code),

@@ -13,7 +13,7 @@ use super::event::{vector, CpuStop, Event, EventKind};
 use super::memory::{access_fault, read_value, write_value, Fault, GuestMemory};
 use super::msr::{read_msr, write_msr};
 use super::segments::{far_jump, far_return, iret, load_data_segment, read_system_descriptor};
-use super::state::{cr0, cr4, efer, rflags, Gpr, SegReg, Segment, TableRegister, VCpu};
+use super::state::{cr0, cr4, dr, efer, rflags, Gpr, SegReg, Segment, TableRegister, VCpu};
 use super::syscall::{swapgs, syscall, sysenter, sysexit, sysret};
 use crate::accounting::Phase;
 use crate::io::PortIo;
@@ -138,6 +138,7 @@ pub fn single_step_trap<M: GuestMemory + ?Sized>(
     cpu: &mut VCpu,
     mem: &mut M,
 ) -> Result<Event, CpuStop> {
+    cpu.dr6 |= dr::DR6_BS;
     deliver(cpu, mem, Event::exception(vector::DB))
 }
 
@@ -424,6 +425,8 @@ pub fn trap_name(ins: &Instruction) -> &'static str {
             _ => "MOV CRn",
         },
         Code::Mov_r64_cr | Code::Mov_r32_cr => "MOV from CRn",
+        Code::Mov_dr_r64 | Code::Mov_dr_r32 => "MOV DRn",
+        Code::Mov_r64_dr | Code::Mov_r32_dr => "MOV from DRn",
         Code::Mov_Sreg_rm16 | Code::Mov_Sreg_r32m16 | Code::Mov_Sreg_r64m16 => "MOV Sreg",
         _ => mnemonic_name(ins.mnemonic()),
     }
@@ -711,6 +714,18 @@ where
             require_cpl0(cpu)?;
             let value = read_reg(cpu, ins.op1_register().full_register());
             write_cr(cpu, ins.op0_register(), value)?;
+            Ok(Flow::Next)
+        }
+        Code::Mov_r64_dr | Code::Mov_r32_dr => {
+            require_cpl0(cpu)?;
+            let value = read_dr(cpu, ins.op1_register())?;
+            write_reg(cpu, ins.op0_register().full_register(), value);
+            Ok(Flow::Next)
+        }
+        Code::Mov_dr_r64 | Code::Mov_dr_r32 => {
+            require_cpl0(cpu)?;
+            let value = read_reg(cpu, ins.op1_register().full_register());
+            write_dr(cpu, ins.op0_register(), value)?;
             Ok(Flow::Next)
         }
         Code::Clts => {
@@ -1007,7 +1022,7 @@ fn is_privileged(ins: &Instruction) -> bool {
             | Mnemonic::Tlbsync
             | Mnemonic::Rdtsc
             | Mnemonic::Rdtscp
-    ) || matches!(ins.code(), Code::Mov_r64_dr | Code::Mov_dr_r64)
+    )
 }
 
 fn segment_register(r: Register) -> Option<SegReg> {
@@ -1020,6 +1035,47 @@ fn segment_register(r: Register) -> Option<SegReg> {
         Register::GS => SegReg::Gs,
         _ => return None,
     })
+}
+
+/// The debug register a MOV names: DR4/DR5 are DR6/DR7 unless CR4.DE makes them #UD (SDM
+/// Vol. 3 §17.2.2).
+fn debug_register(cpu: &VCpu, r: Register) -> Result<u8, Fault> {
+    let n = (r as u32).wrapping_sub(Register::DR0 as u32);
+    match n {
+        0..=3 | 6 | 7 => Ok(n as u8),
+        4 | 5 if cpu.cr4 & cr4::DE == 0 => Ok(n as u8 + 2),
+        _ => Err(Event::ud().into()),
+    }
+}
+
+/// MOV from DR0–DR7 (SDM Vol. 2B "MOV—Move to/from Debug Registers").
+fn read_dr(cpu: &VCpu, r: Register) -> Result<u64, Fault> {
+    Ok(match debug_register(cpu, r)? {
+        n @ 0..=3 => cpu.dr_address[usize::from(n)],
+        6 => cpu.dr6,
+        _ => cpu.dr7,
+    })
+}
+
+/// MOV to DR0–DR7: bits 63:32 of DR6/DR7 must be 0 (#GP(0)); reserved bits read back fixed.
+/// The virtual CPU keeps the values but does not arm hardware breakpoints, so a guest that
+/// enables one in DR7 stops with a message instead of silently never hitting it.
+fn write_dr(cpu: &mut VCpu, r: Register, value: u64) -> Result<(), Fault> {
+    let n = debug_register(cpu, r)?;
+    if matches!(n, 6 | 7) && value >> 32 != 0 {
+        return Err(Event::gp(0).into());
+    }
+    match n {
+        0..=3 => cpu.dr_address[usize::from(n)] = value,
+        6 => cpu.dr6 = (value & dr::DR6_STATUS) | dr::DR6_INIT,
+        _ => {
+            if value & dr::DR7_ENABLES != 0 {
+                return Err(CpuStop::Unsupported("hardware breakpoints (DR7 enables one)").into());
+            }
+            cpu.dr7 = (value & dr::DR7_DEFINED) | dr::DR7_INIT;
+        }
+    }
+    Ok(())
 }
 
 fn read_cr(cpu: &VCpu, r: Register) -> Result<u64, Fault> {

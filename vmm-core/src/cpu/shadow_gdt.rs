@@ -23,7 +23,9 @@
 //!   descriptor and loads it again sees what it wrote, with no write tracking.
 //! - A null SS (64-bit mode loads one on every interrupt to CPL 0 from user mode) cannot be
 //!   real at CPL 3: the real SS is then the VMM's **null-SS stand-in**, a DPL-3 data
-//!   descriptor in the reserved range, present only while the virtual SS is null.
+//!   descriptor in the reserved range, present only while it is needed. The same stand-in
+//!   serves an SS whose selector names the same entry as CS (possible for a moment after a
+//!   guest loads a new GDT and reloads CS first: the CPU keeps the old SS descriptor).
 //!
 //! **The reserved range** ([`FIRST_RESERVED_INDEX`] up to the end of the 64 KiB table) holds
 //! the stand-in and the VMM's own descriptors (host code and data, TSS): address-space
@@ -135,7 +137,10 @@ impl ShadowGdt {
             ));
         }
         let cs_index = shadow_index(cs.selector)?;
-        let ss_index = if ss.selector & !3 == 0 {
+        // A null SS, or one whose selector names the same entry as CS (a guest that loaded a
+        // new GDT and reloaded CS before SS: the CPU still holds the old SS descriptor, and one
+        // real entry cannot be both code and stack), runs on the stand-in.
+        let ss_index = if ss.selector & !3 == 0 || ss.selector & !3 == cs.selector & !3 {
             None
         } else {
             Some(shadow_index(ss.selector)?)
@@ -364,6 +369,25 @@ mod tests {
         assert!(present(&real, 1) && !present(&real, 2));
         assert!(!present(&real, 3) && !present(&real, 4));
         assert!(present(&real, FIRST_RESERVED_INDEX));
+    }
+
+    #[test]
+    fn an_ss_naming_the_cs_entry_runs_on_the_stand_in() {
+        // The boot GDT's SS 0x10 still cached, CS reloaded as 0x10 from a Linux-style table.
+        let (mut cpu, mut mem) = low_layout_guest();
+        let mut cs = *cpu.segment(SegReg::Cs);
+        cs.selector = 0x10;
+        cpu.set_segment(SegReg::Cs, cs);
+        let mut real = real();
+        let sel = ShadowGdt::new().sync(&cpu, &mut mem, &mut real).unwrap();
+        assert_eq!(
+            sel,
+            RealSelectors {
+                cs: 0x13,
+                ss: NULL_SS_STAND_IN
+            }
+        );
+        assert!(Descriptor::from_raw(real[2]).is_long_code());
     }
 
     #[test]

@@ -117,6 +117,22 @@ pub mod cr4 {
     pub const DEFINED: u64 = TSD | DE | PSE | PAE | MCE | PGE | PCE | OSFXSR | OSXMMEXCPT | UMIP;
 }
 
+/// Debug-register values and bits (SDM Vol. 3 §17.2).
+pub mod dr {
+    /// DR6 as it reads with no debug condition recorded (its reserved bits read as 1).
+    pub const DR6_INIT: u64 = 0xFFFF_0FF0;
+    /// DR6 bits software can see change: B0–B3, BD, BS, BT.
+    pub const DR6_STATUS: u64 = 0xE00F;
+    /// DR6.BS: the #DB was a single-step trap.
+    pub const DR6_BS: u64 = 1 << 14;
+    /// DR7 after reset (bit 10 reads as 1).
+    pub const DR7_INIT: u64 = 0x400;
+    /// DR7 bits that exist (the rest of 31:0 are reserved 0; 63:32 must be 0).
+    pub const DR7_DEFINED: u64 = 0xFFFF_23FF;
+    /// DR7's local and global enables of breakpoints 0–3.
+    pub const DR7_ENABLES: u64 = 0xFF;
+}
+
 /// IA32_EFER bits (SDM Vol. 3 §2.2.1).
 pub mod efer {
     /// SYSCALL/SYSRET enable.
@@ -263,6 +279,12 @@ pub struct VCpu {
     pub seg: [Segment; 6],
     /// The virtual MSR file.
     pub msr: MsrFile,
+    /// Virtual DR0–DR3 (breakpoint addresses).
+    pub dr_address: [u64; 4],
+    /// Virtual DR6 (debug status).
+    pub dr6: u64,
+    /// Virtual DR7 (debug control).
+    pub dr7: u64,
     /// STI/MOV SS interrupt shadow: interrupts stay blocked while RIP is this address (the
     /// instruction after STI or MOV SS), SDM Vol. 3 §6.8.3.
     pub interrupt_shadow: Option<u64>,
@@ -305,6 +327,9 @@ impl VCpu {
             tr: Segment::null(0),
             seg: [ds, cs, ds, ds, Segment::null(0), Segment::null(0)],
             msr: MsrFile::new(),
+            dr_address: [0; 4],
+            dr6: dr::DR6_INIT,
+            dr7: dr::DR7_INIT,
             interrupt_shadow: None,
             halted: false,
             effects: Effects::default(),

@@ -1553,3 +1553,127 @@ fn string_io_from_user_mode_is_gp_before_its_address_size_matters() {
     r.code(&[0x67, 0x6E]);
     assert!(matches!(r.run(), Err(CpuStop::Unsupported(_))));
 }
+
+// ---- single-step, debug registers, LSS (issue: resource control without holes) ----
+
+#[test]
+fn an_emulated_instruction_begun_with_tf_is_followed_by_a_single_step_db_at_the_next_rip() {
+    let mut r = Rig::kernel();
+    r.cpu.rflags |= rflags::TF;
+    // OUT 0x80, AL (2 bytes).
+    r.code(&[0xE6, 0x80]);
+    let h = r.run().expect("stopped");
+    match h.outcome {
+        Outcome::Delivered(e) => assert_eq!((e.vector, e.error_code), (1, None)),
+        other => panic!("expected the single-step #DB, got {other:?}"),
+    }
+    assert_eq!(r.cpu.rip, HANDLERS + 0x10, "at the #DB handler");
+    assert_eq!(r.stack(0), CODE + 2, "the #DB frame points past the OUT");
+    assert_ne!(r.stack(2) & rflags::TF, 0, "the pushed RFLAGS keeps TF");
+    assert_eq!(r.cpu.rflags & rflags::TF, 0, "the handler runs without TF");
+    assert_ne!(r.cpu.dr6 & state::dr::DR6_BS, 0, "DR6.BS says single step");
+    assert_eq!(r.ports.writes.len(), 1, "the OUT itself retired");
+}
+
+#[test]
+fn no_single_step_db_without_tf_or_after_an_instruction_that_opens_an_interrupt_shadow() {
+    let mut r = Rig::kernel();
+    r.ok(&[0xE6, 0x80]);
+    assert_eq!(r.cpu.rip, CODE + 2);
+    // STI setting IF opens the shadow: the #DB comes after the next instruction, which the CPU
+    // runs natively with TF.
+    let mut r = Rig::kernel();
+    r.cpu.rflags |= rflags::TF;
+    r.ok(&[0xFB, 0x90]);
+    assert_eq!(r.cpu.rip, CODE + 1);
+    // MOV SS, AX likewise.
+    let mut r = Rig::kernel();
+    r.cpu.rflags |= rflags::TF;
+    r.cpu.set_reg(Gpr::Rax, u64::from(KDATA));
+    r.ok(&[0x8E, 0xD0]);
+    assert_eq!(r.cpu.interrupt_shadow, Some(CODE + 2));
+}
+
+#[test]
+fn mov_to_and_from_debug_registers_at_cpl0_and_the_rules_around_them() {
+    let mut r = Rig::kernel();
+    // mov rax, dr6 reads the reset value.
+    r.ok(&[0x0F, 0x21, 0xF0]);
+    assert_eq!(r.cpu.reg(Gpr::Rax), 0xFFFF_0FF0);
+    // mov dr0, rax keeps the address.
+    r.cpu.rip = CODE;
+    r.cpu.set_reg(Gpr::Rax, 0x1234_5678);
+    r.ok(&[0x0F, 0x23, 0xC0]);
+    assert_eq!(r.cpu.dr_address[0], 0x1234_5678);
+    // mov dr6, rax with bits 63:32 set is #GP(0).
+    r.cpu.rip = CODE;
+    r.cpu.set_reg(Gpr::Rax, 1 << 32);
+    r.raises(&[0x0F, 0x23, 0xF0], 13, Some(0));
+    // DR4 is DR6 while CR4.DE is clear, #UD once it is set.
+    let mut r = Rig::kernel();
+    r.ok(&[0x0F, 0x21, 0xE0]);
+    assert_eq!(r.cpu.reg(Gpr::Rax), 0xFFFF_0FF0);
+    let mut r = Rig::kernel();
+    r.cpu.cr4 |= cr4::DE;
+    r.raises(&[0x0F, 0x21, 0xE0], 6, None);
+    // At CPL 3: #GP(0).
+    let mut r = Rig::user();
+    r.raises(&[0x0F, 0x21, 0xF0], 13, Some(0));
+    // Enabling a breakpoint this CPU does not arm is a stop, not a silent miss.
+    let mut r = Rig::kernel();
+    r.cpu.set_reg(Gpr::Rax, 0x401);
+    r.code(&[0x0F, 0x23, 0xF8]);
+    assert!(matches!(r.run(), Err(CpuStop::Unsupported(_))));
+}
+
+#[test]
+fn lss_loads_ss_and_the_register_and_opens_no_interrupt_shadow() {
+    let mut r = Rig::kernel();
+    // lss rax, [DATA]: offset 0x5555 (8 bytes), selector KDATA.
+    r.mem.poke(DATA, &0x5555u64.to_le_bytes());
+    r.mem.poke(DATA + 8, &KDATA.to_le_bytes());
+    r.cpu.set_reg(Gpr::Rbx, DATA);
+    r.ok(&[0x48, 0x0F, 0xB2, 0x03]);
+    assert_eq!(r.cpu.reg(Gpr::Rax), 0x5555);
+    assert_eq!(r.cpu.segment(SegReg::Ss).selector, KDATA);
+    assert_eq!(r.cpu.interrupt_shadow, None);
+    // LSS with a user data selector at CPL 0: #GP(selector), the register unchanged.
+    let mut r = Rig::kernel();
+    r.mem.poke(DATA, &0x5555u64.to_le_bytes());
+    r.mem.poke(DATA + 8, &UDATA.to_le_bytes());
+    r.cpu.set_reg(Gpr::Rbx, DATA);
+    r.raises(&[0x48, 0x0F, 0xB2, 0x03], 13, Some(u32::from(UDATA & !3)));
+    assert_eq!(r.cpu.reg(Gpr::Rax), 0);
+}
+
+#[test]
+fn pushf_in_an_interrupt_shadow_is_pushed_with_the_virtual_flags_and_no_tf() {
+    let mut r = Rig::kernel();
+    r.cpu.rflags |= rflags::IF;
+    r.cpu.interrupt_shadow = Some(CODE);
+    r.code(&[0x9C]);
+    assert!(emulate::pushf_in_interrupt_shadow(&mut r.cpu, &mut r.mem));
+    assert_eq!(r.cpu.rip, CODE + 1);
+    assert_eq!(r.cpu.interrupt_shadow, None);
+    assert_eq!(r.cpu.reg(Gpr::Rsp), KSTACK_TOP - 8);
+    assert_eq!(r.stack(0), rflags::IF | rflags::FIXED);
+    // Anything else in the shadow is left to the CPU.
+    let mut r = Rig::kernel();
+    r.code(&[0x90]);
+    assert!(!emulate::pushf_in_interrupt_shadow(&mut r.cpu, &mut r.mem));
+    assert_eq!(r.cpu.rip, CODE);
+}
+
+#[test]
+fn syscall_without_sce_is_ud_at_the_instruction_even_with_a_prefix() {
+    let mut r = Rig::user();
+    r.cpu.efer &= !efer::SCE;
+    // A REX prefix before SYSCALL: the #UD frame points at the prefix.
+    r.code(&[0x48, 0x0F, 0x05]);
+    let h = r.run_cause(Cause::Fault(Event::ud())).expect("stopped");
+    assert!(
+        matches!(h.outcome, Outcome::Delivered(e) if e.vector == 6),
+        "{h:?}"
+    );
+    assert_eq!(r.stack(0), UCODE);
+}
