@@ -327,12 +327,13 @@ pub fn spawn(program: u64, arg: u64) -> Result<u64, SpawnError> {
     // the six callee-saved registers switch_context pops.
     let top = kernel_stack_top(slot);
     let frame_at = top - size_of::<TrapFrame>() as u64;
+    let layout = gdt::layout();
     let frame = TrapFrame {
         rip: prog.entry,
-        cs: gdt::USER_CODE as u64,
+        cs: layout.user_code as u64,
         rflags: arch::RFLAGS_IF | 0x2,
         rsp: USER_STACK_TOP - 8,
-        ss: gdt::USER_DATA as u64,
+        ss: layout.user_data as u64,
         rdi: arg,
         ..TrapFrame::default()
     };
