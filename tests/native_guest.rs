@@ -1,6 +1,7 @@
-//! QEMU boots of the guest kernel on its own (`run-qemu.sh --native`): the self-test, bench and
-//! probe modes, command-line errors, and the kernel-fault report. No VMM is involved; these runs
-//! are the reference the VMM's runs of the same image are compared with.
+//! QEMU boots of the guest kernel on its own (`run-qemu.sh --native`): the self-test (in every
+//! GDT layout, `gdt=`), bench and probe modes, command-line errors, and the kernel-fault report.
+//! No VMM is involved; these runs are the reference the VMM's runs of the same image are
+//! compared with.
 
 use trapvmm::{boot, observations, Run};
 
@@ -44,6 +45,7 @@ const CHECKS: &[&str] = &[
     "kill-null-deref",
     "kill-write-text",
     "kill-read-kernel",
+    "user-read-kernel-page",
     "kill-ud2",
     "kill-divide-zero",
     "kill-non-canonical",
@@ -74,6 +76,8 @@ fn selftest_passes_natively_and_is_deterministic() {
     first.expect_line("[guest] user: write through SYSENTER");
     first.expect_line("[guest] user: write through int 0x80");
     first.expect_line("(null-deref) killed: page fault at 0x0 (error 0x4)");
+    first.expect_line("(read-kernel) killed: page fault at 0x200000 (error 0x5)");
+    first.expect_line("mode selftest, gdt sysret");
     first.expect_line("(ud2) killed: #UD invalid opcode (vector 6");
 
     // The default mode is the self-test, and every run prints exactly the same lines.
@@ -178,12 +182,100 @@ fn bad_command_line_names_the_valid_words() {
         (&["bogus"][..], "unknown mode or option 'bogus'"),
         (&["hz=5"][..], "bad value in 'hz=5'"),
         (&["probe", "bench"][..], "a second mode 'bench'"),
+        (
+            &["gdt=bogus"][..],
+            "unknown GDT layout 'gdt=bogus' (valid layouts: sysret linux low sparse)",
+        ),
     ] {
         let run = native(words);
         run.expect_status(1);
         run.expect_line(&format!("[guest] error: {what}"));
         run.expect_line("valid modes: selftest (default), bench, probe; valid options: hz=");
         assert!(!run.has_line("check "), "nothing may run\n{run}");
+    }
+}
+
+/// The whole self-test under a non-default GDT layout (`gdt=`): every check passes, in order.
+fn selftest_passes_with_layout(layout: &str) {
+    let run = native(&[&format!("gdt={layout}")]);
+    run.expect_status(0);
+    run.expect_line(&format!("mode selftest, gdt {layout}"));
+    let obs = observations(&run.serial);
+    let names: Vec<&str> = obs.iter().map(|o| o.name.as_str()).collect();
+    assert_eq!(names, CHECKS, "checks missing or out of order\n{run}");
+    assert!(obs.iter().all(|o| o.value == "ok"), "{run}");
+    run.expect_line(&format!(
+        "[guest] selftest: {} passed, 0 failed",
+        CHECKS.len()
+    ));
+}
+
+#[test]
+fn selftest_passes_with_the_linux_gdt_layout() {
+    selftest_passes_with_layout("linux");
+}
+
+#[test]
+fn selftest_passes_with_the_low_gdt_layout() {
+    selftest_passes_with_layout("low");
+}
+
+#[test]
+fn selftest_passes_with_the_sparse_gdt_layout() {
+    selftest_passes_with_layout("sparse");
+}
+
+#[test]
+fn probe_reports_the_selectors_of_the_layout() {
+    for (layout, lines) in [
+        (
+            "sysret",
+            &[
+                "selector_kernel_code,0x8",
+                "selector_user_code,0x2b",
+                "selector_user_data,0x23",
+                "selector_tss,0x38",
+                "selector_beyond_limit,0x48",
+            ][..],
+        ),
+        (
+            "low",
+            &[
+                "sgdt_limit,0x37",
+                "str,0x28",
+                "selector_kernel_code,0x8",
+                "selector_user_code,0x23",
+                "lar_user_code,0xa0fa00",
+                "selector_user_data,0x1b",
+                "lar_user_data,0xc0f200",
+                "selector_beyond_limit,0x38",
+            ][..],
+        ),
+        (
+            "sparse",
+            &[
+                "sgdt_limit,0x9c3f",
+                "str,0x9c30",
+                "cs_selector,0x8",
+                "ss_selector,0x10",
+                "selector_user_code,0x7d13",
+                "lar_user_code,0xa0fa00",
+                "selector_beyond_limit,0x9c40",
+            ][..],
+        ),
+    ] {
+        let run = native(&["probe", &format!("gdt={layout}")]);
+        run.expect_status(0);
+        run.expect_line(&format!("[guest] probe,gdt_layout,{layout}"));
+        for line in lines {
+            run.expect_line(&format!("[guest] probe,{line}"));
+        }
+        for probe in ["lar", "lsl"] {
+            run.expect_line(&format!("[guest] probe,{probe}_beyond_limit,invalid"));
+        }
+        for probe in ["verr", "verw"] {
+            run.expect_line(&format!("[guest] probe,{probe}_beyond_limit,0"));
+        }
     }
 }
 

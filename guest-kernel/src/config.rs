@@ -1,10 +1,12 @@
-//! The guest command line: `[selftest|bench|probe] [hz=N] [iters=N]`.
+//! The guest command line: `[selftest|bench|probe] [hz=N] [iters=N] [fault=kernel]
+//! [gdt=LAYOUT]`.
 
+use crate::gdt::{self, Layout};
 use core::fmt;
 
 /// The one-line usage printed with every command-line error.
 pub const USAGE: &str =
-    "valid modes: selftest (default), bench, probe; valid options: hz=19..10000 (timer rate, default 100), iters=1..1000000 (bench iterations, default 1000), fault=kernel (fault in the kernel after boot, to show the fault report)";
+    "valid modes: selftest (default), bench, probe; valid options: hz=19..10000 (timer rate, default 100), iters=1..1000000 (bench iterations, default 1000), fault=kernel (fault in the kernel after boot, to show the fault report), gdt=sysret|linux|low|sparse (GDT selector layout, default sysret)";
 
 /// What the OS does after booting.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,6 +42,8 @@ pub struct Config {
     /// `fault=kernel`: take a page fault in the kernel right after boot (the fault report and
     /// exit status 0x11 are then what the test sees).
     pub kernel_fault: bool,
+    /// `gdt=<layout>`: the GDT selector layout (`gdt::LAYOUTS`).
+    pub gdt: &'static Layout,
 }
 
 /// A command-line error, naming the offending word.
@@ -51,6 +55,8 @@ pub enum Error<'a> {
     BadValue(&'a str),
     /// Two modes.
     TwoModes(&'a str),
+    /// `gdt=` with a name that is not a layout.
+    UnknownLayout(&'a str),
 }
 
 impl fmt::Display for Error<'_> {
@@ -59,6 +65,13 @@ impl fmt::Display for Error<'_> {
             Error::Unknown(w) => write!(f, "unknown mode or option '{w}'"),
             Error::BadValue(w) => write!(f, "bad value in '{w}'"),
             Error::TwoModes(w) => write!(f, "a second mode '{w}'"),
+            Error::UnknownLayout(w) => {
+                write!(f, "unknown GDT layout '{w}' (valid layouts:")?;
+                for l in gdt::LAYOUTS {
+                    write!(f, " {}", l.name)?;
+                }
+                write!(f, ")")
+            }
         }
     }
 }
@@ -71,6 +84,7 @@ impl Config {
             hz: 100,
             iters: 1000,
             kernel_fault: false,
+            gdt: gdt::LAYOUTS[0],
         };
         let mut mode_seen = false;
         for word in cmdline.split_ascii_whitespace() {
@@ -105,6 +119,9 @@ impl Config {
                 }
                 Some(("fault", "kernel")) => config.kernel_fault = true,
                 Some(("fault", _)) => return Err(Error::BadValue(word)),
+                Some(("gdt", name)) => {
+                    config.gdt = gdt::by_name(name).ok_or(Error::UnknownLayout(word))?
+                }
                 _ => return Err(Error::Unknown(word)),
             }
         }

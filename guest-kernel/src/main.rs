@@ -82,7 +82,7 @@ extern "C" fn kernel_main(info: *const BootInfo) -> ! {
         devices::exit(boot::exit_code::FAILURE);
     }
 
-    gdt::init();
+    gdt::init(config.gdt);
     trap::init();
     memory::init(
         info.ram_bytes,
@@ -94,10 +94,11 @@ extern "C" fn kernel_main(info: *const BootInfo) -> ! {
     devices::pic_init();
     devices::pit_init(config.hz);
     println!(
-        "guest-kernel: {} MiB RAM, timer {} Hz, mode {}",
+        "guest-kernel: {} MiB RAM, timer {} Hz, mode {}, gdt {}",
         info.ram_bytes >> 20,
         config.hz,
-        config.mode.name()
+        config.mode.name(),
+        config.gdt.name
     );
     arch::sti();
     if config.kernel_fault {

@@ -56,13 +56,20 @@ pub fn run() -> bool {
     println!("probe,str,{:#x}", str_selector());
     println!("probe,smsw,{:#x}", smsw());
 
+    // The selectors of the layout in force (`gdt=`), and the first one past its limit, which
+    // no descriptor backs. The `selector_*` lines say which selector the next four lines are
+    // about, so runs under different layouts still compare line by line.
+    let layout = gdt::layout();
+    println!("probe,gdt_layout,{}", layout.name);
     for (name, selector) in [
-        ("kernel_code", gdt::KERNEL_CODE),
-        ("kernel_data", gdt::KERNEL_DATA),
-        ("user_code", gdt::USER_CODE),
-        ("user_data", gdt::USER_DATA),
-        ("tss", gdt::TSS),
+        ("kernel_code", layout.kernel_code),
+        ("kernel_data", layout.kernel_data),
+        ("user_code", layout.user_code),
+        ("user_data", layout.user_data),
+        ("tss", layout.tss),
+        ("beyond_limit", layout.beyond_limit()),
     ] {
+        println!("probe,selector_{name},{selector:#x}");
         match lar(selector) {
             Some(v) => println!("probe,lar_{name},{v:#x}"),
             None => println!("probe,lar_{name},invalid"),

@@ -52,6 +52,20 @@ struct Process {
     preemptions: u64,
     /// Ended by the kernel (a fault or its deadline), not by exit.
     killed: bool,
+    /// The exception that killed it, if one did.
+    fault: Option<Fault>,
+}
+
+/// The exception that killed a process: what the CPU reported, so that a parent (the
+/// self-test) can check the hardware's (or a VMM's) account of the fault, not just its vector.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fault {
+    /// The vector.
+    pub vector: u64,
+    /// The error code the CPU pushed (0 for vectors without one).
+    pub error: u64,
+    /// CR2 for a page fault, else 0.
+    pub addr: u64,
 }
 
 const EMPTY: Process = Process {
@@ -65,6 +79,7 @@ const EMPTY: Process = Process {
     fs_base: 0,
     preemptions: 0,
     killed: false,
+    fault: None,
 };
 
 struct Table {
@@ -327,12 +342,13 @@ pub fn spawn(program: u64, arg: u64) -> Result<u64, SpawnError> {
     // the six callee-saved registers switch_context pops.
     let top = kernel_stack_top(slot);
     let frame_at = top - size_of::<TrapFrame>() as u64;
+    let layout = gdt::layout();
     let frame = TrapFrame {
         rip: prog.entry,
-        cs: gdt::USER_CODE as u64,
+        cs: layout.user_code as u64,
         rflags: arch::RFLAGS_IF | 0x2,
         rsp: USER_STACK_TOP - 8,
-        ss: gdt::USER_DATA as u64,
+        ss: layout.user_data as u64,
         rdi: arg,
         ..TrapFrame::default()
     };
@@ -356,6 +372,7 @@ pub fn spawn(program: u64, arg: u64) -> Result<u64, SpawnError> {
             fs_base: USER_TLS_VA,
             preemptions: 0,
             killed: false,
+            fault: None,
         };
     });
     Ok(pid)
@@ -410,10 +427,10 @@ pub fn exit_current(status: u64) -> ! {
 /// Kills the running (user) process after a fault, saying why.
 pub fn kill_current(frame: &TrapFrame, what: &str) -> ! {
     let (pid, name) = TABLE.with(|t| (t.procs[t.current].pid, t.procs[t.current].name));
+    let addr = if frame.vector == 14 { arch::cr2() } else { 0 };
     if frame.vector == 14 {
         println!(
-            "pid {pid} ({name}) killed: {what} at {:#x} (error {:#x})",
-            arch::cr2(),
+            "pid {pid} ({name}) killed: {what} at {addr:#x} (error {:#x})",
             frame.error
         );
     } else {
@@ -425,6 +442,11 @@ pub fn kill_current(frame: &TrapFrame, what: &str) -> ! {
     TABLE.with(|t| {
         let cur = t.current;
         t.procs[cur].killed = true;
+        t.procs[cur].fault = Some(Fault {
+            vector: frame.vector,
+            error: frame.error,
+            addr,
+        });
     });
     exit_current(abi::KILLED_BY_EXCEPTION + frame.vector)
 }
@@ -440,6 +462,8 @@ pub struct Reaped {
     pub preemptions: u64,
     /// The kernel ended it (fault or deadline); `status` says why.
     pub killed: bool,
+    /// The exception that killed it, if one did.
+    pub fault: Option<Fault>,
 }
 
 enum WaitStep {
@@ -462,6 +486,7 @@ fn wait_step(t: &mut Table, pid: u64, until: u64) -> WaitStep {
                 status,
                 preemptions: p.preemptions,
                 killed: p.killed,
+                fault: p.fault,
             };
             return WaitStep::Found(i, reaped);
         }

@@ -10,7 +10,7 @@
 use crate::abi::{KILLED_BY_EXCEPTION, KILLED_TIMEOUT};
 use crate::config::Config;
 use crate::memory::{self, PteFlags, KERNEL_SCRATCH_VA, USER_IMAGE_VA, USER_TLS_VA};
-use crate::process::{self, Reaped};
+use crate::process::{self, Fault, Reaped};
 use crate::syscall::{self, Path};
 use crate::user::id;
 use crate::{arch, devices, println, sync, trap};
@@ -94,6 +94,7 @@ const CHECKS: &[(&str, Check)] = &[
     ("kill-null-deref", |_| killed(id::NULL_DEREF, 14)),
     ("kill-write-text", |_| killed(id::WRITE_TEXT, 14)),
     ("kill-read-kernel", |_| killed(id::READ_KERNEL, 14)),
+    ("user-read-kernel-page", user_read_kernel_page),
     ("kill-ud2", |_| killed(id::UD2, 6)),
     ("kill-divide-zero", |_| killed(id::DIVIDE_ZERO, 0)),
     ("kill-non-canonical", |_| killed(id::NON_CANONICAL, 13)),
@@ -448,6 +449,7 @@ fn spinners(n: usize, ticks: u64) -> Result<[Reaped; 3], Why> {
         status: 0,
         preemptions: 0,
         killed: false,
+        fault: None,
     }; 3];
     for i in 0..n {
         out[i] = collect(pids[i])?;
@@ -480,6 +482,33 @@ fn killed(program: u64, vector: u64) -> CheckResult {
     let r = run_program(program, 0)?;
     ensure!(r.killed, "pid {} was not killed", r.pid);
     expect_status(&r, KILLED_BY_EXCEPTION + vector)
+}
+
+/// A user read of a present, supervisor-only kernel page: #PF with error code 5 (P = 1, the
+/// page is there, a protection fault; W/R = 0, a read; U/S = 1, from user mode; I/D = 0), CR2
+/// the address read, and the process killed. A VMM whose shadow tables simply leave supervisor
+/// pages out of the user's view takes a not-present fault there, and must still report P = 1.
+fn user_read_kernel_page(_: &Ctx) -> CheckResult {
+    let addr = crate::user::programs::KERNEL_ADDR;
+    let pte = memory::translate(memory::kernel_pml4(), addr);
+    ensure!(
+        pte.is_some_and(|e| !e.flags().contains(PteFlags::USER)),
+        "{addr:#x} is not a present supervisor-only kernel page"
+    );
+    let r = run_program(id::READ_KERNEL, 0)?;
+    ensure!(r.killed, "pid {} was not killed", r.pid);
+    expect_status(&r, KILLED_BY_EXCEPTION + 14)?;
+    let expected = Fault {
+        vector: 14,
+        error: 5,
+        addr,
+    };
+    let (vector, error, at) = r.fault.map_or((0, 0, 0), |f| (f.vector, f.error, f.addr));
+    ensure!(
+        r.fault == Some(expected),
+        "vector {vector} error {error:#x} at {at:#x}, expected #PF error 0x5 at {addr:#x}"
+    );
+    Ok(())
 }
 
 fn process_table_full(_: &Ctx) -> CheckResult {

@@ -4,7 +4,8 @@
 //!   cleared on entry); the entry finds its kernel stack through GS after `swapgs`
 //!   (IA32_KERNEL_GS_BASE holds the per-CPU block while user code runs).
 //! - SYSENTER/SYSEXITQ: IA32_SYSENTER_CS/EIP, and IA32_SYSENTER_ESP rewritten on every switch to
-//!   the next process's kernel stack.
+//!   the next process's kernel stack. In a GDT layout where SYSEXIT cannot reach the user code
+//!   selector (`gdt=low`), the SYSENTER path returns with `iretq` instead.
 //! - `int 0x80`: a DPL-3 interrupt gate; back with `iretq`.
 //!
 //! The ABI (numbers, registers) is in `abi`.
@@ -66,8 +67,10 @@ const FMASK: u64 = 1 << 8 | 1 << 9 | 1 << 10 | 1 << 14 | 1 << 18;
 /// Programs the SYSCALL and SYSENTER MSRs and the GS bases.
 pub fn init() {
     let percpu = PERCPU.0.get();
+    let layout = gdt::layout();
     // SAFETY: boot CPU, interrupts off; the entries are the stubs in asm/trap.S and the selectors
-    // are the ones gdt.rs loaded, laid out as SYSRET/SYSEXIT expect.
+    // are the active layout's, which gdt.rs loaded and checked against what SYSCALL, SYSRET,
+    // SYSENTER and SYSEXIT compute from these MSRs.
     unsafe {
         (*percpu).self_ptr = percpu as u64;
         arch::wrmsr(msr::GS_BASE, percpu as u64);
@@ -75,12 +78,12 @@ pub fn init() {
         arch::wrmsr(msr::FS_BASE, 0);
         arch::wrmsr(
             msr::STAR,
-            (gdt::SYSRET_BASE as u64) << 48 | (gdt::KERNEL_CODE as u64) << 32,
+            (layout.sysret_base as u64) << 48 | (layout.kernel_code as u64) << 32,
         );
         arch::wrmsr(msr::LSTAR, syscall_entry as *const () as u64);
         arch::wrmsr(msr::FMASK, FMASK);
         arch::wrmsr(msr::EFER, arch::rdmsr(msr::EFER) | msr::EFER_SCE);
-        arch::wrmsr(msr::SYSENTER_CS, gdt::KERNEL_CODE as u64);
+        arch::wrmsr(msr::SYSENTER_CS, layout.sysenter_cs as u64);
         arch::wrmsr(msr::SYSENTER_EIP, sysenter_entry as *const () as u64);
     }
 }

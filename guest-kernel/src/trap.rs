@@ -104,7 +104,7 @@ extern "C" {
 /// A 64-bit interrupt gate (SDM vol. 3 §6.14.1, figure 6-8): type 0xE clears IF on entry.
 fn interrupt_gate(handler: u64, dpl: u8, ist: u8) -> [u64; 2] {
     let low = (handler & 0xFFFF)
-        | (gdt::KERNEL_CODE as u64) << 16
+        | (gdt::layout().kernel_code as u64) << 16
         | (ist as u64 & 7) << 32
         | (0x8E | (dpl as u64 & 3) << 5) << 40
         | ((handler >> 16) & 0xFFFF) << 48;

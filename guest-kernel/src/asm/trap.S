@@ -5,11 +5,11 @@
  * stack: 15 general registers (r15 lowest), vector, error code, then RIP, CS, RFLAGS, RSP, SS as
  * an interrupt pushes them. Entries from Ring 3 do `swapgs` so that GS.base is the per-CPU block
  * (PerCpu in syscall.rs: 0 self, 8 user RSP scratch, 16 kernel RSP) while in the kernel.
+ *
+ * The user selectors in the frames built here depend on the GDT layout chosen at boot
+ * (gdt.rs), so they are pushed from the gdt_sel_* words gdt::init fills in, never immediates.
  */
 
-.set USER_CODE, 0x2b        /* gdt::USER_CODE */
-.set USER_DATA, 0x23        /* gdt::USER_DATA (SYSRET's SS) */
-.set USER_DATA_SYSEXIT, 0x33 /* gdt::USER_DATA_SYSEXIT (SYSEXIT's SS) */
 .set VECTOR_SYSCALL, 0x100  /* TrapFrame.vector for a SYSCALL entry */
 .set VECTOR_SYSENTER, 0x101 /* ... and for a SYSENTER entry */
 
@@ -93,10 +93,10 @@ syscall_entry:
     swapgs
     mov %rsp, %gs:8
     mov %gs:16, %rsp
-    pushq $USER_DATA
+    pushq gdt_sel_user_data(%rip)   /* what SYSRETQ will load: (STAR[63:48] + 8) | 3 */
     pushq %gs:8
     pushq %r11
-    pushq $USER_CODE
+    pushq gdt_sel_user_code(%rip)   /* (STAR[63:48] + 16) | 3 */
     pushq %rcx
     pushq $0
     pushq $VECTOR_SYSCALL
@@ -114,14 +114,17 @@ syscall_entry:
 /* SYSENTER (SDM vol. 2B "SYSENTER"): RSP = IA32_SYSENTER_ESP (this process's kernel stack top),
  * IF cleared. Our ABI: the user passes its return RIP in RDX and its RSP in RCX, which is what
  * SYSEXIT takes back. SYSEXIT does not restore RFLAGS: `sti` right before it (its one-instruction
- * shadow covers SYSEXIT) gives user mode IF = 1. */
+ * shadow covers SYSEXIT) gives user mode IF = 1.
+ * In a layout where SYSEXIT cannot produce the user code selector (gdt=low: it would need
+ * SYSENTER_CS = 0), gdt_sysenter_ret_iretq is set and the same frame is left with iretq: the
+ * registers are then exactly what SYSEXIT would leave (RCX = RSP, RDX = RIP, RFLAGS 0x202). */
 .global sysenter_entry
 sysenter_entry:
     swapgs
-    pushq $USER_DATA_SYSEXIT
+    pushq gdt_sel_sysenter_ret_ss(%rip) /* (SYSENTER_CS + 40) | 3, or user data for iretq */
     pushq %rcx
     pushq $0x202
-    pushq $USER_CODE
+    pushq gdt_sel_sysenter_ret_cs(%rip) /* (SYSENTER_CS + 32) | 3, or user code for iretq */
     pushq %rdx
     pushq $0
     pushq $VECTOR_SYSENTER
@@ -130,11 +133,16 @@ sysenter_entry:
     mov %rsp, %rdi
     call syscall_dispatch
     POP_GPRS
+    cmpq $0, gdt_sysenter_ret_iretq(%rip)
+    jne 3f
     mov 16(%rsp), %rdx          /* RIP */
     mov 40(%rsp), %rcx          /* RSP */
     swapgs
     sti
     sysexitq
+3:  swapgs
+    add $16, %rsp               /* vector and error code */
+    iretq
 
 /* switch_context(save: *mut u64, next_rsp: u64): save the callee-saved registers on this kernel
  * stack, store RSP in *save, and continue on the other stack where it last called this (or, for a

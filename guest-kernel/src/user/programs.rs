@@ -24,7 +24,7 @@ user_bytes!(VIA_SYSENTER = b"user: write through SYSENTER\n");
 user_bytes!(VIA_INT80 = b"user: write through int 0x80\n");
 
 /// A kernel address (the image starts at 2 MiB): present, supervisor-only.
-const KERNEL_ADDR: u64 = 0x20_0000;
+pub const KERNEL_ADDR: u64 = 0x20_0000;
 
 /// Writes `len` bytes at user address `addr`.
 #[inline(always)]
