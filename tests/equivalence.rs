@@ -14,24 +14,34 @@ fn holes() -> Vec<trapvmm::Hole> {
     holes
 }
 
-fn native(mode: &str) -> Run {
-    let run = boot(&["--native", "--timeout", "120", "--", mode]);
+fn native(words: &[&str]) -> Run {
+    let mut args = vec!["--native", "--timeout", "120", "--"];
+    args.extend_from_slice(words);
+    let run = boot(&args);
     run.expect_status(0);
     run
 }
 
-fn under_vmm(mode: &str, shadow: &str) -> Run {
+fn under_vmm(words: &[&str], shadow: &str) -> Run {
     let append = format!("shadow={shadow}");
-    let run = boot(&["--timeout", "300", "--append", &append, "--", mode]);
+    let mut args = vec!["--timeout", "300", "--append", &append, "--"];
+    args.extend_from_slice(words);
+    let run = boot(&args);
     run.expect_status(0);
     run.expect_line("[vmm] traps (cost in TSC cycles");
     run
 }
 
 fn assert_equivalent(mode: &str, shadow: &str) {
+    assert_equivalent_with(&[mode], shadow);
+}
+
+/// The guest's words `words` (its mode first) natively and under the VMM with `shadow`.
+fn assert_equivalent_with(words: &[&str], shadow: &str) {
+    let mode = words[0];
     let holes = holes();
-    let n = native(mode);
-    let v = under_vmm(mode, shadow);
+    let n = native(words);
+    let v = under_vmm(words, shadow);
     if mode == "selftest" {
         // Most of the guest's CLI/STI never reach the Rust dispatcher: the fast path in the
         // entry stub flips the virtual IF, and the self-test still sees native behaviour.
@@ -42,7 +52,7 @@ fn assert_equivalent(mode: &str, shadow: &str) {
     let problems = compare_observations(&no, &vo, &holes);
     assert!(
         problems.is_empty(),
-        "{mode} under shadow={shadow} differs from native:\n{}",
+        "{words:?} under shadow={shadow} differs from native:\n{}",
         problems.join("\n")
     );
 }
@@ -65,4 +75,31 @@ fn selftest_matches_native_flush() {
 #[test]
 fn selftest_matches_native_cached() {
     assert_equivalent("selftest", "cached");
+}
+
+// ---- the guest kernel's GDT layouts (`gdt=`): a VMM that relies on the guest's selectors
+// being laid out one way does not contain a guest laid out another way. `low` puts the user
+// selectors at 0x23/0x1b, `linux` uses Linux's, `sparse` spreads more than 4 000 entries. ----
+
+const LAYOUTS: [&str; 3] = ["gdt=linux", "gdt=low", "gdt=sparse"];
+
+#[test]
+fn selftest_matches_native_under_every_gdt_layout_cached() {
+    for layout in LAYOUTS {
+        assert_equivalent_with(&["selftest", layout], "cached");
+    }
+}
+
+#[test]
+fn selftest_matches_native_under_every_gdt_layout_flush() {
+    for layout in LAYOUTS {
+        assert_equivalent_with(&["selftest", layout], "flush");
+    }
+}
+
+#[test]
+fn probe_matches_native_under_every_gdt_layout() {
+    for layout in LAYOUTS {
+        assert_equivalent_with(&["probe", layout], "cached");
+    }
 }
