@@ -173,6 +173,28 @@ pub fn take_debug_status() -> u64 {
     }
 }
 
+/// CR0 bits that act on instructions the guest runs natively: TS, EM and MP (x87/SSE #NM and
+/// #UD, lazy FPU switching) and AM (alignment checks at CPL 3).
+pub const GUEST_CR0_BITS: u64 = (1 << 3) | (1 << 2) | (1 << 1) | (1 << 18);
+/// CR4 bits that act on instructions the guest runs natively: OSFXSR and OSXMMEXCPT (SSE).
+pub const GUEST_CR4_BITS: u64 = (1 << 9) | (1 << 10);
+
+/// Sets the real CR0/CR4 bits of [`GUEST_CR0_BITS`]/[`GUEST_CR4_BITS`] to the guest's. The host
+/// itself runs no x87 or SSE code (the x86_64-unknown-none target is soft-float) and no
+/// unaligned access at CPL 3, so the guest's choices cannot hurt it.
+pub fn set_guest_controls(cr0_bits: u64, cr4_bits: u64) {
+    // SAFETY: only the bits named above change; paging, protection and the host's own CR4 bits
+    // (PAE, PGE, UMIP) are written back as they are.
+    unsafe {
+        let cr0 = x86::controlregs::cr0().bits() as u64;
+        let cr0 = (cr0 & !GUEST_CR0_BITS) | (cr0_bits & GUEST_CR0_BITS);
+        x86::controlregs::cr0_write(x86::controlregs::Cr0::from_bits_truncate(cr0 as usize));
+        let cr4 = x86::controlregs::cr4().bits() as u64;
+        let cr4 = (cr4 & !GUEST_CR4_BITS) | (cr4_bits & GUEST_CR4_BITS);
+        x86::controlregs::cr4_write(x86::controlregs::Cr4::from_bits_truncate(cr4 as usize));
+    }
+}
+
 /// Waits for the next interrupt with interrupts enabled just for the wait: `sti; hlt` is
 /// atomic (the STI shadow covers HLT), so an interrupt cannot slip in between and be missed.
 /// The handler runs on this stack (a host-context trap) before we return with IF = 0.

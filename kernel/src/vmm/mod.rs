@@ -109,6 +109,9 @@ struct Vm {
     real_sysenter_on: bool,
     /// Whether the real SYSCALL currently enters the VMM (real EFER.SCE, see `apply_effects`).
     real_syscall_on: bool,
+    /// The guest's bits in the real CR0 and CR4 (`cpu::set_guest_controls`); `None` before
+    /// the first entry.
+    real_controls: Option<(u64, u64)>,
     /// Trap count and cost at the guest's last console line, and per benchmark op the traps
     /// and VMM cost since the line before its `bench,` line (see `note_guest_lines`).
     bench_mark: (u64, u64, u64),
@@ -212,12 +215,13 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
         injected: None,
         real_sysenter_on: false,
         real_syscall_on: false,
+        real_controls: None,
         bench_mark: (0, 0, 0),
         bench_traps: alloc::vec::Vec::new(),
     };
     // The first entry is a made-up return from a trap, built like every other return.
     let mut frame = TrapFrame::default();
-    match vm.sync_descriptor_table() {
+    match vm.apply_effects().and_then(|()| vm.sync_descriptor_table()) {
         Ok(selectors) => vcpu_to_frame(&vm.cpu, &mut frame, selectors, false),
         Err(why) => stop_guest(&frame, why, vm),
     }
@@ -868,6 +872,24 @@ impl Vm {
         if sysenter_on != self.real_sysenter_on {
             self.real_sysenter_on = sysenter_on;
             crate::cpu::set_sysenter_enabled(sysenter_on);
+        }
+        // CR0.TS/EM/MP and CR4.OSFXSR/OSXMMEXCPT govern x87/SSE instructions the guest runs
+        // natively (#NM for lazy FPU switching, #UD without OSFXSR): the real bits follow the
+        // virtual ones. CR0.AM only in virtual user mode: the guest kernel really runs at
+        // CPL 3 too, where alignment checks would apply to it and never do natively.
+        let am = if self.cpu.cpl == 3 {
+            vmm_core::cpu::state::cr0::AM
+        } else {
+            0
+        };
+        let controls = (
+            self.cpu.cr0 & (crate::cpu::GUEST_CR0_BITS & !vmm_core::cpu::state::cr0::AM)
+                | (self.cpu.cr0 & am),
+            self.cpu.cr4 & crate::cpu::GUEST_CR4_BITS,
+        );
+        if self.real_controls != Some(controls) {
+            self.real_controls = Some(controls);
+            crate::cpu::set_guest_controls(controls.0, controls.1);
         }
         // Likewise SYSCALL without the guest's EFER.SCE: #UD at the instruction, by the CPU.
         let syscall_on = self.cpu.efer & vmm_core::cpu::state::efer::SCE != 0;
