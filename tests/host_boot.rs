@@ -16,10 +16,11 @@ fn host_boot_passes_its_self_checks() {
         "timer-ticks",
         "frame-allocator",
         "heap",
+        "error-code-vectors",
     ] {
         run.expect_line(&format!("[vmm] self-check {check}: ok"));
     }
-    run.expect_line("[vmm] self-checks: 6 passed, 0 failed");
+    run.expect_line("[vmm] self-checks: 7 passed, 0 failed");
     run.expect_line("[vmm] module 0: ");
     assert!(
         run.lines()

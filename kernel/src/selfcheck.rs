@@ -145,9 +145,22 @@ fn heap_allocates() -> Result<(), &'static str> {
     Ok(())
 }
 
+/// The exception vectors with an error code are one table, vmm-core's
+/// (`Event::vector_has_error_code`, SDM Vol. 3 §6.15): the assembly entry stubs must agree with
+/// it, or a frame would be misread by one quadword.
+fn error_code_vectors_agree() -> Result<(), &'static str> {
+    if (0..32).all(|v| {
+        trap::stub_expects_error_code(v) == vmm_core::cpu::Event::vector_has_error_code(v)
+    }) {
+        Ok(())
+    } else {
+        Err("trap_entry.S and Event::vector_has_error_code disagree on a vector")
+    }
+}
+
 /// Runs every check and prints the results.
 pub fn run() -> Summary {
-    let checks: [(&str, Check); 6] = [
+    let checks: [(&str, Check); 7] = [
         ("breakpoint-returns", breakpoint_returns),
         (
             "trap-frame-preserves-registers",
@@ -157,6 +170,7 @@ pub fn run() -> Summary {
         ("timer-ticks", timer_ticks_arrive),
         ("frame-allocator", frames_allocate_and_free),
         ("heap", heap_allocates),
+        ("error-code-vectors", error_code_vectors_agree),
     ];
     let mut summary = Summary {
         passed: 0,

@@ -248,6 +248,15 @@ pub unsafe fn enter_ring3(frame: &TrapFrame) -> ! {
 /// Size of one entry stub in `asm/trap_entry.S`.
 const STUB_SIZE: u64 = 16;
 
+/// Whether the entry stub of `vector` expects the CPU to have pushed an error code: the other
+/// stubs begin with `pushq $0` (bytes 6A 00) to give every frame the same shape.
+pub fn stub_expects_error_code(vector: u8) -> bool {
+    let stub = core::ptr::addr_of!(trap_stubs) as u64 + STUB_SIZE * u64::from(vector);
+    // SAFETY: the stubs are 256 × STUB_SIZE bytes of this image's text, mapped readable.
+    let first = unsafe { core::ptr::read_volatile(stub as *const [u8; 2]) };
+    first != [0x6A, 0x00]
+}
+
 /// Fills all 256 gates with the entry stubs and loads the IDT.
 pub fn init() {
     let stubs = core::ptr::addr_of!(trap_stubs) as u64;
