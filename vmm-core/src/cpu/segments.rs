@@ -239,12 +239,15 @@ pub fn iret<M: GuestMemory + ?Sized>(
     if cpu.cpl == 0 {
         mask |= rflags::IOPL | rflags::VIF | rflags::VIP;
     }
+    // Vol. 2A "IRET": a 16-bit (or 32-bit) IRET pops only the low word (doubleword) of
+    // RFLAGS; the bits above it (RF, AC, VIF, VIP, ID for IRETW) keep their current values.
     let size_mask = if size >= 8 {
         u64::MAX
     } else {
         (1u64 << (size * 8)) - 1
     };
-    cpu.rflags = (cpu.rflags & !mask) | (new_flags & mask & size_mask) | rflags::FIXED;
+    let mask = mask & size_mask;
+    cpu.rflags = (cpu.rflags & !mask) | (new_flags & mask) | rflags::FIXED;
     cpu.rip = new_rip;
     cpu.set_segment(
         SegReg::Cs,

@@ -862,6 +862,33 @@ fn iretq_with_a_mismatched_ss_rpl_is_gp() {
 }
 
 #[test]
+fn a_16_bit_iret_keeps_the_rflags_bits_above_the_popped_word() {
+    let mut r = Rig::kernel();
+    let high = rflags::RF | rflags::AC | rflags::VIF | rflags::VIP | rflags::ID;
+    r.cpu.rflags |= high;
+    // IRETW pops five 16-bit slots: IP, CS, FLAGS, SP, SS.
+    let at = DATA + 0x100;
+    for (i, v) in [
+        CODE + 0x10,
+        u64::from(KCODE),
+        0x2 | rflags::CF,
+        0x8F00,
+        u64::from(KDATA),
+    ]
+    .iter()
+    .enumerate()
+    {
+        r.mem.poke(at + 2 * i as u64, &(*v as u16).to_le_bytes());
+    }
+    r.cpu.set_reg(Gpr::Rsp, at);
+    r.ok(&[0x66, 0xCF]);
+    assert_eq!(r.cpu.rip, CODE + 0x10);
+    assert_eq!(r.cpu.reg(Gpr::Rsp), 0x8F00);
+    assert_ne!(r.cpu.rflags & rflags::CF, 0, "the popped word is loaded");
+    assert_eq!(r.cpu.rflags & high, high, "bits 16 and up are unchanged");
+}
+
+#[test]
 fn iretq_to_a_32_bit_code_segment_is_an_unsupported_stop() {
     let mut r = Rig::kernel();
     push_iret_frame(&mut r, CODE, 0x40, 0x2, KSTACK_TOP, KDATA);
