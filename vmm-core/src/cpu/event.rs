@@ -28,6 +28,9 @@ pub mod vector {
     pub const AC: u8 = 17;
     pub const MC: u8 = 18;
     pub const XM: u8 = 19;
+    pub const CP: u8 = 21;
+    pub const VC: u8 = 29;
+    pub const SX: u8 = 30;
 }
 
 /// Where an event comes from: it decides the error-code EXT bit, the gate DPL check and the
@@ -160,7 +163,8 @@ impl Event {
     }
 
     /// Whether the vector is one that pushes an error code when it is an exception (SDM Vol. 3
-    /// §6.13): #DF, #TS, #NP, #SS, #GP, #PF, #AC.
+    /// §6.13, Table 6-1): #DF, #TS, #NP, #SS, #GP, #PF, #AC, #CP, and AMD's #VC and #SX (the
+    /// host's entry stubs treat the same set as hardware-pushed).
     pub fn vector_has_error_code(vector: u8) -> bool {
         matches!(
             vector,
@@ -171,6 +175,9 @@ impl Event {
                 | vector::GP
                 | vector::PF
                 | vector::AC
+                | vector::CP
+                | vector::VC
+                | vector::SX
         )
     }
 
@@ -279,7 +286,7 @@ mod tests {
     #[test]
     fn error_code_vectors() {
         for v in 0..32u8 {
-            let expected = matches!(v, 8 | 10 | 11 | 12 | 13 | 14 | 17);
+            let expected = matches!(v, 8 | 10 | 11 | 12 | 13 | 14 | 17 | 21 | 29 | 30);
             assert_eq!(Event::vector_has_error_code(v), expected, "vector {v}");
         }
     }
