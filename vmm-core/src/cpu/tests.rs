@@ -1212,6 +1212,46 @@ fn a_page_fault_sets_cr2_and_pushes_its_error_code() {
     assert_eq!(r.stack(0), u64::from(expected));
 }
 
+/// Points the gates of `vectors` at selector 0xD000, whose descriptor (GDT + 0xD000 = 0xF000)
+/// is on an unmapped page.
+fn code_descriptor_on_an_unmapped_page(r: &mut Rig, vectors: &[u8]) {
+    r.cpu.gdtr.limit = 0xFFFF;
+    for &v in vectors {
+        let v = u64::from(v);
+        let [lo, hi] = encode_gate(HANDLERS + 0x10 * v, 0xD000, 0, 0xE, 0, true);
+        r.mem.poke(IDT + 16 * v, &lo.to_le_bytes());
+        r.mem.poke(IDT + 16 * v + 8, &hi.to_le_bytes());
+    }
+}
+
+#[test]
+fn a_page_fault_reading_the_handler_descriptor_stays_a_page_fault() {
+    // #GP(0) from a user CLI; its gate's code descriptor is on an unmapped page: a #PF with
+    // CR2 = the descriptor's address (contributory then #PF: delivered serially), not #GP(sel).
+    let mut r = Rig::user();
+    code_descriptor_on_an_unmapped_page(&mut r, &[13]);
+    r.raises(&[0xFA], 14, Some(0));
+    assert_eq!(r.cpu.cr2, 0xF000);
+    assert_eq!(r.stack(1), UCODE, "the #PF points at the CLI");
+}
+
+#[test]
+fn a_page_fault_reading_the_descriptor_while_delivering_a_page_fault_is_a_double_fault() {
+    let mut r = Rig::user();
+    code_descriptor_on_an_unmapped_page(&mut r, &[14]);
+    let first = Event {
+        vector: 14,
+        kind: EventKind::Exception,
+        error_code: Some(0x4),
+        cr2: Some(0x5555_0000),
+        instruction_len: 0,
+    };
+    let delivered = deliver(&mut r.cpu, &mut r.mem, first).unwrap();
+    assert_eq!(delivered, Event::df());
+    assert_eq!(r.cpu.rip, HANDLERS + 0x10 * 8);
+    assert_eq!(r.cpu.cr2, 0xF000, "CR2 holds the second #PF's address");
+}
+
 #[test]
 fn a_not_present_gate_is_np_with_the_idt_bit_and_ext() {
     let mut r = Rig::kernel();
