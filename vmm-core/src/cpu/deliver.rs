@@ -176,10 +176,18 @@ fn deliver_once<M: GuestMemory + ?Sized>(
         n += 1;
     }
     let return_rip = cpu.rip.wrapping_add(u64::from(event.instruction_len));
+    // SDM Vol. 3 §17.3.1.1: a fault-class exception pushes RF = 1 (the IRET back re-executes
+    // the instruction without another instruction-breakpoint #DB); traps and interrupts push
+    // RF as it is.
+    let pushed_rflags = if event.is_fault() {
+        cpu.rflags | rflags::RF
+    } else {
+        cpu.rflags
+    };
     for value in [
         return_rip,
         u64::from(cpu.segment(SegReg::Cs).selector),
-        cpu.rflags,
+        pushed_rflags,
         cpu.reg(Gpr::Rsp),
         u64::from(cpu.segment(SegReg::Ss).selector),
     ] {

@@ -141,6 +141,10 @@ where
             return (None, Err(fault));
         }
     };
+    // SDM Vol. 3 §17.3.1.1: RF is cleared at the start of each instruction (a fault in it
+    // pushes RF = 1 anyway; IRET and SYSRET load it), so the RF = 1 an IRET restored from a
+    // fault frame does not outlive the instruction it was for.
+    cpu.rflags &= !rflags::RF;
     // The fast path: a few privileged instructions with one fixed encoding and no operand
     // byte to decode (exact byte patterns, no prefixes) skip the decoder.
     let fast = if cause == Cause::PageTableWrite {

@@ -28,6 +28,7 @@ pub mod vector {
     pub const AC: u8 = 17;
     pub const MC: u8 = 18;
     pub const XM: u8 = 19;
+    pub const VE: u8 = 20;
     pub const CP: u8 = 21;
     pub const VC: u8 = 29;
     pub const SX: u8 = 30;
@@ -195,6 +196,33 @@ impl Event {
         }
     }
 
+    /// Whether it is a fault-class exception (SDM Vol. 3 Table 6-1): the return address is the
+    /// faulting instruction, and the RFLAGS image pushed for it has RF = 1 (Vol. 3 §17.3.1.1),
+    /// so the IRET back re-executes it without a second instruction-breakpoint #DB. #DB is
+    /// left out: the VMM delivers it only for single steps and ICEBP, which are traps (an
+    /// instruction-breakpoint #DB, the one fault-class #DB it could be, also pushes RF as it
+    /// is). #BP/#OF are traps, #DF and #MC aborts.
+    pub fn is_fault(&self) -> bool {
+        self.kind == EventKind::Exception
+            && matches!(
+                self.vector,
+                vector::DE
+                    | vector::BR
+                    | vector::UD
+                    | vector::NM
+                    | vector::TS
+                    | vector::NP
+                    | vector::SS
+                    | vector::GP
+                    | vector::PF
+                    | vector::MF
+                    | vector::AC
+                    | vector::XM
+                    | vector::VE
+                    | vector::CP
+            )
+    }
+
     /// Whether a fault while delivering it sets EXT (bit 0) in the new fault's error code: the
     /// event came from outside the program (SDM Vol. 3 §6.13).
     pub fn is_external(&self) -> bool {
@@ -281,6 +309,16 @@ mod tests {
         assert!(!is_double_fault(&ud, &gp), "benign then anything is serial");
         assert!(!is_double_fault(&irq, &gp));
         assert!(!is_double_fault(&Event::software(0x80, 2), &gp));
+    }
+
+    #[test]
+    fn fault_class_exceptions() {
+        for v in 0..32u8 {
+            let expected = matches!(v, 0 | 5 | 6 | 7 | 10..=14 | 16 | 17 | 19 | 20 | 21);
+            assert_eq!(Event::exception(v).is_fault(), expected, "vector {v}");
+        }
+        assert!(!Event::software(13, 2).is_fault(), "INT 13 is not a fault");
+        assert!(!Event::external(14).is_fault());
     }
 
     #[test]

@@ -864,7 +864,8 @@ fn iretq_with_a_mismatched_ss_rpl_is_gp() {
 #[test]
 fn a_16_bit_iret_keeps_the_rflags_bits_above_the_popped_word() {
     let mut r = Rig::kernel();
-    let high = rflags::RF | rflags::AC | rflags::VIF | rflags::VIP | rflags::ID;
+    // (Not RF: every instruction clears it at its start, and IRETW does not pop it.)
+    let high = rflags::AC | rflags::VIF | rflags::VIP | rflags::ID;
     r.cpu.rflags |= high;
     // IRETW pops five 16-bit slots: IP, CS, FLAGS, SP, SS.
     let at = DATA + 0x100;
@@ -1160,6 +1161,39 @@ fn int3_from_user_mode_is_a_breakpoint() {
     let mut r = Rig::user();
     r.raises(&[0xCC], 3, None);
     assert_eq!(r.stack(0), UCODE + 1);
+}
+
+#[test]
+fn a_fault_frame_has_rf_set_and_trap_and_interrupt_frames_do_not() {
+    // #GP from a user CLI: a fault, RF = 1 in the pushed image (and cleared in RFLAGS).
+    let mut r = Rig::user();
+    r.raises(&[0xFA], 13, Some(0));
+    assert_ne!(r.stack(3) & rflags::RF, 0, "fault: RF pushed as 1");
+    assert_eq!(r.cpu.rflags & rflags::RF, 0);
+    // INT 0x80 and INT3 (traps) and an external interrupt push RF as it is (0 here).
+    let mut r = Rig::user();
+    r.raises(&[0xCD, 0x80], 0x80, None);
+    assert_eq!(r.stack(2) & rflags::RF, 0, "INT n: RF as it is");
+    let mut r = Rig::user();
+    r.raises(&[0xCC], 3, None);
+    assert_eq!(r.stack(2) & rflags::RF, 0, "INT3: RF as it is");
+    let mut r = Rig::kernel();
+    deliver(&mut r.cpu, &mut r.mem, Event::external(0x20)).unwrap();
+    assert_eq!(r.stack(2) & rflags::RF, 0, "interrupt: RF as it is");
+}
+
+#[test]
+fn rf_is_cleared_by_the_next_emulated_instruction() {
+    // RF = 1 (restored by an IRET from a fault frame) lasts one instruction: INT n after it
+    // pushes RF = 0, and a retired instruction leaves it clear.
+    let mut r = Rig::kernel();
+    r.cpu.rflags |= rflags::RF;
+    r.raises(&[0xCD, 0x80], 0x80, None);
+    assert_eq!(r.stack(2) & rflags::RF, 0);
+    let mut r = Rig::kernel();
+    r.cpu.rflags |= rflags::RF;
+    r.ok(&[0xFA]);
+    assert_eq!(r.cpu.rflags & rflags::RF, 0);
 }
 
 #[test]
