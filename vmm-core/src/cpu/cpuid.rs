@@ -68,6 +68,13 @@ pub fn virtual_cpuid(host: &dyn CpuidSource, leaf: u32, subleaf: u32) -> [u32; 4
                     r[2] &= !EXT1_ECX_HIDDEN;
                     r[3] &= !EXT1_EDX_HIDDEN;
                 }
+                0x8000_0008 => {
+                    // EAX[7:0] MAXPHYADDR: the one the shadow MMU's walks and MOV CR3 check
+                    // (bits above it are reserved); EAX[15:8]: 48 linear-address bits (4-level
+                    // paging, no LA57).
+                    let phys = u32::from(shadow_mmu::PagingMode::ENTRY.max_phys_bits);
+                    r[0] = (r[0] & !0xFFFF) | (48 << 8) | phys;
+                }
                 _ => {}
             }
             r
@@ -98,6 +105,13 @@ mod tests {
         assert_eq!(r[2] & (1 << 26), 0, "XSAVE hidden");
         assert_eq!(r[3] & (1 << 1), 0, "VME hidden");
         assert_ne!(r[3] & (1 << 11), 0, "SEP (SYSENTER) kept");
+    }
+
+    #[test]
+    fn address_sizes_are_the_ones_the_vcpu_checks() {
+        let r = virtual_cpuid(&AllOnes, 0x8000_0008, 0);
+        assert_eq!(r[0] & 0xFF, 40, "MAXPHYADDR of the shadow MMU and MOV CR3");
+        assert_eq!((r[0] >> 8) & 0xFF, 48, "4-level paging");
     }
 
     #[test]

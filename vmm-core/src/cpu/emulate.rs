@@ -977,8 +977,10 @@ fn write_cr(cpu: &mut VCpu, r: Register, value: u64) -> Result<(), Fault> {
         }
         Register::CR2 => cpu.cr2 = value,
         Register::CR3 => {
-            // Bits 63:52 are reserved (CR4.PCIDE is not offered, so bit 63 is too).
-            if value >> 52 != 0 {
+            // SDM Vol. 3 §4.5 Table 4-12 (4-level paging, CR4.PCIDE = 0, which is all this CPU
+            // offers): bits 63:MAXPHYADDR are reserved, so setting one is #GP(0) (Vol. 2
+            // "MOV—Move to/from Control Registers"); bits 11:0 are ignored or PWT/PCD.
+            if value & !((1u64 << cpu.max_phys_bits.min(52)) - 1) != 0 {
                 return gp;
             }
             cpu.cr3 = value;

@@ -265,6 +265,9 @@ pub struct VCpu {
     pub interrupt_shadow: Option<u64>,
     /// The guest executed HLT with interrupts enabled and waits for one.
     pub halted: bool,
+    /// MAXPHYADDR this CPU reports (CPUID.80000008H:EAX[7:0]) and the shadow MMU's walks use:
+    /// physical-address bits at and above it are reserved in CR3 and in paging entries.
+    pub max_phys_bits: u8,
     effects: Effects,
 }
 
@@ -304,6 +307,7 @@ impl VCpu {
             msr: MsrFile::new(),
             interrupt_shadow: None,
             halted: false,
+            max_phys_bits: shadow_mmu::PagingMode::ENTRY.max_phys_bits,
             effects: Effects::default(),
         }
     }

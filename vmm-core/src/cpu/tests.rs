@@ -403,6 +403,25 @@ fn mov_to_cr3_with_reserved_bits_is_gp() {
 }
 
 #[test]
+fn mov_to_cr3_with_a_bit_at_or_above_maxphyaddr_is_gp() {
+    let mut r = Rig::kernel();
+    assert_eq!(r.cpu.max_phys_bits, 40);
+    for bad in [1u64 << 40, 1 << 51, 1 << 52] {
+        r.cpu.rip = CODE;
+        r.cpu.set_reg(Gpr::Rax, 0x0020_5000 | bad);
+        r.raises(&[0x0F, 0x22, 0xD8], 13, Some(0));
+        assert_eq!(r.cpu.cr3, 0x100000);
+        assert_eq!(r.cpu.take_effects().cr3_load, None);
+    }
+    // The highest address bit below MAXPHYADDR, PWT/PCD and the ignored low bits are fine.
+    let mut r = Rig::kernel();
+    let value = (1u64 << 39) | 0x0020_5000 | 0x18 | 0x7;
+    r.cpu.set_reg(Gpr::Rax, value);
+    r.ok(&[0x0F, 0x22, 0xD8]);
+    assert_eq!(r.cpu.cr3, value);
+}
+
+#[test]
 fn mov_from_cr0_cr2_cr3_cr4_reads_the_virtual_values() {
     let mut r = Rig::kernel();
     r.cpu.cr2 = 0xDEAD_0000;
