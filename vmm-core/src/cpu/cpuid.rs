@@ -37,8 +37,11 @@ const LEAF7_EBX_KEPT: u32 = (1 << 3) | (1 << 8) | (1 << 9) | (1 << 18) | (1 << 1
 const LEAF7_ECX_KEPT: u32 = 1 << 2;
 /// Leaf 0x8000_0001 ECX: SVM(2) hidden.
 const EXT1_ECX_HIDDEN: u32 = 1 << 2;
-/// Leaf 0x8000_0001 EDX: 1-GiB pages(26) hidden (the shadow MMU splits nothing that large).
-const EXT1_EDX_HIDDEN: u32 = 1 << 26;
+/// Leaf 0x8000_0001 EDX: 1-GiB pages (26) always offered, whatever the host has: shadow-mmu's
+/// walker maps a PDPTE with PS = 1 as a 1-GiB page and the shadow splits it into 4-KiB
+/// entries, so the guest must be told (a CPU without Page1GB would make that PS bit reserved,
+/// SDM Vol. 3 §4.5 Table 4-15).
+pub const EXT1_EDX_PAGE1GB: u32 = 1 << 26;
 
 /// The virtual CPU's answer to CPUID `leaf`/`subleaf`.
 pub fn virtual_cpuid(host: &dyn CpuidSource, leaf: u32, subleaf: u32) -> [u32; 4] {
@@ -66,7 +69,7 @@ pub fn virtual_cpuid(host: &dyn CpuidSource, leaf: u32, subleaf: u32) -> [u32; 4
                 0xD => r = [0; 4],
                 0x8000_0001 => {
                     r[2] &= !EXT1_ECX_HIDDEN;
-                    r[3] &= !EXT1_EDX_HIDDEN;
+                    r[3] |= EXT1_EDX_PAGE1GB;
                 }
                 0x8000_0008 => {
                     // EAX[7:0] MAXPHYADDR: the one the shadow MMU's walks and MOV CR3 check
@@ -105,6 +108,21 @@ mod tests {
         assert_eq!(r[2] & (1 << 26), 0, "XSAVE hidden");
         assert_eq!(r[3] & (1 << 1), 0, "VME hidden");
         assert_ne!(r[3] & (1 << 11), 0, "SEP (SYSENTER) kept");
+    }
+
+    struct NoFeatures;
+    impl CpuidSource for NoFeatures {
+        fn cpuid(&self, _leaf: u32, _subleaf: u32) -> [u32; 4] {
+            [0; 4]
+        }
+    }
+
+    #[test]
+    fn one_gib_pages_are_offered_as_the_walker_maps_them() {
+        for host in [&AllOnes as &dyn CpuidSource, &NoFeatures] {
+            let r = virtual_cpuid(host, 0x8000_0001, 0);
+            assert_ne!(r[3] & EXT1_EDX_PAGE1GB, 0, "Page1GB");
+        }
     }
 
     #[test]
