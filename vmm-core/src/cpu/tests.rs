@@ -465,8 +465,13 @@ fn mov_to_cr4_rules() {
     r.ok(&[0x0F, 0x22, 0xE0]);
     let e = r.cpu.take_effects();
     assert!(e.paging_mode && e.flush_all);
-    // VMXE (bit 13) is hidden by CPUID, so reserved; clearing PAE in long mode is #GP.
-    for bad in [boot::ENTRY_CR4 | 1 << 13, 0] {
+    // VMXE (bit 13), FSGSBASE (16), PCIDE (17), OSXSAVE (18), SMEP (20), SMAP (21) and PKE
+    // (22) are hidden by CPUID, so reserved; clearing PAE in long mode is #GP.
+    for bad in [13, 16, 17, 18, 20, 21, 22]
+        .map(|bit| boot::ENTRY_CR4 | 1 << bit)
+        .into_iter()
+        .chain([0])
+    {
         let mut r = Rig::kernel();
         r.cpu.set_reg(Gpr::Rax, bad);
         r.raises(&[0x0F, 0x22, 0xE0], 13, Some(0));
