@@ -26,6 +26,21 @@ use shadow_mmu::{AccessKind, Privilege};
 /// Longest x86 instruction.
 const MAX_INSTRUCTION_LEN: usize = 15;
 
+/// Elements a REP string instruction (INS/OUTS, the page-table REP STOS/MOVS) moves in one
+/// trap. A REP instruction is restartable between iterations (SDM Vol. 2B "REP/REPE/REPZ/
+/// REPNE/REPNZ": an interrupt may be taken there with RCX/RSI/RDI updated and RIP on the
+/// instruction), so the VMM stops after this many and lets the guest run it again, instead
+/// of looping inside one trap for as long as RCX (up to 2^64) says.
+pub const MAX_REP_ELEMENTS_PER_TRAP: u64 = 4096;
+
+/// Ends a REP string instruction between two iterations: RIP stays on it (the next trap
+/// carries on), and RF = 1 as the hardware pushes for an interrupt taken there (SDM Vol. 3
+/// §17.3.1.1), so an injected interrupt's frame is what the hardware's would be.
+fn rep_unfinished(cpu: &mut VCpu) -> Flow {
+    cpu.rflags |= rflags::RF;
+    Flow::Jumped
+}
+
 /// Why the VMM is emulating an instruction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Cause {
@@ -1131,10 +1146,15 @@ where
     } else {
         size as u64
     };
+    let mut done = 0u64;
     loop {
         if rep && cpu.reg(Gpr::Rcx) == 0 {
             break;
         }
+        if done == MAX_REP_ELEMENTS_PER_TRAP {
+            return Ok(rep_unfinished(cpu));
+        }
+        done += 1;
         if input {
             let rdi = cpu.reg(Gpr::Rdi);
             let value = ports.port_read(port, size as u8);
@@ -1240,10 +1260,14 @@ fn data_write<M: GuestMemory + ?Sized>(
             // each, instead of one per element: zeroing a page table is one `rep stosq`); the
             // registers move only after a run is written, so a fault leaves a restartable state.
             let mut run = [0u8; 4096];
+            let mut done = 0u64;
             loop {
                 let left = if rep { cpu.reg(Gpr::Rcx) } else { 1 };
                 if left == 0 {
                     break;
+                }
+                if done == MAX_REP_ELEMENTS_PER_TRAP {
+                    return Ok(rep_unfinished(cpu));
                 }
                 let (rdi, rsi) = (cpu.reg(Gpr::Rdi), cpu.reg(Gpr::Rsi));
                 let room = |addr: u64| (0x1000 - (addr & 0xFFF)) / size as u64;
@@ -1254,7 +1278,8 @@ fn data_write<M: GuestMemory + ?Sized>(
                 } else {
                     room(rdi).min(room(rsi))
                 };
-                n = n.clamp(1, left);
+                n = n.clamp(1, left).min(MAX_REP_ELEMENTS_PER_TRAP - done);
+                done += n;
                 let bytes = n as usize * size;
                 let chunk = run.get_mut(..bytes).unwrap_or_default();
                 if stos {

@@ -1678,3 +1678,63 @@ fn string_io_from_user_mode_is_gp_before_its_address_size_matters() {
     r.code(&[0x67, 0x6E]);
     assert!(matches!(r.run(), Err(CpuStop::Unsupported(_))));
 }
+
+#[test]
+fn rep_outsb_with_a_huge_rcx_stops_after_a_bounded_run_and_resumes() {
+    use super::emulate::MAX_REP_ELEMENTS_PER_TRAP as MAX;
+    let mut r = Rig::kernel();
+    r.mem.map(DATA, 0x4000, RW_KERNEL);
+    r.cpu.set_reg(Gpr::Rsi, DATA);
+    r.cpu.set_reg(Gpr::Rcx, u64::MAX);
+    r.cpu.set_reg(Gpr::Rdx, 0xE9);
+    r.ok(&[0xF3, 0x6E]);
+    assert_eq!(r.ports.writes.len() as u64, MAX);
+    assert_eq!(r.cpu.rip, CODE, "RIP stays on the REP OUTSB");
+    assert_eq!(r.cpu.reg(Gpr::Rcx), u64::MAX - MAX);
+    assert_eq!(r.cpu.reg(Gpr::Rsi), DATA + MAX);
+    assert_ne!(r.cpu.rflags & rflags::RF, 0, "between iterations RF = 1");
+    // The next trap carries on from there.
+    r.ok(&[0xF3, 0x6E]);
+    assert_eq!(r.ports.writes.len() as u64, 2 * MAX);
+    assert_eq!(r.cpu.reg(Gpr::Rcx), u64::MAX - 2 * MAX);
+    assert_eq!(r.cpu.reg(Gpr::Rsi), DATA + 2 * MAX);
+    assert_eq!(r.cpu.rip, CODE);
+}
+
+#[test]
+fn rep_insb_with_a_huge_rcx_stops_after_a_bounded_run() {
+    use super::emulate::MAX_REP_ELEMENTS_PER_TRAP as MAX;
+    let mut r = Rig::kernel();
+    r.mem.map(DATA, 0x4000, RW_KERNEL);
+    r.cpu.set_reg(Gpr::Rdi, DATA);
+    r.cpu.set_reg(Gpr::Rcx, u64::MAX);
+    r.cpu.set_reg(Gpr::Rdx, 0x60);
+    r.ok(&[0xF3, 0x6C]);
+    assert_eq!(r.cpu.rip, CODE);
+    assert_eq!(r.cpu.reg(Gpr::Rcx), u64::MAX - MAX);
+    assert_eq!(r.cpu.reg(Gpr::Rdi), DATA + MAX);
+}
+
+#[test]
+fn a_page_table_rep_stosq_with_a_huge_rcx_stops_after_a_bounded_run() {
+    use super::emulate::MAX_REP_ELEMENTS_PER_TRAP as MAX;
+    let mut r = Rig::kernel();
+    r.mem.map(DATA, 0x10000, RW_KERNEL);
+    r.cpu.set_reg(Gpr::Rdi, DATA);
+    r.cpu.set_reg(Gpr::Rcx, u64::MAX);
+    r.cpu.set_reg(Gpr::Rax, 0x1234);
+    r.code(&[0xF3, 0x48, 0xAB]);
+    let h = r.run_cause(Cause::PageTableWrite).unwrap();
+    assert_eq!(h.outcome, Outcome::Emulated);
+    assert_eq!(r.cpu.rip, CODE);
+    assert_eq!(r.cpu.reg(Gpr::Rcx), u64::MAX - MAX);
+    assert_eq!(r.cpu.reg(Gpr::Rdi), DATA + 8 * MAX);
+    assert_eq!(r.mem.peek_u64(DATA + 8 * (MAX - 1)), 0x1234);
+    assert_eq!(r.mem.peek_u64(DATA + 8 * MAX), 0, "not one element more");
+    // A count that fits finishes in this trap and moves RIP on.
+    r.cpu.set_reg(Gpr::Rcx, 3);
+    let h = r.run_cause(Cause::PageTableWrite).unwrap();
+    assert_eq!(h.outcome, Outcome::Emulated);
+    assert_eq!(r.cpu.rip, CODE + 3);
+    assert_eq!(r.cpu.reg(Gpr::Rcx), 0);
+}
