@@ -194,6 +194,18 @@ where
         if cpu.interrupt_shadow == shadow_before {
             cpu.interrupt_shadow = None;
         }
+        // An instruction that ends at the last canonical byte retires; the fetch of the next
+        // one is the #GP(0), a fault whose saved RIP is that non-canonical address (SDM Vol. 3
+        // §6.5 "Faults", §6.15 interrupt 13 "in 64-bit mode, a memory address in
+        // non-canonical form"; Bochs' prefetch does the same). Raised here, so the VMM never
+        // returns to the guest with a non-canonical RIP (its own IRETQ would fault at CPL 0).
+        // Every transfer that loads RIP from elsewhere (far JMP/CALL/RET, IRET, SYSRET,
+        // SYSEXIT, delivery to a gate, WRMSR of LSTAR/SYSENTER_EIP) checks first and faults
+        // at the instruction, so this is reached only by sequential execution (a HLT there
+        // takes its #GP at once instead of after the wake-up interrupt).
+        if !is_canonical(cpu.rip) {
+            return (Some(decoded), Err(Event::gp(0).into()));
+        }
     }
     (Some(decoded), result)
 }

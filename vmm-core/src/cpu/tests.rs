@@ -1520,8 +1520,9 @@ fn arbitrary_state() -> impl Strategy<Value = (Vec<u8>, u8, u64, [u64; 4], bool)
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
 
-    /// Any bytes, any privilege, registers and flags: the emulator ends in "emulated", "fault
-    /// delivered" or a typed stop, and never panics.
+    /// Any bytes, any privilege, registers and flags, also at the top of the canonical lower
+    /// half: the emulator ends in "emulated", "fault delivered" or a typed stop, never panics,
+    /// and never leaves a non-canonical RIP.
     #[test]
     fn arbitrary_instructions_never_panic((bytes, cpl, flags, regs, pt_write) in arbitrary_state()) {
         let mut r = if cpl == 0 { Rig::kernel() } else { Rig::user() };
@@ -1531,9 +1532,16 @@ proptest! {
             r.cpu.gpr[i + 4] = v.rotate_left(17);
         }
         r.cpu.set_reg(Gpr::Rcx, regs[1] % 64);
+        if regs[3] & 1 != 0 {
+            // The bytes end at the last canonical byte.
+            r.mem.map(LAST_CANONICAL & !0xFFF, 0x1000, RW_USER);
+            r.cpu.rip = LAST_CANONICAL + 1 - bytes.len() as u64;
+        }
         r.code(&bytes);
         let cause = if pt_write { Cause::PageTableWrite } else { Cause::Fault(Event::gp(0)) };
-        let _ = r.run_cause(cause);
+        if r.run_cause(cause).is_ok() {
+            prop_assert!(shadow_mmu::addr::is_canonical(r.cpu.rip), "rip {:#x}", r.cpu.rip);
+        }
         let mut pic = Pic { pending: Some(0x20) };
         let _ = inject(&mut r.cpu, &mut r.mem, &mut pic);
     }
@@ -1737,4 +1745,77 @@ fn a_page_table_rep_stosq_with_a_huge_rcx_stops_after_a_bounded_run() {
     assert_eq!(h.outcome, Outcome::Emulated);
     assert_eq!(r.cpu.rip, CODE + 3);
     assert_eq!(r.cpu.reg(Gpr::Rcx), 0);
+}
+
+// ---- canonical RIP ----
+
+/// The last canonical byte of the lower half.
+const LAST_CANONICAL: u64 = 0x0000_7FFF_FFFF_FFFF;
+
+#[test]
+fn an_instruction_ending_at_the_last_canonical_byte_retires_then_the_next_fetch_is_gp() {
+    // CLI (fast path) as the last byte: it retires (IF = 0), then #GP(0) with the saved RIP
+    // the non-canonical address after it; the vCPU never holds a non-canonical RIP.
+    let mut r = Rig::kernel();
+    r.mem.map(LAST_CANONICAL & !0xFFF, 0x1000, RW_KERNEL);
+    r.cpu.rflags |= rflags::IF;
+    r.cpu.rip = LAST_CANONICAL;
+    r.raises(&[0xFA], 13, Some(0));
+    assert_eq!(
+        r.stack(1),
+        0x0000_8000_0000_0000,
+        "saved RIP: the next fetch"
+    );
+    assert_eq!(r.stack(3) & rflags::IF, 0, "the CLI retired");
+    // MOV CR3 (decoded path), three bytes ending there: the load happened.
+    let mut r = Rig::kernel();
+    r.mem.map(LAST_CANONICAL & !0xFFF, 0x1000, RW_KERNEL);
+    r.cpu.rip = LAST_CANONICAL - 2;
+    r.cpu.set_reg(Gpr::Rax, 0x0020_5000);
+    r.raises(&[0x0F, 0x22, 0xD8], 13, Some(0));
+    assert_eq!(r.cpu.cr3, 0x0020_5000);
+    assert_eq!(r.stack(1), 0x0000_8000_0000_0000);
+}
+
+#[test]
+fn far_jmp_call_and_retf_to_a_non_canonical_offset_are_gp_at_the_instruction() {
+    for bytes in [[0x48, 0xFF, 0x28], [0x48, 0xFF, 0x18]] {
+        let mut r = Rig::kernel();
+        r.mem.poke(DATA, &0x0000_8000_0000_0000u64.to_le_bytes());
+        r.mem.poke(DATA + 8, &KCODE.to_le_bytes());
+        r.cpu.set_reg(Gpr::Rax, DATA);
+        r.cpu.set_reg(Gpr::Rsp, KSTACK_TOP - 0x100);
+        r.raises(&bytes, 13, Some(0));
+        assert_eq!(r.stack(1), CODE, "at the far JMP/CALL");
+        assert_eq!(r.stack(4), KSTACK_TOP - 0x100, "nothing was pushed");
+    }
+    let mut r = Rig::kernel();
+    r.cpu.set_reg(Gpr::Rsp, DATA + 0x100);
+    r.mem
+        .poke(DATA + 0x100, &0xFFFF_0000_0000_0000u64.to_le_bytes());
+    r.mem.poke(DATA + 0x108, &u64::from(KCODE).to_le_bytes());
+    r.raises(&[0x48, 0xCB], 13, Some(0));
+    assert_eq!(r.stack(1), CODE, "at the RETF");
+}
+
+#[test]
+fn a_gate_with_a_non_canonical_offset_is_gp_with_ext() {
+    let mut r = Rig::kernel();
+    let [lo, hi] = encode_gate(0x0000_8000_0000_0000, KCODE, 0, 0xE, 0, true);
+    r.mem.poke(IDT + 16 * 0x20, &lo.to_le_bytes());
+    r.mem.poke(IDT + 16 * 0x20 + 8, &hi.to_le_bytes());
+    let delivered = deliver(&mut r.cpu, &mut r.mem, Event::external(0x20)).unwrap();
+    assert_eq!(delivered, Event::gp(1), "#GP(EXT)");
+    assert_eq!(r.cpu.rip, HANDLERS + 0x10 * 13);
+}
+
+#[test]
+fn wrmsr_of_a_non_canonical_syscall_or_sysenter_target_is_gp() {
+    for msr in [index::LSTAR, index::SYSENTER_EIP, index::SYSENTER_ESP] {
+        let mut r = Rig::kernel();
+        r.cpu.set_reg(Gpr::Rcx, u64::from(msr));
+        r.cpu.set_reg(Gpr::Rdx, 0x0000_8000);
+        r.cpu.set_reg(Gpr::Rax, 0);
+        r.raises(&[0x0F, 0x30], 13, Some(0));
+    }
 }
