@@ -989,14 +989,17 @@ fn write_cr(cpu: &mut VCpu, r: Register, value: u64) -> Result<(), Fault> {
         Register::CR0 => {
             // Leaving long mode by clearing PG or PE is not offered: on hardware it is legal
             // only from compatibility mode, which this CPU never runs. NW without CD is #GP.
-            if value & !cr0::DEFINED != 0
+            // Reserved bits: only CR0[63:32] fault (SDM Vol. 2 "MOV—Move to/from Control
+            // Registers", Vol. 3 §2.5); the reserved bits of CR0[31:0] are ignored, so they
+            // are not stored and read back as 0, as on the processor.
+            if value >> 32 != 0
                 || value & cr0::PG == 0
                 || value & cr0::PE == 0
                 || (value & cr0::NW != 0 && value & cr0::CD == 0)
             {
                 return gp;
             }
-            let value = value | cr0::ET;
+            let value = (value & cr0::DEFINED) | cr0::ET;
             if (value ^ cpu.cr0) & cr0::WP != 0 {
                 cpu.note(|e| e.paging_mode = true);
             }

@@ -86,7 +86,8 @@ pub mod cr0 {
     pub const CD: u64 = 1 << 30;
     /// Paging.
     pub const PG: u64 = 1 << 31;
-    /// Every bit a guest may set.
+    /// Every bit that exists; a write of the other bits of CR0[31:0] is ignored, of
+    /// CR0[63:32] is #GP(0).
     pub const DEFINED: u64 = PE | MP | EM | TS | ET | NE | WP | AM | NW | CD | PG;
 }
 

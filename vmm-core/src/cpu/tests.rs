@@ -459,6 +459,23 @@ fn mov_to_cr0_rules() {
 }
 
 #[test]
+fn mov_to_cr0_ignores_the_reserved_bits_of_its_low_half() {
+    let mut r = Rig::kernel();
+    let reserved_low = (1 << 6) | (1 << 15) | (1 << 17) | (1 << 28);
+    r.cpu.set_reg(Gpr::Rax, boot::ENTRY_CR0 | reserved_low);
+    r.ok(&[0x0F, 0x22, 0xC0]);
+    assert_eq!(
+        r.cpu.cr0,
+        boot::ENTRY_CR0,
+        "ignored: not stored, read back as 0"
+    );
+    // CR0[63:32] is #GP(0).
+    let mut r = Rig::kernel();
+    r.cpu.set_reg(Gpr::Rax, boot::ENTRY_CR0 | 1 << 32);
+    r.raises(&[0x0F, 0x22, 0xC0], 13, Some(0));
+}
+
+#[test]
 fn mov_to_cr4_rules() {
     let mut r = Rig::kernel();
     r.cpu.set_reg(Gpr::Rax, boot::ENTRY_CR4 | cr4::PGE);
