@@ -60,6 +60,24 @@ const EXT1_EDX_HIDDEN: u32 = 1 << 27;
 /// SDM Vol. 3 §4.5 Table 4-15).
 pub const EXT1_EDX_PAGE1GB: u32 = 1 << 26;
 
+/// Whether loading a null selector into FS or GS in 64-bit mode clears its base, as on the
+/// vendor the guest sees (vendor and family pass through): Intel processors clear it (SDM
+/// Vol. 3 §3.4.4 gives no exception for a null selector); AMD's (and Hygon's) keep it unless
+/// CPUID.80000021H:EAX[6] (NullSelectorClearsBase) says otherwise. The guest's own null loads
+/// at real CPL 3 do not trap, so the emulation must agree with what the hardware does.
+pub fn null_selector_clears_base(host: &dyn CpuidSource) -> bool {
+    let [_, b, c, d] = host.cpuid(0, 0);
+    let amd_like = matches!(
+        (b, d, c),
+        (0x6874_7541, 0x6974_6E65, 0x444D_4163) | (0x6F67_7948, 0x6E65_476E, 0x656E_6975)
+    );
+    if !amd_like {
+        return true;
+    }
+    let max_ext = host.cpuid(0x8000_0000, 0)[0];
+    max_ext >= 0x8000_0021 && host.cpuid(0x8000_0021, 0)[0] & (1 << 6) != 0
+}
+
 /// The virtual CPU's answer to CPUID `leaf`/`subleaf`.
 pub fn virtual_cpuid(host: &dyn CpuidSource, leaf: u32, subleaf: u32) -> [u32; 4] {
     match leaf {
@@ -197,6 +215,29 @@ mod tests {
             let accepted = cr4::DEFINED & (1 << bit) != 0;
             assert_eq!(offered, accepted, "CR4 bit {bit}");
         }
+    }
+
+    /// An AMD host with (`clears` = true) or without NullSelectorClearsBase.
+    struct Amd {
+        clears: bool,
+    }
+    impl CpuidSource for Amd {
+        fn cpuid(&self, leaf: u32, _subleaf: u32) -> [u32; 4] {
+            match leaf {
+                // "AuthenticAMD": EBX "Auth", EDX "enti", ECX "cAMD".
+                0 => [0x10, 0x6874_7541, 0x444D_4163, 0x6974_6E65],
+                0x8000_0000 => [0x8000_0021, 0, 0, 0],
+                0x8000_0021 => [u32::from(self.clears) << 6, 0, 0, 0],
+                _ => [0; 4],
+            }
+        }
+    }
+
+    #[test]
+    fn a_null_selector_clears_the_base_on_intel_and_keeps_it_on_amd() {
+        assert!(null_selector_clears_base(&AllOnes), "GenuineIntel");
+        assert!(!null_selector_clears_base(&Amd { clears: false }));
+        assert!(null_selector_clears_base(&Amd { clears: true }));
     }
 
     struct NoFeatures;

@@ -7,7 +7,7 @@
 //! and applies its effect to the virtual CPU and devices. What it cannot or must not do itself
 //! (reload the shadow CR3, INVLPG in the shadow tables) it records as [`super::Effects`].
 
-use super::cpuid::{virtual_cpuid, CpuidSource};
+use super::cpuid::{null_selector_clears_base, virtual_cpuid, CpuidSource};
 use super::deliver::deliver;
 use super::event::{vector, CpuStop, Event, EventKind};
 use super::memory::{access_fault, read_value, write_value, Fault, GuestMemory};
@@ -857,7 +857,7 @@ where
                 Some(seg) => seg,
             };
             let selector = read_operand(cpu, mem, ins, 1, 2)? as u16;
-            load_data_segment(cpu, mem, seg, selector)?;
+            load_data_segment(cpu, mem, seg, selector, null_selector_clears_base(cpuid))?;
             if seg == SegReg::Ss {
                 // §6.8.3: MOV SS blocks interrupts and debug traps for one instruction.
                 cpu.interrupt_shadow = Some(next);
@@ -877,7 +877,7 @@ where
             };
             let rsp = cpu.reg(Gpr::Rsp);
             let selector = read_value(mem, rsp, size, cpu.privilege(), true)? as u16;
-            load_data_segment(cpu, mem, seg, selector)?;
+            load_data_segment(cpu, mem, seg, selector, null_selector_clears_base(cpuid))?;
             cpu.set_reg(Gpr::Rsp, rsp.wrapping_add(size as u64));
             Ok(Flow::Next)
         }

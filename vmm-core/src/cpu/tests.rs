@@ -1106,6 +1106,25 @@ fn mov_ds_of_a_kernel_segment_from_user_mode_is_gp() {
 }
 
 #[test]
+fn a_null_selector_in_fs_or_gs_clears_the_base_as_on_intel() {
+    // The test CPUID is not AMD's: the vendor the guest sees is Intel-like, and so is QEMU's
+    // TCG (`-cpu max,vendor=GenuineIntel`), which clears the base on a null load.
+    let mut r = Rig::kernel();
+    r.cpu.set_segment_base(SegReg::Fs, 0x1234_5000);
+    r.cpu.take_effects();
+    r.cpu.set_reg(Gpr::Rax, 0);
+    r.ok(&[0x8E, 0xE0]); // mov fs, ax
+    assert_eq!(r.cpu.segment(SegReg::Fs).selector, 0);
+    assert_eq!(r.cpu.fs_base(), 0);
+    assert!(r.cpu.take_effects().segment_bases, "the real base follows");
+    // With an AMD vendor (no NullSelectorClearsBase) the base is kept.
+    let mut r = Rig::kernel();
+    r.cpu.set_segment_base(SegReg::Gs, 0x1234_5000);
+    super::segments::load_data_segment(&mut r.cpu, &mut r.mem, SegReg::Gs, 0, false).unwrap();
+    assert_eq!(r.cpu.gs_base(), 0x1234_5000);
+}
+
+#[test]
 fn pop_gs_loads_and_moves_rsp() {
     let mut r = Rig::kernel();
     r.cpu.set_reg(Gpr::Rsp, DATA);
