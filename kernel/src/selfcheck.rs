@@ -149,9 +149,9 @@ fn heap_allocates() -> Result<(), &'static str> {
 /// (`Event::vector_has_error_code`, SDM Vol. 3 §6.15): the assembly entry stubs must agree with
 /// it, or a frame would be misread by one quadword.
 fn error_code_vectors_agree() -> Result<(), &'static str> {
-    if (0..32).all(|v| {
-        trap::stub_expects_error_code(v) == vmm_core::cpu::Event::vector_has_error_code(v)
-    }) {
+    if (0..32)
+        .all(|v| trap::stub_expects_error_code(v) == vmm_core::cpu::Event::vector_has_error_code(v))
+    {
         Ok(())
     } else {
         Err("trap_entry.S and Event::vector_has_error_code disagree on a vector")

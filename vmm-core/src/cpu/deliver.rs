@@ -31,6 +31,11 @@ pub fn deliver<M: GuestMemory + ?Sized>(
             Ok(()) => return Ok(current),
             Err(Fault::Stop(stop)) => return Err(stop),
             Err(Fault::Raise(second)) => {
+                // CR2 is loaded when the #PF is detected, even when it then becomes #DF
+                // (SDM Vol. 3 §6.15, interrupt 14: CR2 holds the address of the last #PF).
+                if let Some(cr2) = second.cr2 {
+                    cpu.cr2 = cr2;
+                }
                 if current.kind == EventKind::Exception && current.vector == vector::DF {
                     return Err(CpuStop::TripleFault {
                         vector: second.vector,
@@ -122,10 +127,13 @@ fn deliver_once<M: GuestMemory + ?Sized>(
     if gate.selector & !3 == 0 {
         return Err(Event::gp(ext).into());
     }
+    // A #PF reading the descriptor stays a #PF (CR2 = the descriptor's address) and goes
+    // through the double-fault rules like any fault met during delivery (SDM Vol. 3 §6.15,
+    // Table 6-5); only the selector's own faults (beyond the limit) name the selector.
     let code = read_descriptor(cpu, mem, gate.selector)
         .map_err(|f| match f {
-            Fault::Raise(_) => Fault::Raise(Event::gp(sel_code)),
-            stop => stop,
+            Fault::Raise(e) if e.vector != vector::PF => Fault::Raise(Event::gp(sel_code)),
+            other => other,
         })?
         .descriptor;
     if !code.is_code() || code.dpl > cpu.cpl {
@@ -168,10 +176,18 @@ fn deliver_once<M: GuestMemory + ?Sized>(
         n += 1;
     }
     let return_rip = cpu.rip.wrapping_add(u64::from(event.instruction_len));
+    // SDM Vol. 3 §17.3.1.1: a fault-class exception pushes RF = 1 (the IRET back re-executes
+    // the instruction without another instruction-breakpoint #DB); traps and interrupts push
+    // RF as it is.
+    let pushed_rflags = if event.is_fault() {
+        cpu.rflags | rflags::RF
+    } else {
+        cpu.rflags
+    };
     for value in [
         return_rip,
         u64::from(cpu.segment(SegReg::Cs).selector),
-        cpu.rflags,
+        pushed_rflags,
         cpu.reg(Gpr::Rsp),
         u64::from(cpu.segment(SegReg::Ss).selector),
     ] {

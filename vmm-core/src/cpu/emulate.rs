@@ -7,7 +7,7 @@
 //! and applies its effect to the virtual CPU and devices. What it cannot or must not do itself
 //! (reload the shadow CR3, INVLPG in the shadow tables) it records as [`super::Effects`].
 
-use super::cpuid::{virtual_cpuid, CpuidSource};
+use super::cpuid::{null_selector_clears_base, virtual_cpuid, CpuidSource};
 use super::deliver::deliver;
 use super::event::{vector, CpuStop, Event, EventKind};
 use super::memory::{access_fault, read_value, write_value, Fault, GuestMemory};
@@ -25,6 +25,21 @@ use shadow_mmu::{AccessKind, Privilege};
 
 /// Longest x86 instruction.
 const MAX_INSTRUCTION_LEN: usize = 15;
+
+/// Elements a REP string instruction (INS/OUTS, the page-table REP STOS/MOVS) moves in one
+/// trap. A REP instruction is restartable between iterations (SDM Vol. 2B "REP/REPE/REPZ/
+/// REPNE/REPNZ": an interrupt may be taken there with RCX/RSI/RDI updated and RIP on the
+/// instruction), so the VMM stops after this many and lets the guest run it again, instead
+/// of looping inside one trap for as long as RCX (up to 2^64) says.
+pub const MAX_REP_ELEMENTS_PER_TRAP: u64 = 4096;
+
+/// Ends a REP string instruction between two iterations: RIP stays on it (the next trap
+/// carries on), and RF = 1 as the hardware pushes for an interrupt taken there (SDM Vol. 3
+/// §17.3.1.1), so an injected interrupt's frame is what the hardware's would be.
+fn rep_unfinished(cpu: &mut VCpu) -> Flow {
+    cpu.rflags |= rflags::RF;
+    Flow::Jumped
+}
 
 /// Why the VMM is emulating an instruction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -188,6 +203,10 @@ where
             return (None, Err(fault));
         }
     };
+    // SDM Vol. 3 §17.3.1.1: RF is cleared at the start of each instruction (a fault in it
+    // pushes RF = 1 anyway; IRET and SYSRET load it), so the RF = 1 an IRET restored from a
+    // fault frame does not outlive the instruction it was for.
+    cpu.rflags &= !rflags::RF;
     // The fast path: a few privileged instructions with one fixed encoding and no operand
     // byte to decode (exact byte patterns, no prefixes) skip the decoder.
     let fast = if cause == Cause::PageTableWrite {
@@ -221,6 +240,18 @@ where
         // The shadow covers one instruction: it ends with this one unless this one set it.
         if cpu.interrupt_shadow == shadow_before {
             cpu.interrupt_shadow = None;
+        }
+        // An instruction that ends at the last canonical byte retires; the fetch of the next
+        // one is the #GP(0), a fault whose saved RIP is that non-canonical address (SDM Vol. 3
+        // §6.5 "Faults", §6.15 interrupt 13 "in 64-bit mode, a memory address in
+        // non-canonical form"; Bochs' prefetch does the same). Raised here, so the VMM never
+        // returns to the guest with a non-canonical RIP (its own IRETQ would fault at CPL 0).
+        // Every transfer that loads RIP from elsewhere (far JMP/CALL/RET, IRET, SYSRET,
+        // SYSEXIT, delivery to a gate, WRMSR of LSTAR/SYSENTER_EIP) checks first and faults
+        // at the instruction, so this is reached only by sequential execution (a HLT there
+        // takes its #GP at once instead of after the wake-up interrupt).
+        if !is_canonical(cpu.rip) {
+            return (Some(decoded), Err(Event::gp(0).into()));
         }
     }
     (Some(decoded), result)
@@ -896,7 +927,7 @@ where
                 Some(seg) => seg,
             };
             let selector = read_operand(cpu, mem, ins, 1, 2)? as u16;
-            load_data_segment(cpu, mem, seg, selector)?;
+            load_data_segment(cpu, mem, seg, selector, null_selector_clears_base(cpuid))?;
             if seg == SegReg::Ss {
                 // §6.8.3: MOV SS blocks interrupts and debug traps for one instruction.
                 cpu.interrupt_shadow = Some(next);
@@ -916,7 +947,7 @@ where
             };
             let rsp = cpu.reg(Gpr::Rsp);
             let selector = read_value(mem, rsp, size, cpu.privilege(), true)? as u16;
-            load_data_segment(cpu, mem, seg, selector)?;
+            load_data_segment(cpu, mem, seg, selector, null_selector_clears_base(cpuid))?;
             cpu.set_reg(Gpr::Rsp, rsp.wrapping_add(size as u64));
             Ok(Flow::Next)
         }
@@ -943,7 +974,7 @@ where
             let offset = read_value(mem, at, size, cpu.privilege(), stack)?;
             let selector =
                 read_value(mem, at.wrapping_add(size as u64), 2, cpu.privilege(), stack)? as u16;
-            load_data_segment(cpu, mem, seg, selector)?;
+            load_data_segment(cpu, mem, seg, selector, null_selector_clears_base(cpuid))?;
             write_reg(cpu, dest, offset);
             // Unlike MOV SS, LSS opens no interrupt shadow (SDM Vol. 3 §6.8.3).
             Ok(Flow::Next)
@@ -1097,14 +1128,17 @@ fn write_cr(cpu: &mut VCpu, r: Register, value: u64) -> Result<(), Fault> {
         Register::CR0 => {
             // Leaving long mode by clearing PG or PE is not offered: on hardware it is legal
             // only from compatibility mode, which this CPU never runs. NW without CD is #GP.
-            if value & !cr0::DEFINED != 0
+            // Reserved bits: only CR0[63:32] fault (SDM Vol. 2 "MOV—Move to/from Control
+            // Registers", Vol. 3 §2.5); the reserved bits of CR0[31:0] are ignored, so they
+            // are not stored and read back as 0, as on the processor.
+            if value >> 32 != 0
                 || value & cr0::PG == 0
                 || value & cr0::PE == 0
                 || (value & cr0::NW != 0 && value & cr0::CD == 0)
             {
                 return gp;
             }
-            let value = value | cr0::ET;
+            let value = (value & cr0::DEFINED) | cr0::ET;
             if (value ^ cpu.cr0) & cr0::WP != 0 {
                 cpu.note(|e| e.paging_mode = true);
             }
@@ -1112,8 +1146,10 @@ fn write_cr(cpu: &mut VCpu, r: Register, value: u64) -> Result<(), Fault> {
         }
         Register::CR2 => cpu.cr2 = value,
         Register::CR3 => {
-            // Bits 63:52 are reserved (CR4.PCIDE is not offered, so bit 63 is too).
-            if value >> 52 != 0 {
+            // SDM Vol. 3 §4.5 Table 4-12 (4-level paging, CR4.PCIDE = 0, which is all this CPU
+            // offers): bits 63:MAXPHYADDR are reserved, so setting one is #GP(0) (Vol. 2
+            // "MOV—Move to/from Control Registers"); bits 11:0 are ignored or PWT/PCD.
+            if value & !((1u64 << cpu.max_phys_bits.min(52)) - 1) != 0 {
                 return gp;
             }
             cpu.cr3 = value;
@@ -1265,10 +1301,15 @@ where
     } else {
         size as u64
     };
+    let mut done = 0u64;
     loop {
         if rep && cpu.reg(Gpr::Rcx) == 0 {
             break;
         }
+        if done == MAX_REP_ELEMENTS_PER_TRAP {
+            return Ok(rep_unfinished(cpu));
+        }
+        done += 1;
         if input {
             let rdi = cpu.reg(Gpr::Rdi);
             let value = ports.port_read(port, size as u8);
@@ -1374,10 +1415,14 @@ fn data_write<M: GuestMemory + ?Sized>(
             // each, instead of one per element: zeroing a page table is one `rep stosq`); the
             // registers move only after a run is written, so a fault leaves a restartable state.
             let mut run = [0u8; 4096];
+            let mut done = 0u64;
             loop {
                 let left = if rep { cpu.reg(Gpr::Rcx) } else { 1 };
                 if left == 0 {
                     break;
+                }
+                if done == MAX_REP_ELEMENTS_PER_TRAP {
+                    return Ok(rep_unfinished(cpu));
                 }
                 let (rdi, rsi) = (cpu.reg(Gpr::Rdi), cpu.reg(Gpr::Rsi));
                 let room = |addr: u64| (0x1000 - (addr & 0xFFF)) / size as u64;
@@ -1388,7 +1433,8 @@ fn data_write<M: GuestMemory + ?Sized>(
                 } else {
                     room(rdi).min(room(rsi))
                 };
-                n = n.clamp(1, left);
+                n = n.clamp(1, left).min(MAX_REP_ELEMENTS_PER_TRAP - done);
+                done += n;
                 let bytes = n as usize * size;
                 let chunk = run.get_mut(..bytes).unwrap_or_default();
                 if stos {

@@ -101,19 +101,25 @@ fn check_stack_segment<M: GuestMemory + ?Sized>(
 }
 
 /// MOV/POP to SS, DS, ES, FS or GS with the protected-mode checks of the manual.
+/// `null_clears_base`: whether a null selector clears the FS/GS base, which depends on the
+/// vendor the guest sees ([`super::cpuid::null_selector_clears_base`]).
 pub fn load_data_segment<M: GuestMemory + ?Sized>(
     cpu: &mut VCpu,
     mem: &mut M,
     seg: SegReg,
     selector: u16,
+    null_clears_base: bool,
 ) -> Result<(), Fault> {
     let value = if seg == SegReg::Ss {
         check_stack_segment(cpu, mem, selector, cpu.cpl)?
     } else if selector & !3 == 0 {
-        // A null selector may be loaded into DS, ES, FS, GS; it faults only on use. The base
-        // of FS/GS is kept (it is set through the MSRs in 64-bit mode).
+        // A null selector may be loaded into DS, ES, FS, GS; it faults only on use. Intel
+        // processors (and QEMU's TCG, whatever vendor it reports) clear the hidden base with
+        // it; AMD's keep the FS/GS base unless CPUID.80000021H:EAX.NullSelectorClearsBase.
         let mut s = Segment::null((selector & 3) as u8);
-        s.cache.base = cpu.segment(seg).cache.base;
+        if !null_clears_base {
+            s.cache.base = cpu.segment(seg).cache.base;
+        }
         s
     } else {
         let code = u32::from(selector & !3);
@@ -239,12 +245,15 @@ pub fn iret<M: GuestMemory + ?Sized>(
     if cpu.cpl == 0 {
         mask |= rflags::IOPL | rflags::VIF | rflags::VIP;
     }
+    // Vol. 2A "IRET": a 16-bit (or 32-bit) IRET pops only the low word (doubleword) of
+    // RFLAGS; the bits above it (RF, AC, VIF, VIP, ID for IRETW) keep their current values.
     let size_mask = if size >= 8 {
         u64::MAX
     } else {
         (1u64 << (size * 8)) - 1
     };
-    cpu.rflags = (cpu.rflags & !mask) | (new_flags & mask & size_mask) | rflags::FIXED;
+    let mask = mask & size_mask;
+    cpu.rflags = (cpu.rflags & !mask) | (new_flags & mask) | rflags::FIXED;
     cpu.rip = new_rip;
     cpu.set_segment(
         SegReg::Cs,

@@ -86,7 +86,8 @@ pub mod cr0 {
     pub const CD: u64 = 1 << 30;
     /// Paging.
     pub const PG: u64 = 1 << 31;
-    /// Every bit a guest may set.
+    /// Every bit that exists; a write of the other bits of CR0[31:0] is ignored, of
+    /// CR0[63:32] is #GP(0).
     pub const DEFINED: u64 = PE | MP | EM | TS | ET | NE | WP | AM | NW | CD | PG;
 }
 
@@ -290,6 +291,9 @@ pub struct VCpu {
     pub interrupt_shadow: Option<u64>,
     /// The guest executed HLT with interrupts enabled and waits for one.
     pub halted: bool,
+    /// MAXPHYADDR this CPU reports (CPUID.80000008H:EAX[7:0]) and the shadow MMU's walks use:
+    /// physical-address bits at and above it are reserved in CR3 and in paging entries.
+    pub max_phys_bits: u8,
     effects: Effects,
 }
 
@@ -332,6 +336,7 @@ impl VCpu {
             dr7: dr::DR7_INIT,
             interrupt_shadow: None,
             halted: false,
+            max_phys_bits: shadow_mmu::PagingMode::ENTRY.max_phys_bits,
             effects: Effects::default(),
         }
     }

@@ -403,6 +403,25 @@ fn mov_to_cr3_with_reserved_bits_is_gp() {
 }
 
 #[test]
+fn mov_to_cr3_with_a_bit_at_or_above_maxphyaddr_is_gp() {
+    let mut r = Rig::kernel();
+    assert_eq!(r.cpu.max_phys_bits, 40);
+    for bad in [1u64 << 40, 1 << 51, 1 << 52] {
+        r.cpu.rip = CODE;
+        r.cpu.set_reg(Gpr::Rax, 0x0020_5000 | bad);
+        r.raises(&[0x0F, 0x22, 0xD8], 13, Some(0));
+        assert_eq!(r.cpu.cr3, 0x100000);
+        assert_eq!(r.cpu.take_effects().cr3_load, None);
+    }
+    // The highest address bit below MAXPHYADDR, PWT/PCD and the ignored low bits are fine.
+    let mut r = Rig::kernel();
+    let value = (1u64 << 39) | 0x0020_5000 | 0x18 | 0x7;
+    r.cpu.set_reg(Gpr::Rax, value);
+    r.ok(&[0x0F, 0x22, 0xD8]);
+    assert_eq!(r.cpu.cr3, value);
+}
+
+#[test]
 fn mov_from_cr0_cr2_cr3_cr4_reads_the_virtual_values() {
     let mut r = Rig::kernel();
     r.cpu.cr2 = 0xDEAD_0000;
@@ -440,14 +459,36 @@ fn mov_to_cr0_rules() {
 }
 
 #[test]
+fn mov_to_cr0_ignores_the_reserved_bits_of_its_low_half() {
+    let mut r = Rig::kernel();
+    let reserved_low = (1 << 6) | (1 << 15) | (1 << 17) | (1 << 28);
+    r.cpu.set_reg(Gpr::Rax, boot::ENTRY_CR0 | reserved_low);
+    r.ok(&[0x0F, 0x22, 0xC0]);
+    assert_eq!(
+        r.cpu.cr0,
+        boot::ENTRY_CR0,
+        "ignored: not stored, read back as 0"
+    );
+    // CR0[63:32] is #GP(0).
+    let mut r = Rig::kernel();
+    r.cpu.set_reg(Gpr::Rax, boot::ENTRY_CR0 | 1 << 32);
+    r.raises(&[0x0F, 0x22, 0xC0], 13, Some(0));
+}
+
+#[test]
 fn mov_to_cr4_rules() {
     let mut r = Rig::kernel();
     r.cpu.set_reg(Gpr::Rax, boot::ENTRY_CR4 | cr4::PGE);
     r.ok(&[0x0F, 0x22, 0xE0]);
     let e = r.cpu.take_effects();
     assert!(e.paging_mode && e.flush_all);
-    // VMXE (bit 13) is hidden by CPUID, so reserved; clearing PAE in long mode is #GP.
-    for bad in [boot::ENTRY_CR4 | 1 << 13, 0] {
+    // VMXE (bit 13), FSGSBASE (16), PCIDE (17), OSXSAVE (18), SMEP (20), SMAP (21) and PKE
+    // (22) are hidden by CPUID, so reserved; clearing PAE in long mode is #GP.
+    for bad in [13, 16, 17, 18, 20, 21, 22]
+        .map(|bit| boot::ENTRY_CR4 | 1 << bit)
+        .into_iter()
+        .chain([0])
+    {
         let mut r = Rig::kernel();
         r.cpu.set_reg(Gpr::Rax, bad);
         r.raises(&[0x0F, 0x22, 0xE0], 13, Some(0));
@@ -862,6 +903,34 @@ fn iretq_with_a_mismatched_ss_rpl_is_gp() {
 }
 
 #[test]
+fn a_16_bit_iret_keeps_the_rflags_bits_above_the_popped_word() {
+    let mut r = Rig::kernel();
+    // (Not RF: every instruction clears it at its start, and IRETW does not pop it.)
+    let high = rflags::AC | rflags::VIF | rflags::VIP | rflags::ID;
+    r.cpu.rflags |= high;
+    // IRETW pops five 16-bit slots: IP, CS, FLAGS, SP, SS.
+    let at = DATA + 0x100;
+    for (i, v) in [
+        CODE + 0x10,
+        u64::from(KCODE),
+        0x2 | rflags::CF,
+        0x8F00,
+        u64::from(KDATA),
+    ]
+    .iter()
+    .enumerate()
+    {
+        r.mem.poke(at + 2 * i as u64, &(*v as u16).to_le_bytes());
+    }
+    r.cpu.set_reg(Gpr::Rsp, at);
+    r.ok(&[0x66, 0xCF]);
+    assert_eq!(r.cpu.rip, CODE + 0x10);
+    assert_eq!(r.cpu.reg(Gpr::Rsp), 0x8F00);
+    assert_ne!(r.cpu.rflags & rflags::CF, 0, "the popped word is loaded");
+    assert_eq!(r.cpu.rflags & high, high, "bits 16 and up are unchanged");
+}
+
+#[test]
 fn iretq_to_a_32_bit_code_segment_is_an_unsupported_stop() {
     let mut r = Rig::kernel();
     push_iret_frame(&mut r, CODE, 0x40, 0x2, KSTACK_TOP, KDATA);
@@ -1037,6 +1106,25 @@ fn mov_ds_of_a_kernel_segment_from_user_mode_is_gp() {
 }
 
 #[test]
+fn a_null_selector_in_fs_or_gs_clears_the_base_as_on_intel() {
+    // The test CPUID is not AMD's: the vendor the guest sees is Intel-like, and so is QEMU's
+    // TCG (`-cpu max,vendor=GenuineIntel`), which clears the base on a null load.
+    let mut r = Rig::kernel();
+    r.cpu.set_segment_base(SegReg::Fs, 0x1234_5000);
+    r.cpu.take_effects();
+    r.cpu.set_reg(Gpr::Rax, 0);
+    r.ok(&[0x8E, 0xE0]); // mov fs, ax
+    assert_eq!(r.cpu.segment(SegReg::Fs).selector, 0);
+    assert_eq!(r.cpu.fs_base(), 0);
+    assert!(r.cpu.take_effects().segment_bases, "the real base follows");
+    // With an AMD vendor (no NullSelectorClearsBase) the base is kept.
+    let mut r = Rig::kernel();
+    r.cpu.set_segment_base(SegReg::Gs, 0x1234_5000);
+    super::segments::load_data_segment(&mut r.cpu, &mut r.mem, SegReg::Gs, 0, false).unwrap();
+    assert_eq!(r.cpu.gs_base(), 0x1234_5000);
+}
+
+#[test]
 fn pop_gs_loads_and_moves_rsp() {
     let mut r = Rig::kernel();
     r.cpu.set_reg(Gpr::Rsp, DATA);
@@ -1136,6 +1224,39 @@ fn int3_from_user_mode_is_a_breakpoint() {
 }
 
 #[test]
+fn a_fault_frame_has_rf_set_and_trap_and_interrupt_frames_do_not() {
+    // #GP from a user CLI: a fault, RF = 1 in the pushed image (and cleared in RFLAGS).
+    let mut r = Rig::user();
+    r.raises(&[0xFA], 13, Some(0));
+    assert_ne!(r.stack(3) & rflags::RF, 0, "fault: RF pushed as 1");
+    assert_eq!(r.cpu.rflags & rflags::RF, 0);
+    // INT 0x80 and INT3 (traps) and an external interrupt push RF as it is (0 here).
+    let mut r = Rig::user();
+    r.raises(&[0xCD, 0x80], 0x80, None);
+    assert_eq!(r.stack(2) & rflags::RF, 0, "INT n: RF as it is");
+    let mut r = Rig::user();
+    r.raises(&[0xCC], 3, None);
+    assert_eq!(r.stack(2) & rflags::RF, 0, "INT3: RF as it is");
+    let mut r = Rig::kernel();
+    deliver(&mut r.cpu, &mut r.mem, Event::external(0x20)).unwrap();
+    assert_eq!(r.stack(2) & rflags::RF, 0, "interrupt: RF as it is");
+}
+
+#[test]
+fn rf_is_cleared_by_the_next_emulated_instruction() {
+    // RF = 1 (restored by an IRET from a fault frame) lasts one instruction: INT n after it
+    // pushes RF = 0, and a retired instruction leaves it clear.
+    let mut r = Rig::kernel();
+    r.cpu.rflags |= rflags::RF;
+    r.raises(&[0xCD, 0x80], 0x80, None);
+    assert_eq!(r.stack(2) & rflags::RF, 0);
+    let mut r = Rig::kernel();
+    r.cpu.rflags |= rflags::RF;
+    r.ok(&[0xFA]);
+    assert_eq!(r.cpu.rflags & rflags::RF, 0);
+}
+
+#[test]
 fn a_trap_gate_keeps_if() {
     let mut r = Rig::kernel();
     r.cpu.rflags |= rflags::IF;
@@ -1183,6 +1304,46 @@ fn a_page_fault_sets_cr2_and_pushes_its_error_code() {
     );
     assert_eq!(r.cpu.cr2, 0x5555_0000);
     assert_eq!(r.stack(0), u64::from(expected));
+}
+
+/// Points the gates of `vectors` at selector 0xD000, whose descriptor (GDT + 0xD000 = 0xF000)
+/// is on an unmapped page.
+fn code_descriptor_on_an_unmapped_page(r: &mut Rig, vectors: &[u8]) {
+    r.cpu.gdtr.limit = 0xFFFF;
+    for &v in vectors {
+        let v = u64::from(v);
+        let [lo, hi] = encode_gate(HANDLERS + 0x10 * v, 0xD000, 0, 0xE, 0, true);
+        r.mem.poke(IDT + 16 * v, &lo.to_le_bytes());
+        r.mem.poke(IDT + 16 * v + 8, &hi.to_le_bytes());
+    }
+}
+
+#[test]
+fn a_page_fault_reading_the_handler_descriptor_stays_a_page_fault() {
+    // #GP(0) from a user CLI; its gate's code descriptor is on an unmapped page: a #PF with
+    // CR2 = the descriptor's address (contributory then #PF: delivered serially), not #GP(sel).
+    let mut r = Rig::user();
+    code_descriptor_on_an_unmapped_page(&mut r, &[13]);
+    r.raises(&[0xFA], 14, Some(0));
+    assert_eq!(r.cpu.cr2, 0xF000);
+    assert_eq!(r.stack(1), UCODE, "the #PF points at the CLI");
+}
+
+#[test]
+fn a_page_fault_reading_the_descriptor_while_delivering_a_page_fault_is_a_double_fault() {
+    let mut r = Rig::user();
+    code_descriptor_on_an_unmapped_page(&mut r, &[14]);
+    let first = Event {
+        vector: 14,
+        kind: EventKind::Exception,
+        error_code: Some(0x4),
+        cr2: Some(0x5555_0000),
+        instruction_len: 0,
+    };
+    let delivered = deliver(&mut r.cpu, &mut r.mem, first).unwrap();
+    assert_eq!(delivered, Event::df());
+    assert_eq!(r.cpu.rip, HANDLERS + 0x10 * 8);
+    assert_eq!(r.cpu.cr2, 0xF000, "CR2 holds the second #PF's address");
 }
 
 #[test]
@@ -1395,8 +1556,9 @@ fn arbitrary_state() -> impl Strategy<Value = (Vec<u8>, u8, u64, [u64; 4], bool)
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
 
-    /// Any bytes, any privilege, registers and flags: the emulator ends in "emulated", "fault
-    /// delivered" or a typed stop, and never panics.
+    /// Any bytes, any privilege, registers and flags, also at the top of the canonical lower
+    /// half: the emulator ends in "emulated", "fault delivered" or a typed stop, never panics,
+    /// and never leaves a non-canonical RIP.
     #[test]
     fn arbitrary_instructions_never_panic((bytes, cpl, flags, regs, pt_write) in arbitrary_state()) {
         let mut r = if cpl == 0 { Rig::kernel() } else { Rig::user() };
@@ -1406,9 +1568,16 @@ proptest! {
             r.cpu.gpr[i + 4] = v.rotate_left(17);
         }
         r.cpu.set_reg(Gpr::Rcx, regs[1] % 64);
+        if regs[3] & 1 != 0 {
+            // The bytes end at the last canonical byte.
+            r.mem.map(LAST_CANONICAL & !0xFFF, 0x1000, RW_USER);
+            r.cpu.rip = LAST_CANONICAL + 1 - bytes.len() as u64;
+        }
         r.code(&bytes);
         let cause = if pt_write { Cause::PageTableWrite } else { Cause::Fault(Event::gp(0)) };
-        let _ = r.run_cause(cause);
+        if r.run_cause(cause).is_ok() {
+            prop_assert!(shadow_mmu::addr::is_canonical(r.cpu.rip), "rip {:#x}", r.cpu.rip);
+        }
         let mut pic = Pic { pending: Some(0x20) };
         let _ = inject(&mut r.cpu, &mut r.mem, &mut pic);
     }
@@ -1676,4 +1845,137 @@ fn syscall_without_sce_is_ud_at_the_instruction_even_with_a_prefix() {
         "{h:?}"
     );
     assert_eq!(r.stack(0), UCODE);
+}
+
+#[test]
+fn rep_outsb_with_a_huge_rcx_stops_after_a_bounded_run_and_resumes() {
+    use super::emulate::MAX_REP_ELEMENTS_PER_TRAP as MAX;
+    let mut r = Rig::kernel();
+    r.mem.map(DATA, 0x4000, RW_KERNEL);
+    r.cpu.set_reg(Gpr::Rsi, DATA);
+    r.cpu.set_reg(Gpr::Rcx, u64::MAX);
+    r.cpu.set_reg(Gpr::Rdx, 0xE9);
+    r.ok(&[0xF3, 0x6E]);
+    assert_eq!(r.ports.writes.len() as u64, MAX);
+    assert_eq!(r.cpu.rip, CODE, "RIP stays on the REP OUTSB");
+    assert_eq!(r.cpu.reg(Gpr::Rcx), u64::MAX - MAX);
+    assert_eq!(r.cpu.reg(Gpr::Rsi), DATA + MAX);
+    assert_ne!(r.cpu.rflags & rflags::RF, 0, "between iterations RF = 1");
+    // The next trap carries on from there.
+    r.ok(&[0xF3, 0x6E]);
+    assert_eq!(r.ports.writes.len() as u64, 2 * MAX);
+    assert_eq!(r.cpu.reg(Gpr::Rcx), u64::MAX - 2 * MAX);
+    assert_eq!(r.cpu.reg(Gpr::Rsi), DATA + 2 * MAX);
+    assert_eq!(r.cpu.rip, CODE);
+}
+
+#[test]
+fn rep_insb_with_a_huge_rcx_stops_after_a_bounded_run() {
+    use super::emulate::MAX_REP_ELEMENTS_PER_TRAP as MAX;
+    let mut r = Rig::kernel();
+    r.mem.map(DATA, 0x4000, RW_KERNEL);
+    r.cpu.set_reg(Gpr::Rdi, DATA);
+    r.cpu.set_reg(Gpr::Rcx, u64::MAX);
+    r.cpu.set_reg(Gpr::Rdx, 0x60);
+    r.ok(&[0xF3, 0x6C]);
+    assert_eq!(r.cpu.rip, CODE);
+    assert_eq!(r.cpu.reg(Gpr::Rcx), u64::MAX - MAX);
+    assert_eq!(r.cpu.reg(Gpr::Rdi), DATA + MAX);
+}
+
+#[test]
+fn a_page_table_rep_stosq_with_a_huge_rcx_stops_after_a_bounded_run() {
+    use super::emulate::MAX_REP_ELEMENTS_PER_TRAP as MAX;
+    let mut r = Rig::kernel();
+    r.mem.map(DATA, 0x10000, RW_KERNEL);
+    r.cpu.set_reg(Gpr::Rdi, DATA);
+    r.cpu.set_reg(Gpr::Rcx, u64::MAX);
+    r.cpu.set_reg(Gpr::Rax, 0x1234);
+    r.code(&[0xF3, 0x48, 0xAB]);
+    let h = r.run_cause(Cause::PageTableWrite).unwrap();
+    assert_eq!(h.outcome, Outcome::Emulated);
+    assert_eq!(r.cpu.rip, CODE);
+    assert_eq!(r.cpu.reg(Gpr::Rcx), u64::MAX - MAX);
+    assert_eq!(r.cpu.reg(Gpr::Rdi), DATA + 8 * MAX);
+    assert_eq!(r.mem.peek_u64(DATA + 8 * (MAX - 1)), 0x1234);
+    assert_eq!(r.mem.peek_u64(DATA + 8 * MAX), 0, "not one element more");
+    // A count that fits finishes in this trap and moves RIP on.
+    r.cpu.set_reg(Gpr::Rcx, 3);
+    let h = r.run_cause(Cause::PageTableWrite).unwrap();
+    assert_eq!(h.outcome, Outcome::Emulated);
+    assert_eq!(r.cpu.rip, CODE + 3);
+    assert_eq!(r.cpu.reg(Gpr::Rcx), 0);
+}
+
+// ---- canonical RIP ----
+
+/// The last canonical byte of the lower half.
+const LAST_CANONICAL: u64 = 0x0000_7FFF_FFFF_FFFF;
+
+#[test]
+fn an_instruction_ending_at_the_last_canonical_byte_retires_then_the_next_fetch_is_gp() {
+    // CLI (fast path) as the last byte: it retires (IF = 0), then #GP(0) with the saved RIP
+    // the non-canonical address after it; the vCPU never holds a non-canonical RIP.
+    let mut r = Rig::kernel();
+    r.mem.map(LAST_CANONICAL & !0xFFF, 0x1000, RW_KERNEL);
+    r.cpu.rflags |= rflags::IF;
+    r.cpu.rip = LAST_CANONICAL;
+    r.raises(&[0xFA], 13, Some(0));
+    assert_eq!(
+        r.stack(1),
+        0x0000_8000_0000_0000,
+        "saved RIP: the next fetch"
+    );
+    assert_eq!(r.stack(3) & rflags::IF, 0, "the CLI retired");
+    // MOV CR3 (decoded path), three bytes ending there: the load happened.
+    let mut r = Rig::kernel();
+    r.mem.map(LAST_CANONICAL & !0xFFF, 0x1000, RW_KERNEL);
+    r.cpu.rip = LAST_CANONICAL - 2;
+    r.cpu.set_reg(Gpr::Rax, 0x0020_5000);
+    r.raises(&[0x0F, 0x22, 0xD8], 13, Some(0));
+    assert_eq!(r.cpu.cr3, 0x0020_5000);
+    assert_eq!(r.stack(1), 0x0000_8000_0000_0000);
+}
+
+#[test]
+fn far_jmp_call_and_retf_to_a_non_canonical_offset_are_gp_at_the_instruction() {
+    for bytes in [[0x48, 0xFF, 0x28], [0x48, 0xFF, 0x18]] {
+        let mut r = Rig::kernel();
+        r.mem.poke(DATA, &0x0000_8000_0000_0000u64.to_le_bytes());
+        r.mem.poke(DATA + 8, &KCODE.to_le_bytes());
+        r.cpu.set_reg(Gpr::Rax, DATA);
+        r.cpu.set_reg(Gpr::Rsp, KSTACK_TOP - 0x100);
+        r.raises(&bytes, 13, Some(0));
+        assert_eq!(r.stack(1), CODE, "at the far JMP/CALL");
+        assert_eq!(r.stack(4), KSTACK_TOP - 0x100, "nothing was pushed");
+    }
+    let mut r = Rig::kernel();
+    r.cpu.set_reg(Gpr::Rsp, DATA + 0x100);
+    r.mem
+        .poke(DATA + 0x100, &0xFFFF_0000_0000_0000u64.to_le_bytes());
+    r.mem.poke(DATA + 0x108, &u64::from(KCODE).to_le_bytes());
+    r.raises(&[0x48, 0xCB], 13, Some(0));
+    assert_eq!(r.stack(1), CODE, "at the RETF");
+}
+
+#[test]
+fn a_gate_with_a_non_canonical_offset_is_gp_with_ext() {
+    let mut r = Rig::kernel();
+    let [lo, hi] = encode_gate(0x0000_8000_0000_0000, KCODE, 0, 0xE, 0, true);
+    r.mem.poke(IDT + 16 * 0x20, &lo.to_le_bytes());
+    r.mem.poke(IDT + 16 * 0x20 + 8, &hi.to_le_bytes());
+    let delivered = deliver(&mut r.cpu, &mut r.mem, Event::external(0x20)).unwrap();
+    assert_eq!(delivered, Event::gp(1), "#GP(EXT)");
+    assert_eq!(r.cpu.rip, HANDLERS + 0x10 * 13);
+}
+
+#[test]
+fn wrmsr_of_a_non_canonical_syscall_or_sysenter_target_is_gp() {
+    for msr in [index::LSTAR, index::SYSENTER_EIP, index::SYSENTER_ESP] {
+        let mut r = Rig::kernel();
+        r.cpu.set_reg(Gpr::Rcx, u64::from(msr));
+        r.cpu.set_reg(Gpr::Rdx, 0x0000_8000);
+        r.cpu.set_reg(Gpr::Rax, 0);
+        r.raises(&[0x0F, 0x30], 13, Some(0));
+    }
 }

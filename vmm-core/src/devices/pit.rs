@@ -149,7 +149,10 @@ pub struct Pit {
     pending_reload: Option<u64>,
     next_edge: u64,
     one_shot_fired: bool,
-    null_count: bool,
+    /// Null count (read-back status bit 6) is set until this time, when the count last
+    /// written reaches the counting element; `u64::MAX` while it never will (no count written
+    /// since the control word, or a gate-triggered mode whose gate never rises).
+    null_count_until: u64,
 }
 
 impl Default for Pit {
@@ -196,7 +199,7 @@ impl Pit {
             pending_reload: None,
             next_edge: 0,
             one_shot_fired: false,
-            null_count: true,
+            null_count_until: u64::MAX,
         }
     }
 
@@ -338,7 +341,7 @@ impl Pit {
         if self.output() {
             status |= STATUS_OUTPUT;
         }
-        if self.null_count {
+        if self.now < self.null_count_until {
             status |= STATUS_NULL_COUNT;
         }
         status
@@ -456,16 +459,30 @@ impl Pit {
         self.counting = None;
         self.pending_reload = None;
         self.one_shot_fired = false;
-        self.null_count = true;
+        self.null_count_until = u64::MAX;
     }
 
     /// A complete count was written: 0 is the largest divisor, 65536.
+    ///
+    /// Null count stays set until the count register is copied into the counting element
+    /// (8254 datasheet, "Read-Back Command", NULL COUNT): at the next CLK pulse for a first
+    /// count or in modes 0 and 4, at the end of the current period for a new count while
+    /// modes 2 and 3 run, and never in modes 1 and 5 (their trigger is a rising GATE, which
+    /// channel 0's gate, tied high, never gives).
     fn load(&mut self, count: u16) {
         let reload = if count == 0 { 65_536 } else { u64::from(count) };
-        self.null_count = false;
         match self.counting {
-            Some(_) if self.mode.periodic() => self.pending_reload = Some(reload),
+            Some(_) if self.mode.periodic() => {
+                self.pending_reload = Some(reload);
+                self.null_count_until = self.next_edge;
+            }
             _ => {
+                self.null_count_until =
+                    if matches!(self.mode, Mode::HardwareOneShot | Mode::HardwareStrobe) {
+                        u64::MAX
+                    } else {
+                        self.now.saturating_add(1)
+                    };
                 self.counting = Some(Counting {
                     start: self.now,
                     reload,
@@ -631,6 +648,41 @@ mod tests {
         pit.write(CONTROL, CH0_LOHI_MODE0);
         pit.write(CONTROL, READ_BACK_COUNT_STATUS_CH0 | 0x20); // status only
         assert_eq!(pit.read(DATA0), 0b0111_0000); // OUT low in mode 0, null count
+    }
+
+    fn null_count_bit(pit: &mut Pit) -> bool {
+        pit.write(CONTROL, READ_BACK_COUNT_STATUS_CH0 | 0x20); // status only
+        pit.read(DATA0) & 0x40 != 0
+    }
+
+    #[test]
+    fn null_count_stays_set_until_the_count_reaches_the_counting_element() {
+        // First count in mode 2: loaded at the next CLK pulse after the write.
+        let mut pit = Pit::new();
+        pit.advance_to(10);
+        program(&mut pit, CH0_LOHI_MODE2, 1000);
+        assert!(null_count_bit(&mut pit), "written, not yet loaded");
+        pit.advance_to(11);
+        assert!(!null_count_bit(&mut pit), "loaded at the next CLK");
+        // A new count while mode 2 runs: loaded at the end of the current period (t = 1010).
+        pit.advance_to(500);
+        let [lo, hi] = 100u16.to_le_bytes();
+        pit.write(DATA0, lo);
+        assert!(
+            !null_count_bit(&mut pit),
+            "set only once both bytes are written"
+        );
+        pit.write(DATA0, hi);
+        assert!(null_count_bit(&mut pit));
+        pit.advance_to(1009);
+        assert!(null_count_bit(&mut pit), "still counting the old period");
+        pit.advance_to(1010);
+        assert!(!null_count_bit(&mut pit), "reloaded");
+        // Mode 1 waits for a GATE edge channel 0 never gets.
+        let mut pit = Pit::new();
+        program(&mut pit, 0x32, 100);
+        pit.advance_to(1000);
+        assert!(null_count_bit(&mut pit));
     }
 
     #[test]

@@ -73,6 +73,11 @@ const LSR_ERRORS: u8 = 0b0001_1110;
 
 // MSR bits.
 const MSR_DELTAS: u8 = 0b0000_1111;
+/// Delta CTS, delta DSR and delta DCD: bits 0, 1, 3, each the change of the status bit 4
+/// places up.
+const MSR_DCTS_DDSR_DDCD: u8 = 0b0000_1011;
+/// Trailing edge of RI (bit 2): RI went from 1 to 0.
+const MSR_TERI: u8 = 0b0000_0100;
 const MSR_CTS: u8 = 0b0001_0000;
 const MSR_DSR: u8 = 0b0010_0000;
 const MSR_RI: u8 = 0b0100_0000;
@@ -164,7 +169,8 @@ pub struct Serial<S: ConsoleSink> {
     mcr: u8,
     /// The error bits of LSR (the data-ready and THR bits are derived).
     lsr_errors: u8,
-    /// MSR as the outside world drives it (outside loopback).
+    /// MSR as the outside world drives it (outside loopback); its delta bits (0–3) are the
+    /// chip's, set by either source and cleared by reading MSR.
     msr: u8,
     scr: u8,
     fifo_enabled: bool,
@@ -277,7 +283,7 @@ impl<S: ConsoleSink> Serial<S> {
             if self.mcr & MCR_OUT2 != 0 {
                 msr |= MSR_DCD;
             }
-            msr
+            msr | (self.msr & MSR_DELTAS)
         } else {
             self.msr
         }
@@ -375,7 +381,24 @@ impl<S: ConsoleSink> Serial<S> {
                 }
             }
             WriteRegister::Lcr => self.lcr = value,
-            WriteRegister::Mcr => self.mcr = value & MCR_MASK,
+            WriteRegister::Mcr => {
+                let before = self.msr();
+                let was_loopback = self.loopback();
+                self.mcr = value & MCR_MASK;
+                if was_loopback && self.loopback() {
+                    // PC16550D, "Modem Status Register" and the loopback description of MCR
+                    // bit 4: in loopback the modem-status inputs are the MCR outputs, and the
+                    // delta bits and modem-status interrupt work on them: DCTS, DDSR, DDCD on
+                    // any change, TERI when RI (OUT1) goes from 1 to 0.
+                    let after = self.msr();
+                    let changed = (before ^ after) >> 4;
+                    let mut deltas = changed & MSR_DCTS_DDSR_DDCD;
+                    if before & MSR_RI != 0 && after & MSR_RI == 0 {
+                        deltas |= MSR_TERI;
+                    }
+                    self.msr |= deltas;
+                }
+            }
             WriteRegister::ReadOnly => {}
             WriteRegister::Scr => self.scr = value,
         }
@@ -581,7 +604,28 @@ mod tests {
         assert_eq!(s.read(RBR), 0x42);
         assert_eq!(s.read(MSR_), 0x30); // CTS, DSR
         s.write(MCR_, LOOP | 0x0C); // OUT1, OUT2
-        assert_eq!(s.read(MSR_), 0xC0); // RI, DCD
+                                    // RI, DCD; and the deltas of the change: DCTS, DDSR, DDCD (RI rose: no TERI).
+        assert_eq!(s.read(MSR_), 0xCB);
+        assert_eq!(s.read(MSR_), 0xC0, "deltas clear on read");
+    }
+
+    #[test]
+    fn loopback_modem_line_changes_set_the_deltas_and_the_modem_status_interrupt() {
+        let mut s = serial();
+        s.write(MCR_, LOOP | 0x04); // OUT1 → RI
+        assert_eq!(s.read(MSR_), 0x40, "entering loopback: no deltas");
+        s.write(IER_, EDSSI);
+        assert!(!s.intr_state());
+        s.write(MCR_, LOOP | 0x08); // RI falls (TERI), DCD rises (DDCD)
+        assert!(s.intr_state(), "modem-status interrupt");
+        assert_eq!(s.read(MSR_), 0x80 | 0x04 | 0x08);
+        assert!(!s.intr_state(), "cleared by reading MSR");
+        s.write(MCR_, LOOP | 0x08 | 0x01); // DTR → DSR rises
+        assert_eq!(s.read(MSR_), 0xA0 | 0x02);
+        s.write(MCR_, LOOP | 0x08 | 0x01 | 0x02); // RTS → CTS rises
+        assert_eq!(s.read(MSR_), 0xB0 | 0x01);
+        s.write(MCR_, LOOP | 0x08 | 0x01 | 0x02); // no change
+        assert_eq!(s.read(MSR_), 0xB0);
     }
 
     #[test]
