@@ -82,6 +82,10 @@ impl DataSegments {
     /// part of the real GDT). Returns whether FS or GS was loaded (its base must then be
     /// written again: a load sets the base from the descriptor).
     pub fn publish(&mut self, cpu: &VCpu, real_gdt: &mut [u64]) -> bool {
+        let wanted = REGISTERS.map(|seg| cpu.segment(seg).selector);
+        if wanted == self.real {
+            return false;
+        }
         let mut fs_gs = false;
         for (i, seg) in REGISTERS.iter().enumerate() {
             let want = *cpu.segment(*seg);

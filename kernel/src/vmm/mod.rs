@@ -730,7 +730,9 @@ impl Vm {
     /// so its frame goes through the new address space — then inject a due virtual interrupt
     /// (idling on HLT until one is) and apply what the delivery changed.
     fn inject_and_apply(&mut self, clock: &mut PhaseClock) -> Result<(), StopWhy> {
-        self.apply_effects()?;
+        if self.cpu.halted || vmm_core::devices::InterruptSource::has_pending(&self.bus) {
+            self.apply_effects()?;
+        }
         let mut idle_since = None;
         loop {
             match inject(

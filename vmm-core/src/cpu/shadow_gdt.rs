@@ -98,6 +98,9 @@ pub struct ShadowGdt {
     pinned: [Option<(usize, u64, u64)>; 2],
     /// The stand-in is present.
     stand_in: bool,
+    /// The CS and SS the table was last synced for, and the selectors it returned: most exits
+    /// change neither, and then there is nothing to do.
+    last: Option<([Segment; 2], RealSelectors)>,
     /// Full rebuilds so far (LGDT).
     pub rebuilds: u64,
 }
@@ -125,12 +128,18 @@ impl ShadowGdt {
         real: &mut [u64],
     ) -> Result<RealSelectors, CpuStop> {
         let real = &mut real[..SHADOWED_ENTRIES];
+        let cs = *cpu.segment(SegReg::Cs);
+        let ss = *cpu.segment(SegReg::Ss);
         if self.built_for != Some(cpu.gdtr) {
             self.unpin(real);
             self.rebuild(cpu.gdtr, mem, real);
+            self.last = None;
         }
-        let cs = *cpu.segment(SegReg::Cs);
-        let ss = *cpu.segment(SegReg::Ss);
+        if let Some((segments, selectors)) = self.last {
+            if segments == [cs, ss] {
+                return Ok(selectors);
+            }
+        }
         if !cs.cache.is_long_code() {
             return Err(CpuStop::Unsupported(
                 "CS is not a 64-bit code segment (compatibility mode)",
@@ -167,10 +176,12 @@ impl ShadowGdt {
                 0
             };
         }
-        Ok(RealSelectors {
+        let selectors = RealSelectors {
             cs: (cs_index as u16) << 3 | 3,
             ss: ss_index.map_or(NULL_SS_STAND_IN, |i| (i as u16) << 3 | 3),
-        })
+        };
+        self.last = Some(([cs, ss], selectors));
+        Ok(selectors)
     }
 
     /// Puts back the absent form of the pinned entries.
