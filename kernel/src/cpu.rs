@@ -176,8 +176,10 @@ pub fn take_debug_status() -> u64 {
 /// CR0 bits that act on instructions the guest runs natively: TS, EM and MP (x87/SSE #NM and
 /// #UD, lazy FPU switching) and AM (alignment checks at CPL 3).
 pub const GUEST_CR0_BITS: u64 = (1 << 3) | (1 << 2) | (1 << 1) | (1 << 18);
-/// CR4 bits that act on instructions the guest runs natively: OSFXSR and OSXMMEXCPT (SSE).
-pub const GUEST_CR4_BITS: u64 = (1 << 9) | (1 << 10);
+/// CR4 bits that act on instructions the guest runs natively: OSFXSR and OSXMMEXCPT (SSE),
+/// TSD (RDTSC faults above CPL 0: with it set, the guest kernel's own RDTSC traps too and is
+/// emulated).
+pub const GUEST_CR4_BITS: u64 = (1 << 9) | (1 << 10) | (1 << 2);
 
 /// Sets the real CR0/CR4 bits of [`GUEST_CR0_BITS`]/[`GUEST_CR4_BITS`] to the guest's. The host
 /// itself runs no x87 or SSE code (the x86_64-unknown-none target is soft-float) and no

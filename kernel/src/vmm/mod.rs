@@ -34,7 +34,7 @@ use vmm_core::config::{HostConfig, ShadowPolicy};
 use vmm_core::cpu::shadow_gdt::{RealSelectors, ShadowGdt};
 use vmm_core::cpu::state::rflags;
 use vmm_core::cpu::{
-    handle_instruction, inject, syscall, Cause, CpuStop, CpuidSource, Event, EventKind, Injection,
+    handle_instruction, inject, syscall, Cause, CpuStop, Event, EventKind, HostCpu, Injection,
     Outcome, TableRegister, VCpu,
 };
 use vmm_core::devices::bus::PortBus;
@@ -107,6 +107,9 @@ struct Vm {
     injected: Option<u8>,
     /// Whether the real SYSENTER currently enters the VMM (see `apply_effects`).
     real_sysenter_on: bool,
+    /// The RIP the guest was last resumed at: a trap elsewhere means an instruction retired
+    /// natively since, which ends an RF = 1 that an IRET restored (SDM Vol. 3 §17.3.1.1).
+    resumed_at: u64,
     /// Whether the real SYSCALL currently enters the VMM (real EFER.SCE, see `apply_effects`).
     real_syscall_on: bool,
     /// The guest's bits in the real CR0 and CR4 (`cpu::set_guest_controls`); `None` before
@@ -215,6 +218,7 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
         injected: None,
         real_sysenter_on: false,
         real_syscall_on: false,
+        resumed_at: 0,
         real_controls: None,
         bench_mark: (0, 0, 0),
         bench_traps: alloc::vec::Vec::new(),
@@ -283,14 +287,18 @@ impl PhaseClock {
     }
 }
 
-/// The host CPU's own CPUID, which vmm-core filters into the guest's.
+/// The host CPU's own CPUID and TSC, which vmm-core passes on to the guest.
 #[derive(Debug, Clone, Copy)]
-struct HostCpuid;
+struct RealCpu;
 
-impl CpuidSource for HostCpuid {
+impl HostCpu for RealCpu {
     fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
         let r = x86::cpuid::cpuid!(leaf, subleaf);
         [r.eax, r.ebx, r.ecx, r.edx]
+    }
+
+    fn rdtsc(&self) -> u64 {
+        rdtsc()
     }
 }
 
@@ -353,6 +361,9 @@ pub fn handle_guest_trap(frame: &mut TrapFrame) {
     let sysenter_stepping =
         trap::take_sysenter_single_step() && frame.vector == vector::SYSENTER && !vm.stepped;
     frame_to_vcpu(frame, &mut vm.cpu);
+    if frame.rip != vm.resumed_at {
+        vm.cpu.rflags &= !rflags::RF;
+    }
     vm.data_segments.absorb(&mut vm.cpu);
     fast::absorb(&mut vm.cpu);
     clock.mark(Phase::EntryStub);
@@ -383,6 +394,7 @@ pub fn handle_guest_trap(frame: &mut TrapFrame) {
     }
     if let (Action::Resume(_), Some(selectors)) = (&action, selectors) {
         vcpu_to_frame(&vm.cpu, frame, selectors, vm.single_step);
+        vm.resumed_at = vm.cpu.rip;
         let pending = vmm_core::devices::InterruptSource::has_pending(&vm.bus);
         fast::publish(&vm.cpu, pending, vm.single_step);
     } else {
@@ -630,7 +642,7 @@ impl Vm {
                 view: self.view,
             },
             &mut self.bus,
-            &HostCpuid,
+            &RealCpu,
             cause,
             &mut |phase| clock.mark(phase),
         );

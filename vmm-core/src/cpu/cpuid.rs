@@ -7,11 +7,14 @@ pub const HYPERVISOR_SIGNATURE: &[u8; 12] = b"TrapEmulVMM!";
 /// Highest hypervisor leaf.
 pub const HYPERVISOR_MAX_LEAF: u32 = 0x4000_0001;
 
-/// Where the host's own CPUID answers come from (the kernel executes the instruction; the
-/// tests use a table).
-pub trait CpuidSource {
+/// The two things of the host CPU the emulator passes on to the guest, filtered: its CPUID
+/// answers and its time-stamp counter (the kernel executes the instructions; the tests use
+/// tables and counters).
+pub trait HostCpu {
     /// EAX, EBX, ECX, EDX for `leaf`/`subleaf`.
     fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4];
+    /// The time-stamp counter, for an RDTSC the guest's CR4.TSD made trap.
+    fn rdtsc(&self) -> u64;
 }
 
 /// Leaf 1 ECX: DTES64(2), MONITOR(3), DS-CPL(4), VMX(5), SMX(6), EST(7), TM2(8), SDBG(11),
@@ -65,7 +68,7 @@ pub const EXT1_EDX_PAGE1GB: u32 = 1 << 26;
 /// Vol. 3 §3.4.4 gives no exception for a null selector); AMD's (and Hygon's) keep it unless
 /// CPUID.80000021H:EAX[6] (NullSelectorClearsBase) says otherwise. The guest's own null loads
 /// at real CPL 3 do not trap, so the emulation must agree with what the hardware does.
-pub fn null_selector_clears_base(host: &dyn CpuidSource) -> bool {
+pub fn null_selector_clears_base(host: &dyn HostCpu) -> bool {
     let [_, b, c, d] = host.cpuid(0, 0);
     let amd_like = matches!(
         (b, d, c),
@@ -79,7 +82,7 @@ pub fn null_selector_clears_base(host: &dyn CpuidSource) -> bool {
 }
 
 /// The virtual CPU's answer to CPUID `leaf`/`subleaf`.
-pub fn virtual_cpuid(host: &dyn CpuidSource, leaf: u32, subleaf: u32) -> [u32; 4] {
+pub fn virtual_cpuid(host: &dyn HostCpu, leaf: u32, subleaf: u32) -> [u32; 4] {
     match leaf {
         0x4000_0000 => {
             let sig = HYPERVISOR_SIGNATURE;
@@ -127,13 +130,16 @@ mod tests {
     use super::*;
 
     struct AllOnes;
-    impl CpuidSource for AllOnes {
+    impl HostCpu for AllOnes {
         fn cpuid(&self, leaf: u32, _subleaf: u32) -> [u32; 4] {
             if leaf == 0 {
                 [0xD, 0x756E_6547, 0x6C65_746E, 0x4965_6E69]
             } else {
                 [u32::MAX; 4]
             }
+        }
+        fn rdtsc(&self) -> u64 {
+            0
         }
     }
 
@@ -221,7 +227,7 @@ mod tests {
     struct Amd {
         clears: bool,
     }
-    impl CpuidSource for Amd {
+    impl HostCpu for Amd {
         fn cpuid(&self, leaf: u32, _subleaf: u32) -> [u32; 4] {
             match leaf {
                 // "AuthenticAMD": EBX "Auth", EDX "enti", ECX "cAMD".
@@ -230,6 +236,9 @@ mod tests {
                 0x8000_0021 => [u32::from(self.clears) << 6, 0, 0, 0],
                 _ => [0; 4],
             }
+        }
+        fn rdtsc(&self) -> u64 {
+            0
         }
     }
 
@@ -241,15 +250,18 @@ mod tests {
     }
 
     struct NoFeatures;
-    impl CpuidSource for NoFeatures {
+    impl HostCpu for NoFeatures {
         fn cpuid(&self, _leaf: u32, _subleaf: u32) -> [u32; 4] {
             [0; 4]
+        }
+        fn rdtsc(&self) -> u64 {
+            0
         }
     }
 
     #[test]
     fn one_gib_pages_are_offered_as_the_walker_maps_them() {
-        for host in [&AllOnes as &dyn CpuidSource, &NoFeatures] {
+        for host in [&AllOnes as &dyn HostCpu, &NoFeatures] {
             let r = virtual_cpuid(host, 0x8000_0001, 0);
             assert_ne!(r[3] & EXT1_EDX_PAGE1GB, 0, "Page1GB");
         }

@@ -7,7 +7,7 @@
 //! and applies its effect to the virtual CPU and devices. What it cannot or must not do itself
 //! (reload the shadow CR3, INVLPG in the shadow tables) it records as [`super::Effects`].
 
-use super::cpuid::{null_selector_clears_base, virtual_cpuid, CpuidSource};
+use super::cpuid::{null_selector_clears_base, virtual_cpuid, HostCpu};
 use super::deliver::deliver;
 use super::event::{vector, CpuStop, Event, EventKind};
 use super::memory::{access_fault, read_value, write_value, Fault, GuestMemory};
@@ -102,7 +102,7 @@ pub fn handle_instruction<M, P>(
     cpu: &mut VCpu,
     mem: &mut M,
     ports: &mut P,
-    cpuid: &dyn CpuidSource,
+    cpuid: &dyn HostCpu,
     cause: Cause,
     mark: &mut dyn FnMut(Phase),
 ) -> Result<Handled, CpuStop>
@@ -187,7 +187,7 @@ fn emulate<M, P>(
     cpu: &mut VCpu,
     mem: &mut M,
     ports: &mut P,
-    cpuid: &dyn CpuidSource,
+    cpuid: &dyn HostCpu,
     cause: Cause,
     mark: &mut dyn FnMut(Phase),
 ) -> (Option<(Mnemonic, &'static str)>, Result<Flow, Fault>)
@@ -499,6 +499,7 @@ fn mnemonic_name(mnemonic: Mnemonic) -> &'static str {
         Mnemonic::Int3 => "INT3",
         Mnemonic::Pop => "POP Sreg",
         Mnemonic::Retf => "RETF",
+        Mnemonic::Rdtsc => "RDTSC",
         Mnemonic::Lss => "LSS",
         Mnemonic::Lfs => "LFS",
         Mnemonic::Lgs => "LGS",
@@ -723,7 +724,7 @@ fn execute<M, P>(
     cpu: &mut VCpu,
     mem: &mut M,
     ports: &mut P,
-    cpuid: &dyn CpuidSource,
+    cpuid: &dyn HostCpu,
     ins: &Instruction,
     cause: Cause,
 ) -> Result<Flow, Fault>
@@ -1008,6 +1009,20 @@ where
             far_jump(cpu, mem, selector, offset, call.then_some((next, size)))?;
             Ok(Flow::Jumped)
         }
+        Code::Rdtsc => {
+            // Only CR4.TSD makes RDTSC trap (the real TSD follows the guest's): at CPL 0 it
+            // reads the counter, above it is #GP(0) (SDM Vol. 2B "RDTSC").
+            if cpu.cr4 & cr4::TSD != 0 && cpu.cpl != 0 {
+                return Err(Event::gp(0).into());
+            }
+            let tsc = cpuid.rdtsc();
+            cpu.set_reg(Gpr::Rax, tsc & 0xFFFF_FFFF);
+            cpu.set_reg(Gpr::Rdx, tsc >> 32);
+            Ok(Flow::Next)
+        }
+        // CPUID hides RDTSCP (its TSC_AUX is the host's), so when TSD makes it trap it is #UD,
+        // as on a CPU without it.
+        Code::Rdtscp => Err(Event::ud().into()),
         Code::Cpuid => {
             let r = virtual_cpuid(cpuid, cpu.reg(Gpr::Rax) as u32, cpu.reg(Gpr::Rcx) as u32);
             for (reg, value) in [Gpr::Rax, Gpr::Rbx, Gpr::Rcx, Gpr::Rdx].into_iter().zip(r) {
@@ -1051,8 +1066,6 @@ fn is_privileged(ins: &Instruction) -> bool {
             | Mnemonic::Invlpga
             | Mnemonic::Invlpgb
             | Mnemonic::Tlbsync
-            | Mnemonic::Rdtsc
-            | Mnemonic::Rdtscp
     )
 }
 

@@ -35,7 +35,7 @@ pub mod syscall;
 #[cfg(test)]
 mod tests;
 
-pub use cpuid::CpuidSource;
+pub use cpuid::HostCpu;
 pub use deliver::deliver;
 pub use emulate::{handle_instruction, Cause, Handled, Outcome};
 pub use event::{CpuStop, Event, EventKind};

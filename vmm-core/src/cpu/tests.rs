@@ -53,10 +53,13 @@ impl PortIo for Ports {
     }
 }
 
-struct HostCpuid;
-impl CpuidSource for HostCpuid {
+struct FakeCpu;
+impl HostCpu for FakeCpu {
     fn cpuid(&self, leaf: u32, _subleaf: u32) -> [u32; 4] {
         [leaf, 0x1111, 0x2222, 0x3333]
+    }
+    fn rdtsc(&self) -> u64 {
+        0x1234_5678_9ABC_DEF0
     }
 }
 
@@ -193,7 +196,7 @@ impl Rig {
             &mut self.cpu,
             &mut self.mem,
             &mut self.ports,
-            &HostCpuid,
+            &FakeCpu,
             cause,
             &mut |p| phases.push(p),
         );
@@ -1978,4 +1981,23 @@ fn wrmsr_of_a_non_canonical_syscall_or_sysenter_target_is_gp() {
         r.cpu.set_reg(Gpr::Rax, 0);
         r.raises(&[0x0F, 0x30], 13, Some(0));
     }
+}
+
+#[test]
+fn rdtsc_trapped_by_cr4_tsd_reads_the_counter_at_cpl0_and_is_gp_above() {
+    let mut r = Rig::kernel();
+    r.cpu.cr4 |= cr4::TSD;
+    r.ok(&[0x0F, 0x31]);
+    assert_eq!(
+        (r.cpu.reg(Gpr::Rax), r.cpu.reg(Gpr::Rdx)),
+        (0x9ABC_DEF0, 0x1234_5678)
+    );
+    assert_eq!(r.cpu.rip, CODE + 2);
+    let mut r = Rig::user();
+    r.cpu.cr4 |= cr4::TSD;
+    r.raises(&[0x0F, 0x31], 13, Some(0));
+    // RDTSCP, hidden by CPUID: #UD.
+    let mut r = Rig::kernel();
+    r.cpu.cr4 |= cr4::TSD;
+    r.raises(&[0x0F, 0x01, 0xF9], 6, None);
 }
