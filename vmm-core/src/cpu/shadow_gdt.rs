@@ -98,9 +98,13 @@ pub struct ShadowGdt {
     pinned: [Option<(usize, u64, u64)>; 2],
     /// The stand-in is present.
     stand_in: bool,
-    /// The CS and SS the table was last synced for, and the selectors it returned: most exits
-    /// change neither, and then there is nothing to do.
-    last: Option<([Segment; 2], RealSelectors)>,
+    /// The CS and SS selectors the table was last synced for, and the real selectors it
+    /// returned: most exits change neither, and then there is nothing to do. (The selectors
+    /// are the key, not the whole descriptor caches: for the same selectors in the same table a
+    /// reloaded cache can only differ in what the real CPU ignores in 64-bit mode — base,
+    /// limit, the accessed bit — or be unusable, which the far transfer that loaded it
+    /// already refused.)
+    last: Option<([u16; 2], RealSelectors)>,
     /// Full rebuilds so far (LGDT).
     pub rebuilds: u64,
 }
@@ -135,8 +139,8 @@ impl ShadowGdt {
             self.rebuild(cpu.gdtr, mem, real);
             self.last = None;
         }
-        if let Some((segments, selectors)) = self.last {
-            if segments == [cs, ss] {
+        if let Some((key, selectors)) = self.last {
+            if key == [cs.selector, ss.selector] {
                 return Ok(selectors);
             }
         }
@@ -180,7 +184,7 @@ impl ShadowGdt {
             cs: (cs_index as u16) << 3 | 3,
             ss: ss_index.map_or(NULL_SS_STAND_IN, |i| (i as u16) << 3 | 3),
         };
-        self.last = Some(([cs, ss], selectors));
+        self.last = Some(([cs.selector, ss.selector], selectors));
         Ok(selectors)
     }
 
