@@ -388,3 +388,42 @@ fn syscall_and_sysenter_with_tf_trap_on_the_entry_point_natively() {
 fn syscall_and_sysenter_with_tf_trap_on_the_entry_point_under_the_vmm() {
     cpu_correct(&vmm_guest("tf-syscall-sysenter", &[]), TF_SYSCALL_SYSENTER);
 }
+
+// ---- the guest's CR0/CR4 controls over instructions it runs natively (the real CR0.TS/EM/MP,
+// CR0.AM and CR4.OSFXSR/OSXMMEXCPT follow the virtual ones) ----
+
+const LAZY_FPU: &[&str] = &[
+    "lazy-fpu ts-x87 fld1: #NM vector=7 error=0x0 at the instruction (1 trap); retired after clts: st0=1 TS=0 -> ok",
+    "lazy-fpu ts-x87 fninit: #NM vector=7 error=0x0 at the instruction (1 trap); retired after clts: TS=0 -> ok",
+    "lazy-fpu ts-sse movaps: #NM vector=7 error=0x0 at the instruction (1 trap); retired after clts: xmm0=0x12345678 TS=0 -> ok",
+    "lazy-fpu ts-mp-fwait: #NM vector=7 error=0x0 at the instruction (1 trap); retired after clts: TS=0 -> ok",
+    "lazy-fpu ts-without-mp-fwait: no fault; TS=1 -> ok",
+    "lazy-fpu ts #NM count: no fault; 4 #NM, 4 expected -> ok",
+    "lazy-fpu em-x87 fld1: #NM vector=7 error=0x0 at the instruction (1 trap) -> ok",
+    "lazy-fpu em-sse movaps: #UD vector=6 error=0x0 at the instruction (1 trap) -> ok",
+    "lazy-fpu em-fwait: no fault -> ok",
+    // The CPU gives #UD (EM wins over TS for SSE); QEMU's TCG gives #NM, natively too.
+    "lazy-fpu em-ts-sse movaps: ",
+    "lazy-fpu em-ts-x87 fld1: #NM vector=7 error=0x0 at the instruction (1 trap) -> ok",
+    "lazy-fpu no-osfxsr-sse movaps: #UD vector=6 error=0x0 at the instruction (1 trap) -> ok",
+    "lazy-fpu no-osfxsr-ts-sse movaps: #UD vector=6 error=0x0 at the instruction (1 trap) -> ok",
+    "lazy-fpu no-osfxsr-x87 fld1: no fault; st0=1 -> ok",
+    // #XM with CR4.OSXMMEXCPT, #UD without, on the CPU; QEMU's TCG raises neither.
+    "lazy-fpu osxmmexcpt-divss-by-zero: ",
+    "lazy-fpu no-osxmmexcpt-divss-by-zero: ",
+    "lazy-fpu user-ts-x87 fld1: #NM vector=7 error=0x0 at the instruction (1 trap); from cs=0x23 -> ok",
+    "lazy-fpu user-ts-sse movaps: #NM vector=7 error=0x0 at the instruction (1 trap); from cs=0x23 -> ok",
+    "lazy-fpu: 18 checks, 0 wrong",
+];
+
+#[test]
+fn lazy_fpu_ts_em_mp_and_osfxsr_natively() {
+    cpu_correct(&native_guest("lazy-fpu", &[]), LAZY_FPU);
+}
+
+#[test]
+fn lazy_fpu_ts_em_mp_and_osfxsr_under_the_vmm() {
+    let run = vmm_guest("lazy-fpu", &[]);
+    cpu_correct(&run, LAZY_FPU);
+    run.expect_line("[vmm] exception #NM ");
+}
