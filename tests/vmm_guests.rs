@@ -427,3 +427,28 @@ fn lazy_fpu_ts_em_mp_and_osfxsr_under_the_vmm() {
     cpu_correct(&run, LAZY_FPU);
     run.expect_line("[vmm] exception #NM ");
 }
+
+// QEMU's TCG never raises #AC, natively or under the VMM (the guest names it as a quirk): on
+// TCG the user phases show that RFLAGS.AC reaches user mode (popfq, iretq) and that the guest
+// kernel, which really runs at CPL 3 under the VMM, never gets an #AC it would not get natively.
+const ALIGNMENT_CHECK: &[&str] = &[
+    "alignment-check kernel-am-ac-unaligned: no fault; AC=1 AM=1 -> ok",
+    "alignment-check user-am-ac-unaligned (popfq): ",
+    "alignment-check user-am-ac-unaligned (iretq): ",
+    "alignment-check user-am-ac-aligned: no fault; cs=0x23 AC=1 AM=1 -> ok",
+    "alignment-check user-am-unaligned-without-ac: no fault; cs=0x23 AC=0 AM=1 -> ok",
+    "alignment-check kernel-am-ac-unaligned-after-user: no fault; AC=1 AM=1 -> ok",
+    "alignment-check user-ac-unaligned-without-am: no fault; cs=0x23 AC=1 AM=0 -> ok",
+    "alignment-check user-am-ac-unaligned-again: ",
+    "alignment-check: 8 checks, 0 wrong",
+];
+
+#[test]
+fn alignment_check_only_at_cpl3_with_am_and_ac_natively() {
+    cpu_correct(&native_guest("alignment-check", &[]), ALIGNMENT_CHECK);
+}
+
+#[test]
+fn alignment_check_only_at_cpl3_with_am_and_ac_under_the_vmm() {
+    cpu_correct(&vmm_guest("alignment-check", &[]), ALIGNMENT_CHECK);
+}
