@@ -452,3 +452,75 @@ fn alignment_check_only_at_cpl3_with_am_and_ac_natively() {
 fn alignment_check_only_at_cpl3_with_am_and_ac_under_the_vmm() {
     cpu_correct(&vmm_guest("alignment-check", &[]), ALIGNMENT_CHECK);
 }
+
+const DEBUG_REGISTERS: &[&str] = &[
+    "debug-registers dr0: no fault; dr0=0x11110000 (expected 0x11110000) -> ok",
+    "debug-registers dr1: no fault; dr1=0xffff800000002222 (expected 0xffff800000002222) -> ok",
+    "debug-registers dr2 non-canonical: no fault; dr2=0x800000003333 (expected 0x800000003333) -> ok",
+    "debug-registers dr3 all-ones: no fault; dr3=0xffffffffffffffff (expected 0xffffffffffffffff) -> ok",
+    "debug-registers dr6 0: no fault; dr6=0xffff0ff0 (expected 0xffff0ff0) -> ok",
+    "debug-registers dr6 b0-b3+bs: no fault; dr6=0xffff4fff (expected 0xffff4fff) -> ok",
+    "debug-registers dr6 bit-32: #GP vector=13 error=0x0 at the instruction (1 trap); dr6=0xffff4fff (expected 0xffff4fff) -> ok",
+    "debug-registers dr7 0: no fault; dr7=0x400 (expected 0x400) -> ok",
+    "debug-registers dr7 le+ge: no fault; dr7=0x700 (expected 0x700) -> ok",
+    "debug-registers dr7 bit-32: #GP vector=13 error=0x0 at the instruction (1 trap); dr7=0x700 (expected 0x700) -> ok",
+    "debug-registers dr4-is-dr6: no fault; dr6=0xffff0ff0 (expected 0xffff0ff0) -> ok",
+    "debug-registers dr6-is-dr4: no fault; dr4=0xffff0ff1 (expected 0xffff0ff1) -> ok",
+    "debug-registers dr5-is-dr7: no fault; dr7=0x400 (expected 0x400) -> ok",
+    "debug-registers dr7-is-dr5: no fault; dr5=0x500 (expected 0x500) -> ok",
+    "debug-registers de mov-from-dr4: #UD vector=6 error=0x0 at the instruction (1 trap) -> ok",
+    "debug-registers de mov-to-dr5: #UD vector=6 error=0x0 at the instruction (1 trap) -> ok",
+    "debug-registers user mov-from-dr7: #GP vector=13 error=0x0 at the instruction (1 trap); from cs=0x23 -> ok",
+    "debug-registers user mov-to-dr7: #GP vector=13 error=0x0 at the instruction (1 trap); from cs=0x23 -> ok",
+    "debug-registers: 18 checks, 0 wrong",
+];
+
+#[test]
+fn mov_to_and_from_debug_registers_natively() {
+    cpu_correct(&native_guest("debug-registers", &[]), DEBUG_REGISTERS);
+}
+
+#[test]
+fn mov_to_and_from_debug_registers_under_the_vmm() {
+    let run = vmm_guest("debug-registers", &[]);
+    cpu_correct(&run, DEBUG_REGISTERS);
+    run.expect_line("[vmm] insn MOV DRn ");
+}
+
+#[test]
+fn an_execute_breakpoint_in_dr0_dr7_raises_db_natively() {
+    cpu_correct(
+        &native_guest("debug-registers", &["bp"]),
+        &[
+            "debug-registers bp: mov dr7, 1: no fault, DR7=0x401",
+            "debug-registers bp call: #DB vector=1 error=0x0 at the instruction (1 trap); DR6 in the handler=0xffff0ff1 (B0=1) -> ok",
+        ],
+    );
+}
+
+#[test]
+fn enabling_a_hardware_breakpoint_stops_the_guest_under_the_vmm() {
+    // By design: the VMM does not arm hardware breakpoints, and says so instead of never
+    // hitting one.
+    let run = vmm_guest("debug-registers", &["bp"]);
+    run.expect_status(4);
+    run.expect_line("debug-registers bp: DR0=0x");
+    run.expect_line("[vmm] guest stopped: unsupported: hardware breakpoints");
+}
+
+// DR7.GD: #DB at the next MOV DR on the CPU (KVM confirms); QEMU's TCG and the VMM give none.
+#[test]
+fn general_detect_natively() {
+    cpu_correct(
+        &native_guest("debug-registers", &["gd"]),
+        &["debug-registers gd mov-from-dr0: ", "1 checks, 0 wrong"],
+    );
+}
+
+#[test]
+fn general_detect_under_the_vmm() {
+    cpu_correct(
+        &vmm_guest("debug-registers", &["gd"]),
+        &["debug-registers gd mov-from-dr0: ", "1 checks, 0 wrong"],
+    );
+}
