@@ -8,6 +8,8 @@
 use core::fmt::{self, Write};
 
 pub mod machine;
+pub mod probe;
+pub mod ring3;
 pub mod user_mode;
 
 // Native boot (`./run-qemu.sh --native --guest PATH`): the shared Multiboot header and 32->64-bit

@@ -393,6 +393,34 @@ pub fn write_cr3(v: u64) {
     unsafe { core::arch::asm!("mov cr3, {}", in(reg) v, options(nostack)) };
 }
 
+/// Reads CR0.
+pub fn read_cr0() -> u64 {
+    let v: u64;
+    // SAFETY: reads a control register; no memory effects.
+    unsafe { core::arch::asm!("mov {}, cr0", out(reg) v, options(nomem, nostack)) };
+    v
+}
+
+/// Writes CR0 (callers keep PE, PG and WP as they are).
+pub fn write_cr0(v: u64) {
+    // SAFETY: callers change only the FPU/alignment bits (TS, EM, MP, AM).
+    unsafe { core::arch::asm!("mov cr0, {}", in(reg) v, options(nostack)) };
+}
+
+/// Reads CR4.
+pub fn read_cr4() -> u64 {
+    let v: u64;
+    // SAFETY: reads a control register; no memory effects.
+    unsafe { core::arch::asm!("mov {}, cr4", out(reg) v, options(nomem, nostack)) };
+    v
+}
+
+/// Writes CR4 (callers keep PAE as it is).
+pub fn write_cr4(v: u64) {
+    // SAFETY: callers change only OSFXSR, OSXMMEXCPT and DE, none of which affects memory.
+    unsafe { core::arch::asm!("mov cr4, {}", in(reg) v, options(nostack)) };
+}
+
 /// Reads DR6.
 pub fn read_dr6() -> u64 {
     let v: u64;
