@@ -1082,8 +1082,14 @@ fn segment_register(r: Register) -> Option<SegReg> {
 }
 
 /// The debug register a MOV names: DR4/DR5 are DR6/DR7 unless CR4.DE makes them #UD (SDM
-/// Vol. 3 §17.2.2).
-fn debug_register(cpu: &VCpu, r: Register) -> Result<u8, Fault> {
+/// Vol. 3 §17.2.2). With DR7.GD set the MOV is a #DB fault instead, with DR6.BD set and GD
+/// cleared so the handler itself can use the registers (§17.2.4).
+fn debug_register(cpu: &mut VCpu, r: Register) -> Result<u8, Fault> {
+    if cpu.dr7 & dr::DR7_GD != 0 {
+        cpu.dr7 &= !dr::DR7_GD;
+        cpu.dr6 |= dr::DR6_BD;
+        return Err(Event::exception(vector::DB).into());
+    }
     let n = (r as u32).wrapping_sub(Register::DR0 as u32);
     match n {
         0..=3 | 6 | 7 => Ok(n as u8),
@@ -1093,7 +1099,7 @@ fn debug_register(cpu: &VCpu, r: Register) -> Result<u8, Fault> {
 }
 
 /// MOV from DR0–DR7 (SDM Vol. 2B "MOV—Move to/from Debug Registers").
-fn read_dr(cpu: &VCpu, r: Register) -> Result<u64, Fault> {
+fn read_dr(cpu: &mut VCpu, r: Register) -> Result<u64, Fault> {
     Ok(match debug_register(cpu, r)? {
         n @ 0..=3 => cpu.dr_address[usize::from(n)],
         6 => cpu.dr6,

@@ -126,6 +126,10 @@ pub mod dr {
     pub const DR6_STATUS: u64 = 0xE00F;
     /// DR6.BS: the #DB was a single-step trap.
     pub const DR6_BS: u64 = 1 << 14;
+    /// DR6.BD: the #DB was DR7.GD's general detect.
+    pub const DR6_BD: u64 = 1 << 13;
+    /// DR7.GD: the next MOV to or from a debug register raises #DB.
+    pub const DR7_GD: u64 = 1 << 13;
     /// DR7 after reset (bit 10 reads as 1).
     pub const DR7_INIT: u64 = 0x400;
     /// DR7 bits that exist (the rest of 31:0 are reserved 0; 63:32 must be 0).

@@ -2001,3 +2001,22 @@ fn rdtsc_trapped_by_cr4_tsd_reads_the_counter_at_cpl0_and_is_gp_above() {
     r.cpu.cr4 |= cr4::TSD;
     r.raises(&[0x0F, 0x01, 0xF9], 6, None);
 }
+
+#[test]
+fn dr7_general_detect_makes_the_next_mov_dr_a_db_fault_with_bd() {
+    let mut r = Rig::kernel();
+    r.cpu.dr7 |= state::dr::DR7_GD;
+    r.code(&[0x0F, 0x21, 0xC0]); // mov rax, dr0
+    let h = r.run().expect("stopped");
+    assert!(
+        matches!(h.outcome, Outcome::Delivered(e) if e.vector == 1),
+        "{h:?}"
+    );
+    assert_eq!(r.stack(0), CODE, "a fault: the frame points at the MOV");
+    assert_ne!(r.cpu.dr6 & state::dr::DR6_BD, 0);
+    assert_eq!(
+        r.cpu.dr7 & state::dr::DR7_GD,
+        0,
+        "GD cleared for the handler"
+    );
+}
