@@ -1023,6 +1023,9 @@ where
         // CPUID hides RDTSCP (its TSC_AUX is the host's), so when TSD makes it trap it is #UD,
         // as on a CPU without it.
         Code::Rdtscp => Err(Event::ud().into()),
+        // CPUID offers no performance-monitoring counters (leaf 0xA hidden), so no ECX names a
+        // valid one: #GP(0) at any CPL, whatever CR4.PCE says (SDM Vol. 2B "RDPMC").
+        Code::Rdpmc => Err(Event::gp(0).into()),
         Code::Cpuid => {
             let r = virtual_cpuid(cpuid, cpu.reg(Gpr::Rax) as u32, cpu.reg(Gpr::Rcx) as u32);
             for (reg, value) in [Gpr::Rax, Gpr::Rbx, Gpr::Rcx, Gpr::Rdx].into_iter().zip(r) {
@@ -1055,7 +1058,6 @@ fn is_privileged(ins: &Instruction) -> bool {
     matches!(
         ins.mnemonic(),
         Mnemonic::Xsetbv
-            | Mnemonic::Rdpmc
             | Mnemonic::Invpcid
             | Mnemonic::Monitor
             | Mnemonic::Mwait

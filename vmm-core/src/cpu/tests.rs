@@ -2020,3 +2020,10 @@ fn dr7_general_detect_makes_the_next_mov_dr_a_db_fault_with_bd() {
         "GD cleared for the handler"
     );
 }
+
+#[test]
+fn rdpmc_is_gp_because_cpuid_offers_no_counters() {
+    let mut r = Rig::kernel();
+    r.cpu.cr4 |= cr4::PCE;
+    r.raises(&[0x0F, 0x33], 13, Some(0));
+}
