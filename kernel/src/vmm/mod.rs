@@ -810,6 +810,12 @@ impl Vm {
         // SAFETY: trap context (or before the first entry) with interrupts off: nothing else
         // uses the guest part of the real GDT now.
         let real = unsafe { gdt::guest_entries() };
+        if let Some(selectors) = self.gdt.unchanged(&self.cpu) {
+            if self.data_segments.publish(&self.cpu, real) {
+                self.write_segment_bases();
+            }
+            return Ok(selectors);
+        }
         let selectors = self
             .gdt
             .sync(
@@ -880,6 +886,16 @@ impl Vm {
         if effects.segment_bases {
             self.write_segment_bases();
         }
+        // The real bits that follow the guest's: only after a CR0/CR4/MSR write, a change of
+        // view (CR0.AM depends on the virtual CPL) or before the first entry.
+        if effects.controls || reload || self.real_controls.is_none() {
+            self.follow_guest_controls();
+        }
+        Ok(())
+    }
+
+    /// The real registers that follow the guest's where the CPU acts on them natively.
+    fn follow_guest_controls(&mut self) {
         // A guest that has not set SYSENTER_CS must see SYSENTER fault with #GP at the
         // instruction: the real SYSENTER would lose its RIP, so it is disabled until then.
         let sysenter_on = self.cpu.msr.sysenter_cs & 0xFFFC != 0;
@@ -911,7 +927,6 @@ impl Vm {
             self.real_syscall_on = syscall_on;
             crate::cpu::set_syscall_enabled(syscall_on);
         }
-        Ok(())
     }
 
     /// #PF from the guest: shadow-mmu decides between filling the shadow, reflecting the fault

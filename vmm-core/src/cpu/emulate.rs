@@ -390,6 +390,7 @@ fn wrmsr(cpu: &mut VCpu) -> Result<Flow, Fault> {
     require_cpl0(cpu)?;
     let value = (cpu.reg(Gpr::Rdx) << 32) | (cpu.reg(Gpr::Rax) & 0xFFFF_FFFF);
     write_msr(cpu, cpu.reg(Gpr::Rcx) as u32, value)?;
+    cpu.note(|e| e.controls = true);
     Ok(Flow::Next)
 }
 
@@ -763,6 +764,7 @@ where
         Code::Clts => {
             require_cpl0(cpu)?;
             cpu.cr0 &= !cr0::TS;
+            cpu.note(|e| e.controls = true);
             Ok(Flow::Next)
         }
         Code::Lmsw_rm16 | Code::Lmsw_r32m16 | Code::Lmsw_r64m16 => {
@@ -771,6 +773,7 @@ where
             // LMSW loads PE, MP, EM, TS and can set PE but never clear it.
             let low = (src & 0xF) | (cpu.cr0 & cr0::PE);
             cpu.cr0 = (cpu.cr0 & !0xF) | low;
+            cpu.note(|e| e.controls = true);
             Ok(Flow::Next)
         }
         Code::Smsw_rm16 | Code::Smsw_r32m16 | Code::Smsw_r64m16 => {
@@ -1145,6 +1148,9 @@ fn read_cr(cpu: &VCpu, r: Register) -> Result<u64, Fault> {
 /// Registers" and Vol. 3 §2.5 for IA-32e mode.
 fn write_cr(cpu: &mut VCpu, r: Register, value: u64) -> Result<(), Fault> {
     let gp = Err(Event::gp(0).into());
+    if matches!(r, Register::CR0 | Register::CR4) {
+        cpu.note(|e| e.controls = true);
+    }
     match r {
         Register::CR0 => {
             // Leaving long mode by clearing PG or PE is not offered: on hardware it is legal

@@ -121,6 +121,18 @@ impl ShadowGdt {
         self.built_for = None;
     }
 
+    /// The real selectors, when nothing the table depends on changed since the last sync (the
+    /// common case, checked first at every exit).
+    #[inline]
+    pub fn unchanged(&self, cpu: &VCpu) -> Option<RealSelectors> {
+        let (key, selectors) = self.last?;
+        let now = [
+            cpu.seg[SegReg::Cs as usize].selector,
+            cpu.seg[SegReg::Ss as usize].selector,
+        ];
+        (key == now && self.built_for == Some(cpu.gdtr)).then_some(selectors)
+    }
+
     /// Brings the real GDT (`real`: its first [`SHADOWED_ENTRIES`] entries) in line with the
     /// vCPU: rebuilt from guest memory when the guest loaded a new GDTR, the virtual CS and SS
     /// made present. Returns the real selectors to run the guest on. A guest running on a
@@ -131,18 +143,15 @@ impl ShadowGdt {
         mem: &mut M,
         real: &mut [u64],
     ) -> Result<RealSelectors, CpuStop> {
+        if let Some(selectors) = self.unchanged(cpu) {
+            return Ok(selectors);
+        }
         let real = &mut real[..SHADOWED_ENTRIES];
         let cs = *cpu.segment(SegReg::Cs);
         let ss = *cpu.segment(SegReg::Ss);
         if self.built_for != Some(cpu.gdtr) {
             self.unpin(real);
             self.rebuild(cpu.gdtr, mem, real);
-            self.last = None;
-        }
-        if let Some((key, selectors)) = self.last {
-            if key == [cs.selector, ss.selector] {
-                return Ok(selectors);
-            }
         }
         if !cs.cache.is_long_code() {
             return Err(CpuStop::Unsupported(

@@ -236,6 +236,9 @@ pub struct Effects {
     pub privilege: bool,
     /// FS or GS base changed (WRMSR, SWAPGS, segment load): reload the real bases.
     pub segment_bases: bool,
+    /// CR0, CR4 or an MSR was written: the real bits that follow the guest's (EFER.SCE,
+    /// SYSENTER_CS, CR0.TS/EM/MP/AM, CR4.OSFXSR/OSXMMEXCPT/TSD) must be recomputed.
+    pub controls: bool,
     /// The guest's GDT changed in a way the VMM made (LTR marks the TSS busy in it) or the
     /// GDTR was loaded: rebuild the shadow descriptor table from it.
     pub descriptor_table: bool,
