@@ -529,3 +529,28 @@ fn general_detect_under_the_vmm() {
         ],
     );
 }
+
+// ---- a guest GDT that reaches into the VMM's reserved range of the real GDT ----
+
+#[test]
+fn a_guest_gdt_reaching_into_the_reserved_range_works_natively() {
+    let run = native_guest("gdt-reserved-range", &[]);
+    run.expect_status(0);
+    run.expect_line(
+        "gdt-reserved-range: mov ds, 0xffe0 loaded the guest's data descriptor (ds reads 0xffe0)",
+    );
+    run.expect_line("gdt-reserved-range: running on cs=0xffe8");
+}
+
+#[test]
+fn running_on_a_guest_descriptor_in_the_reserved_range_is_a_clean_stop() {
+    let run = vmm_guest("gdt-reserved-range", &[]);
+    // The data segment is the guest's own (emulated; the real DS then holds null), ...
+    run.expect_line("gdt-reserved-range: mov ds, 0xffe0 loaded the guest's data descriptor");
+    // ... but CS cannot be shadowed there: a stop naming why, never the VMM's own descriptor.
+    run.expect_status(4);
+    run.expect_line(
+        "[vmm] guest stopped: unsupported: running on a GDT entry in the VMM's reserved range",
+    );
+    assert!(!run.serial.contains("running on cs="), "{run}");
+}

@@ -13,6 +13,7 @@
 use vmm_core::cpu::descriptor::Descriptor;
 use vmm_core::cpu::shadow_gdt::{self, NULL_SS_STAND_IN, NULL_SS_STAND_IN_DESCRIPTOR};
 use vmm_core::cpu::{SegReg, Segment, VCpu};
+use core::sync::atomic::{compiler_fence, Ordering};
 use x86::segmentation::SegmentSelector;
 
 /// The four registers, in the order of [`DataSegments::real`].
@@ -94,10 +95,19 @@ impl DataSegments {
                 None if want.selector & !3 == 0 => want.selector,
                 None => 0,
                 Some(index) => {
-                    let kept = real_gdt[index];
-                    real_gdt[index] = shadow_gdt::pinned_descriptor(&want);
+                    let Some(entry) = real_gdt.get_mut(index) else {
+                        continue;
+                    };
+                    let kept = *entry;
+                    let entry: *mut u64 = entry;
+                    // SAFETY: `entry` points into the real GDT slice we hold. The writes are
+                    // volatile because the CPU reads the entry behind the compiler's back (the
+                    // segment load below names no memory): a plain store and its restore
+                    // would be dead stores to the compiler, and were removed.
+                    unsafe { entry.write_volatile(shadow_gdt::pinned_descriptor(&want)) };
                     load(*seg, want.selector);
-                    real_gdt[index] = kept;
+                    // SAFETY: as above.
+                    unsafe { entry.write_volatile(kept) };
                     self.real[i] = want.selector;
                     fs_gs |= matches!(seg, SegReg::Fs | SegReg::Gs);
                     continue;
@@ -111,9 +121,11 @@ impl DataSegments {
     }
 }
 
-/// Loads a real data-segment register.
+/// Loads a real data-segment register (the CPU reads the descriptor from the real GDT; the
+/// fences keep the compiler's stores to that table on their side of the load).
 fn load(seg: SegReg, selector: u16) {
     let sel = SegmentSelector::from_raw(selector);
+    compiler_fence(Ordering::SeqCst);
     // SAFETY: the host itself uses none of these registers (64-bit mode ignores DS/ES bases and
     // the host never addresses through FS/GS); the selector is null or names a present
     // DPL-3 code or data descriptor the caller just wrote, so the load cannot fault.
@@ -125,4 +137,5 @@ fn load(seg: SegReg, selector: u16) {
             _ => x86::segmentation::load_gs(sel),
         }
     }
+    compiler_fence(Ordering::SeqCst);
 }
