@@ -554,3 +554,158 @@ fn running_on_a_guest_descriptor_in_the_reserved_range_is_a_clean_stop() {
     );
     assert!(!run.serial.contains("running on cs="), "{run}");
 }
+
+// The timer interrupt pending across `sti; mov cr3` is taken right after the `mov cr3`, its
+// frame pushed on the kernel stack as the *new* tables map it, none in the old stack frame
+// (under the VMM: the CR3 load is applied before the interrupt is injected). How many
+// interrupts follow at the same RIP depends on speed (one natively, more under the VMM).
+#[track_caller]
+fn interrupt_after_mov_cr3(run: &trapvmm::Run) {
+    cpu_correct(
+        run,
+        &["interrupt-after-mov-cr3: the interrupt after mov cr3 went through the new address space: ok"],
+    );
+    for switch in ["A->B", "B->A"] {
+        assert!(
+            run.lines().any(|l| l.contains(&format!("interrupt-after-mov-cr3 {switch}: irqs="))
+                && l.ends_with(
+                    "first at rip=after_mov_cr3+0 rsp=0x40001000 frame at 0x40000fd8; new frame holds \
+                     [rip cs rflags rsp ss]=[after+0 0x8 0x202 0x40001000 0x10] (the CPU's frame), \
+                     old frame holds that rip 0 times -> ok"
+                )),
+            "{switch}: the interrupt's frame is not in the new address space\n{run}"
+        );
+    }
+}
+
+#[test]
+fn an_interrupt_right_after_mov_cr3_uses_the_new_address_space_natively() {
+    interrupt_after_mov_cr3(&native_guest("interrupt-after-mov-cr3", &[]));
+}
+
+#[test]
+fn an_interrupt_right_after_mov_cr3_uses_the_new_address_space_under_the_vmm() {
+    interrupt_after_mov_cr3(&vmm_guest("interrupt-after-mov-cr3", &[]));
+}
+
+/// `mov-ss-mode-switch layout=NAME`: the selectors of the layout (kernel CS, kernel DS, user
+/// CS, user DS) and every phase's line as the CPU gives it (QEMU natively): SS takes only a
+/// data segment with RPL = DPL = CPL (#GP(selector & ~3) otherwise, #GP(0) for a null SS at
+/// CPL 3), DS one with DPL >= max(CPL, RPL).
+fn mov_ss_mode_switch_lines(layout: &str) -> Vec<String> {
+    let (kcs, kds, ucs, uds): (u16, u16, u16, u16) = match layout {
+        "low" => (0x08, 0x10, 0x23, 0x1b),
+        "linux" => (0x10, 0x18, 0x33, 0x2b),
+        "swapped" => (0x18, 0x20, 0x13, 0x0b),
+        _ => panic!("unknown layout {layout}"),
+    };
+    // (phase, CPL 3, selector, #GP or loaded, SS after a good load)
+    let phases: [(&str, bool, u16, bool, u16); 21] = [
+        ("k-mov-ss-user-rpl3", false, uds, true, 0),
+        ("k-mov-ss-user-rpl0", false, uds & !3, true, 0),
+        ("k-lss-user-rpl3", false, uds, true, 0),
+        ("k-mov-ss-kernel-rpl3", false, kds | 3, true, 0),
+        ("k-mov-ds-kernel-rpl3", false, kds | 3, true, 0),
+        ("k-mov-ss-kernel", false, kds, false, kds),
+        ("k-lss-kernel", false, kds, false, kds),
+        ("k-mov-ss-null", false, 0, false, 0),
+        ("k-mov-ds-user", false, uds, false, kds),
+        ("u-mov-ss-kernel-rpl3", true, kds | 3, true, 0),
+        ("u-mov-ss-kernel", true, kds, true, 0),
+        ("u-lss-kernel-rpl3", true, kds | 3, true, 0),
+        ("u-mov-ss-user-rpl0", true, uds & !3, true, 0),
+        ("u-mov-ss-user-code", true, ucs, true, 0),
+        ("u-mov-ss-null", true, 3, true, 0),
+        ("u-mov-ds-kernel", true, kds, true, 0),
+        ("u-mov-ds-kernel-rpl3", true, kds | 3, true, 0),
+        ("u-mov-ss-user", true, uds, false, uds),
+        ("u-lss-user", true, uds, false, uds),
+        ("u-mov-ds-user", true, uds, false, uds),
+        ("u-mov-ds-user-rpl0", true, uds & !3, false, uds),
+    ];
+    phases
+        .iter()
+        .map(|&(name, user, sel, gp, ss_after)| {
+            let (cs, ss) = if user { (ucs, uds) } else { (kcs, kds) };
+            if gp {
+                format!(
+                    "phase {name}: sel={sel:#x} vector=13 error={:#x} rip=load cs={cs:#x} ss={ss:#x} -> ok",
+                    sel & !3
+                )
+            } else {
+                format!(
+                    "phase {name}: sel={sel:#x} vector=6 error=0x0 rip=ud2 cs={cs:#x} ss={ss_after:#x} loaded={sel:#x} -> ok"
+                )
+            }
+        })
+        .collect()
+}
+
+const MOV_SS_LAYOUTS: [&str; 3] = ["low", "linux", "swapped"];
+
+#[test]
+fn mov_ss_and_mov_ds_privilege_checks_in_kernel_and_user_mode_natively() {
+    for layout in MOV_SS_LAYOUTS {
+        let run = native_guest("mov-ss-mode-switch", &[&format!("layout={layout}")]);
+        let mut lines = mov_ss_mode_switch_lines(layout);
+        lines.push(format!(
+            "mov-ss-mode-switch ({layout}): 21 phases, 0 skipped, 0 wrong -> ok"
+        ));
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        cpu_correct(&run, &lines);
+    }
+}
+
+#[test]
+#[ignore = "known ring-compression holes (docs/virtualization-holes.md): at virtual CPL 0, \
+            `mov ss/ds, <the kernel's own SS selector | 3>` loads without a trap instead of \
+            #GP (the real SS is that very selector at real CPL 3), and SS reads back with RPL 3 \
+            or as the null-SS stand-in 0xffdb; the test below checks every other phase"]
+fn mov_ss_and_mov_ds_privilege_checks_in_kernel_and_user_mode_under_the_vmm() {
+    for layout in MOV_SS_LAYOUTS {
+        let run = vmm_guest("mov-ss-mode-switch", &[&format!("layout={layout}")]);
+        let mut lines = mov_ss_mode_switch_lines(layout);
+        lines.push(format!(
+            "mov-ss-mode-switch ({layout}): 21 phases, 0 skipped, 0 wrong -> ok"
+        ));
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        cpu_correct(&run, &lines);
+    }
+}
+
+/// The phases the VMM gets wrong today (see the ignored test above), left out so that the
+/// others keep being checked.
+const MOV_SS_VMM_KNOWN_WRONG: [&str; 6] = [
+    "k-mov-ss-kernel-rpl3",
+    "k-mov-ds-kernel-rpl3",
+    "k-mov-ss-kernel",
+    "k-lss-kernel",
+    "k-mov-ss-null",
+    "k-mov-ds-user",
+];
+
+#[test]
+fn mov_ss_and_mov_ds_privilege_checks_but_the_known_wrong_ones_under_the_vmm() {
+    let skip = format!("skip={}", MOV_SS_VMM_KNOWN_WRONG.join(","));
+    for layout in MOV_SS_LAYOUTS {
+        let run = vmm_guest("mov-ss-mode-switch", &[&format!("layout={layout}"), &skip]);
+        let mut lines: Vec<String> = mov_ss_mode_switch_lines(layout)
+            .into_iter()
+            .filter(|l| {
+                !MOV_SS_VMM_KNOWN_WRONG
+                    .iter()
+                    .any(|n| l.starts_with(&format!("phase {n}:")))
+            })
+            .collect();
+        lines.extend(
+            MOV_SS_VMM_KNOWN_WRONG
+                .iter()
+                .map(|n| format!("phase {n}: skipped")),
+        );
+        lines.push(format!(
+            "mov-ss-mode-switch ({layout}): 21 phases, 6 skipped, 0 wrong -> ok"
+        ));
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        cpu_correct(&run, &lines);
+    }
+}

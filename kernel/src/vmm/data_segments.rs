@@ -10,10 +10,10 @@
 //! and each trap entry takes those, and the real FS/GS bases (which a native load of FS or GS
 //! changes), back into the vCPU.
 
+use core::sync::atomic::{compiler_fence, Ordering};
 use vmm_core::cpu::descriptor::Descriptor;
 use vmm_core::cpu::shadow_gdt::{self, NULL_SS_STAND_IN, NULL_SS_STAND_IN_DESCRIPTOR};
 use vmm_core::cpu::{SegReg, Segment, VCpu};
-use core::sync::atomic::{compiler_fence, Ordering};
 use x86::segmentation::SegmentSelector;
 
 /// The four registers, in the order of [`DataSegments::real`].
