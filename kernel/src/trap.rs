@@ -232,7 +232,8 @@ extern "C" {
 /// through the common exit path (`iretq`).
 ///
 /// # Safety
-/// `frame` must describe a valid Ring-3 context (RPL-3 selectors of the VMM's GDT) and the
+/// `frame` must describe a valid Ring-3 context (RPL-3 selectors of present DPL-3 descriptors in
+/// the real GDT) and the
 /// loaded CR3 must map the host (slot 511) as well as wherever the frame points.
 pub unsafe fn enter_ring3(frame: &TrapFrame) -> ! {
     let top = core::ptr::addr_of!(TRAP_STACK_TOP) as u64;

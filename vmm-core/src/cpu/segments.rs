@@ -3,7 +3,8 @@
 //! §5.8, §6.14.3).
 //!
 //! Article challenge "特权级压缩": the guest kernel's selectors have RPL 0 but it really runs at
-//! CPL 3, so each of these faults on the VMM's real GDT and is redone here at the *virtual* CPL.
+//! CPL 3, so each of these faults on the real GDT (a shadow of the guest's in which only its
+//! current CS and SS are present, `shadow_gdt`) and is redone here at the *virtual* CPL.
 
 use super::descriptor::Descriptor;
 use super::event::{CpuStop, Event};

@@ -1,6 +1,7 @@
 //! The virtual CPU's architectural state: what the guest kernel believes the machine holds.
 //!
-//! The guest really runs at CPL 3 with IOPL 0 on the VMM's own selectors; everything here is the
+//! The guest really runs at CPL 3 with IOPL 0 (on its own CS/SS descriptors, compressed to DPL 3
+//! in the shadow descriptor table, `shadow_gdt`); everything here is the
 //! *virtual* value it would see on bare metal (article challenge "特权级压缩 / ring compression":
 //! the virtual CPL and RFLAGS.IF/IOPL live here, not in the real registers). The real registers
 //! carry only what the hardware can hold for the guest without giving it the machine: the
