@@ -3,6 +3,8 @@
 
 use crate::memory::{frames, phys_to_virt};
 use shadow_mmu::{FrameAllocator, HostMemory, HostPhysAddr};
+use vmm_core::cpu::HostCpu;
+use vmm_core::io::Clock;
 
 /// Host-physical memory through the direct map.
 #[derive(Debug, Default, Clone, Copy)]
@@ -140,5 +142,34 @@ impl vmm_core::cpu::GuestMemory for GuestAccess<'_> {
             }
         }
         vmm_core::cpu::GuestMemory::write_linear(self.mmu, gva, data, privilege)
+    }
+}
+
+/// The host timer as the virtual devices' clock.
+#[derive(Debug, Clone, Copy)]
+pub struct HostClock;
+
+impl Clock for HostClock {
+    fn now_ticks(&self) -> u64 {
+        crate::timer::ticks()
+    }
+
+    fn ticks_per_second(&self) -> u64 {
+        u64::from(crate::timer::tick_hz())
+    }
+}
+
+/// The host CPU's own CPUID and TSC, which vmm-core passes on to the guest.
+#[derive(Debug, Clone, Copy)]
+pub struct RealCpu;
+
+impl HostCpu for RealCpu {
+    fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        let r = x86::cpuid::cpuid!(leaf, subleaf);
+        [r.eax, r.ebx, r.ecx, r.edx]
+    }
+
+    fn rdtsc(&self) -> u64 {
+        super::instrument::rdtsc()
     }
 }

@@ -1,0 +1,270 @@
+//! The way back to the guest, after the trap was handled: apply what the vCPU changed (a new
+//! CR3, a new view, control bits), inject a due virtual interrupt (SDM Vol. 3 §6.8, the
+//! article's interrupt forwarding), bring the shadow descriptor table in line, and write the
+//! vCPU back into the frame the entry stub returns with.
+
+use super::instrument::{rdtsc, PhaseClock};
+use super::registers::vcpu_to_frame;
+use super::{fast, gdt, host, Action, StopWhy, Vm};
+use crate::trap::TrapFrame;
+use shadow_mmu::shadow::View;
+use shadow_mmu::{GuestVirtAddr, PagingMode};
+use vmm_core::accounting::{Phase, TrapKind};
+use vmm_core::cpu::shadow_gdt::RealSelectors;
+use vmm_core::cpu::state::rflags;
+use vmm_core::cpu::{inject, CpuStop, Injection};
+
+impl Vm {
+    /// Completes a trap the guest continues from (anything else passes through): the guest's
+    /// exit request, effects and injection, the descriptor table, and the frame.
+    pub(super) fn leave(
+        &mut self,
+        frame: &mut TrapFrame,
+        mut action: Action,
+        clock: &mut PhaseClock,
+    ) -> Action {
+        let mut selectors = None;
+        if let Action::Resume(_) = action {
+            if let Some(code) = self.bus.exit_requested() {
+                action = Action::Exit(code);
+            } else {
+                match self
+                    .inject_and_apply(clock)
+                    .and_then(|()| self.sync_descriptor_table())
+                {
+                    Ok(real) => selectors = Some(real),
+                    Err(why) => action = Action::Stop(why),
+                }
+            }
+        }
+        if let (Action::Resume(_), false) = (&action, shadow_mmu::addr::is_canonical(self.cpu.rip))
+        {
+            // The host's IRETQ would fault at CPL 0 on a non-canonical RIP: whatever put it there
+            // (a bug in the emulation), the guest stops, the host does not.
+            action = Action::Stop(StopWhy::Cpu(CpuStop::Unsupported(
+                "the guest's next RIP is not canonical",
+            )));
+        }
+        if let (Action::Resume(_), Some(selectors)) = (&action, selectors) {
+            vcpu_to_frame(&self.cpu, frame, selectors, self.single_step);
+            self.resumed_at = self.cpu.rip;
+            let pending = vmm_core::devices::InterruptSource::has_pending(&self.bus);
+            fast::publish(&self.cpu, pending, self.single_step);
+        } else {
+            fast::disable();
+        }
+        action
+    }
+
+    /// Feeds host serial input and the host clock to the virtual devices.
+    pub(super) fn poll_devices(&mut self) {
+        // Also poll the UART: an edge-triggered IRQ 4 is lost for good if input was already
+        // pending when the PIC was initialised (the line never drops, so it never rises again).
+        crate::serial::handle_rx_irq();
+        // Only as fast as the virtual UART can receive (as QEMU paces its own serial input),
+        // and a new burst only once the guest has drained the last one: bytes wait in the
+        // host's ring until the guest has set up its UART, and every burst raises a fresh edge
+        // on the (edge-triggered) IRQ 4 line, even for a driver that reads a bounded number of
+        // bytes per interrupt.
+        let drained = self.bus.com1().rx_len() == 0;
+        while drained && self.bus.com1().can_receive() {
+            let Some(byte) = crate::serial::take_rx() else {
+                break;
+            };
+            self.bus.enqueue_rx(byte);
+        }
+        self.bus.poll_timer();
+    }
+    /// On the way back: apply what the trapping instruction changed (a new CR3, a new view)
+    /// *before* an interrupt is delivered — the interrupt comes after the instruction retired,
+    /// so its frame goes through the new address space — then inject a due virtual interrupt
+    /// (idling on HLT until one is) and apply what the delivery changed.
+    pub(super) fn inject_and_apply(&mut self, clock: &mut PhaseClock) -> Result<(), StopWhy> {
+        if self.cpu.halted || vmm_core::devices::InterruptSource::has_pending(&self.bus) {
+            self.apply_effects()?;
+        }
+        let mut idle_since = None;
+        loop {
+            match inject(
+                &mut self.cpu,
+                &mut host::GuestAccess {
+                    mmu: &mut self.mmu,
+                    view: self.view,
+                },
+                &mut self.bus,
+            ) {
+                Ok(Injection::Idle) => {
+                    let since = *idle_since.get_or_insert(crate::timer::ticks());
+                    let idle = crate::timer::ticks() - since;
+                    if self.watchdog.idle_too_long(idle) {
+                        return Err(StopWhy::IdleTooLong(idle));
+                    }
+                    // Sleep until the next host interrupt (the PIT at the latest), then look
+                    // at the virtual devices again.
+                    let before = rdtsc();
+                    crate::cpu::wait_for_interrupt();
+                    let idle = rdtsc().wrapping_sub(before);
+                    clock.skip(idle);
+                    self.accounting.record(TrapKind::Other("HLT idle"), idle);
+                    self.poll_devices();
+                }
+                Ok(Injection::WindowNeeded) => {
+                    let guest_stepping = self.cpu.rflags & rflags::TF != 0;
+                    let mut mem = host::GuestAccess {
+                        mmu: &mut self.mmu,
+                        view: self.view,
+                    };
+                    if !guest_stepping
+                        && vmm_core::cpu::emulate::pushf_in_interrupt_shadow(
+                            &mut self.cpu,
+                            &mut mem,
+                        )
+                    {
+                        // The shadow is over without our TF for PUSHF to see: inject now.
+                        continue;
+                    }
+                    // With the guest's own TF set, its #DB comes after the instruction anyway.
+                    self.single_step = !guest_stepping;
+                    break;
+                }
+                Ok(Injection::Delivered(vector)) => {
+                    self.injected = Some(vector);
+                    break;
+                }
+                Ok(_) => break,
+                Err(stop) => return Err(StopWhy::Cpu(stop)),
+            }
+        }
+        clock.mark(Phase::Injection);
+        let applied = self.apply_effects();
+        clock.mark(Phase::ShadowMmu);
+        applied
+    }
+    /// Brings the real GDT in line with the vCPU (vmm-core `shadow_gdt`): only the guest's
+    /// virtual CS and SS are loadable, so every other segment load traps, whatever selectors the
+    /// guest uses. Returns the real selectors to run it on.
+    pub(super) fn sync_descriptor_table(&mut self) -> Result<RealSelectors, StopWhy> {
+        // SAFETY: trap context (or before the first entry) with interrupts off: nothing else
+        // uses the guest part of the real GDT now.
+        let real = unsafe { gdt::guest_entries() };
+        if let Some(selectors) = self.gdt.unchanged(&self.cpu) {
+            if self.data_segments.publish(&self.cpu, real) {
+                self.write_segment_bases();
+            }
+            return Ok(selectors);
+        }
+        let selectors = self
+            .gdt
+            .sync(
+                &self.cpu,
+                &mut host::GuestAccess {
+                    mmu: &mut self.mmu,
+                    view: self.view,
+                },
+                real,
+            )
+            .map_err(StopWhy::Cpu)?;
+        if self.data_segments.publish(&self.cpu, real) {
+            self.write_segment_bases();
+        }
+        Ok(selectors)
+    }
+    /// The real FS and GS bases follow the virtual ones.
+    pub(super) fn write_segment_bases(&self) {
+        // SAFETY: the host never uses FS or GS; these bases only matter in Ring 3.
+        unsafe {
+            x86::msr::wrmsr(x86::msr::IA32_FS_BASE, self.cpu.fs_base());
+            x86::msr::wrmsr(x86::msr::IA32_GS_BASE, self.cpu.gs_base());
+        }
+    }
+    /// Applies the vCPU's effects: CR3 loads, INVLPG, paging-mode changes, view switches,
+    /// FS/GS bases, and whether real SYSENTER may enter the VMM.
+    pub(super) fn apply_effects(&mut self) -> Result<(), StopWhy> {
+        let effects = self.cpu.take_effects();
+        if effects.descriptor_table {
+            self.gdt.invalidate();
+        }
+        let mut reload = false;
+        if effects.paging_mode {
+            self.mmu
+                .set_paging_mode(self.cpu.paging_mode(PagingMode::ENTRY.max_phys_bits));
+            reload = true;
+        }
+        if effects.flush_all {
+            self.mmu.flush_all();
+            reload = true;
+        }
+        if let Some(cr3) = effects.cr3_load {
+            self.mmu.load_cr3(cr3).map_err(StopWhy::Mmu)?;
+            reload = true;
+        }
+        if let Some(gva) = effects.invlpg.and_then(GuestVirtAddr::new) {
+            self.mmu.invlpg(gva);
+            // SAFETY: INVLPG only drops a translation.
+            unsafe { x86::tlb::flush(gva.as_u64() as usize) };
+        }
+        let view = if self.cpu.cpl == 3 {
+            View::User
+        } else {
+            View::Kernel
+        };
+        if view != self.view {
+            self.view = view;
+            reload = true;
+        }
+        if self.mmu.take_tlb_flush() {
+            reload = true;
+        }
+        if reload {
+            self.load_shadow_root();
+        }
+        if effects.segment_bases {
+            self.write_segment_bases();
+        }
+        // The real bits that follow the guest's: only after a CR0/CR4/MSR write, a change of
+        // view (CR0.AM depends on the virtual CPL) or before the first entry.
+        if effects.controls || reload || self.real_controls.is_none() {
+            self.follow_guest_controls();
+        }
+        Ok(())
+    }
+    /// The real registers that follow the guest's where the CPU acts on them natively.
+    pub(super) fn follow_guest_controls(&mut self) {
+        // A guest that has not set SYSENTER_CS must see SYSENTER fault with #GP at the
+        // instruction: the real SYSENTER would lose its RIP, so it is disabled until then.
+        let sysenter_on = self.cpu.msr.sysenter_cs & 0xFFFC != 0;
+        if sysenter_on != self.real_sysenter_on {
+            self.real_sysenter_on = sysenter_on;
+            crate::cpu::set_sysenter_enabled(sysenter_on);
+        }
+        // CR0.TS/EM/MP and CR4.OSFXSR/OSXMMEXCPT govern x87/SSE instructions the guest runs
+        // natively (#NM for lazy FPU switching, #UD without OSFXSR): the real bits follow the
+        // virtual ones. CR0.AM only in virtual user mode: the guest kernel really runs at
+        // CPL 3 too, where alignment checks would apply to it and never do natively.
+        let am = if self.cpu.cpl == 3 {
+            vmm_core::cpu::state::cr0::AM
+        } else {
+            0
+        };
+        let controls = (
+            self.cpu.cr0 & (crate::cpu::GUEST_CR0_BITS & !vmm_core::cpu::state::cr0::AM)
+                | (self.cpu.cr0 & am),
+            self.cpu.cr4 & crate::cpu::GUEST_CR4_BITS,
+        );
+        if self.real_controls != Some(controls) {
+            self.real_controls = Some(controls);
+            crate::cpu::set_guest_controls(controls.0, controls.1);
+        }
+        // Likewise SYSCALL without the guest's EFER.SCE: #UD at the instruction, by the CPU.
+        let syscall_on = self.cpu.efer & vmm_core::cpu::state::efer::SCE != 0;
+        if syscall_on != self.real_syscall_on {
+            self.real_syscall_on = syscall_on;
+            crate::cpu::set_syscall_enabled(syscall_on);
+        }
+    }
+    /// Loads the real CR3 with the shadow root of the current view (flushing the real TLB).
+    pub(super) fn load_shadow_root(&self) {
+        // SAFETY: every shadow root maps the VMM's slot like the host root (see `run`).
+        unsafe { x86::controlregs::cr3_write(self.mmu.current_root(self.view).as_u64()) };
+    }
+}

@@ -1,0 +1,121 @@
+//! Instrumentation of the trap path, kept out of the decisions: the dispatcher calls it in one
+//! line per trap (`Vm::account`). The phase clock splits a trap's cost into the phases of the
+//! benchmark breakdown (docs/benchmarks.md), `--trace` prints one line per trap, and the bench
+//! attribution charges traps to the guest's benchmark ops.
+
+use super::{fast, Action, Vm};
+use crate::trap::{self, vector};
+use vmm_core::accounting::{Phase, TrapKind};
+
+/// The time-stamp counter (under `--icount`, retired instructions).
+pub(super) fn rdtsc() -> u64 {
+    // SAFETY: RDTSC has no side effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+extern "C" {
+    /// Written by `trap_common` (asm/trap_entry.S) once it has saved the guest's registers.
+    static trap_entry_tsc: u64;
+}
+
+/// Splits one trap's cost into the phases of the benchmark breakdown (`Phase`): each `mark`
+/// charges the cycles since the previous one to the phase that just ended.
+pub(super) struct PhaseClock {
+    last: u64,
+    /// Cycles charged to each phase so far.
+    pub(super) phases: [u64; Phase::COUNT],
+}
+
+impl PhaseClock {
+    /// Starts at the dispatcher; what the entry stub spent since `trap_entry_tsc` is "entry".
+    pub(super) fn start() -> Self {
+        let now = rdtsc();
+        // SAFETY: a plain read of a quadword only trap_common writes, with interrupts off.
+        let entered = unsafe { core::ptr::addr_of!(trap_entry_tsc).read_volatile() };
+        let mut phases = [0; Phase::COUNT];
+        phases[Phase::EntryStub as usize] = now.saturating_sub(entered);
+        Self { last: now, phases }
+    }
+
+    pub(super) fn mark(&mut self, phase: Phase) {
+        let now = rdtsc();
+        if let Some(slot) = self.phases.get_mut(phase as usize) {
+            *slot += now.wrapping_sub(self.last);
+        }
+        self.last = now;
+    }
+
+    /// Time spent idle (guest HLT) is not a cost of the trap.
+    pub(super) fn skip(&mut self, cycles: u64) {
+        self.last = self.last.wrapping_add(cycles);
+    }
+}
+
+/// What the trace and the trap table call a trap.
+pub(super) enum TrapName {
+    /// A vector and its error code.
+    Vector(u64, u64),
+    Instruction(&'static str),
+    /// An instruction as `--trace` shows it.
+    Disassembled(alloc::string::String),
+}
+
+impl core::fmt::Display for TrapName {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            TrapName::Vector(vector::SYSCALL, _) => write!(f, "SYSCALL"),
+            TrapName::Vector(vector::SYSENTER, _) => write!(f, "SYSENTER"),
+            TrapName::Vector(v, e) => write!(f, "{} error={e:#x}", trap::vector_name(*v)),
+            TrapName::Instruction(name) => write!(f, "{name}"),
+            TrapName::Disassembled(text) => write!(f, "{text}"),
+        }
+    }
+}
+
+impl Vm {
+    /// After a trap: its cost by phase, the benchmark attribution, the trace line.
+    pub(super) fn account(
+        &mut self,
+        kind: TrapKind,
+        trap_rip: u64,
+        action: &Action,
+        clock: &PhaseClock,
+    ) {
+        self.accounting.record_phases(kind, &clock.phases);
+        self.note_guest_lines();
+        let injected = self.injected.take();
+        if self.trace_left > 0
+            && (!matches!(action, Action::Resume("host IRQ")) || injected.is_some())
+        {
+            self.trace_left -= 1;
+            match injected {
+                Some(vector) => crate::serial::write_line(format_args!(
+                    "[vmm] trace: rip={trap_rip:#x} {} -> {action}, then interrupt {vector:#x} injected",
+                    self.last_trap
+                )),
+                None => crate::serial::write_line(format_args!(
+                    "[vmm] trace: rip={trap_rip:#x} {} -> {action}",
+                    self.last_trap
+                )),
+            }
+        }
+    }
+
+    /// The benchmark harness: the guest prints `bench,<op>,...` right after each op, so the
+    /// traps (and their cost) between its previous console line and that one belong to the op,
+    /// plus the few traps of printing one line. Reported as `bench-traps` lines at exit.
+    fn note_guest_lines(&mut self) {
+        let lines = self.bus.com1().sink().lines;
+        if lines == self.bench_mark.0 {
+            return;
+        }
+        let totals = self.accounting.totals();
+        let (cli, sti, fast_cost) = fast::counts();
+        let (count, cost) = (totals.count() + cli + sti, totals.total() + fast_cost);
+        for op in self.bus.com1_mut().sink_mut().take_bench_ops() {
+            self.bench_traps
+                .push((op, count - self.bench_mark.1, cost - self.bench_mark.2));
+        }
+        self.bench_mark = (lines, count, cost);
+    }
+}
