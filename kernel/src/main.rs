@@ -33,6 +33,8 @@ core::arch::global_asm!(
 );
 core::arch::global_asm!(include_str!("asm/entry64.S"), options(att_syntax));
 core::arch::global_asm!(include_str!("asm/trap_entry.S"), options(att_syntax));
+core::arch::global_asm!(include_str!("asm/cli_sti_stub.S"), options(att_syntax));
+core::arch::global_asm!(include_str!("asm/fixups.S"), options(att_syntax));
 
 /// The Rust entry point, called by `boot64_continue` on the higher-half kernel stack with the
 /// physical address of the Multiboot information.

@@ -216,8 +216,8 @@ extern "C" {
     static fixup_read_u64_recover: u8;
     fn fixup_rdmsr(msr: u32, out: *mut u64) -> u64;
     fn fixup_copy(dst: *mut u8, src: *const u8, len: usize) -> usize;
-    static gp_fast_fetch: u8;
-    static gp_fast_bail: u8;
+    static cli_sti_stub_fetch: u8;
+    static cli_sti_stub_bail: u8;
     static fixup_copy_insn: u8;
     static fixup_copy_recover: u8;
     static fixup_rdmsr_insn: u8;
@@ -348,11 +348,11 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
             frame.rip = core::ptr::addr_of!(fixup_read_u64_recover) as u64;
         }
         vector::PAGE_FAULT | vector::GENERAL_PROTECTION
-            if frame.rip == core::ptr::addr_of!(gp_fast_fetch) as u64 =>
+            if frame.rip == core::ptr::addr_of!(cli_sti_stub_fetch) as u64 =>
         {
             // The CLI/STI fast path could not read the guest's instruction (not mapped, or a
             // non-canonical RIP, which QEMU reports for a jump there): take the slow path.
-            frame.rip = core::ptr::addr_of!(gp_fast_bail) as u64;
+            frame.rip = core::ptr::addr_of!(cli_sti_stub_bail) as u64;
         }
         vector::DEBUG if in_sysenter_entry(frame.rip) => {
             // SYSENTER does not clear TF (SDM Vol. 2B): a guest that single-steps into it

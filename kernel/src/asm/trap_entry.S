@@ -29,7 +29,7 @@ trap_stubs:
     .endif
     pushq $trap_vector
     .if trap_vector == 13
-    jmp gp_fast_path
+    jmp cli_sti_stub
     .else
     jmp trap_common
     .endif
@@ -37,73 +37,6 @@ trap_stubs:
 .endr
 .global trap_stubs_end
 trap_stubs_end:
-
-/*
- * The CLI/STI fast path (#GP stub only). A guest kernel toggles interrupts constantly, and each
- * toggle is a full trap: the Rust dispatcher copies the vCPU in and out, accounts by phase and
- * decides on injection, ~600 instructions. Here, before any of that: if the #GP came from
- * Ring 3 with error code 0, the VMM allowed the fast path at its last exit (the guest's virtual
- * CPL <= IOPL, no single-step of ours or the guest's), and the byte at the guest's RIP is CLI
- * (0xFA) or STI (0xFB), flip the virtual IF in `fast_vif` and return past the instruction. STI
- * that sets IF records the one-instruction interrupt shadow; STI with a virtual interrupt
- * pending (`fast_pending`) takes the slow path, where it is injected. The Rust side
- * (`kernel/src/vmm/fast.rs`) reads these back into the vCPU at every trap and writes them at
- * every exit, and counts what happened here.
- */
-gp_fast_path:
-    /* [rsp] vector, 8 error code, 16 RIP, 24 CS, 32 RFLAGS, 40 RSP, 48 SS */
-    testb $3, 24(%rsp)
-    jz trap_common
-    cmpq $0, 8(%rsp)
-    jne trap_common
-    cmpb $0, fast_enabled(%rip)
-    je trap_common
-    pushq %rax
-    pushq %rcx
-    pushq %rdx
-    rdtsc
-    shl $32, %rdx
-    or %rax, %rdx
-    mov 40(%rsp), %rax              /* the guest RIP (three pushes later) */
-    mov $0x7fffffffffff, %rcx       /* the last canonical byte: RIP + 1 would not be, */
-    cmp %rcx, %rax                  /* so the emulator must raise the guest's #GP */
-    je gp_fast_bail
-.global gp_fast_fetch
-gp_fast_fetch:
-    movzbl (%rax), %ecx             /* a #PF here resumes at gp_fast_bail (trap.rs) */
-    cmp $0xFA, %ecx
-    je 1f
-    cmp $0xFB, %ecx
-    jne gp_fast_bail
-    cmpb $0, fast_pending(%rip)
-    jne gp_fast_bail
-    cmpb $0, fast_vif(%rip)
-    jne 2f
-    lea 1(%rax), %rcx
-    mov %rcx, fast_shadow(%rip)
-2:  movb $1, fast_vif(%rip)
-    incq fast_sti_count(%rip)
-    jmp 3f
-1:  movb $0, fast_vif(%rip)
-    incq fast_cli_count(%rip)
-3:  incq 40(%rsp)                   /* past the one-byte instruction */
-    mov %rdx, %rcx
-    rdtsc
-    shl $32, %rdx
-    or %rax, %rdx
-    sub %rcx, %rdx
-    add %rdx, fast_cycles(%rip)
-    popq %rdx
-    popq %rcx
-    popq %rax
-    add $16, %rsp                   /* vector and error code */
-    iretq
-.global gp_fast_bail
-gp_fast_bail:
-    popq %rdx
-    popq %rcx
-    popq %rax
-    jmp trap_common
 
 trap_common:
     pushq %rax
@@ -206,87 +139,9 @@ sysenter_entry:
 .global sysenter_entry_end
 sysenter_entry_end:
 
-/*
- * u64 fixup_read_u64(const u64 *addr, u64 *out): reads *addr into *out and returns 0, or returns
- * 1 if the read faulted. The trap dispatcher knows `fixup_read_u64_insn`: a fault there resumes
- * at `fixup_read_u64_recover` instead of being fatal (Linux calls this an exception table).
- */
-.global fixup_read_u64
-fixup_read_u64:
-    xor %eax, %eax
-.global fixup_read_u64_insn
-fixup_read_u64_insn:
-    mov (%rdi), %rcx
-    mov %rcx, (%rsi)
-    ret
-.global fixup_read_u64_recover
-fixup_read_u64_recover:
-    mov $1, %eax
-    ret
-
-/*
- * usize fixup_copy(void *dst, const void *src, usize len): copies len bytes and returns 0, or,
- * when a page fault interrupts the copy (`rep movsb` is restartable: RCX counts down), returns
- * the bytes left. The VMM reads and writes guest memory through the loaded shadow tables with
- * it, falling back to a guest page walk on a fault.
- */
-.global fixup_copy
-fixup_copy:
-    mov %rdx, %rcx
-.global fixup_copy_insn
-fixup_copy_insn:
-    rep movsb
-.global fixup_copy_recover
-fixup_copy_recover:
-    mov %rcx, %rax
-    ret
-
-/*
- * u64 fixup_rdmsr(u32 msr, u64 *out): RDMSR into *out and returns 0, or returns 1 if the MSR
- * does not exist (#GP at `fixup_rdmsr_insn` resumes at `fixup_rdmsr_recover`).
- */
-.global fixup_rdmsr
-fixup_rdmsr:
-    mov %edi, %ecx
-.global fixup_rdmsr_insn
-fixup_rdmsr_insn:
-    rdmsr
-    shl $32, %rdx
-    or %rdx, %rax
-    mov %rax, (%rsi)
-    xor %eax, %eax
-    ret
-.global fixup_rdmsr_recover
-fixup_rdmsr_recover:
-    mov $1, %eax
-    ret
-
 .section .bss
 .balign 16
 syscall_saved_rsp:
-    .quad 0
-/* The CLI/STI fast path's state, shared with kernel/src/vmm/fast.rs. */
-.global fast_enabled
-fast_enabled:
-    .byte 0
-.global fast_vif
-fast_vif:
-    .byte 0
-.global fast_pending
-fast_pending:
-    .byte 0
-.balign 8
-.global fast_shadow
-fast_shadow:
-    .quad 0
-.global fast_cli_count
-fast_cli_count:
-    .quad 0
-.global fast_sti_count
-fast_sti_count:
-    .quad 0
-.global fast_cycles
-fast_cycles:
     .quad 0
 /* TSC when trap_common had saved the registers of the last trap. */
 .global trap_entry_tsc

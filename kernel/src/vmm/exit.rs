@@ -5,7 +5,7 @@
 
 use super::instrument::{rdtsc, PhaseClock};
 use super::registers::vcpu_to_frame;
-use super::{fast, gdt, host, Action, StopWhy, Vm};
+use super::{cli_sti_stub, gdt, host, Action, StopWhy, Vm};
 use crate::trap::TrapFrame;
 use shadow_mmu::shadow::View;
 use shadow_mmu::{GuestVirtAddr, PagingMode};
@@ -49,9 +49,9 @@ impl Vm {
             vcpu_to_frame(&self.cpu, frame, selectors, self.single_step);
             self.resumed_at = self.cpu.rip;
             let pending = vmm_core::devices::InterruptSource::has_pending(&self.bus);
-            fast::publish(&self.cpu, pending, self.single_step);
+            cli_sti_stub::publish(&self.cpu, pending, self.single_step);
         } else {
-            fast::disable();
+            cli_sti_stub::disable();
         }
         action
     }

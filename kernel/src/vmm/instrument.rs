@@ -3,7 +3,7 @@
 //! benchmark breakdown (docs/benchmarks.md), `--trace` prints one line per trap, and the bench
 //! attribution charges traps to the guest's benchmark ops.
 
-use super::{fast, Action, Vm};
+use super::{cli_sti_stub, Action, Vm};
 use crate::trap::{self, vector};
 use vmm_core::accounting::{Phase, TrapKind};
 
@@ -110,7 +110,7 @@ impl Vm {
             return;
         }
         let totals = self.accounting.totals();
-        let (cli, sti, fast_cost) = fast::counts();
+        let (cli, sti, fast_cost) = cli_sti_stub::counts();
         let (count, cost) = (totals.count() + cli + sti, totals.total() + fast_cost);
         for op in self.bus.com1_mut().sink_mut().take_bench_ops() {
             self.bench_traps

@@ -13,10 +13,10 @@
 //! `watchdog.rs` stops hung guests, `report.rs` prints what happened, `console.rs` turns the
 //! guest's UART into lines.
 
+pub mod cli_sti_stub;
 pub mod console;
 mod data_segments;
 mod exit;
-pub mod fast;
 pub mod host;
 mod instrument;
 mod load;

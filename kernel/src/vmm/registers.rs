@@ -8,7 +8,7 @@
 //! as the guest's own descriptors in the shadow descriptor table; DS/ES/FS/GS live in the real
 //! registers (`data_segments.rs`).
 
-use super::{fast, Vm};
+use super::{cli_sti_stub, Vm};
 use crate::trap::{self, vector, TrapFrame};
 use vmm_core::cpu::shadow_gdt::RealSelectors;
 use vmm_core::cpu::state::rflags;
@@ -38,7 +38,7 @@ impl Vm {
             self.cpu.rflags &= !rflags::RF;
         }
         self.data_segments.absorb(&mut self.cpu);
-        fast::absorb(&mut self.cpu);
+        cli_sti_stub::absorb(&mut self.cpu);
         sysenter_stepping
     }
 }

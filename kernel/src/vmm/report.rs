@@ -2,7 +2,7 @@
 //! path, shadow-mmu statistics, benchmark attribution, host serial input, unknown ports and
 //! MSRs; and the stop report (why, where, the registers, the virtual CPU) with exit 0x13.
 
-use super::{fast, StopWhy, Vm};
+use super::{cli_sti_stub, StopWhy, Vm};
 use crate::trap::{self, TrapFrame, REPORT_NEWLINE};
 
 /// A trap from Ring 3 before any guest exists: a host bug.
@@ -30,7 +30,7 @@ pub(super) fn report(vm: &mut Vm) {
         "[vmm] traps (cost in TSC cycles; under --icount, instructions):"
     ));
     print_lines(&table);
-    let (cli, sti, fast_cost) = fast::counts();
+    let (cli, sti, fast_cost) = cli_sti_stub::counts();
     if let Some(mean) = fast_cost.checked_div(cli + sti) {
         crate::serial::write_line(format_args!(
             "[vmm] fast path in the entry stub (not in the tables): CLI {cli}, STI {sti}, {fast_cost} cycles in all, mean {mean}"

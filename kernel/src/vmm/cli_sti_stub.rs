@@ -1,4 +1,4 @@
-//! The CLI/STI fast path's shared state: `gp_fast_path` in `asm/trap_entry.S` flips the guest's
+//! The CLI/STI stub's shared state: `cli_sti_stub` (`asm/cli_sti_stub.S`) flips the guest's
 //! virtual IF without entering Rust (article challenge "频繁访问特权资源": a guest kernel masks and
 //! unmasks interrupts all the time). The vCPU stays the one truth: its IF and STI shadow are
 //! read back from here at every trap, and written here, with whether the fast path may run, at
@@ -8,22 +8,22 @@ use vmm_core::cpu::state::rflags;
 use vmm_core::cpu::VCpu;
 
 extern "C" {
-    static mut fast_enabled: u8;
-    static mut fast_vif: u8;
-    static mut fast_pending: u8;
-    static mut fast_shadow: u64;
-    static fast_cli_count: u64;
-    static fast_sti_count: u64;
-    static fast_cycles: u64;
+    static mut cli_sti_enabled: u8;
+    static mut cli_sti_vif: u8;
+    static mut cli_sti_pending: u8;
+    static mut cli_sti_shadow: u64;
+    static cli_sti_cli_count: u64;
+    static cli_sti_sti_count: u64;
+    static cli_sti_cycles: u64;
 }
 
 /// At trap entry: what the fast path did since the last exit goes into the vCPU.
 pub fn absorb(cpu: &mut VCpu) {
     // SAFETY: trap context with interrupts off: the stub that writes these cannot run now.
     let (vif, shadow) = unsafe {
-        let shadow = core::ptr::addr_of!(fast_shadow).read_volatile();
-        core::ptr::addr_of_mut!(fast_shadow).write_volatile(0);
-        (core::ptr::addr_of!(fast_vif).read_volatile(), shadow)
+        let shadow = core::ptr::addr_of!(cli_sti_shadow).read_volatile();
+        core::ptr::addr_of_mut!(cli_sti_shadow).write_volatile(0);
+        (core::ptr::addr_of!(cli_sti_vif).read_volatile(), shadow)
     };
     cpu.set_interrupts_enabled(vif != 0);
     if shadow != 0 {
@@ -39,16 +39,16 @@ pub fn publish(cpu: &VCpu, pending: bool, single_step: bool) {
     let allowed = cpu.may_toggle_interrupts() && !single_step && cpu.rflags & rflags::TF == 0;
     // SAFETY: as in `absorb`.
     unsafe {
-        core::ptr::addr_of_mut!(fast_vif).write_volatile(u8::from(cpu.interrupts_enabled()));
-        core::ptr::addr_of_mut!(fast_pending).write_volatile(u8::from(pending));
-        core::ptr::addr_of_mut!(fast_enabled).write_volatile(u8::from(allowed));
+        core::ptr::addr_of_mut!(cli_sti_vif).write_volatile(u8::from(cpu.interrupts_enabled()));
+        core::ptr::addr_of_mut!(cli_sti_pending).write_volatile(u8::from(pending));
+        core::ptr::addr_of_mut!(cli_sti_enabled).write_volatile(u8::from(allowed));
     }
 }
 
 /// Turns the fast path off (the guest is stopping).
 pub fn disable() {
     // SAFETY: as in `absorb`.
-    unsafe { core::ptr::addr_of_mut!(fast_enabled).write_volatile(0) };
+    unsafe { core::ptr::addr_of_mut!(cli_sti_enabled).write_volatile(0) };
 }
 
 /// CLIs and STIs handled by the fast path, and the cycles it spent (from its first `rdtsc` to
@@ -57,9 +57,9 @@ pub fn counts() -> (u64, u64, u64) {
     // SAFETY: plain reads of counters only the stub writes, in trap context like us.
     unsafe {
         (
-            core::ptr::addr_of!(fast_cli_count).read_volatile(),
-            core::ptr::addr_of!(fast_sti_count).read_volatile(),
-            core::ptr::addr_of!(fast_cycles).read_volatile(),
+            core::ptr::addr_of!(cli_sti_cli_count).read_volatile(),
+            core::ptr::addr_of!(cli_sti_sti_count).read_volatile(),
+            core::ptr::addr_of!(cli_sti_cycles).read_volatile(),
         )
     }
 }
