@@ -216,6 +216,11 @@ pub fn handle_guest_trap(frame: &mut TrapFrame) {
     }
 }
 
+/// The error code the CPU pushed (0 for vectors without one).
+fn code(frame: &TrapFrame) -> u32 {
+    frame.error_code as u32
+}
+
 /// What the VMM did with one trap.
 enum Action {
     /// The guest continues (the reason is for the trace).
@@ -262,52 +267,20 @@ impl Vm {
         match frame.vector {
             vector::PAGE_FAULT => self.page_fault(frame, clock),
             v if (vector::IRQ_BASE..vector::IRQ_BASE + 16).contains(&v) => {
-                let irq = (v - vector::IRQ_BASE) as u8;
-                crate::timer::handle_irq(irq);
-                let mut action = Action::Resume("host IRQ");
-                self.poll_devices();
-                let registers = self.cpu.gpr.iter().fold(0u64, |h, r| h.rotate_left(7) ^ r);
-                let interrupts_off = !self.cpu.interrupts_enabled();
-                if irq == 0 && self.watchdog.tick(frame.rip, registers, interrupts_off) {
-                    action = Action::Stop(StopWhy::NoProgress(self.watchdog.stalled_ticks()));
-                }
-                (action, TrapKind::Irq(irq))
+                self.host_irq((v - vector::IRQ_BASE) as u8, frame.rip)
             }
-            vector::GENERAL_PROTECTION
-            | vector::INVALID_OPCODE
-            | vector::SEGMENT_NOT_PRESENT
-            | vector::STACK_FAULT => {
-                // #NP and #SS(selector) are how a segment load the shadow descriptor table
-                // keeps absent comes here (IRETQ/RETF to another CS, MOV SS, MOV DS, ...): it is
-                // redone against the guest's own table; any other instruction's fault is the
-                // guest's own and is reflected unchanged.
-                let code = frame.error_code as u32;
-                let hw = match frame.vector {
-                    vector::GENERAL_PROTECTION => Event::gp(code),
-                    vector::SEGMENT_NOT_PRESENT => Event::np(code),
-                    vector::STACK_FAULT => Event::ss(code),
-                    _ => Event::ud(),
-                };
-                self.emulate(Cause::Fault(hw), clock)
+            // #NP and #SS(selector) are how a segment load the shadow descriptor table keeps
+            // absent comes here (IRETQ/RETF to another CS, MOV SS, MOV DS, ...): it is redone
+            // against the guest's own table; any other instruction's fault is the guest's own
+            // and is reflected unchanged.
+            vector::GENERAL_PROTECTION => self.emulate(Cause::Fault(Event::gp(code(frame))), clock),
+            vector::SEGMENT_NOT_PRESENT => {
+                self.emulate(Cause::Fault(Event::np(code(frame))), clock)
             }
-            vector::SYSCALL => {
-                let stepping = self.cpu.rflags & rflags::TF != 0;
-                let r = syscall::syscall(&mut self.cpu);
-                (
-                    self.after_forward(r, stepping),
-                    TrapKind::SystemCall(SyscallKind::Syscall),
-                )
-            }
-            vector::SYSENTER => {
-                if sysenter_stepping {
-                    self.cpu.rflags |= rflags::TF;
-                }
-                let r = syscall::sysenter(&mut self.cpu);
-                (
-                    self.after_forward(r, sysenter_stepping),
-                    TrapKind::SystemCall(SyscallKind::Sysenter),
-                )
-            }
+            vector::STACK_FAULT => self.emulate(Cause::Fault(Event::ss(code(frame))), clock),
+            vector::INVALID_OPCODE => self.emulate(Cause::Fault(Event::ud()), clock),
+            vector::SYSCALL => self.forward_syscall(),
+            vector::SYSENTER => self.forward_sysenter(sysenter_stepping),
             vector::DEBUG if self.stepped => {
                 // Our own single step: the instruction in the interrupt shadow has retired.
                 self.cpu.interrupt_shadow = None;
@@ -322,29 +295,7 @@ impl Vm {
                     vector::NMI | vector::DOUBLE_FAULT | vector::MACHINE_CHECK
                 ) =>
             {
-                // The guest's own exception (#DE, #DB, #NM, #SS, #AC, ...): deliver it as is.
-                if v == vector::DEBUG {
-                    // What the CPU recorded (BS for a single step) goes into the virtual DR6.
-                    self.cpu.dr6 |=
-                        crate::cpu::take_debug_status() & vmm_core::cpu::state::dr::DR6_STATUS;
-                }
-                let code = Event::vector_has_error_code(v as u8).then_some(frame.error_code as u32);
-                let event = match code {
-                    Some(code) => Event::exception_with_code(v as u8, code),
-                    None => Event::exception(v as u8),
-                };
-                let action = match vmm_core::cpu::deliver(
-                    &mut self.cpu,
-                    &mut host::GuestAccess {
-                        mmu: &mut self.mmu,
-                        view: self.view,
-                    },
-                    event,
-                ) {
-                    Ok(_) => Action::Resume("reflected"),
-                    Err(stop) => Action::Stop(StopWhy::Cpu(stop)),
-                };
-                (action, TrapKind::Exception(v as u8))
+                self.reflect(v as u8, code(frame))
             }
             v => (
                 Action::Stop(StopWhy::Unexpected),
@@ -352,6 +303,51 @@ impl Vm {
             ),
         }
     }
+
+    /// A host interrupt while the guest ran: the host's own handling, then the virtual devices
+    /// catch up (a timer tick may make a guest IRQ due) and the watchdog looks at the guest.
+    fn host_irq(&mut self, irq: u8, rip: u64) -> (Action, TrapKind) {
+        crate::timer::handle_irq(irq);
+        self.poll_devices();
+        let registers = self.cpu.gpr.iter().fold(0u64, |h, r| h.rotate_left(7) ^ r);
+        let interrupts_off = !self.cpu.interrupts_enabled();
+        let action = if irq == 0 && self.watchdog.tick(rip, registers, interrupts_off) {
+            Action::Stop(StopWhy::NoProgress(self.watchdog.stalled_ticks()))
+        } else {
+            Action::Resume("host IRQ")
+        };
+        (action, TrapKind::Irq(irq))
+    }
+
+    /// The guest's own exception (#DE, #DB, #NM, #SS, #AC, ...): delivered as it is.
+    fn reflect(&mut self, vector: u8, error_code: u32) -> (Action, TrapKind) {
+        if vector == vmm_core::cpu::event::vector::DB {
+            // What the CPU recorded (BS for a single step) goes into the virtual DR6.
+            self.cpu.dr6 |= crate::cpu::take_debug_status() & vmm_core::cpu::state::dr::DR6_STATUS;
+        }
+        let event = if Event::vector_has_error_code(vector) {
+            Event::exception_with_code(vector, error_code)
+        } else {
+            Event::exception(vector)
+        };
+        (
+            self.deliver(event, "reflected"),
+            TrapKind::Exception(vector),
+        )
+    }
+
+    /// Delivers `event` through the guest's IDT; `resumed` says why the guest goes on (trace).
+    fn deliver(&mut self, event: Event, resumed: &'static str) -> Action {
+        let mut mem = host::GuestAccess {
+            mmu: &mut self.mmu,
+            view: self.view,
+        };
+        match vmm_core::cpu::deliver(&mut self.cpu, &mut mem, event) {
+            Ok(_) => Action::Resume(resumed),
+            Err(stop) => Action::Stop(StopWhy::Cpu(stop)),
+        }
+    }
+
     /// Emulates the instruction at the guest's RIP.
     fn emulate(&mut self, cause: Cause, clock: &mut PhaseClock) -> (Action, TrapKind) {
         if self.trace_left > 0 {
@@ -407,6 +403,28 @@ impl Vm {
             Err(stop) => (Action::Stop(StopWhy::Cpu(stop)), TrapKind::Other("stop")),
         }
     }
+    /// A SYSCALL from the guest, forwarded through its virtual MSRs.
+    fn forward_syscall(&mut self) -> (Action, TrapKind) {
+        let stepping = self.cpu.rflags & rflags::TF != 0;
+        let result = syscall::syscall(&mut self.cpu);
+        (
+            self.after_forward(result, stepping),
+            TrapKind::SystemCall(SyscallKind::Syscall),
+        )
+    }
+
+    /// A SYSENTER from the guest, forwarded through its virtual MSRs (SYSENTER keeps TF).
+    fn forward_sysenter(&mut self, stepping: bool) -> (Action, TrapKind) {
+        if stepping {
+            self.cpu.rflags |= rflags::TF;
+        }
+        let result = syscall::sysenter(&mut self.cpu);
+        (
+            self.after_forward(result, stepping),
+            TrapKind::SystemCall(SyscallKind::Sysenter),
+        )
+    }
+
     /// After SYSCALL/SYSENTER forwarding: a fault it raised (#UD without EFER.SCE) is
     /// delivered like any other; with the guest's TF set when it began, the single-step trap
     /// follows, at the first instruction of the guest's handler (SDM Vol. 3 §17.3.1.4).
@@ -427,19 +445,7 @@ impl Vm {
                 }
             }
             Ok(()) => Action::Resume("forwarded"),
-            Err(vmm_core::cpu::Fault::Raise(event)) => {
-                match vmm_core::cpu::deliver(
-                    &mut self.cpu,
-                    &mut host::GuestAccess {
-                        mmu: &mut self.mmu,
-                        view: self.view,
-                    },
-                    event,
-                ) {
-                    Ok(_) => Action::Resume("fault injected"),
-                    Err(stop) => Action::Stop(StopWhy::Cpu(stop)),
-                }
-            }
+            Err(vmm_core::cpu::Fault::Raise(event)) => self.deliver(event, "fault injected"),
             Err(vmm_core::cpu::Fault::Stop(stop)) => Action::Stop(StopWhy::Cpu(stop)),
         }
     }

@@ -48,17 +48,10 @@ impl Vm {
                 Action::Stop(StopWhy::Mmu(reason)),
                 TrapKind::PageFault(PageFaultOutcome::Stop),
             ),
-            FaultOutcome::Reflect(pf) => {
-                let action = match vmm_core::cpu::deliver(
-                    &mut self.cpu,
-                    &mut self.mmu,
-                    Event::page_fault(pf),
-                ) {
-                    Ok(_) => Action::Resume("#PF reflected"),
-                    Err(stop) => Action::Stop(StopWhy::Cpu(stop)),
-                };
-                (action, TrapKind::PageFault(PageFaultOutcome::Reflect))
-            }
+            FaultOutcome::Reflect(pf) => (
+                self.deliver(Event::page_fault(pf), "#PF reflected"),
+                TrapKind::PageFault(PageFaultOutcome::Reflect),
+            ),
             FaultOutcome::EmulatePageTableWrite { gpa } => {
                 // A table of an address space that is not running: the guest is recycling its
                 // frame; drop those shadows and let the store run natively. A guest user program
