@@ -1,5 +1,6 @@
 //! The P2M: guest frame number -> host frame, allocated and zeroed the first time the guest (or
-//! the VMM on its behalf) touches a frame (DESIGN.md "Memory"; the article's "VMM 分配一页物理内存").
+//! the VMM on its behalf) touches a frame (docs/design.md, "Memory layout"; the article's
+//! "VMM 分配一页物理内存").
 //!
 //! Guest-physical memory is `[0, ram_bytes)`. An address outside it is a typed
 //! [`MemoryError::OutsideRam`], which the fault path turns into a stop reason today (an MMIO hook

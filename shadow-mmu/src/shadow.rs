@@ -1,4 +1,5 @@
-//! Shadow page tables: what the real CPU walks while the guest runs (DESIGN.md "Memory").
+//! Shadow page tables: what the real CPU walks while the guest runs (docs/design.md, "Shadow
+//! page tables").
 //!
 //! For each guest address space (keyed by guest CR3) there are two shadow roots:
 //! - the **kernel view**, used while the guest is at virtual CPL 0: guest supervisor *and* user

@@ -26,8 +26,8 @@ pub struct PagingMode {
 }
 
 impl PagingMode {
-    /// The guest entry state of DESIGN.md (CR0.WP = 1, EFER.NXE = 1, CR4.PGE = 0) with
-    /// MAXPHYADDR 40, QEMU's default for its TCG CPUs.
+    /// The guest entry state of docs/guest-contract.md (CR0.WP = 1, EFER.NXE = 1, CR4.PGE = 0)
+    /// with MAXPHYADDR 40, QEMU's default for its TCG CPUs.
     pub const ENTRY: PagingMode = PagingMode {
         cr0_wp: true,
         efer_nxe: true,

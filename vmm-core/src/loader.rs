@@ -1,8 +1,9 @@
 //! The guest loader: validates a guest ELF and builds the guest entry state in guest memory.
 //!
-//! Any guest that keeps the entry contract of `boot` (see `boot/src/lib.rs` and DESIGN.md,
-//! "Entry state, exactly") can be run, so the image is untrusted input: every field is checked
-//! and every failure is a [`LoadError`] that names the problem, never a panic.
+//! Any guest that keeps the entry contract of `boot` (see `boot/src/lib.rs` and
+//! docs/guest-contract.md, "The state at `e_entry`") can be run, so the image is untrusted
+//! input: every field is checked and every failure is a [`LoadError`] that names the problem,
+//! never a panic.
 //!
 //! What [`load_guest`] writes into guest-physical memory:
 //! - every `PT_LOAD` segment at its `p_paddr` (file bytes, then zeros up to `p_memsz`);

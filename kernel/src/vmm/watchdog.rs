@@ -1,6 +1,6 @@
 //! The no-progress watchdog (host option `watchdog=`): stops a guest that is hung (`jmp $`,
 //! `cli` and a loop, a trapping instruction in a loop that goes nowhere) instead of letting the
-//! machine spin forever. The guide's "`cli; jmp $`" case.
+//! machine spin forever. The classic "`cli; jmp $`" hang.
 
 /// Detects a guest that makes no progress, sampled at every host timer tick that interrupts
 /// it. It is stopped when, for `limit` consecutive ticks, everything it did (every trap and
