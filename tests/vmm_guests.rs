@@ -709,3 +709,16 @@ fn mov_ss_and_mov_ds_privilege_checks_but_the_known_wrong_ones_under_the_vmm() {
         cpu_correct(&run, &lines);
     }
 }
+
+#[test]
+fn a_guest_cannot_exit_with_the_hosts_own_codes() {
+    // 0x12 would read as a host panic and 0x13 as a stop by the VMM: the guest's claim is
+    // reported and turned into a guest failure (status 1).
+    for code in ["exit=0x12", "exit=0x13", "exit=0x14"] {
+        let run = vmm_guest("hello", &[code]);
+        run.expect_status(1);
+        run.expect_line("one of the host's own: reported as a guest failure (0x11)");
+    }
+    // Its own codes pass through.
+    vmm_guest("hello", &["exit=0x11"]).expect_status(1);
+}

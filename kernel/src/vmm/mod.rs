@@ -203,7 +203,7 @@ pub fn handle_guest_trap(frame: &mut TrapFrame) {
         Action::Resume(_) => {}
         Action::Exit(code) => {
             report(vm);
-            crate::exit::exit(code)
+            crate::exit::exit(guest_exit_code(code))
         }
         Action::Stop(why) => {
             let vm = guard.take();
@@ -213,6 +213,21 @@ pub fn handle_guest_trap(frame: &mut TrapFrame) {
             }
             stop_without_vm(frame)
         }
+    }
+}
+
+/// The exit code the run ends with when the guest wrote `code` to the isa-debug-exit port: its
+/// own, except the codes that mean the host (a host panic, a stop by the VMM, a configuration
+/// error), which a guest must not be able to fake: those become a guest failure, said so.
+fn guest_exit_code(code: u32) -> u32 {
+    use boot::exit_code::{CONFIG_ERROR, FAILURE, GUEST_STOPPED, HOST_PANIC};
+    if matches!(code, HOST_PANIC | GUEST_STOPPED | CONFIG_ERROR) {
+        crate::serial::write_line(format_args!(
+            "[vmm] the guest wrote exit code {code:#x}, one of the host's own: reported as a guest failure ({FAILURE:#x})"
+        ));
+        FAILURE
+    } else {
+        code
     }
 }
 
