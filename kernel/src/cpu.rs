@@ -110,7 +110,8 @@ extern "C" {
 /// start disabled: they follow the guest's own settings ([`set_syscall_enabled`],
 /// [`set_sysenter_enabled`]).
 pub fn enable_fast_syscall_entries() {
-    const FMASK: u64 = (1 << 9) | (1 << 8) | (1 << 10) | (1 << 18);
+    use vmm_core::cpu::state::rflags;
+    const FMASK: u64 = rflags::IF | rflags::TF | rflags::DF | rflags::AC;
     let star = u64::from(crate::gdt::HOST_CODE) << 32;
     // SAFETY: the stubs build a TrapFrame on the trap stack and enter the dispatcher; the
     // selectors are the host's 64-bit code and data; SCE only enables SYSCALL, which the host

@@ -54,7 +54,7 @@ impl TrapFrame {
     /// mode, but QEMU's TCG lets a 32-bit IRET at CPL 3 set RFLAGS.VM there: only the guest
     /// can have done that, and its frame carries real-mode selectors (CS RPL 0).
     pub fn interrupted_vm86(&self) -> bool {
-        self.rflags & (1 << 17) != 0
+        self.rflags & vmm_core::cpu::state::rflags::VM != 0
     }
 }
 
@@ -358,7 +358,7 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
             // SYSENTER does not clear TF (SDM Vol. 2B): a guest that single-steps into it
             // traps once in our stub. Finish the stub without TF, and tell the VMM, which
             // gives the guest its single-step trap at its own SYSENTER handler.
-            frame.rflags &= !(1 << 8);
+            frame.rflags &= !vmm_core::cpu::state::rflags::TF;
             SYSENTER_SINGLE_STEP.store(true, Ordering::Relaxed);
         }
         vector::PAGE_FAULT if frame.rip == core::ptr::addr_of!(fixup_copy_insn) as u64 => {

@@ -232,7 +232,8 @@ impl Vm {
     pub(super) fn follow_guest_controls(&mut self) {
         // A guest that has not set SYSENTER_CS must see SYSENTER fault with #GP at the
         // instruction: the real SYSENTER would lose its RIP, so it is disabled until then.
-        let sysenter_on = self.cpu.msr.sysenter_cs & 0xFFFC != 0;
+        let sysenter_on =
+            !vmm_core::cpu::descriptor::is_null_selector(self.cpu.msr.sysenter_cs as u16);
         if sysenter_on != self.real_sysenter_on {
             self.real_sysenter_on = sysenter_on;
             crate::cpu::set_sysenter_enabled(sysenter_on);

@@ -123,6 +123,12 @@ impl Descriptor {
     }
 }
 
+/// Whether `selector` is a null selector: index 0 in the GDT, whatever its RPL (SDM Vol. 3
+/// §3.4.2).
+pub fn is_null_selector(selector: u16) -> bool {
+    selector & !3 == 0
+}
+
 /// An IDT gate of long mode (16 bytes, SDM Vol. 3 Figure 6-8).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Gate {
