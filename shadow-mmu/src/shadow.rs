@@ -314,7 +314,8 @@ pub struct ShadowMmu<M, A> {
 }
 
 /// Consecutive emulated writes to one guest table, with no fill in between, after which it is
-/// unshadowed instead (KVM's "write flooding" heuristic uses 3).
+/// unshadowed instead (KVM's "write flooding" heuristic uses 3), unless the stores' own walk goes
+/// through it (see `write_flooded`).
 pub const WRITE_FLOOD_THRESHOLD: u32 = 4;
 
 fn slot(table: u64, idx: usize) -> HostPhysAddr {
@@ -1349,6 +1350,38 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         }
     }
 
+    /// Write flooding, for a write `t` to a write-protected guest table: a run of stores to one
+    /// guest table with no fill in between (the guest zeroing or rebuilding it) is cheaper to let
+    /// run natively than to emulate store by store. Counts the store and, from the
+    /// [`WRITE_FLOOD_THRESHOLD`]th in a row on, unshadows the table; true when it is no longer
+    /// shadowed (the caller then maps the store's page writable).
+    ///
+    /// A table that the store's own walk goes through (a guest that reaches its page tables
+    /// through a self-map, e.g. a PTE pointing at the PD of the same walk) is never unshadowed:
+    /// the shadow path that maps the store mirrors every table of its walk, so the table would
+    /// be shadowed, and write-protected, again by the very fill that maps the page, and the
+    /// store could not run natively anyway. Those stores stay emulated.
+    fn write_flooded(&mut self, t: &Translation) -> bool {
+        let gfn = t.gpa.frame_number();
+        self.write_flood = match self.write_flood {
+            Some((g, n)) if g == gfn => Some((g, n.saturating_add(1))),
+            _ => Some((gfn, 1)),
+        };
+        if !matches!(self.write_flood, Some((_, n)) if n >= WRITE_FLOOD_THRESHOLD) {
+            return false;
+        }
+        if t.used_entries().iter().any(|e| e.frame_number() == gfn) {
+            return false;
+        }
+        // The tables of the walk are not `gfn`, so the shadow path just built for the store
+        // (which mirrors exactly them) survives the unshadowing.
+        if self.unshadow_guest_table(t.gpa) {
+            self.write_flood = None;
+            return true;
+        }
+        false
+    }
+
     /// Builds the shadow path for `gva` in `view` from the guest translation `t` and writes the
     /// leaf with the rights the guest grants at the view's privilege.
     fn fill(
@@ -1417,7 +1450,13 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
             View::Kernel => t.writable || !self.mode.cr0_wp,
             View::User => t.writable,
         };
-        let protected = self.is_write_protected_gpa(t.gpa);
+        let mut protected = self.is_write_protected_gpa(t.gpa);
+        if access.kind == AccessKind::Write && protected && self.write_flooded(t) {
+            // Decided before the leaf is written, so that the leaf below is the writable one the
+            // retry needs: `Filled` promises that the shadow now allows the access (returning it
+            // over a read-only leaf cost the guest a second #PF for the same store).
+            protected = false;
+        }
         let writable = guest_allows_write && t.dirty && !protected;
         let mut v = frame.as_u64()
             | PteFlags::PRESENT.bits()
@@ -1458,20 +1497,6 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
                 .insert(at.as_u64());
         }
         if access.kind == AccessKind::Write && protected {
-            // Write flooding: a run of stores to one guest table with no fill in between (the
-            // guest zeroing or rebuilding it) is cheaper to let run natively than to emulate
-            // store by store; unshadow the table and have the guest retry.
-            let gfn = t.gpa.frame_number();
-            self.write_flood = match self.write_flood {
-                Some((g, n)) if g == gfn => Some((g, n + 1)),
-                _ => Some((gfn, 1)),
-            };
-            if matches!(self.write_flood, Some((_, n)) if n >= WRITE_FLOOD_THRESHOLD)
-                && self.unshadow_guest_table(t.gpa)
-            {
-                self.write_flood = None;
-                return Ok(FaultOutcome::Filled);
-            }
             self.stats.page_table_writes += 1;
             return Ok(FaultOutcome::EmulatePageTableWrite { gpa: t.gpa });
         }
