@@ -81,6 +81,9 @@ struct Vm {
     injected: Option<u8>,
     /// Whether the real SYSENTER currently enters the VMM (see `apply_effects`).
     real_sysenter_on: bool,
+    /// The store (guest RIP, page-table GPA) whose #PF last made the VMM unshadow everything:
+    /// the same store faulting again right after is emulated instead (see `page_fault.rs`).
+    unshadowed_for: Option<(u64, u64)>,
     /// The RIP the guest was last resumed at: a trap elsewhere means an instruction retired
     /// natively since, which ends an RF = 1 that an IRET restored (SDM Vol. 3 §17.3.1.1).
     resumed_at: u64,
@@ -142,6 +145,7 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
         real_sysenter_on: false,
         real_syscall_on: false,
         resumed_at: 0,
+        unshadowed_for: None,
         real_controls: None,
         bench_mark: (0, 0, 0),
         bench_traps: alloc::vec::Vec::new(),

@@ -58,13 +58,29 @@ impl Vm {
                 // never writes page tables, and a kernel store that is not PTE-style (PUSH,
                 // CALL, ...) means the frame was freed and reused as data: stop shadowing
                 // everything (real VMMs call this unshadowing) and retry natively too.
+                let store = (self.cpu.rip, gpa.as_u64());
+                let retried = self.unshadowed_for.take() == Some(store);
                 let action = if self.mmu.release_inactive_shadows(gpa) {
                     Action::Resume("released an inactive address space")
+                } else if retried {
+                    // Unshadowing did not let this store run: its own translation goes through
+                    // the table it writes (a self-map), so every retry protects the table
+                    // again. It is emulated whatever the CPL, or the guest stops: never a loop.
+                    match self.emulate(Cause::PageTableWrite, clock) {
+                        (Action::Stop(StopWhy::Cpu(CpuStop::NotEmulated { .. })), _) => {
+                            Action::Stop(StopWhy::Cpu(CpuStop::Unsupported(
+                                "a store to a page table its own translation goes through, of a kind the emulator does not emulate",
+                            )))
+                        }
+                        (action, _) => action,
+                    }
                 } else if self.cpu.cpl == 3 {
+                    self.unshadowed_for = Some(store);
                     self.unshadow()
                 } else {
                     match self.emulate(Cause::PageTableWrite, clock) {
                         (Action::Stop(StopWhy::Cpu(CpuStop::NotEmulated { .. })), _) => {
+                            self.unshadowed_for = Some(store);
                             self.unshadow()
                         }
                         (action, _) => action,
