@@ -87,10 +87,7 @@ impl Vm {
         loop {
             match inject(
                 &mut self.cpu,
-                &mut host::GuestAccess {
-                    mmu: &mut self.mmu,
-                    view: self.view,
-                },
+                &mut host::GuestAccess::new(&mut self.mmu, self.view),
                 &mut self.bus,
             ) {
                 Ok(Injection::Idle) => {
@@ -110,10 +107,7 @@ impl Vm {
                 }
                 Ok(Injection::WindowNeeded) => {
                     let guest_stepping = self.cpu.rflags & rflags::TF != 0;
-                    let mut mem = host::GuestAccess {
-                        mmu: &mut self.mmu,
-                        view: self.view,
-                    };
+                    let mut mem = host::GuestAccess::new(&mut self.mmu, self.view);
                     if !guest_stepping
                         && vmm_core::cpu::emulate::pushf_in_interrupt_shadow(
                             &mut self.cpu,
@@ -157,10 +151,7 @@ impl Vm {
             .gdt
             .sync(
                 &self.cpu,
-                &mut host::GuestAccess {
-                    mmu: &mut self.mmu,
-                    view: self.view,
-                },
+                &mut host::GuestAccess::new(&mut self.mmu, self.view),
                 real,
             )
             .map_err(StopWhy::Cpu)?;

@@ -80,6 +80,13 @@ pub struct GuestAccess<'a> {
     pub view: shadow_mmu::View,
 }
 
+impl<'a> GuestAccess<'a> {
+    /// Guest memory through `mmu`, with `view` the shadow view loaded in CR3.
+    pub fn new(mmu: &'a mut crate::vmm::Mmu, view: shadow_mmu::View) -> Self {
+        Self { mmu, view }
+    }
+}
+
 impl GuestAccess<'_> {
     /// Whether `[gva, gva + len)` is guest linear space (canonical, below the VMM's slot) that
     /// an access with `privilege` may try through the loaded view.

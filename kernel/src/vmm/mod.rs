@@ -357,10 +357,7 @@ impl Vm {
 
     /// Delivers `event` through the guest's IDT; `resumed` says why the guest goes on (trace).
     fn deliver(&mut self, event: Event, resumed: &'static str) -> Action {
-        let mut mem = host::GuestAccess {
-            mmu: &mut self.mmu,
-            view: self.view,
-        };
+        let mut mem = host::GuestAccess::new(&mut self.mmu, self.view);
         match vmm_core::cpu::deliver(&mut self.cpu, &mut mem, event) {
             Ok(_) => Action::Resume(resumed),
             Err(stop) => Action::Stop(StopWhy::Cpu(stop)),
@@ -370,20 +367,14 @@ impl Vm {
     /// Emulates the instruction at the guest's RIP.
     fn emulate(&mut self, cause: Cause, clock: &mut PhaseClock) -> (Action, TrapKind) {
         if self.trace_left > 0 {
-            let mut mem = host::GuestAccess {
-                mmu: &mut self.mmu,
-                view: self.view,
-            };
+            let mut mem = host::GuestAccess::new(&mut self.mmu, self.view);
             self.trace_text = vmm_core::cpu::emulate::fetch(&self.cpu, &mut mem)
                 .map(|ins| vmm_core::cpu::emulate::disassemble(&ins))
                 .ok();
         }
         let result = handle_instruction(
             &mut self.cpu,
-            &mut host::GuestAccess {
-                mmu: &mut self.mmu,
-                view: self.view,
-            },
+            &mut host::GuestAccess::new(&mut self.mmu, self.view),
             &mut self.bus,
             &RealCpu,
             cause,
@@ -454,10 +445,7 @@ impl Vm {
     ) -> Action {
         match result {
             Ok(()) if stepping => {
-                let mut mem = host::GuestAccess {
-                    mmu: &mut self.mmu,
-                    view: self.view,
-                };
+                let mut mem = host::GuestAccess::new(&mut self.mmu, self.view);
                 match vmm_core::cpu::emulate::single_step_trap(&mut self.cpu, &mut mem) {
                     Ok(_) => Action::Resume("forwarded, then single-step #DB"),
                     Err(stop) => Action::Stop(StopWhy::Cpu(stop)),
