@@ -257,28 +257,38 @@ where
         }
     };
     mark(Phase::Emulate);
-    if let Ok(flow) = result {
-        if matches!(flow, Flow::Next | Flow::Halted) {
-            cpu.rip = next;
-        }
-        // The shadow covers one instruction: it ends with this one unless this one set it.
-        if cpu.interrupt_shadow == shadow_before {
-            cpu.interrupt_shadow = None;
-        }
-        // An instruction that ends at the last canonical byte retires; the fetch of the next
-        // one is the #GP(0), a fault whose saved RIP is that non-canonical address (SDM Vol. 3
-        // §6.5 "Faults", §6.15 interrupt 13 "in 64-bit mode, a memory address in
-        // non-canonical form"; Bochs' prefetch does the same). Raised here, so the VMM never
-        // returns to the guest with a non-canonical RIP (its own IRETQ would fault at CPL 0).
-        // Every transfer that loads RIP from elsewhere (far JMP/CALL/RET, IRET, SYSRET,
-        // SYSEXIT, delivery to a gate, WRMSR of LSTAR/SYSENTER_EIP) checks first and faults
-        // at the instruction, so this is reached only by sequential execution (a HLT there
-        // takes its #GP at once instead of after the wake-up interrupt).
-        if !is_canonical(cpu.rip) {
-            return (Some(decoded), Err(Event::gp(0).into()));
-        }
-    }
+    let result = result.and_then(|flow| retire(cpu, flow, next, shadow_before));
     (Some(decoded), result)
+}
+
+/// The end of an instruction that completed with `flow`: RIP moves to `next` unless the
+/// instruction set it, and an interrupt shadow that was open before it (`shadow_before`) closes.
+fn retire(
+    cpu: &mut VCpu,
+    flow: Flow,
+    next: u64,
+    shadow_before: Option<u64>,
+) -> Result<Flow, Fault> {
+    if matches!(flow, Flow::Next | Flow::Halted) {
+        cpu.rip = next;
+    }
+    // The shadow covers one instruction: it ends with this one unless this one set it.
+    if cpu.interrupt_shadow == shadow_before {
+        cpu.interrupt_shadow = None;
+    }
+    // An instruction that ends at the last canonical byte retires; the fetch of the next
+    // one is the #GP(0), a fault whose saved RIP is that non-canonical address (SDM Vol. 3
+    // §6.5 "Faults", §6.15 interrupt 13 "in 64-bit mode, a memory address in
+    // non-canonical form"; Bochs' prefetch does the same). Raised here, so the VMM never
+    // returns to the guest with a non-canonical RIP (its own IRETQ would fault at CPL 0).
+    // Every transfer that loads RIP from elsewhere (far JMP/CALL/RET, IRET, SYSRET,
+    // SYSEXIT, delivery to a gate, WRMSR of LSTAR/SYSENTER_EIP) checks first and faults
+    // at the instruction, so this is reached only by sequential execution (a HLT there
+    // takes its #GP at once instead of after the wake-up interrupt).
+    if !is_canonical(cpu.rip) {
+        return Err(Event::gp(0).into());
+    }
+    Ok(flow)
 }
 
 /// Executes a decoded instruction. Each group of instructions is one module, and at most one
