@@ -5,7 +5,7 @@
 //! gate, switches to the stack its virtual TSS names, and builds the frame its handler expects
 //! (its own selectors, its virtual RFLAGS), so the guest kernel cannot tell it was not the CPU.
 
-use super::descriptor::Gate;
+use super::descriptor::{Descriptor, Gate};
 use super::event::{is_double_fault, vector, CpuStop, Event, EventKind};
 use super::memory::{access_fault, read_value, Fault, GuestMemory};
 use super::segments::read_descriptor;
@@ -89,12 +89,49 @@ fn deliver_once<M: GuestMemory + ?Sized>(
         cpu.cr2 = cr2;
     }
     let ext = u32::from(event.is_external());
+    let gate = read_gate(cpu, mem, event, ext)?;
+    let (code, new_cpl) = handler_code_segment(cpu, mem, &gate, ext)?;
+    let privilege_change = new_cpl < cpu.cpl;
+    let rsp = handler_stack(cpu, mem, &gate, new_cpl, ext)?;
+    let new_rsp = push_frame(cpu, mem, event, rsp, new_cpl, ext)?;
+
+    // Commit.
+    cpu.set_reg(Gpr::Rsp, new_rsp);
+    cpu.set_segment(
+        SegReg::Cs,
+        Segment {
+            selector: (gate.selector & !3) | u16::from(new_cpl),
+            cache: code,
+        },
+    );
+    if privilege_change {
+        cpu.set_segment(SegReg::Ss, Segment::null(new_cpl));
+    }
+    cpu.set_cpl(new_cpl);
+    cpu.rip = gate.offset;
+    cpu.rflags &= !(rflags::TF | rflags::NT | rflags::RF | rflags::VM);
+    if gate.is_interrupt_gate() {
+        cpu.rflags &= !rflags::IF;
+    }
+    cpu.interrupt_shadow = None;
+    cpu.halted = false;
+    Ok(())
+}
+
+/// Reads the IDT gate for `event` and checks it (SDM Vol. 3 §6.12.1): inside the IDT limit, an
+/// interrupt or trap gate, DPL ≥ CPL for INT n/INT3/INTO, present. Its faults name the IDT
+/// entry (`ext`: the event is external).
+fn read_gate<M: GuestMemory + ?Sized>(
+    cpu: &VCpu,
+    mem: &mut M,
+    event: &Event,
+    ext: u32,
+) -> Result<Gate, Fault> {
     let idt_code = (u32::from(event.vector) << 3) | 2 | ext;
     let software = matches!(
         event.kind,
         EventKind::SoftwareInterrupt | EventKind::SoftwareException
     );
-
     let offset = u64::from(event.vector) * 16;
     if offset + 15 > u64::from(cpu.idtr.limit) {
         return Err(Event::gp(idt_code).into());
@@ -122,7 +159,18 @@ fn deliver_once<M: GuestMemory + ?Sized>(
     if !gate.present {
         return Err(Event::np(idt_code).into());
     }
+    Ok(gate)
+}
 
+/// Checks the code segment the gate names (present 64-bit code, DPL ≤ CPL) and its canonical
+/// entry point; returns its descriptor and the handler's CPL (the DPL, or the CPL for
+/// conforming code).
+fn handler_code_segment<M: GuestMemory + ?Sized>(
+    cpu: &VCpu,
+    mem: &mut M,
+    gate: &Gate,
+    ext: u32,
+) -> Result<(Descriptor, u8), Fault> {
     let sel_code = u32::from(gate.selector & !3) | ext;
     if gate.selector & !3 == 0 {
         return Err(Event::gp(ext).into());
@@ -154,11 +202,21 @@ fn deliver_once<M: GuestMemory + ?Sized>(
     if !is_canonical(gate.offset) {
         return Err(Event::gp(ext).into());
     }
+    Ok((code, new_cpl))
+}
 
-    let privilege_change = new_cpl < cpu.cpl;
-    let mut rsp = if gate.ist != 0 {
+/// The stack the handler runs on (§6.14.2, §6.14.5): the gate's IST entry, else TSS.RSPn on a
+/// change to CPL `new_cpl`, else the current one; canonical (#SS otherwise) and 16-byte aligned.
+fn handler_stack<M: GuestMemory + ?Sized>(
+    cpu: &VCpu,
+    mem: &mut M,
+    gate: &Gate,
+    new_cpl: u8,
+    ext: u32,
+) -> Result<u64, Fault> {
+    let rsp = if gate.ist != 0 {
         tss_stack(cpu, mem, TSS_IST1 + 8 * u64::from(gate.ist - 1), ext)?
-    } else if privilege_change {
+    } else if new_cpl < cpu.cpl {
         tss_stack(cpu, mem, TSS_RSP0 + 8 * u64::from(new_cpl), ext)?
     } else {
         cpu.reg(Gpr::Rsp)
@@ -167,8 +225,20 @@ fn deliver_once<M: GuestMemory + ?Sized>(
         return Err(Event::ss(ext).into());
     }
     // §6.14.2: the new stack is aligned to 16 bytes before the frame is pushed.
-    rsp &= !0xF;
+    Ok(rsp & !0xF)
+}
 
+/// Writes the frame the handler expects below `rsp` (error code if any, RIP, CS, RFLAGS, RSP,
+/// SS: SDM Vol. 3 Figure 6-9) with the rights of `new_cpl`; returns the new RSP. A fault
+/// writing it is #SS(`ext`) or the #PF it was.
+fn push_frame<M: GuestMemory + ?Sized>(
+    cpu: &VCpu,
+    mem: &mut M,
+    event: &Event,
+    rsp: u64,
+    new_cpl: u8,
+    ext: u32,
+) -> Result<u64, Fault> {
     let mut frame = [0u64; 6];
     let mut n = 0;
     if let Some(code) = event.error_code {
@@ -209,26 +279,5 @@ fn deliver_once<M: GuestMemory + ?Sized>(
             Fault::Raise(ev) if ev.vector == vector::SS => Fault::Raise(Event::ss(ext)),
             other => other,
         })?;
-
-    // Commit.
-    cpu.set_reg(Gpr::Rsp, new_rsp);
-    cpu.set_segment(
-        SegReg::Cs,
-        Segment {
-            selector: (gate.selector & !3) | u16::from(new_cpl),
-            cache: code,
-        },
-    );
-    if privilege_change {
-        cpu.set_segment(SegReg::Ss, Segment::null(new_cpl));
-    }
-    cpu.set_cpl(new_cpl);
-    cpu.rip = gate.offset;
-    cpu.rflags &= !(rflags::TF | rflags::NT | rflags::RF | rflags::VM);
-    if gate.is_interrupt_gate() {
-        cpu.rflags &= !rflags::IF;
-    }
-    cpu.interrupt_shadow = None;
-    cpu.halted = false;
-    Ok(())
+    Ok(new_rsp)
 }

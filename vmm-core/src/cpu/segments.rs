@@ -255,21 +255,7 @@ pub fn iret<M: GuestMemory + ?Sized>(
     };
     let mask = mask & size_mask;
     cpu.rflags = (cpu.rflags & !mask) | (new_flags & mask) | rflags::FIXED;
-    cpu.rip = new_rip;
-    cpu.set_segment(
-        SegReg::Cs,
-        Segment {
-            selector: cs,
-            cache: code,
-        },
-    );
-    cpu.set_segment(SegReg::Ss, stack);
-    cpu.set_reg(Gpr::Rsp, new_rsp);
-    let outward = rpl > cpu.cpl;
-    cpu.set_cpl(rpl);
-    if outward {
-        null_inaccessible_data_segments(cpu);
-    }
+    commit_return(cpu, new_rip, cs, code, Some(stack), new_rsp);
     Ok(())
 }
 
@@ -309,6 +295,22 @@ pub fn far_return<M: GuestMemory + ?Sized>(
     if !is_canonical(new_rip) {
         return Err(Event::gp(0).into());
     }
+    commit_return(cpu, new_rip, cs, code, stack, new_rsp);
+    Ok(())
+}
+
+/// The register changes of a far RET or IRET, once every check passed: RIP, CS (whose RPL is
+/// the new CPL), SS if one was popped, RSP; on a return to an outer level, the data segments
+/// the new CPL may not use are nulled.
+fn commit_return(
+    cpu: &mut VCpu,
+    new_rip: u64,
+    cs: u16,
+    code: Descriptor,
+    stack: Option<Segment>,
+    new_rsp: u64,
+) {
+    let rpl = (cs & 3) as u8;
     cpu.rip = new_rip;
     cpu.set_segment(
         SegReg::Cs,
@@ -326,7 +328,6 @@ pub fn far_return<M: GuestMemory + ?Sized>(
     if outward {
         null_inaccessible_data_segments(cpu);
     }
-    Ok(())
 }
 
 /// Far JMP or CALL through memory (`m16:32`/`m16:64`) to a code segment at the same
