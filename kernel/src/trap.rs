@@ -94,75 +94,50 @@ impl fmt::Display for TrapFrame {
 
 /// Exception vectors by their manual names (SDM vol. 3 §6.3.1, table 6-1).
 pub mod vector {
+    use vmm_core::cpu::event::vector as sdm;
+
     /// NMI.
-    pub const NMI: u64 = 2;
-    /// #BP breakpoint (INT3).
-    pub const BREAKPOINT: u64 = 3;
-    /// #DF double fault.
-    pub const DOUBLE_FAULT: u64 = 8;
-    /// #NP segment not present.
-    pub const SEGMENT_NOT_PRESENT: u64 = 11;
-    /// #SS stack-segment fault.
-    pub const STACK_FAULT: u64 = 12;
-    /// #GP general protection.
-    pub const GENERAL_PROTECTION: u64 = 13;
-    /// #PF page fault.
-    pub const PAGE_FAULT: u64 = 14;
+    pub const NMI: u64 = sdm::NMI as u64;
     /// #DB debug.
-    pub const DEBUG: u64 = 1;
+    pub const DEBUG: u64 = sdm::DB as u64;
+    /// #BP breakpoint (INT3).
+    pub const BREAKPOINT: u64 = sdm::BP as u64;
     /// #UD invalid opcode.
-    pub const INVALID_OPCODE: u64 = 6;
+    pub const INVALID_OPCODE: u64 = sdm::UD as u64;
+    /// #DF double fault.
+    pub const DOUBLE_FAULT: u64 = sdm::DF as u64;
+    /// #NP segment not present.
+    pub const SEGMENT_NOT_PRESENT: u64 = sdm::NP as u64;
+    /// #SS stack-segment fault.
+    pub const STACK_FAULT: u64 = sdm::SS as u64;
+    /// #GP general protection.
+    pub const GENERAL_PROTECTION: u64 = sdm::GP as u64;
+    /// #PF page fault.
+    pub const PAGE_FAULT: u64 = sdm::PF as u64;
+    /// #MC machine check.
+    pub const MACHINE_CHECK: u64 = sdm::MC as u64;
     /// Pseudo-vector of a SYSCALL from the guest (`syscall_entry` in asm/trap_entry.S).
     pub const SYSCALL: u64 = 256;
     /// Pseudo-vector of a SYSENTER from the guest (`sysenter_entry`).
     pub const SYSENTER: u64 = 257;
-    /// #MC machine check.
-    pub const MACHINE_CHECK: u64 = 18;
     /// First vector of the remapped master 8259 (IRQ 0, the PIT).
     pub const IRQ_BASE: u64 = 0x20;
 }
 
-const EXCEPTION_NAMES: [&str; 32] = [
-    "#DE divide error",
-    "#DB debug",
-    "NMI",
-    "#BP breakpoint",
-    "#OF overflow",
-    "#BR bound range",
-    "#UD invalid opcode",
-    "#NM device not available",
-    "#DF double fault",
-    "coprocessor segment overrun",
-    "#TS invalid TSS",
-    "#NP segment not present",
-    "#SS stack fault",
-    "#GP general protection",
-    "#PF page fault",
-    "reserved (15)",
-    "#MF x87 error",
-    "#AC alignment check",
-    "#MC machine check",
-    "#XM SIMD exception",
-    "#VE virtualization exception",
-    "#CP control protection",
-    "reserved (22)",
-    "reserved (23)",
-    "reserved (24)",
-    "reserved (25)",
-    "reserved (26)",
-    "reserved (27)",
-    "#HV hypervisor injection",
-    "#VC VMM communication",
-    "#SX security exception",
-    "reserved (31)",
-];
-
-/// The manual's name for an exception vector, or "interrupt" for vectors 32..=255.
-pub fn vector_name(vector: u64) -> &'static str {
-    EXCEPTION_NAMES
-        .get(vector as usize)
-        .copied()
-        .unwrap_or("interrupt")
+/// The manual's mnemonic and name for an exception vector (vmm-core's exception table), "reserved"
+/// for the others below 32, or "interrupt" for vectors 32..=255.
+pub fn vector_name(vector: u64) -> impl fmt::Display {
+    struct Name(u64);
+    impl fmt::Display for Name {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            match u8::try_from(self.0).ok().and_then(vmm_core::cpu::exception::exception) {
+                Some(e) => write!(f, "{} {}", e.mnemonic, e.name),
+                None if self.0 < 32 => write!(f, "reserved ({})", self.0),
+                None => f.write_str("interrupt"),
+            }
+        }
+    }
+    Name(vector)
 }
 
 /// A 64-bit IDT gate descriptor (SDM vol. 3 §6.14.1, figure 6-8).

@@ -64,29 +64,7 @@ pub enum TrapKind {
 
 /// The SDM's mnemonic for exception `vector` (SDM vol. 3, table 6-1), if it has one.
 pub fn exception_mnemonic(vector: u8) -> Option<&'static str> {
-    Some(match vector {
-        0 => "#DE",
-        1 => "#DB",
-        2 => "NMI",
-        3 => "#BP",
-        4 => "#OF",
-        5 => "#BR",
-        6 => "#UD",
-        7 => "#NM",
-        8 => "#DF",
-        10 => "#TS",
-        11 => "#NP",
-        12 => "#SS",
-        13 => "#GP",
-        14 => "#PF",
-        16 => "#MF",
-        17 => "#AC",
-        18 => "#MC",
-        19 => "#XM",
-        20 => "#VE",
-        21 => "#CP",
-        _ => return None,
-    })
+    crate::cpu::exception::exception(vector).map(|e| e.mnemonic)
 }
 
 impl fmt::Display for TrapKind {

@@ -19,7 +19,9 @@
 .global trap_stubs
 trap_stubs:
 /* Vectors for which the CPU pushes an error code (SDM vol. 3 §6.15): #DF, #TS, #NP, #SS, #GP,
- * #PF, #AC, #CP, #VC, #SX. Every stub is at most 16 bytes long. */
+ * #PF, #AC, #CP, #VC, #SX — the `error_code` column of vmm-core's exception table
+ * (vmm-core/src/cpu/exception.rs), which the boot self-check `error-code-vectors` compares with
+ * these stubs. Every stub is at most 16 bytes long. */
 .set trap_vector, 0
 .rept 256
     .balign 16

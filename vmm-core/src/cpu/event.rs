@@ -3,6 +3,7 @@
 //! Vectors and error-code rules follow SDM Vol. 3 §6.3 (sources), §6.13 (error code) and
 //! §6.15 (the exception reference).
 
+use super::exception::{exception, Kind};
 use core::fmt;
 use shadow_mmu::shadow::StopReason;
 use shadow_mmu::PageFault;
@@ -167,19 +168,7 @@ impl Event {
     /// §6.13, Table 6-1): #DF, #TS, #NP, #SS, #GP, #PF, #AC, #CP, and AMD's #VC and #SX (the
     /// host's entry stubs treat the same set as hardware-pushed).
     pub fn vector_has_error_code(vector: u8) -> bool {
-        matches!(
-            vector,
-            vector::DF
-                | vector::TS
-                | vector::NP
-                | vector::SS
-                | vector::GP
-                | vector::PF
-                | vector::AC
-                | vector::CP
-                | vector::VC
-                | vector::SX
-        )
+        exception(vector).is_some_and(|e| e.error_code)
     }
 
     /// The class of this event for the double-fault rules.
@@ -187,13 +176,7 @@ impl Event {
         if self.kind != EventKind::Exception {
             return ExceptionClass::Benign;
         }
-        match self.vector {
-            vector::DE | vector::TS | vector::NP | vector::SS | vector::GP => {
-                ExceptionClass::Contributory
-            }
-            vector::PF => ExceptionClass::PageFault,
-            _ => ExceptionClass::Benign,
-        }
+        exception(self.vector).map_or(ExceptionClass::Benign, |e| e.class)
     }
 
     /// Whether it is a fault-class exception (SDM Vol. 3 Table 6-1): the return address is the
@@ -204,23 +187,7 @@ impl Event {
     /// is). #BP/#OF are traps, #DF and #MC aborts.
     pub fn is_fault(&self) -> bool {
         self.kind == EventKind::Exception
-            && matches!(
-                self.vector,
-                vector::DE
-                    | vector::BR
-                    | vector::UD
-                    | vector::NM
-                    | vector::TS
-                    | vector::NP
-                    | vector::SS
-                    | vector::GP
-                    | vector::PF
-                    | vector::MF
-                    | vector::AC
-                    | vector::XM
-                    | vector::VE
-                    | vector::CP
-            )
+            && exception(self.vector).is_some_and(|e| e.kind == Kind::Fault)
     }
 
     /// Whether a fault while delivering it sets EXT (bit 0) in the new fault's error code: the
@@ -314,7 +281,11 @@ mod tests {
     #[test]
     fn fault_class_exceptions() {
         for v in 0..32u8 {
-            let expected = matches!(v, 0 | 5 | 6 | 7 | 10..=14 | 16 | 17 | 19 | 20 | 21);
+            // AMD's #VC and #SX are faults too (AMD APM Vol. 2 §8.2).
+            let expected = matches!(
+                v,
+                0 | 5 | 6 | 7 | 10..=14 | 16 | 17 | 19 | 20 | 21 | 29 | 30
+            );
             assert_eq!(Event::exception(v).is_fault(), expected, "vector {v}");
         }
         assert!(!Event::software(13, 2).is_fault(), "INT 13 is not a fault");
