@@ -10,9 +10,9 @@
 //!    table) through the self-map, then 16 PTE stores in a row to the new table, reads through
 //!    all 16 new mappings, 16 stores in a row remapping them (the table now in use, so
 //!    write-protected by a shadowing VMM) and reads, remaps each again (PTE store, INVLPG,
-//!    read), and 8 + 8 stores in a row to
-//!    the PML4 through `K:K:K:K` (each store's own translation goes through the very table it
-//!    writes), with reads through the 8 new PML4 slots before they are cleared again;
+//!    read), and 8 + 8 stores in a row to the PML4 through `K:K:K:K` (each store's own
+//!    translation goes through the very table it writes), with reads through the 8 new PML4
+//!    slots before they are cleared again (then a read through each is a #PF);
 //! 2. user mode: the kernel makes the self-map entry user-accessible by a store through the
 //!    self-map to that entry itself (its own translation uses it), then a CPL-3 program stores
 //!    8 PTEs (user, writable) of its own address space through the self-map and reads and writes
@@ -32,7 +32,7 @@
 use core::ptr::addr_of;
 
 use test_guests::machine::{self, Frame, Page, PTE_P, PTE_U, PTE_W};
-use test_guests::{exit, println, ring3};
+use test_guests::{exit, println, probe, ring3};
 
 /// The self-map slot of the PML4 (the first of the upper half: 0xFFFF_8000_0000_0000).
 const K: u64 = 256;
@@ -164,7 +164,20 @@ fn handler(frame: &mut Frame) {
     if ring3::catch(frame) {
         return;
     }
-    machine::unexpected(frame)
+    if !probe::record(frame) {
+        machine::unexpected(frame)
+    }
+    probe::skip(frame);
+}
+
+/// Reads `a` at CPL 0: the #PF error code, or `u64::MAX` when there was no #PF there.
+fn read_fault(a: u64) -> u64 {
+    let o = probe!("mov {v}, qword ptr [{p}]"; p = in(reg) a, v = out(reg) _,);
+    if o.traps == 1 && o.vector == 14 && o.at_insn {
+        o.error
+    } else {
+        u64::MAX
+    }
 }
 
 // The user program: stores `count` quadwords from `values` at `entries` (PTEs, through the
@@ -358,11 +371,25 @@ fn phase1(root: u64) -> bool {
         invlpg((s << 39) + VA + (s - 2) * 4096);
         c.entry("cleared PML4 entry", s, rd(root + 8 * s), 0);
         c.entry("cleared PML4 entry through K:K:K:K", s, rd(pml4e_at(s)), 0);
+        // A read through the cleared slot: #PF(0), a supervisor read of a not-present page.
+        let a = (s << 39) + data((s - 2) as usize);
+        c.eq(
+            "#PF error code of a read through a cleared slot",
+            s,
+            read_fault(a),
+            0,
+        );
+        c.eq(
+            "CR2 of a read through a cleared slot",
+            s,
+            machine::read_cr2(),
+            a,
+        );
     }
     c.report(
         "1 (kernel)",
         format_args!(
-            "self-map PML4[{K}] (supervisor); a PDPT entry and a PDE, 16 PTE stores in a row then 16 reads, 16 remapping stores in a row then INVLPG and 16 reads, 16 remaps each with INVLPG and a read, 8+8 stores in a row to the PML4 through its own self-map with reads through the 8 new slots"
+            "self-map PML4[{K}] (supervisor); a PDPT entry and a PDE, 16 PTE stores in a row then 16 reads, 16 remapping stores in a row then INVLPG and 16 reads, 16 remaps each with INVLPG and a read, 8+8 stores in a row to the PML4 through its own self-map with reads through the 8 new slots and a #PF through each cleared one"
         ),
     )
 }
