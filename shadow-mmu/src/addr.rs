@@ -8,12 +8,23 @@ use core::fmt;
 
 /// Size of a 4 KiB page.
 pub const PAGE_SIZE: u64 = 4096;
+/// log2 of [`PAGE_SIZE`]: the page offset is bits 11:0 of a linear address.
+const PAGE_SHIFT: u64 = 12;
+/// Bits of linear address each paging level translates (§4.5: 512 entries per table).
+const TABLE_INDEX_BITS: u64 = 9;
 
 /// Returns true when `addr` is canonical for 48-bit linear addresses: bits 63..47 all equal
 /// (SDM vol. 1 §3.3.7.1).
 pub const fn is_canonical(addr: u64) -> bool {
     let top = addr >> 47;
     top == 0 || top == 0x1_ffff
+}
+
+/// Index into the page table at `level` (4 = PML4, 3 = PDPT, 2 = PD, 1 = PT) that translates the
+/// linear address `addr`, 0..512 (SDM vol. 3 §4.5, figure 4-8).
+pub const fn table_index(addr: u64, level: u8) -> usize {
+    let shift = PAGE_SHIFT + TABLE_INDEX_BITS * (level as u64 - 1);
+    ((addr >> shift) & ((1 << TABLE_INDEX_BITS) - 1)) as usize
 }
 
 /// A guest-virtual (linear) address, as the guest's code and page tables see it.
@@ -58,7 +69,7 @@ impl GuestVirtAddr {
 
     /// Index into the page table at `level` (4 = PML4, 3 = PDPT, 2 = PD, 1 = PT), 0..512.
     pub const fn table_index(self, level: u8) -> usize {
-        ((self.0 >> (12 + 9 * (level as u64 - 1))) & 0x1ff) as usize
+        table_index(self.0, level)
     }
 }
 

@@ -8,7 +8,8 @@
 //! - the **user view**, used while the guest is at virtual CPL 3: guest user pages only, so guest
 //!   processes still cannot touch guest-kernel memory (ring compression made safe).
 //!
-//! PML4 slot 511 of every shadow root is the VMM's: a copy of the caller's entry, supervisor-only.
+//! PML4 slot [`VMM_PML4_SLOT`] (511) of every shadow root is the VMM's: a copy of the caller's
+//! entry, supervisor-only.
 //!
 //! Shadow entries are filled on #PF from a fresh guest walk ([`ShadowMmu::handle_page_fault`]).
 //! The rules this module keeps (SDM vol. 3 §4.6-§4.10):
@@ -34,7 +35,7 @@
 //!
 //! The roots that may be in the real CR3 during a call (those of the current guest CR3) are never
 //! freed by that call, so their frames cannot be reused and zeroed under the running CPU (the VMM
-//! itself runs on them, through slot 511). Contract for the kernel: after `load_cr3`,
+//! itself runs on them, through the VMM slot). Contract for the kernel: after `load_cr3`,
 //! `set_policy`, or when `take_tlb_flush()` is true, load `current_root(view)` into the real CR3
 //! before resuming the guest.
 
@@ -44,21 +45,27 @@ use alloc::vec::Vec;
 use crate::addr::{GuestPhysAddr, GuestVirtAddr, HostPhysAddr, PageFaultErrorCode, PAGE_SIZE};
 use crate::machine::{FrameAllocator, HostMemory};
 use crate::p2m::{GuestRam, MemoryError, P2m};
-use crate::pte::{phys_reserved_mask, PageTableEntry, PteFlags, ADDRESS_MASK, PTE_PAT};
+use crate::pte::{
+    cr3_pml4, entry_index, entry_offset, PageTableEntry, PteFlags, ENTRIES_PER_TABLE, ENTRY_SIZE,
+    PTE_PAT,
+};
 use crate::walk::{
     walk, Access, AccessKind, PageFault, PagingMode, Privilege, Translation, WalkError,
 };
 
+/// First linear address of the VMM's slot: the guest must never map or touch it. The one
+/// definition is the boot protocol's ([`boot::VMM_RESERVED_VA_START`]), which the loader tells
+/// the guest.
+pub const VMM_RANGE_START: u64 = boot::VMM_RESERVED_VA_START;
 /// The PML4 slot that belongs to the VMM in every shadow root (linear addresses
-/// `0xFFFF_FF80_0000_0000..`).
-pub const VMM_PML4_SLOT: usize = 511;
-/// First linear address of the VMM's slot: the guest must never map or touch it.
-pub const VMM_RANGE_START: u64 = 0xFFFF_FF80_0000_0000;
+/// [`VMM_RANGE_START`]`..`): 511, the last one (the article's address-space compression).
+pub const VMM_PML4_SLOT: usize = crate::addr::table_index(VMM_RANGE_START, 4);
+// The reserved range is exactly one whole PML4 slot, up to the top of the address space.
+const _: () = assert!(VMM_RANGE_START == 0xFFFF_0000_0000_0000 | ((VMM_PML4_SLOT as u64) << 39));
 /// The smallest shadow quota that always lets a fill succeed after reclaim: two roots plus three
 /// tables below each.
 pub const MIN_SHADOW_QUOTA: usize = 8;
 
-const ENTRIES: usize = 512;
 /// Flags of a non-leaf shadow entry: every right granted, the leaf decides.
 const SHADOW_TABLE_FLAGS: u64 = PteFlags::PRESENT.bits()
     | PteFlags::READ_WRITE.bits()
@@ -97,7 +104,7 @@ pub enum Policy {
 /// Why the guest cannot continue; the kernel reports it and stops the guest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StopReason {
-    /// The guest touched the VMM's linear range (PML4 slot 511) through a mapping of its own
+    /// The guest touched the VMM's linear range ([`VMM_PML4_SLOT`]) through a mapping of its own
     /// there, which it is told never to make (without one, it just gets its #PF).
     VmmRange {
         /// The address it touched.
@@ -189,7 +196,7 @@ pub struct MmuConfig {
     pub shadow_quota: usize,
     /// Initial policy.
     pub policy: Policy,
-    /// A host PML4 whose slot 511 (the VMM's mappings) is copied into every shadow root.
+    /// A host PML4 whose slot [`VMM_PML4_SLOT`] (the VMM's mappings) is copied into every shadow root.
     pub vmm_root: HostPhysAddr,
     /// Initial guest paging mode.
     pub mode: PagingMode,
@@ -319,7 +326,7 @@ pub struct ShadowMmu<M, A> {
 pub const WRITE_FLOOD_THRESHOLD: u32 = 4;
 
 fn slot(table: u64, idx: usize) -> HostPhysAddr {
-    HostPhysAddr::new(table + idx as u64 * 8)
+    HostPhysAddr::new(table + entry_offset(idx))
 }
 
 impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
@@ -575,7 +582,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
             let points_here =
                 PageTableEntry(self.mem.read_u64(HostPhysAddr::new(at))).addr() == hpa;
             if points_here {
-                self.zap_entry(at & !(PAGE_SIZE - 1), ((at % PAGE_SIZE) / 8) as usize);
+                self.zap_entry(at & !(PAGE_SIZE - 1), entry_index(at));
             }
         }
         self.stats.unshadowed_tables += 1;
@@ -595,7 +602,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         if self.policy != Policy::Cached || len == 0 {
             return;
         }
-        let start = gpa.as_u64() & !7;
+        let start = gpa.as_u64() & !(ENTRY_SIZE - 1);
         let end = gpa.as_u64().saturating_add(len as u64);
         let mut at = start;
         while at < end {
@@ -606,7 +613,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
                 continue;
             };
             let list = list.clone();
-            let idx = ((at % PAGE_SIZE) / 8) as usize;
+            let idx = entry_index(at);
             for table in list {
                 let Some(page) = self.pages.get(&table) else {
                     continue;
@@ -618,7 +625,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
                     self.stats.zaps += 1;
                 }
             }
-            at += 8;
+            at += ENTRY_SIZE;
         }
     }
 
@@ -973,7 +980,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
                 at: table,
             });
         }
-        for idx in 0..ENTRIES {
+        for idx in 0..ENTRIES_PER_TABLE {
             if level == 4 && idx == VMM_PML4_SLOT {
                 continue;
             }
@@ -1006,7 +1013,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
     // ----- internals -----
 
     fn cr3_key(&self, cr3: u64) -> u64 {
-        cr3 & ADDRESS_MASK & !phys_reserved_mask(self.mode.max_phys_bits)
+        cr3_pml4(cr3, self.mode.max_phys_bits)
     }
 
     fn stop(&mut self, reason: StopReason) -> FaultOutcome {
@@ -1040,11 +1047,15 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
 
     /// A guest PML4 that maps the VMM's slot is never honoured; say so.
     fn check_guest_vmm_slot(&mut self, key: u64) {
-        let gpa = GuestPhysAddr::new(key + VMM_PML4_SLOT as u64 * 8);
-        let mut b = [0u8; 8];
-        if self.p2m.read(gpa, &mut b, &self.mem).is_ok() && u64::from_le_bytes(b) & 1 != 0 {
+        let gpa = GuestPhysAddr::new(key + entry_offset(VMM_PML4_SLOT));
+        let mut b = [0u8; ENTRY_SIZE as usize];
+        if self.p2m.read(gpa, &mut b, &self.mem).is_ok()
+            && PageTableEntry(u64::from_le_bytes(b)).is_present()
+        {
             self.stats.guest_vmm_slot_mappings += 1;
-            log::warn!("shadow-mmu: guest CR3 {key:#x} maps PML4 slot 511 (the VMM's); ignored");
+            log::warn!(
+                "shadow-mmu: guest CR3 {key:#x} maps PML4 slot {VMM_PML4_SLOT} (the VMM's); ignored"
+            );
         }
     }
 
@@ -1139,7 +1150,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
                 continue;
             };
             let has_children = [pair.kernel, pair.user].iter().any(|r| {
-                (0..ENTRIES)
+                (0..ENTRIES_PER_TABLE)
                     .filter(|i| *i != VMM_PML4_SLOT)
                     .any(|i| PageTableEntry(self.mem.read_u64(slot(r.as_u64(), i))).is_present())
             });
@@ -1262,7 +1273,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         let Some(page) = self.pages.remove(&hpa) else {
             return;
         };
-        for idx in 0..ENTRIES {
+        for idx in 0..ENTRIES_PER_TABLE {
             if page.level == 4 && idx == VMM_PML4_SLOT {
                 continue;
             }
@@ -1291,7 +1302,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
 
     /// Clears every guest slot of a root (its tables are freed; the VMM slot stays).
     fn clear_root(&mut self, root: u64) {
-        for idx in 0..ENTRIES {
+        for idx in 0..ENTRIES_PER_TABLE {
             if idx != VMM_PML4_SLOT {
                 self.zap_entry(root, idx);
             }
@@ -1303,7 +1314,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
     fn retain_globals(&mut self, table: u64) -> bool {
         let level = self.pages.get(&table).map_or(1, |p| p.level);
         let mut kept = false;
-        for idx in 0..ENTRIES {
+        for idx in 0..ENTRIES_PER_TABLE {
             if level == 4 && idx == VMM_PML4_SLOT {
                 continue;
             }

@@ -9,7 +9,7 @@
 
 use crate::addr::{GuestPhysAddr, GuestVirtAddr, PageFaultErrorCode};
 use crate::p2m::{GuestPhysMemory, MemoryError};
-use crate::pte::{PageSize, PageTableEntry, PteFlags, LARGE_PAT, PTE_PAT};
+use crate::pte::{cr3_pml4, entry_offset, PageSize, PageTableEntry, PteFlags, LARGE_PAT, PTE_PAT};
 
 /// The guest control-register bits that change how a linear address is translated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -211,15 +211,14 @@ pub fn walk<G: GuestPhysMemory + ?Sized>(
     };
     let mut entries = [GuestPhysAddr::default(); 4];
     let mut values = [0u64; 4];
-    let mut table =
-        cr3 & crate::pte::ADDRESS_MASK & !crate::pte::phys_reserved_mask(mode.max_phys_bits);
+    let mut table = cr3_pml4(cr3, mode.max_phys_bits);
     let mut writable = true;
     let mut user = true;
     let mut execute_disable = false;
     let mut used = 0usize;
     let mut size = PageSize::Size4K;
     for level in (1..=4u8).rev() {
-        let at = GuestPhysAddr::new(table + gva.table_index(level) as u64 * 8);
+        let at = GuestPhysAddr::new(table + entry_offset(gva.table_index(level)));
         let e = PageTableEntry(mem.read_u64(at).map_err(WalkError::Memory)?);
         entries[used] = at;
         values[used] = e.0;
