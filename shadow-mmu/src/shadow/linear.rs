@@ -1,0 +1,220 @@
+//! Linear memory for the instruction emulator: [`ShadowMmu::translate`],
+//! [`ShadowMmu::read_linear`] and [`ShadowMmu::write_linear`] (page-crossing, every page
+//! translated before any byte moves, A/D set like hardware, SDM vol. 3 §4.8), served from the
+//! shadow itself when it already maps the access ([`ShadowMmu::shadow_lookup`], the emulator's
+//! software TLB).
+//!
+//! Part of the "页表虚拟化" challenge: the emulator must see guest memory exactly as the guest's
+//! own tables map it, at the guest's *virtual* privilege, and its stores to guest page tables
+//! must zap the shadows that depend on them.
+
+use alloc::vec::Vec;
+
+use crate::addr::{GuestPhysAddr, GuestVirtAddr, HostPhysAddr, PAGE_SIZE};
+use crate::machine::{FrameAllocator, HostMemory};
+use crate::pte::{PageTableEntry, PteFlags};
+use crate::walk::{Access, AccessKind, Privilege, Translation, WalkError};
+
+use super::{slot, ShadowMmu, StopReason, TranslateError, View, VMM_PML4_SLOT};
+
+/// What the shadow maps at a linear address (for tests and the kernel's debug dumps).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShadowMapping {
+    /// The host frame of the 4 KiB page.
+    pub frame: HostPhysAddr,
+    /// Writable at CPL 3 (R/W in every level).
+    pub writable: bool,
+    /// Reachable at CPL 3 (U/S in every level).
+    pub user: bool,
+    /// XD in some level.
+    pub execute_disable: bool,
+}
+
+impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
+    /// Translates `gva` for an emulated access with the guest's current CR3 and paging mode,
+    /// setting A/D like hardware (§4.8). In the VMM's slot, the guest's own #PF when its
+    /// tables do not map it, a stop when they do (never honoured).
+    pub fn translate(
+        &mut self,
+        gva: GuestVirtAddr,
+        access: Access,
+    ) -> Result<Translation, TranslateError> {
+        match self.guest_walk(gva, access) {
+            Ok(_) if gva.table_index(4) == VMM_PML4_SLOT => {
+                Err(TranslateError::Stop(StopReason::VmmRange { gva }))
+            }
+            Ok(t) => Ok(t),
+            Err(WalkError::PageFault(pf)) => Err(TranslateError::PageFault(pf)),
+            Err(WalkError::Memory(e)) => Err(TranslateError::Stop(self.memory_stop(e, Some(gva)))),
+        }
+    }
+
+    /// Reads `buf.len()` bytes at linear address `gva` for the emulator, as data reads
+    /// (`AccessKind::Read`) or instruction fetches (`AccessKind::Fetch`) at `privilege`, across
+    /// page boundaries. Every page is translated (A bits set) before any byte is read.
+    pub fn read_linear(
+        &mut self,
+        gva: GuestVirtAddr,
+        buf: &mut [u8],
+        kind: AccessKind,
+        privilege: Privilege,
+    ) -> Result<(), TranslateError> {
+        let kind = if kind == AccessKind::Write {
+            AccessKind::Read
+        } else {
+            kind
+        };
+        if let Some(pieces) = self.shadow_hit(gva, buf.len(), kind, privilege) {
+            let mut done = 0usize;
+            for (frame, offset, len) in pieces.into_iter().flatten() {
+                let chunk = buf.get_mut(done..done + len).unwrap_or_default();
+                self.mem
+                    .read_bytes(HostPhysAddr::new(frame + offset), chunk);
+                done += len;
+            }
+            self.stats.shadow_hits += 1;
+            return Ok(());
+        }
+        let pieces = self.translate_range(gva, buf.len(), Access::new(kind, privilege))?;
+        let mut done = 0usize;
+        for (va, gpa, len) in pieces {
+            let chunk = buf.get_mut(done..done + len).unwrap_or_default();
+            self.read_guest_phys(gpa, chunk)
+                .map_err(|e| TranslateError::Stop(self.memory_stop(e, Some(va))))?;
+            done += len;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at linear address `gva` for the emulator at `privilege`, across page
+    /// boundaries: every page is translated (A/D set) before any byte is written, so a fault on
+    /// the second page leaves the first untouched. Writes to guest page tables zap their shadows
+    /// (see [`ShadowMmu::write_guest_phys`]).
+    pub fn write_linear(
+        &mut self,
+        gva: GuestVirtAddr,
+        data: &[u8],
+        privilege: Privilege,
+    ) -> Result<(), TranslateError> {
+        if let Some(pieces) = self.shadow_hit(gva, data.len(), AccessKind::Write, privilege) {
+            let mut done = 0usize;
+            for (frame, offset, len) in pieces.into_iter().flatten() {
+                let chunk = data.get(done..done + len).unwrap_or_default();
+                self.mem
+                    .write_bytes(HostPhysAddr::new(frame + offset), chunk);
+                done += len;
+            }
+            self.stats.shadow_hits += 1;
+            return Ok(());
+        }
+        let pieces =
+            self.translate_range(gva, data.len(), Access::new(AccessKind::Write, privilege))?;
+        let mut done = 0usize;
+        for (va, gpa, len) in pieces {
+            let chunk = data.get(done..done + len).unwrap_or_default();
+            self.write_guest_phys(gpa, chunk)
+                .map_err(|e| TranslateError::Stop(self.memory_stop(e, Some(va))))?;
+            done += len;
+        }
+        Ok(())
+    }
+
+    /// Translates every page of `[gva, gva + len)`: (linear address, guest-physical address,
+    /// length) per piece.
+    fn translate_range(
+        &mut self,
+        gva: GuestVirtAddr,
+        len: usize,
+        access: Access,
+    ) -> Result<Vec<(GuestVirtAddr, GuestPhysAddr, usize)>, TranslateError> {
+        let mut pieces = Vec::new();
+        let mut done = 0usize;
+        while done < len {
+            let raw = gva.as_u64().wrapping_add(done as u64);
+            let va = gva
+                .checked_add(done as u64)
+                .ok_or(TranslateError::NonCanonical(raw))?;
+            let n = ((PAGE_SIZE - va.page_offset()) as usize).min(len - done);
+            // Canonical boundaries are page-aligned: a piece inside one page is canonical iff
+            // its first byte is.
+            let t = self.translate(va, access)?;
+            pieces.push((va, t.gpa, n));
+            done += n;
+        }
+        Ok(pieces)
+    }
+
+    /// The emulator's software TLB: when the shadow of the view that stands for `privilege`
+    /// already maps every page of `[gva, gva + len)` for this access (present; writable for a
+    /// write; not execute-disabled for a fetch), the access needs no guest walk — the fill that
+    /// made the shadow entry walked the guest's tables, set A (and D, for a writable entry), and
+    /// a write-protected guest page table is never writable in the shadow. Returns the host
+    /// pieces (frame, offset, length), at most two pages; `None` means: take the walk.
+    fn shadow_hit(
+        &self,
+        gva: GuestVirtAddr,
+        len: usize,
+        kind: AccessKind,
+        privilege: Privilege,
+    ) -> Option<[Option<(u64, u64, usize)>; 2]> {
+        if len == 0 || len > PAGE_SIZE as usize {
+            return None;
+        }
+        let view = match privilege {
+            Privilege::Supervisor => View::Kernel,
+            Privilege::User => View::User,
+        };
+        let mut pieces = [None; 2];
+        let mut done = 0usize;
+        for piece in pieces.iter_mut() {
+            if done == len {
+                break;
+            }
+            let va = gva.checked_add(done as u64)?;
+            let n = ((PAGE_SIZE - va.page_offset()) as usize).min(len - done);
+            let m = self.shadow_lookup(view, va)?;
+            let allowed = match kind {
+                AccessKind::Read => true,
+                AccessKind::Write => m.writable,
+                AccessKind::Fetch => !m.execute_disable,
+            };
+            if !allowed || !m.user {
+                return None;
+            }
+            *piece = Some((m.frame.as_u64(), va.page_offset(), n));
+            done += n;
+        }
+        (done == len).then_some(pieces)
+    }
+
+    /// What the shadow of `view` maps at `gva`, walked like the real CPU would at CPL 3.
+    pub fn shadow_lookup(&self, view: View, gva: GuestVirtAddr) -> Option<ShadowMapping> {
+        if gva.table_index(4) == VMM_PML4_SLOT {
+            return None;
+        }
+        let pair = self.roots.get(&self.current_key)?;
+        let mut table = match view {
+            View::Kernel => pair.kernel.as_u64(),
+            View::User => pair.user.as_u64(),
+        };
+        let mut writable = true;
+        let mut user = true;
+        let mut xd = false;
+        for level in (1..=4u8).rev() {
+            let e = PageTableEntry(self.mem.read_u64(slot(table, gva.table_index(level))));
+            if !e.is_present() {
+                return None;
+            }
+            writable &= e.has(PteFlags::READ_WRITE);
+            user &= e.has(PteFlags::USER_SUPERVISOR);
+            xd |= e.has(PteFlags::XD);
+            table = e.addr();
+        }
+        Some(ShadowMapping {
+            frame: HostPhysAddr::new(table),
+            writable,
+            user,
+            execute_disable: xd,
+        })
+    }
+}
