@@ -5,7 +5,7 @@
 //! only once the guest's D bit is set, §4.8), handed to the emulator (a store to a
 //! write-protected guest page table), or turned into a stop.
 
-use crate::addr::{GuestPhysAddr, GuestVirtAddr, PageFaultErrorCode, PAGE_SIZE};
+use crate::addr::{GuestPhysAddr, GuestVirtAddr, HostPhysAddr, PageFaultErrorCode, PAGE_SIZE};
 use crate::machine::{FrameAllocator, HostMemory};
 use crate::p2m::MemoryError;
 use crate::pte::{PageTableEntry, PteFlags, PTE_PAT};
@@ -19,10 +19,49 @@ const SHADOW_TABLE_FLAGS: u64 = PteFlags::PRESENT.bits()
     | PteFlags::USER_SUPERVISOR.bits()
     | PteFlags::ACCESSED.bits();
 
+/// Why one fill attempt failed; the first two are retried after a reclaim.
 pub(super) enum FillError {
     NoShadowPage,
     NoHostFrame,
     OutsideRam(GuestPhysAddr),
+}
+
+/// The kind of access a hardware #PF error code reports (§4.7: I/D, then W/R).
+fn fault_kind(hw: PageFaultErrorCode) -> AccessKind {
+    if hw.contains(PageFaultErrorCode::INSTRUCTION_FETCH) {
+        AccessKind::Fetch
+    } else if hw.contains(PageFaultErrorCode::WRITE) {
+        AccessKind::Write
+    } else {
+        AccessKind::Read
+    }
+}
+
+/// The shadow leaf for the guest translation `t` on host frame `frame`: always present, U = 1
+/// (the guest really runs at CPL 3) and A = 1; R/W (with D) only when `writable`; the guest's XD,
+/// PWT, PCD and PAT; guest G remembered in a software bit, never as G (§4.10.2.4).
+fn leaf_entry(frame: HostPhysAddr, t: &Translation, writable: bool) -> u64 {
+    let mut v = frame.as_u64()
+        | PteFlags::PRESENT.bits()
+        | PteFlags::USER_SUPERVISOR.bits()
+        | PteFlags::ACCESSED.bits();
+    let optional = [
+        (
+            writable,
+            PteFlags::READ_WRITE.bits() | PteFlags::DIRTY.bits(),
+        ),
+        (t.execute_disable, PteFlags::XD.bits()),
+        (t.pwt, PteFlags::PWT.bits()),
+        (t.pcd, PteFlags::PCD.bits()),
+        (t.pat, PTE_PAT),
+        (t.global, PteFlags::SHADOW_GUEST_GLOBAL.bits()),
+    ];
+    for (set, bits) in optional {
+        if set {
+            v |= bits;
+        }
+    }
+    v
 }
 
 impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
@@ -41,14 +80,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
             // MAXPHYADDR); the refill below rewrites the leaf.
             log::warn!("shadow-mmu: RSVD #PF at {gva:?} in a shadow table");
         }
-        let kind = if hw.contains(PageFaultErrorCode::INSTRUCTION_FETCH) {
-            AccessKind::Fetch
-        } else if hw.contains(PageFaultErrorCode::WRITE) {
-            AccessKind::Write
-        } else {
-            AccessKind::Read
-        };
-        let access = Access::new(kind, view.privilege());
+        let access = Access::new(fault_kind(hw), view.privilege());
         if !self.roots.contains_key(&self.current_key) {
             // Only after a failed CR3 load or policy switch: try again before filling.
             if let Err(reason) = self.create_pair(self.current_key, self.current_key) {
@@ -70,9 +102,21 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
             // The guest maps the VMM's slot: that mapping can never be honoured.
             return self.stop(StopReason::VmmRange { gva });
         }
+        self.fill_with_reclaim(view, gva, &t, access)
+    }
+
+    /// Fills the shadow for the guest translation `t`; when the quota or the host runs short,
+    /// reclaims shadow memory and tries again, and stops the guest only when nothing is left.
+    fn fill_with_reclaim(
+        &mut self,
+        view: View,
+        gva: GuestVirtAddr,
+        t: &Translation,
+        access: Access,
+    ) -> FaultOutcome {
         let mut budget = true;
         loop {
-            match self.fill(view, gva, &t, access) {
+            match self.fill(view, gva, t, access) {
                 Ok(outcome) => return outcome,
                 Err(FillError::OutsideRam(gpa)) => {
                     return self.stop(StopReason::GpaOutsideRam {
@@ -103,52 +147,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         t: &Translation,
         access: Access,
     ) -> Result<FaultOutcome, FillError> {
-        let mut table = self.current_root(view).as_u64();
-        // The root mirrors the guest PML4 from its first fill on.
-        self.register_shadow(table, self.current_key / PAGE_SIZE);
-        let leaf_level = t.page_size.leaf_level();
-        for level in (2..=4u8).rev() {
-            let idx = gva.table_index(level);
-            let child_level = level - 1;
-            // The shadow child mirrors the guest table the guest entry points to, or pieces of a
-            // guest large page.
-            let (guest_table, large) = if child_level >= leaf_level {
-                let k = (4 - child_level) as usize;
-                (t.entries.get(k).map(|e| e.frame_number()), false)
-            } else {
-                (None, true)
-            };
-            let at = slot(table, idx);
-            let e = PageTableEntry(self.mem.read_u64(at));
-            let mut child = None;
-            if e.is_present() {
-                match self.pages.get(&e.addr()) {
-                    Some(p)
-                        if p.guest_table == guest_table
-                            && p.large == large
-                            && p.level == child_level =>
-                    {
-                        child = Some(e.addr());
-                    }
-                    // The guest entry now points elsewhere (flush policy, no INVLPG yet): the old
-                    // subtree no longer mirrors the guest's, drop it.
-                    _ => {
-                        self.zap_entry(table, idx);
-                    }
-                }
-            }
-            table = match child {
-                Some(c) => c,
-                None => {
-                    let c = self.alloc_page(child_level, guest_table, large)?;
-                    self.mem.write_u64(at, c | SHADOW_TABLE_FLAGS);
-                    if let Some(page) = self.pages.get_mut(&c) {
-                        page.parent = Some(at.as_u64());
-                    }
-                    c
-                }
-            };
-        }
+        let table = self.shadow_path(view, gva, t)?;
         let gfn = t.frame_number();
         let frame = self
             .p2m
@@ -170,44 +169,8 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
             protected = false;
         }
         let writable = guest_allows_write && t.dirty && !protected;
-        let mut v = frame.as_u64()
-            | PteFlags::PRESENT.bits()
-            | PteFlags::USER_SUPERVISOR.bits()
-            | PteFlags::ACCESSED.bits();
-        if writable {
-            v |= PteFlags::READ_WRITE.bits() | PteFlags::DIRTY.bits();
-        }
-        if t.execute_disable {
-            v |= PteFlags::XD.bits();
-        }
-        if t.pwt {
-            v |= PteFlags::PWT.bits();
-        }
-        if t.pcd {
-            v |= PteFlags::PCD.bits();
-        }
-        if t.pat {
-            v |= PTE_PAT;
-        }
-        if t.global {
-            v |= PteFlags::SHADOW_GUEST_GLOBAL.bits();
-        }
         let at = slot(table, gva.table_index(1));
-        let old = PageTableEntry(self.mem.read_u64(at));
-        self.forget_leaf(at, old);
-        let upgrade = old.0 | PteFlags::READ_WRITE.bits() | PteFlags::DIRTY.bits();
-        if old.is_present() && v != old.0 && v != upgrade {
-            // Not a pure write upgrade (which the #PF itself flushed from the real TLB): the real
-            // TLB may hold the old translation.
-            self.tlb_flush = true;
-        }
-        self.mem.write_u64(at, v);
-        if writable && self.policy == Policy::Cached {
-            self.writable_leaves
-                .entry(gfn)
-                .or_default()
-                .insert(at.as_u64());
-        }
+        let old = self.write_leaf(at, leaf_entry(frame, t, writable), gfn, writable);
         if access.kind == AccessKind::Write && protected {
             self.stats.page_table_writes += 1;
             return Ok(FaultOutcome::EmulatePageTableWrite { gpa: t.gpa });
@@ -219,5 +182,88 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
             self.stats.fills += 1;
         }
         Ok(FaultOutcome::Filled)
+    }
+
+    /// The shadow page table (level 1) that holds the leaf for `gva` in `view`, built where
+    /// missing: each shadow table on the way mirrors the guest table the walk `t` used at that
+    /// level, or holds pieces of the guest's large page below its leaf level.
+    fn shadow_path(
+        &mut self,
+        view: View,
+        gva: GuestVirtAddr,
+        t: &Translation,
+    ) -> Result<u64, FillError> {
+        let mut table = self.current_root(view).as_u64();
+        // The root mirrors the guest PML4 from its first fill on.
+        self.register_shadow(table, self.current_key / PAGE_SIZE);
+        let leaf_level = t.page_size.leaf_level();
+        for level in (2..=4u8).rev() {
+            let child_level = level - 1;
+            // The shadow child mirrors the guest table the guest entry points to, or pieces of a
+            // guest large page.
+            let (guest_table, large) = if child_level >= leaf_level {
+                let k = (4 - child_level) as usize;
+                (t.entries.get(k).map(|e| e.frame_number()), false)
+            } else {
+                (None, true)
+            };
+            let idx = gva.table_index(level);
+            table = self.shadow_child(table, idx, child_level, guest_table, large)?;
+        }
+        Ok(table)
+    }
+
+    /// The shadow table at `level` under entry `idx` of shadow table `table`, mirroring
+    /// `guest_table` (or pieces of a guest large page): the one there when it still mirrors
+    /// them, else a new one.
+    fn shadow_child(
+        &mut self,
+        table: u64,
+        idx: usize,
+        level: u8,
+        guest_table: Option<u64>,
+        large: bool,
+    ) -> Result<u64, FillError> {
+        let at = slot(table, idx);
+        let e = PageTableEntry(self.mem.read_u64(at));
+        if e.is_present() {
+            match self.pages.get(&e.addr()) {
+                Some(p) if p.guest_table == guest_table && p.large == large && p.level == level => {
+                    return Ok(e.addr());
+                }
+                // The guest entry now points elsewhere (flush policy, no INVLPG yet): the old
+                // subtree no longer mirrors the guest's, drop it.
+                _ => {
+                    self.zap_entry(table, idx);
+                }
+            }
+        }
+        let c = self.alloc_page(level, guest_table, large)?;
+        self.mem.write_u64(at, c | SHADOW_TABLE_FLAGS);
+        if let Some(page) = self.pages.get_mut(&c) {
+            page.parent = Some(at.as_u64());
+        }
+        Ok(c)
+    }
+
+    /// Writes the shadow leaf `v` at `at` (mapping guest frame `gfn`) and returns the old one.
+    /// Keeps the cached policy's index of writable leaves, and asks for a real TLB flush unless
+    /// the new leaf only adds R/W and D to the old one (that #PF itself flushed the real TLB).
+    fn write_leaf(&mut self, at: HostPhysAddr, v: u64, gfn: u64, writable: bool) -> PageTableEntry {
+        let old = PageTableEntry(self.mem.read_u64(at));
+        self.forget_leaf(at, old);
+        let upgrade = old.0 | PteFlags::READ_WRITE.bits() | PteFlags::DIRTY.bits();
+        if old.is_present() && v != old.0 && v != upgrade {
+            // Not a pure write upgrade: the real TLB may hold the old translation.
+            self.tlb_flush = true;
+        }
+        self.mem.write_u64(at, v);
+        if writable && self.policy == Policy::Cached {
+            self.writable_leaves
+                .entry(gfn)
+                .or_default()
+                .insert(at.as_u64());
+        }
+        old
     }
 }

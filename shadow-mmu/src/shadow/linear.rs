@@ -9,9 +9,11 @@
 //! must zap the shadows that depend on them.
 
 use alloc::vec::Vec;
+use core::ops::Range;
 
 use crate::addr::{GuestPhysAddr, GuestVirtAddr, HostPhysAddr, PAGE_SIZE};
 use crate::machine::{FrameAllocator, HostMemory};
+use crate::p2m::MemoryError;
 use crate::pte::{PageTableEntry, PteFlags};
 use crate::walk::{Access, AccessKind, Privilege, Translation, WalkError};
 
@@ -28,6 +30,73 @@ pub struct ShadowMapping {
     pub user: bool,
     /// XD in some level.
     pub execute_disable: bool,
+}
+
+/// One page's part of an access the shadow maps: its host address, and where it is in the
+/// caller's bytes.
+type HostPiece = (HostPhysAddr, Range<usize>);
+/// One page's part of an access through a guest walk: its linear and guest-physical addresses,
+/// and where it is in the caller's bytes.
+type GuestPiece = (GuestVirtAddr, GuestPhysAddr, Range<usize>);
+
+/// The caller's bytes of an emulator access.
+enum Bytes<'a> {
+    /// [`ShadowMmu::read_linear`]: guest memory is copied into this buffer.
+    Into(&'a mut [u8]),
+    /// [`ShadowMmu::write_linear`]: these bytes are copied into guest memory.
+    From(&'a [u8]),
+}
+
+impl Bytes<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Bytes::Into(buf) => buf.len(),
+            Bytes::From(data) => data.len(),
+        }
+    }
+
+    /// Moves the bytes of `range` between the caller and host-physical `hpa`.
+    fn copy_host<H: HostMemory>(&mut self, mem: &mut H, hpa: HostPhysAddr, range: Range<usize>) {
+        match self {
+            Bytes::Into(buf) => mem.read_bytes(hpa, buf.get_mut(range).unwrap_or_default()),
+            Bytes::From(data) => mem.write_bytes(hpa, data.get(range).unwrap_or_default()),
+        }
+    }
+
+    /// Moves the bytes of `range` between the caller and guest-physical `gpa` (a write zaps the
+    /// shadows of the guest page-table entries it covers).
+    fn copy_guest<M: HostMemory, A: FrameAllocator>(
+        &mut self,
+        mmu: &mut ShadowMmu<M, A>,
+        gpa: GuestPhysAddr,
+        range: Range<usize>,
+    ) -> Result<(), MemoryError> {
+        match self {
+            Bytes::Into(buf) => mmu.read_guest_phys(gpa, buf.get_mut(range).unwrap_or_default()),
+            Bytes::From(data) => mmu.write_guest_phys(gpa, data.get(range).unwrap_or_default()),
+        }
+    }
+}
+
+/// The pieces of `[gva, gva + len)` that each stay inside one 4 KiB page, in order: where the
+/// piece is in the caller's bytes, and its linear address (or, when that is not canonical or
+/// wraps around, the raw value).
+fn page_pieces(
+    gva: GuestVirtAddr,
+    len: usize,
+) -> impl Iterator<Item = (Range<usize>, Result<GuestVirtAddr, u64>)> {
+    let mut done = 0usize;
+    core::iter::from_fn(move || {
+        if done >= len {
+            return None;
+        }
+        let raw = gva.as_u64().wrapping_add(done as u64);
+        let n = ((PAGE_SIZE - raw % PAGE_SIZE) as usize).min(len - done);
+        let va = gva.checked_add(done as u64).ok_or(raw);
+        let range = done..done + n;
+        done += n;
+        Some((range, va))
+    })
 }
 
 impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
@@ -64,26 +133,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         } else {
             kind
         };
-        if let Some(pieces) = self.shadow_hit(gva, buf.len(), kind, privilege) {
-            let mut done = 0usize;
-            for (frame, offset, len) in pieces.into_iter().flatten() {
-                let chunk = buf.get_mut(done..done + len).unwrap_or_default();
-                self.mem
-                    .read_bytes(HostPhysAddr::new(frame + offset), chunk);
-                done += len;
-            }
-            self.stats.shadow_hits += 1;
-            return Ok(());
-        }
-        let pieces = self.translate_range(gva, buf.len(), Access::new(kind, privilege))?;
-        let mut done = 0usize;
-        for (va, gpa, len) in pieces {
-            let chunk = buf.get_mut(done..done + len).unwrap_or_default();
-            self.read_guest_phys(gpa, chunk)
-                .map_err(|e| TranslateError::Stop(self.memory_stop(e, Some(va))))?;
-            done += len;
-        }
-        Ok(())
+        self.access_linear(gva, Bytes::Into(buf), Access::new(kind, privilege))
     }
 
     /// Writes `data` at linear address `gva` for the emulator at `privilege`, across page
@@ -96,50 +146,52 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         data: &[u8],
         privilege: Privilege,
     ) -> Result<(), TranslateError> {
-        if let Some(pieces) = self.shadow_hit(gva, data.len(), AccessKind::Write, privilege) {
-            let mut done = 0usize;
-            for (frame, offset, len) in pieces.into_iter().flatten() {
-                let chunk = data.get(done..done + len).unwrap_or_default();
-                self.mem
-                    .write_bytes(HostPhysAddr::new(frame + offset), chunk);
-                done += len;
+        self.access_linear(
+            gva,
+            Bytes::From(data),
+            Access::new(AccessKind::Write, privilege),
+        )
+    }
+
+    /// `read_linear` and `write_linear`: from the shadow when it maps every page for `access`,
+    /// else through guest walks of every page before any byte moves.
+    fn access_linear(
+        &mut self,
+        gva: GuestVirtAddr,
+        mut bytes: Bytes<'_>,
+        access: Access,
+    ) -> Result<(), TranslateError> {
+        let len = bytes.len();
+        if let Some(pieces) = self.shadow_hit(gva, len, access.kind, access.privilege) {
+            for (hpa, range) in pieces.into_iter().flatten() {
+                bytes.copy_host(&mut self.mem, hpa, range);
             }
             self.stats.shadow_hits += 1;
             return Ok(());
         }
-        let pieces =
-            self.translate_range(gva, data.len(), Access::new(AccessKind::Write, privilege))?;
-        let mut done = 0usize;
-        for (va, gpa, len) in pieces {
-            let chunk = data.get(done..done + len).unwrap_or_default();
-            self.write_guest_phys(gpa, chunk)
+        for (va, gpa, range) in self.translate_range(gva, len, access)? {
+            bytes
+                .copy_guest(self, gpa, range)
                 .map_err(|e| TranslateError::Stop(self.memory_stop(e, Some(va))))?;
-            done += len;
         }
         Ok(())
     }
 
     /// Translates every page of `[gva, gva + len)`: (linear address, guest-physical address,
-    /// length) per piece.
+    /// where the piece is in the caller's bytes) per piece.
     fn translate_range(
         &mut self,
         gva: GuestVirtAddr,
         len: usize,
         access: Access,
-    ) -> Result<Vec<(GuestVirtAddr, GuestPhysAddr, usize)>, TranslateError> {
+    ) -> Result<Vec<GuestPiece>, TranslateError> {
         let mut pieces = Vec::new();
-        let mut done = 0usize;
-        while done < len {
-            let raw = gva.as_u64().wrapping_add(done as u64);
-            let va = gva
-                .checked_add(done as u64)
-                .ok_or(TranslateError::NonCanonical(raw))?;
-            let n = ((PAGE_SIZE - va.page_offset()) as usize).min(len - done);
+        for (range, va) in page_pieces(gva, len) {
+            let va = va.map_err(TranslateError::NonCanonical)?;
             // Canonical boundaries are page-aligned: a piece inside one page is canonical iff
             // its first byte is.
             let t = self.translate(va, access)?;
-            pieces.push((va, t.gpa, n));
-            done += n;
+            pieces.push((va, t.gpa, range));
         }
         Ok(pieces)
     }
@@ -149,14 +201,15 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
     /// write; not execute-disabled for a fetch), the access needs no guest walk — the fill that
     /// made the shadow entry walked the guest's tables, set A (and D, for a writable entry), and
     /// a write-protected guest page table is never writable in the shadow. Returns the host
-    /// pieces (frame, offset, length), at most two pages; `None` means: take the walk.
+    /// pieces (address, where the piece is in the caller's bytes), at most two pages; `None`
+    /// means: take the walk.
     fn shadow_hit(
         &self,
         gva: GuestVirtAddr,
         len: usize,
         kind: AccessKind,
         privilege: Privilege,
-    ) -> Option<[Option<(u64, u64, usize)>; 2]> {
+    ) -> Option<[Option<HostPiece>; 2]> {
         if len == 0 || len > PAGE_SIZE as usize {
             return None;
         }
@@ -164,14 +217,10 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
             Privilege::Supervisor => View::Kernel,
             Privilege::User => View::User,
         };
-        let mut pieces = [None; 2];
+        let mut pieces = [None, None];
         let mut done = 0usize;
-        for piece in pieces.iter_mut() {
-            if done == len {
-                break;
-            }
-            let va = gva.checked_add(done as u64)?;
-            let n = ((PAGE_SIZE - va.page_offset()) as usize).min(len - done);
+        for (piece, (range, va)) in pieces.iter_mut().zip(page_pieces(gva, len)) {
+            let va = va.ok()?;
             let m = self.shadow_lookup(view, va)?;
             let allowed = match kind {
                 AccessKind::Read => true,
@@ -181,8 +230,11 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
             if !allowed || !m.user {
                 return None;
             }
-            *piece = Some((m.frame.as_u64(), va.page_offset(), n));
-            done += n;
+            done = range.end;
+            *piece = Some((
+                HostPhysAddr::new(m.frame.as_u64() + va.page_offset()),
+                range,
+            ));
         }
         (done == len).then_some(pieces)
     }
