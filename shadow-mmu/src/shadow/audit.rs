@@ -8,9 +8,9 @@ use alloc::collections::BTreeSet;
 
 use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
 use crate::machine::{FrameAllocator, HostMemory};
-use crate::pte::{PageTableEntry, PteFlags, ENTRIES_PER_TABLE};
+use crate::pte::PteFlags;
 
-use super::{slot, ShadowMmu, VMM_PML4_SLOT};
+use super::{guest_slots, slot, ShadowMmu, VMM_PML4_SLOT};
 
 /// A broken invariant found by [`ShadowMmu::audit`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,11 +81,8 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
                 at: table,
             });
         }
-        for idx in 0..ENTRIES_PER_TABLE {
-            if level == 4 && idx == VMM_PML4_SLOT {
-                continue;
-            }
-            let e = PageTableEntry(self.mem.read_u64(slot(table, idx)));
+        for idx in guest_slots(level) {
+            let e = self.shadow_entry(table, idx);
             if !e.is_present() {
                 continue;
             }

@@ -11,7 +11,7 @@ use crate::p2m::MemoryError;
 use crate::pte::{PageTableEntry, PteFlags, PTE_PAT};
 use crate::walk::{Access, AccessKind, Translation, WalkError};
 
-use super::{slot, FaultOutcome, Policy, ShadowMmu, StopReason, View, VMM_PML4_SLOT};
+use super::{in_vmm_range, slot, FaultOutcome, Policy, ShadowMmu, StopReason, View};
 
 /// Flags of a non-leaf shadow entry: every right granted, the leaf decides.
 const SHADOW_TABLE_FLAGS: u64 = PteFlags::PRESENT.bits()
@@ -98,7 +98,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
             }
             Err(WalkError::Memory(e)) => return self.stop(self.memory_stop(e, Some(gva))),
         };
-        if gva.table_index(4) == VMM_PML4_SLOT {
+        if in_vmm_range(gva) {
             // The guest maps the VMM's slot: that mapping can never be honoured.
             return self.stop(StopReason::VmmRange { gva });
         }

@@ -7,9 +7,9 @@
 
 use crate::addr::GuestVirtAddr;
 use crate::machine::{FrameAllocator, HostMemory};
-use crate::pte::{PageTableEntry, PteFlags, ENTRIES_PER_TABLE};
+use crate::pte::{PageTableEntry, PteFlags};
 
-use super::{slot, ShadowMmu, VMM_PML4_SLOT};
+use super::{guest_slots, is_vmm_slot, slot, ShadowMmu};
 
 impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
     /// The guest executed INVLPG `gva`: drop its translation in both views of the current address
@@ -55,10 +55,8 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
 
     /// Clears every guest slot of a root (its tables are freed; the VMM slot stays).
     pub(super) fn clear_root(&mut self, root: u64) {
-        for idx in 0..ENTRIES_PER_TABLE {
-            if idx != VMM_PML4_SLOT {
-                self.zap_entry(root, idx);
-            }
+        for idx in guest_slots(4) {
+            self.zap_entry(root, idx);
         }
     }
 
@@ -67,11 +65,8 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
     pub(super) fn retain_globals(&mut self, table: u64) -> bool {
         let level = self.pages.get(&table).map_or(1, |p| p.level);
         let mut kept = false;
-        for idx in 0..ENTRIES_PER_TABLE {
-            if level == 4 && idx == VMM_PML4_SLOT {
-                continue;
-            }
-            let e = PageTableEntry(self.mem.read_u64(slot(table, idx)));
+        for idx in guest_slots(level) {
+            let e = self.shadow_entry(table, idx);
             if !e.is_present() {
                 continue;
             }
@@ -93,10 +88,10 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         let mut table = root;
         for level in (2..=4u8).rev() {
             let idx = gva.table_index(level);
-            if level == 4 && idx == VMM_PML4_SLOT {
+            if is_vmm_slot(level, idx) {
                 return;
             }
-            let e = PageTableEntry(self.mem.read_u64(slot(table, idx)));
+            let e = self.shadow_entry(table, idx);
             if !e.is_present() {
                 return;
             }

@@ -14,10 +14,10 @@ use core::ops::Range;
 use crate::addr::{GuestPhysAddr, GuestVirtAddr, HostPhysAddr, PAGE_SIZE};
 use crate::machine::{FrameAllocator, HostMemory};
 use crate::p2m::MemoryError;
-use crate::pte::{PageTableEntry, PteFlags};
+use crate::pte::PteFlags;
 use crate::walk::{Access, AccessKind, Privilege, Translation, WalkError};
 
-use super::{slot, ShadowMmu, StopReason, TranslateError, View, VMM_PML4_SLOT};
+use super::{in_vmm_range, ShadowMmu, StopReason, TranslateError, View};
 
 /// What the shadow maps at a linear address (for tests and the kernel's debug dumps).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,9 +109,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         access: Access,
     ) -> Result<Translation, TranslateError> {
         match self.guest_walk(gva, access) {
-            Ok(_) if gva.table_index(4) == VMM_PML4_SLOT => {
-                Err(TranslateError::Stop(StopReason::VmmRange { gva }))
-            }
+            Ok(_) if in_vmm_range(gva) => Err(TranslateError::Stop(StopReason::VmmRange { gva })),
             Ok(t) => Ok(t),
             Err(WalkError::PageFault(pf)) => Err(TranslateError::PageFault(pf)),
             Err(WalkError::Memory(e)) => Err(TranslateError::Stop(self.memory_stop(e, Some(gva)))),
@@ -241,7 +239,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
 
     /// What the shadow of `view` maps at `gva`, walked like the real CPU would at CPL 3.
     pub fn shadow_lookup(&self, view: View, gva: GuestVirtAddr) -> Option<ShadowMapping> {
-        if gva.table_index(4) == VMM_PML4_SLOT {
+        if in_vmm_range(gva) {
             return None;
         }
         let pair = self.roots.get(&self.current_key)?;
@@ -253,7 +251,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         let mut user = true;
         let mut xd = false;
         for level in (1..=4u8).rev() {
-            let e = PageTableEntry(self.mem.read_u64(slot(table, gva.table_index(level))));
+            let e = self.shadow_entry(table, gva.table_index(level));
             if !e.is_present() {
                 return None;
             }

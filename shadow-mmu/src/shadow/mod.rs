@@ -57,7 +57,7 @@ use alloc::vec::Vec;
 use crate::addr::{GuestPhysAddr, GuestVirtAddr, HostPhysAddr, PAGE_SIZE};
 use crate::machine::{FrameAllocator, HostMemory};
 use crate::p2m::{GuestRam, MemoryError, P2m};
-use crate::pte::{cr3_pml4, entry_offset, PageTableEntry, PteFlags, ENTRY_SIZE};
+use crate::pte::{cr3_pml4, entry_offset, PageTableEntry, PteFlags, ENTRIES_PER_TABLE, ENTRY_SIZE};
 use crate::walk::{walk, Access, PagingMode, Privilege, Translation, WalkError};
 
 mod audit;
@@ -204,8 +204,25 @@ pub struct ShadowMmu<M, A> {
     write_flood: Option<(u64, u32)>,
 }
 
+/// The host address of entry `idx` of the shadow table at `table`.
 fn slot(table: u64, idx: usize) -> HostPhysAddr {
     HostPhysAddr::new(table + entry_offset(idx))
+}
+
+/// True for the one shadow entry that is the VMM's, not the guest's: slot [`VMM_PML4_SLOT`]
+/// of a root (level 4).
+const fn is_vmm_slot(level: u8, idx: usize) -> bool {
+    level == 4 && idx == VMM_PML4_SLOT
+}
+
+/// The entries of a shadow table at `level` that mirror guest entries: all but the VMM's slot.
+fn guest_slots(level: u8) -> impl Iterator<Item = usize> {
+    (0..ENTRIES_PER_TABLE).filter(move |idx| !is_vmm_slot(level, *idx))
+}
+
+/// True when `gva` lies in the VMM's reserved range (its PML4 slot).
+const fn in_vmm_range(gva: GuestVirtAddr) -> bool {
+    gva.table_index(4) == VMM_PML4_SLOT
 }
 
 impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
@@ -281,6 +298,11 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
     /// The guest paging mode in force.
     pub fn paging_mode(&self) -> PagingMode {
         self.mode
+    }
+
+    /// The shadow entry `idx` of the shadow table at `table`.
+    fn shadow_entry(&self, table: u64, idx: usize) -> PageTableEntry {
+        PageTableEntry(self.mem.read_u64(slot(table, idx)))
     }
 
     /// The guest CR3 last loaded.

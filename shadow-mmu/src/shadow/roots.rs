@@ -9,10 +9,9 @@ use alloc::vec::Vec;
 
 use crate::addr::{HostPhysAddr, PAGE_SIZE};
 use crate::machine::{FrameAllocator, HostMemory};
-use crate::pte::{PageTableEntry, ENTRIES_PER_TABLE};
 
 use super::fill::FillError;
-use super::{slot, ShadowMmu, StopReason, VMM_PML4_SLOT};
+use super::{guest_slots, slot, ShadowMmu, StopReason, VMM_PML4_SLOT};
 
 #[derive(Clone, Copy, Debug)]
 pub(super) struct ShadowPage {
@@ -126,11 +125,9 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
             let Some(pair) = self.roots.get(&key).copied() else {
                 continue;
             };
-            let has_children = [pair.kernel, pair.user].iter().any(|r| {
-                (0..ENTRIES_PER_TABLE)
-                    .filter(|i| *i != VMM_PML4_SLOT)
-                    .any(|i| PageTableEntry(self.mem.read_u64(slot(r.as_u64(), i))).is_present())
-            });
+            let has_children = [pair.kernel, pair.user]
+                .iter()
+                .any(|r| guest_slots(4).any(|i| self.shadow_entry(r.as_u64(), i).is_present()));
             if has_children {
                 self.clear_root(pair.kernel.as_u64());
                 self.clear_root(pair.user.as_u64());
@@ -180,19 +177,15 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         let Some(page) = self.pages.remove(&hpa) else {
             return;
         };
-        for idx in 0..ENTRIES_PER_TABLE {
-            if page.level == 4 && idx == VMM_PML4_SLOT {
-                continue;
-            }
-            let at = slot(hpa, idx);
-            let e = PageTableEntry(self.mem.read_u64(at));
+        for idx in guest_slots(page.level) {
+            let e = self.shadow_entry(hpa, idx);
             if !e.is_present() {
                 continue;
             }
             if page.level > 1 {
                 self.free_page(e.addr());
             } else {
-                self.forget_leaf(at, e);
+                self.forget_leaf(slot(hpa, idx), e);
             }
         }
         if let Some(gfn) = page.guest_table {

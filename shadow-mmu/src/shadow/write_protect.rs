@@ -14,7 +14,7 @@ use crate::walk::Translation;
 
 #[cfg(doc)] // only the doc links use them
 use super::FaultOutcome;
-use super::{Policy, ShadowMmu, VMM_PML4_SLOT};
+use super::{is_vmm_slot, Policy, ShadowMmu};
 
 /// Consecutive emulated writes to one guest table, with no fill in between, after which it is
 /// unshadowed instead (KVM's "write flooding" heuristic uses 3), unless the stores' own walk goes
@@ -105,7 +105,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
                 let Some(page) = self.pages.get(&table) else {
                     continue;
                 };
-                if page.level == 4 && idx == VMM_PML4_SLOT {
+                if is_vmm_slot(page.level, idx) {
                     continue;
                 }
                 if self.zap_entry(table, idx) {
