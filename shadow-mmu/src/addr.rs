@@ -5,6 +5,7 @@
 //! is needed. Arithmetic is checked (`checked_add -> Option`); nothing here panics on guest data.
 
 use core::fmt;
+use core::ops::Range;
 
 /// Size of a 4 KiB page.
 pub const PAGE_SIZE: u64 = 4096;
@@ -25,6 +26,23 @@ pub const fn is_canonical(addr: u64) -> bool {
 pub const fn table_index(addr: u64, level: u8) -> usize {
     let shift = PAGE_SHIFT + TABLE_INDEX_BITS * (level as u64 - 1);
     ((addr >> shift) & ((1 << TABLE_INDEX_BITS) - 1)) as usize
+}
+
+/// Splits the `len` bytes from address `start` into pieces that each stay inside one 4 KiB page:
+/// (first address of the piece, where the piece is in the `len` bytes), in order. Addresses wrap
+/// around at 2^64: callers that care check the range first.
+pub(crate) fn page_pieces(start: u64, len: usize) -> impl Iterator<Item = (u64, Range<usize>)> {
+    let mut done = 0usize;
+    core::iter::from_fn(move || {
+        if done >= len {
+            return None;
+        }
+        let at = start.wrapping_add(done as u64);
+        let n = ((PAGE_SIZE - at % PAGE_SIZE) as usize).min(len - done);
+        let range = done..done + n;
+        done += n;
+        Some((at, range))
+    })
 }
 
 /// A guest-virtual (linear) address, as the guest's code and page tables see it.

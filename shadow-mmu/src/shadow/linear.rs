@@ -11,7 +11,7 @@
 use alloc::vec::Vec;
 use core::ops::Range;
 
-use crate::addr::{GuestPhysAddr, GuestVirtAddr, HostPhysAddr, PAGE_SIZE};
+use crate::addr::{page_pieces, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, PAGE_SIZE};
 use crate::machine::{FrameAllocator, HostMemory};
 use crate::p2m::MemoryError;
 use crate::pte::PteFlags;
@@ -81,21 +81,13 @@ impl Bytes<'_> {
 /// The pieces of `[gva, gva + len)` that each stay inside one 4 KiB page, in order: where the
 /// piece is in the caller's bytes, and its linear address (or, when that is not canonical or
 /// wraps around, the raw value).
-fn page_pieces(
+fn linear_pieces(
     gva: GuestVirtAddr,
     len: usize,
 ) -> impl Iterator<Item = (Range<usize>, Result<GuestVirtAddr, u64>)> {
-    let mut done = 0usize;
-    core::iter::from_fn(move || {
-        if done >= len {
-            return None;
-        }
-        let raw = gva.as_u64().wrapping_add(done as u64);
-        let n = ((PAGE_SIZE - raw % PAGE_SIZE) as usize).min(len - done);
-        let va = gva.checked_add(done as u64).ok_or(raw);
-        let range = done..done + n;
-        done += n;
-        Some((range, va))
+    page_pieces(gva.as_u64(), len).map(move |(raw, range)| {
+        let va = gva.checked_add(range.start as u64).ok_or(raw);
+        (range, va)
     })
 }
 
@@ -184,7 +176,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         access: Access,
     ) -> Result<Vec<GuestPiece>, TranslateError> {
         let mut pieces = Vec::new();
-        for (range, va) in page_pieces(gva, len) {
+        for (range, va) in linear_pieces(gva, len) {
             let va = va.map_err(TranslateError::NonCanonical)?;
             // Canonical boundaries are page-aligned: a piece inside one page is canonical iff
             // its first byte is.
@@ -217,7 +209,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         };
         let mut pieces = [None, None];
         let mut done = 0usize;
-        for (piece, (range, va)) in pieces.iter_mut().zip(page_pieces(gva, len)) {
+        for (piece, (range, va)) in pieces.iter_mut().zip(linear_pieces(gva, len)) {
             let va = va.ok()?;
             let m = self.shadow_lookup(view, va)?;
             let allowed = match kind {
