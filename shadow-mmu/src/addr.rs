@@ -3,6 +3,9 @@
 //! Keeping guest-virtual, guest-physical and host-physical addresses in different types makes the
 //! compiler catch the classic shadow-paging bug: using a guest-physical address where a host one
 //! is needed. Arithmetic is checked (`checked_add -> Option`); nothing here panics on guest data.
+//!
+//! The architecture behind it: canonical addresses (SDM vol. 1 §3.3.7.1), the split of a linear
+//! address into table indices and page offset (vol. 3 §4.5), the #PF error code (vol. 3 §4.7).
 
 use core::fmt;
 use core::ops::Range;
