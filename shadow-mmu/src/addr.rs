@@ -3,17 +3,49 @@
 //! Keeping guest-virtual, guest-physical and host-physical addresses in different types makes the
 //! compiler catch the classic shadow-paging bug: using a guest-physical address where a host one
 //! is needed. Arithmetic is checked (`checked_add -> Option`); nothing here panics on guest data.
+//!
+//! The architecture behind it: canonical addresses (SDM vol. 1 §3.3.7.1), the split of a linear
+//! address into table indices and page offset (vol. 3 §4.5), the #PF error code (vol. 3 §4.7).
 
 use core::fmt;
+use core::ops::Range;
 
 /// Size of a 4 KiB page.
 pub const PAGE_SIZE: u64 = 4096;
+/// log2 of [`PAGE_SIZE`]: the page offset is bits 11:0 of a linear address.
+const PAGE_SHIFT: u64 = 12;
+/// Bits of linear address each paging level translates (§4.5: 512 entries per table).
+const TABLE_INDEX_BITS: u64 = 9;
 
 /// Returns true when `addr` is canonical for 48-bit linear addresses: bits 63..47 all equal
 /// (SDM vol. 1 §3.3.7.1).
 pub const fn is_canonical(addr: u64) -> bool {
     let top = addr >> 47;
     top == 0 || top == 0x1_ffff
+}
+
+/// Index into the page table at `level` (4 = PML4, 3 = PDPT, 2 = PD, 1 = PT) that translates the
+/// linear address `addr`, 0..512 (SDM vol. 3 §4.5, figure 4-8).
+pub const fn table_index(addr: u64, level: u8) -> usize {
+    let shift = PAGE_SHIFT + TABLE_INDEX_BITS * (level as u64 - 1);
+    ((addr >> shift) & ((1 << TABLE_INDEX_BITS) - 1)) as usize
+}
+
+/// Splits the `len` bytes from address `start` into pieces that each stay inside one 4 KiB page:
+/// (first address of the piece, where the piece is in the `len` bytes), in order. Addresses wrap
+/// around at 2^64: callers that care check the range first.
+pub(crate) fn page_pieces(start: u64, len: usize) -> impl Iterator<Item = (u64, Range<usize>)> {
+    let mut done = 0usize;
+    core::iter::from_fn(move || {
+        if done >= len {
+            return None;
+        }
+        let at = start.wrapping_add(done as u64);
+        let n = ((PAGE_SIZE - at % PAGE_SIZE) as usize).min(len - done);
+        let range = done..done + n;
+        done += n;
+        Some((at, range))
+    })
 }
 
 /// A guest-virtual (linear) address, as the guest's code and page tables see it.
@@ -58,7 +90,7 @@ impl GuestVirtAddr {
 
     /// Index into the page table at `level` (4 = PML4, 3 = PDPT, 2 = PD, 1 = PT), 0..512.
     pub const fn table_index(self, level: u8) -> usize {
-        ((self.0 >> (12 + 9 * (level as u64 - 1))) & 0x1ff) as usize
+        table_index(self.0, level)
     }
 }
 

@@ -4,6 +4,9 @@
 //! The host kernel implements both with its direct map of physical RAM and its physical frame
 //! allocator; tests implement them with a `Vec`. Shadow page tables live in host frames too (the
 //! real CPU walks them), so they are read and written through [`HostMemory`] as well.
+//!
+//! No SDM section: this seam is what lets every rule of the "页表虚拟化" challenge be tested on the
+//! host instead of only under QEMU.
 
 use crate::addr::HostPhysAddr;
 

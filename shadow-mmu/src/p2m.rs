@@ -10,8 +10,9 @@ use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
-use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
+use crate::addr::{page_pieces, GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
 use crate::machine::{FrameAllocator, HostMemory};
+use crate::pte::ENTRY_SIZE;
 
 /// Why a guest-physical access could not be done.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,17 +126,12 @@ impl P2m {
         mem: &M,
     ) -> Result<(), MemoryError> {
         self.check_range(gpa, buf.len())?;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let at = gpa.as_u64() + done as u64;
-            let in_frame = (PAGE_SIZE - (at & (PAGE_SIZE - 1))) as usize;
-            let n = in_frame.min(buf.len() - done);
-            let chunk = &mut buf[done..done + n];
+        for (at, range) in page_pieces(gpa.as_u64(), buf.len()) {
+            let chunk = &mut buf[range];
             match self.lookup(at / PAGE_SIZE) {
-                Some(f) => mem.read_bytes(HostPhysAddr::new(f.as_u64() + (at & 0xfff)), chunk),
+                Some(f) => mem.read_bytes(HostPhysAddr::new(f.as_u64() + at % PAGE_SIZE), chunk),
                 None => chunk.fill(0),
             }
-            done += n;
         }
         Ok(())
     }
@@ -149,17 +145,9 @@ impl P2m {
         alloc: &mut A,
     ) -> Result<(), MemoryError> {
         self.check_range(gpa, data.len())?;
-        let mut done = 0usize;
-        while done < data.len() {
-            let at = gpa.as_u64() + done as u64;
-            let in_frame = (PAGE_SIZE - (at & (PAGE_SIZE - 1))) as usize;
-            let n = in_frame.min(data.len() - done);
+        for (at, range) in page_pieces(gpa.as_u64(), data.len()) {
             let f = self.host_frame(at / PAGE_SIZE, mem, alloc)?;
-            mem.write_bytes(
-                HostPhysAddr::new(f.as_u64() + (at & 0xfff)),
-                &data[done..done + n],
-            );
-            done += n;
+            mem.write_bytes(HostPhysAddr::new(f.as_u64() + at % PAGE_SIZE), &data[range]);
         }
         Ok(())
     }
@@ -207,9 +195,9 @@ impl<M: HostMemory, A: FrameAllocator> GuestPhysMemory for GuestRam<'_, M, A> {
         }
         // Reading an untouched frame needs no host frame: it reads as zeros.
         Ok(match self.p2m.lookup(gpa.frame_number()) {
-            Some(f) => self
-                .mem
-                .read_u64(HostPhysAddr::new(f.as_u64() + (gpa.page_offset() & !7))),
+            Some(f) => self.mem.read_u64(HostPhysAddr::new(
+                f.as_u64() + (gpa.page_offset() & !(ENTRY_SIZE - 1)),
+            )),
             None => 0,
         })
     }
@@ -219,7 +207,7 @@ impl<M: HostMemory, A: FrameAllocator> GuestPhysMemory for GuestRam<'_, M, A> {
             .p2m
             .host_frame(gpa.frame_number(), self.mem, self.alloc)?;
         self.mem.write_u64(
-            HostPhysAddr::new(f.as_u64() + (gpa.page_offset() & !7)),
+            HostPhysAddr::new(f.as_u64() + (gpa.page_offset() & !(ENTRY_SIZE - 1))),
             value,
         );
         Ok(())

@@ -46,6 +46,26 @@ pub const LARGE_PAT: u64 = 1 << 12;
 pub const ADDRESS_MASK: u64 = 0x000F_FFFF_FFFF_F000;
 /// The largest MAXPHYADDR of 4-level paging (§4.1.4).
 pub const MAX_PHYS_BITS: u8 = 52;
+/// Entries in one paging structure: a 4 KiB table of 8-byte entries (§4.5).
+pub const ENTRIES_PER_TABLE: usize = 512;
+/// Size of one paging-structure entry in bytes.
+pub const ENTRY_SIZE: u64 = 8;
+
+/// Byte offset of entry `idx` inside its paging structure.
+pub const fn entry_offset(idx: usize) -> u64 {
+    idx as u64 * ENTRY_SIZE
+}
+
+/// The index of the entry at physical address `at` inside its (4 KiB-aligned) paging structure.
+pub const fn entry_index(at: u64) -> usize {
+    ((at % PAGE_SIZE) / ENTRY_SIZE) as usize
+}
+
+/// The physical address of the PML4 in a CR3 value: bits M-1:12, M = MAXPHYADDR (§4.5,
+/// table 4-12; the flag bits PWT/PCD and bits above MAXPHYADDR are dropped).
+pub const fn cr3_pml4(cr3: u64, max_phys_bits: u8) -> u64 {
+    cr3 & ADDRESS_MASK & !phys_reserved_mask(max_phys_bits)
+}
 
 /// The size of the page a translation ends in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

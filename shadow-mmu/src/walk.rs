@@ -9,7 +9,7 @@
 
 use crate::addr::{GuestPhysAddr, GuestVirtAddr, PageFaultErrorCode};
 use crate::p2m::{GuestPhysMemory, MemoryError};
-use crate::pte::{PageSize, PageTableEntry, PteFlags, LARGE_PAT, PTE_PAT};
+use crate::pte::{cr3_pml4, entry_offset, PageSize, PageTableEntry, PteFlags, LARGE_PAT, PTE_PAT};
 
 /// The guest control-register bits that change how a linear address is translated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -211,15 +211,14 @@ pub fn walk<G: GuestPhysMemory + ?Sized>(
     };
     let mut entries = [GuestPhysAddr::default(); 4];
     let mut values = [0u64; 4];
-    let mut table =
-        cr3 & crate::pte::ADDRESS_MASK & !crate::pte::phys_reserved_mask(mode.max_phys_bits);
+    let mut table = cr3_pml4(cr3, mode.max_phys_bits);
     let mut writable = true;
     let mut user = true;
     let mut execute_disable = false;
     let mut used = 0usize;
     let mut size = PageSize::Size4K;
     for level in (1..=4u8).rev() {
-        let at = GuestPhysAddr::new(table + gva.table_index(level) as u64 * 8);
+        let at = GuestPhysAddr::new(table + entry_offset(gva.table_index(level)));
         let e = PageTableEntry(mem.read_u64(at).map_err(WalkError::Memory)?);
         entries[used] = at;
         values[used] = e.0;
@@ -249,19 +248,10 @@ pub fn walk<G: GuestPhysMemory + ?Sized>(
     if !access_allowed(access, mode, writable, user, execute_disable) {
         return Err(fault(true, false));
     }
-    // §4.8: set A in every entry used, D in the leaf for a write.
-    let leaf = used - 1;
-    for i in 0..used {
-        let mut v = values[i] | PteFlags::ACCESSED.bits();
-        if i == leaf && access.kind == AccessKind::Write {
-            v |= PteFlags::DIRTY.bits();
-        }
-        if v != values[i] {
-            mem.write_u64(entries[i], v).map_err(WalkError::Memory)?;
-            values[i] = v;
-        }
-    }
-    let leaf_entry = PageTableEntry(values[leaf]);
+    // §4.8: A in every entry used, D in the leaf for a write.
+    let write = access.kind == AccessKind::Write;
+    set_accessed_dirty(mem, &entries[..used], &mut values[..used], write)?;
+    let leaf_entry = PageTableEntry(values[used - 1]);
     let offset_mask = size.bytes() - 1;
     let base = leaf_entry.addr() & !offset_mask;
     let pat = match size {
@@ -281,4 +271,27 @@ pub fn walk<G: GuestPhysMemory + ?Sized>(
         pat,
         entries,
     })
+}
+
+/// §4.8 for a walk that succeeded through the paging-structure entries at `entries` (PML4E
+/// first, the leaf last) holding `values`: sets A in every one and, for a `write`, D in the
+/// leaf, writing back (and updating in `values`) only the entries that change.
+fn set_accessed_dirty<G: GuestPhysMemory + ?Sized>(
+    mem: &mut G,
+    entries: &[GuestPhysAddr],
+    values: &mut [u64],
+    write: bool,
+) -> Result<(), WalkError> {
+    let leaf = values.len() - 1;
+    for (i, (at, value)) in entries.iter().zip(values.iter_mut()).enumerate() {
+        let mut v = *value | PteFlags::ACCESSED.bits();
+        if i == leaf && write {
+            v |= PteFlags::DIRTY.bits();
+        }
+        if v != *value {
+            mem.write_u64(*at, v).map_err(WalkError::Memory)?;
+            *value = v;
+        }
+    }
+    Ok(())
 }

@@ -6,7 +6,8 @@ use std::vec::Vec;
 
 use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
 use crate::machine::{FrameAllocator, HostMemory};
-use crate::shadow::{MmuConfig, Policy, ShadowMmu};
+use crate::pte::entry_offset;
+use crate::shadow::{MmuConfig, Policy, ShadowMmu, VMM_PML4_SLOT};
 use crate::walk::PagingMode;
 
 /// Host RAM: frames created on first write or zeroing; reading a frame that was never written
@@ -100,7 +101,7 @@ impl FrameAllocator for FakeAllocator {
     }
 }
 
-/// The VMM root the tests hand over: its slot 511 holds this (user bit set on purpose, the MMU
+/// The VMM root the tests hand over: its slot `VMM_PML4_SLOT` holds this (user bit set on purpose, the MMU
 /// must clear it).
 pub const VMM_ROOT: u64 = 0x1000;
 pub const VMM_SLOT_ENTRY: u64 = 0x2000 | 0b111;
@@ -132,7 +133,10 @@ pub fn mmu_with(
 ) -> Mmu {
     let mut mem = FakeMemory::default();
     mem.zero_frame(HostPhysAddr::new(VMM_ROOT));
-    mem.write_u64(HostPhysAddr::new(VMM_ROOT + 511 * 8), VMM_SLOT_ENTRY);
+    mem.write_u64(
+        HostPhysAddr::new(VMM_ROOT + entry_offset(VMM_PML4_SLOT)),
+        VMM_SLOT_ENTRY,
+    );
     ShadowMmu::new(
         mem,
         FakeAllocator::new(host_frames),

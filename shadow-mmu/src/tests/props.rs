@@ -22,7 +22,7 @@ use std::vec::Vec;
 use super::fake::*;
 use crate::addr::{GuestPhysAddr, GuestVirtAddr, PageFaultErrorCode as E};
 use crate::p2m::{GuestPhysMemory, MemoryError};
-use crate::shadow::{FaultOutcome, Policy, StopReason, View, MIN_SHADOW_QUOTA};
+use crate::shadow::{FaultOutcome, Policy, StopReason, View, MIN_SHADOW_QUOTA, VMM_PML4_SLOT};
 use crate::walk::{walk, Access, AccessKind, PagingMode, Translation, WalkError};
 
 const PML4S: [u64; 2] = [0x10000, 0x11000];
@@ -34,7 +34,7 @@ const PTS: [u64; 2] = [0x40000, 0x41000];
 const FRAMES: [u64; 6] = [0x100000, 0x101000, 0x102000, 0x40000, 0x30000, 0x2000_0000];
 const OUTSIDE: u64 = 0x2000_0000;
 
-const PML4_IDX: [u64; 3] = [0, 1, 511];
+const PML4_IDX: [u64; 3] = [0, 1, VMM_PML4_SLOT as u64];
 const LOW_IDX: [u64; 2] = [0, 1];
 /// 16 addresses below the VMM slot, two inside it.
 const ADDRS: usize = 18;
@@ -64,7 +64,7 @@ fn addresses() -> Vec<GuestVirtAddr> {
             for c in LOW_IDX {
                 for d in LOW_IDX {
                     // The VMM's slot needs only two probes.
-                    if a == 511 && !(b == c && c == d) {
+                    if a == VMM_PML4_SLOT as u64 && !(b == c && c == d) {
                         continue;
                     }
                     let raw = (a << 39) | (b << 30) | (c << 21) | (d << 12) | 0x18;
@@ -268,7 +268,7 @@ fn play(m: &mut Mmu, view: View, gva: GuestVirtAddr, kind: AccessKind) {
     hw.set(E::INSTRUCTION_FETCH, kind == AccessKind::Fetch);
     hw.set(E::PRESENT, m.shadow_lookup(view, gva).is_some());
     let outcome = m.handle_page_fault(view, gva, hw);
-    if gva.table_index(4) == 511 {
+    if gva.table_index(4) == VMM_PML4_SLOT {
         // The VMM's slot: the guest's own #PF where it does not map it, a stop where it does.
         match &expected {
             Ok(_) => assert_eq!(outcome, FaultOutcome::Stop(StopReason::VmmRange { gva })),

@@ -3,7 +3,10 @@
 use super::fake::*;
 use crate::addr::{GuestPhysAddr, GuestVirtAddr, HostPhysAddr, PageFaultErrorCode as E};
 use crate::machine::HostMemory;
-use crate::shadow::{FaultOutcome, Policy, StopReason, View, MIN_SHADOW_QUOTA};
+use crate::pte::entry_offset;
+use crate::shadow::{
+    FaultOutcome, Policy, StopReason, View, MIN_SHADOW_QUOTA, VMM_PML4_SLOT, VMM_RANGE_START,
+};
 use crate::walk::{Access, AccessKind, PagingMode, Privilege};
 use crate::TranslateError;
 
@@ -33,9 +36,9 @@ fn new_rejects_a_tiny_quota_and_copies_the_vmm_slot_supervisor_only() {
     let m = mmu(Policy::Flush, MIN_SHADOW_QUOTA, CR3);
     for view in [View::Kernel, View::User] {
         let root = m.current_root(view);
-        let e = m
-            .host_memory()
-            .read_u64(HostPhysAddr::new(root.as_u64() + 511 * 8));
+        let e = m.host_memory().read_u64(HostPhysAddr::new(
+            root.as_u64() + entry_offset(VMM_PML4_SLOT),
+        ));
         assert_eq!(e, VMM_SLOT_ENTRY & !US);
     }
     assert_ne!(m.current_root(View::Kernel), m.current_root(View::User));
@@ -170,7 +173,7 @@ fn execute_disable_is_kept_and_fetch_faults_report_i_d() {
 #[test]
 fn vmm_range_and_gpa_outside_ram_stop_the_guest() {
     let mut m = mmu(Policy::Flush, 64, CR3);
-    let vmm = gva(0xffff_ff80_0000_1000);
+    let vmm = gva(VMM_RANGE_START + 0x1000);
     // Not mapped by the guest (as the contract says): its own #PF, as on hardware.
     let not_present = crate::PageFault {
         error_code: E::empty(),
@@ -184,10 +187,10 @@ fn vmm_range_and_gpa_outside_ram_stop_the_guest() {
         m.translate(vmm, Access::new(AccessKind::Read, Privilege::Supervisor)),
         Err(TranslateError::PageFault(not_present))
     );
-    // A guest mapping of slot 511 is reported on CR3 load and never honoured: touching it
+    // A guest mapping of the VMM slot is reported on CR3 load and never honoured: touching it
     // through that mapping stops the guest.
-    const T511: [u64; 4] = [CR3, 0x60000, 0x61000, 0x62000];
-    map_4k(&mut m, T511, vmm.as_u64(), 0x20_0000, P | RW, P | RW);
+    const TVMM: [u64; 4] = [CR3, 0x60000, 0x61000, 0x62000];
+    map_4k(&mut m, TVMM, vmm.as_u64(), 0x20_0000, P | RW, P | RW);
     m.load_cr3(CR3).unwrap();
     assert_eq!(m.stats().guest_vmm_slot_mappings, 1);
     assert_eq!(

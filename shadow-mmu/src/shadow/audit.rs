@@ -1,0 +1,110 @@
+//! The invariant checks the property tests run after every step ([`ShadowMmu::audit`]): the
+//! VMM's slot intact in every root (address-space compression: the guest never sees or changes
+//! the VMM's PML4 slot), every shadow table known and reachable exactly once, every leaf on a
+//! frame the P2M gave this guest, the quota, and (cached policy) no writable leaf over a
+//! write-protected guest page table (the "页表虚拟化" challenge's write protection).
+
+use alloc::collections::BTreeSet;
+
+use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
+use crate::machine::{FrameAllocator, HostMemory};
+use crate::pte::PteFlags;
+
+use super::{guest_slots, slot, ShadowMmu, VMM_PML4_SLOT};
+
+/// A broken invariant found by [`ShadowMmu::audit`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AuditError {
+    /// Which invariant.
+    pub what: &'static str,
+    /// The address (host-physical table or frame) where it broke.
+    pub at: u64,
+}
+
+impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
+    /// Checks the structural invariants: the VMM slot is intact in every root, every shadow table
+    /// is known and reachable exactly once, every leaf points at a frame the P2M gave this guest,
+    /// the quota holds, and (cached policy) no writable leaf maps a write-protected guest table.
+    pub fn audit(&self) -> Result<(), AuditError> {
+        if self.pages.len() > self.quota {
+            return Err(AuditError {
+                what: "shadow quota exceeded",
+                at: self.pages.len() as u64,
+            });
+        }
+        if !self.roots.contains_key(&self.current_key) {
+            return Err(AuditError {
+                what: "no roots for the current CR3",
+                at: self.current_key,
+            });
+        }
+        let mut seen = BTreeSet::new();
+        for pair in self.roots.values() {
+            for root in [pair.kernel, pair.user] {
+                let r = root.as_u64();
+                if self.mem.read_u64(slot(r, VMM_PML4_SLOT)) != self.vmm_slot_entry {
+                    return Err(AuditError {
+                        what: "VMM slot altered",
+                        at: r,
+                    });
+                }
+                self.audit_table(r, 4, &mut seen)?;
+            }
+        }
+        if seen.len() != self.pages.len() {
+            return Err(AuditError {
+                what: "unreachable shadow pages",
+                at: seen.len() as u64,
+            });
+        }
+        Ok(())
+    }
+
+    fn audit_table(
+        &self,
+        table: u64,
+        level: u8,
+        seen: &mut BTreeSet<u64>,
+    ) -> Result<(), AuditError> {
+        match self.pages.get(&table) {
+            Some(p) if p.level == level => {}
+            _ => {
+                return Err(AuditError {
+                    what: "shadow table unknown or at the wrong level",
+                    at: table,
+                })
+            }
+        }
+        if !seen.insert(table) {
+            return Err(AuditError {
+                what: "shadow table reachable twice",
+                at: table,
+            });
+        }
+        for idx in guest_slots(level) {
+            let e = self.shadow_entry(table, idx);
+            if !e.is_present() {
+                continue;
+            }
+            if level > 1 {
+                self.audit_table(e.addr(), level - 1, seen)?;
+                continue;
+            }
+            let Some(gfn) = self.p2m.guest_frame_of(HostPhysAddr::new(e.addr())) else {
+                return Err(AuditError {
+                    what: "shadow leaf outside the guest's frames",
+                    at: e.0,
+                });
+            };
+            if e.has(PteFlags::READ_WRITE)
+                && self.is_write_protected_gpa(GuestPhysAddr::new(gfn * PAGE_SIZE))
+            {
+                return Err(AuditError {
+                    what: "writable leaf maps a write-protected guest table",
+                    at: e.0,
+                });
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,202 @@
+//! Shadow page memory: the pair of roots (kernel view, user view) kept per guest CR3, the pool
+//! of shadow pages bounded by the quota, and LRU reclaim when the quota or the host runs short.
+//!
+//! The roots are where the article's address-space compression happens: each one gets a copy of
+//! the VMM's PML4 slot ([`VMM_PML4_SLOT`]) when it is made. The roots that may be in the real CR3
+//! during a call are never freed by it (SDM vol. 3 §4.10.4: the CPU may still be walking them).
+
+use alloc::vec::Vec;
+
+use crate::addr::{HostPhysAddr, PAGE_SIZE};
+use crate::machine::{FrameAllocator, HostMemory};
+
+use super::fill::FillError;
+use super::{guest_slots, slot, ShadowMmu, StopReason, VMM_PML4_SLOT};
+
+#[derive(Clone, Copy, Debug)]
+pub(super) struct ShadowPage {
+    /// 4 = PML4 .. 1 = PT.
+    pub(super) level: u8,
+    /// The guest table (frame number) this page shadows; `None` below a guest large page.
+    pub(super) guest_table: Option<u64>,
+    /// Holds pieces of a guest 2 MiB or 1 GiB page.
+    pub(super) large: bool,
+    /// The key of the address space (root pair) this page belongs to, when it was made.
+    pub(super) owner: u64,
+    /// The host address of the shadow entry that points at this page (`None` for roots).
+    pub(super) parent: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub(super) struct RootPair {
+    pub(super) kernel: HostPhysAddr,
+    pub(super) user: HostPhysAddr,
+    pub(super) last_used: u64,
+}
+
+impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
+    pub(super) fn touch(&mut self, key: u64) {
+        self.clock += 1;
+        let now = self.clock;
+        if let Some(p) = self.roots.get_mut(&key) {
+            p.last_used = now;
+        }
+    }
+
+    /// Creates the two roots of `key`, reclaiming other address spaces if needed, never the
+    /// roots of `live` (the pair that may be in the real CR3 now).
+    pub(super) fn create_pair(&mut self, key: u64, live: u64) -> Result<(), StopReason> {
+        let mut made = Vec::new();
+        let mut budget = true;
+        while made.len() < 2 {
+            match self.alloc_page(4, Some(key / PAGE_SIZE), false) {
+                Ok(r) => {
+                    self.mem
+                        .write_u64(slot(r, VMM_PML4_SLOT), self.vmm_slot_entry);
+                    made.push(r);
+                }
+                Err(e) => {
+                    if !self.reclaim([key, live], &mut budget) {
+                        for r in made {
+                            self.free_page(r);
+                        }
+                        return Err(match e {
+                            FillError::NoHostFrame => StopReason::HostMemoryExhausted,
+                            _ => StopReason::ShadowMemoryExhausted,
+                        });
+                    }
+                }
+            }
+        }
+        self.clock += 1;
+        self.roots.insert(
+            key,
+            RootPair {
+                kernel: HostPhysAddr::new(made[0]),
+                user: HostPhysAddr::new(made[1]),
+                last_used: self.clock,
+            },
+        );
+        Ok(())
+    }
+
+    /// Frees the shadow roots of every address space but the current one.
+    pub(super) fn free_other_pairs(&mut self) {
+        let others: Vec<u64> = self
+            .roots
+            .keys()
+            .copied()
+            .filter(|k| *k != self.current_key)
+            .collect();
+        for k in others {
+            self.free_pair(k);
+        }
+    }
+
+    pub(super) fn free_pair(&mut self, key: u64) {
+        if let Some(pair) = self.roots.remove(&key) {
+            self.free_page(pair.kernel.as_u64());
+            self.free_page(pair.user.as_u64());
+        }
+    }
+
+    /// Frees shadow memory: first the least recently used address space not in `protect`, then
+    /// (once per operation: `current_too` is cleared when used, so a retry loop always ends) the
+    /// subtrees of the protected pairs. Protected roots themselves are never freed: one of them
+    /// may be loaded in the real CR3 right now, and its frame must not be reused (and zeroed)
+    /// under the running CPU's feet. False when nothing is left to free.
+    pub(super) fn reclaim(&mut self, protect: [u64; 2], current_too: &mut bool) -> bool {
+        let victim = self
+            .roots
+            .iter()
+            .filter(|(k, _)| !protect.contains(k))
+            .min_by_key(|(_, p)| p.last_used)
+            .map(|(k, _)| *k);
+        if let Some(k) = victim {
+            self.free_pair(k);
+            self.stats.reclaims += 1;
+            return true;
+        }
+        if !core::mem::take(current_too) {
+            return false;
+        }
+        let mut freed = false;
+        for key in protect {
+            let Some(pair) = self.roots.get(&key).copied() else {
+                continue;
+            };
+            let has_children = [pair.kernel, pair.user]
+                .iter()
+                .any(|r| guest_slots(4).any(|i| self.shadow_entry(r.as_u64(), i).is_present()));
+            if has_children {
+                self.clear_root(pair.kernel.as_u64());
+                self.clear_root(pair.user.as_u64());
+                freed = true;
+            }
+        }
+        if freed {
+            self.stats.reclaims += 1;
+        }
+        freed
+    }
+
+    pub(super) fn alloc_page(
+        &mut self,
+        level: u8,
+        guest_table: Option<u64>,
+        large: bool,
+    ) -> Result<u64, FillError> {
+        if self.pages.len() >= self.quota {
+            return Err(FillError::NoShadowPage);
+        }
+        let frame = self.alloc.allocate_frame().ok_or(FillError::NoHostFrame)?;
+        self.mem.zero_frame(frame);
+        let hpa = frame.as_u64();
+        self.pages.insert(
+            hpa,
+            ShadowPage {
+                level,
+                guest_table,
+                large,
+                owner: self.current_key,
+                parent: None,
+            },
+        );
+        // Roots register lazily, on their first fill (see `fill`): a root the guest never ran on
+        // (e.g. the one for the CR3 passed to `new`) must not write-protect anything.
+        if level < 4 {
+            if let Some(gfn) = guest_table {
+                self.register_shadow(hpa, gfn);
+            }
+        }
+        Ok(hpa)
+    }
+
+    /// Frees a shadow table and everything below it.
+    pub(super) fn free_page(&mut self, hpa: u64) {
+        let Some(page) = self.pages.remove(&hpa) else {
+            return;
+        };
+        for idx in guest_slots(page.level) {
+            let e = self.shadow_entry(hpa, idx);
+            if !e.is_present() {
+                continue;
+            }
+            if page.level > 1 {
+                self.free_page(e.addr());
+            } else {
+                self.forget_leaf(slot(hpa, idx), e);
+            }
+        }
+        if let Some(gfn) = page.guest_table {
+            if let Some(list) = self.shadowed.get_mut(&gfn) {
+                list.retain(|p| *p != hpa);
+                if list.is_empty() {
+                    self.shadowed.remove(&gfn);
+                }
+            }
+        }
+        self.tlb_flush = true;
+        self.alloc.deallocate_frame(HostPhysAddr::new(hpa));
+    }
+}
