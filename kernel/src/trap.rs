@@ -130,7 +130,10 @@ pub fn vector_name(vector: u64) -> impl fmt::Display {
     struct Name(u64);
     impl fmt::Display for Name {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            match u8::try_from(self.0).ok().and_then(vmm_core::cpu::exception::exception) {
+            match u8::try_from(self.0)
+                .ok()
+                .and_then(vmm_core::cpu::exception::exception)
+            {
                 Some(e) => write!(f, "{} {}", e.mnemonic, e.name),
                 None if self.0 < 32 => write!(f, "reserved ({})", self.0),
                 None => f.write_str("interrupt"),
