@@ -414,36 +414,49 @@ pub fn init(layout: &'static Layout) {
     SEL_SYSENTER_RET_SS.store(ret_ss as u64, Ordering::Relaxed);
     SYSENTER_RET_IRETQ.store(!layout.sysexit as u64, Ordering::Relaxed);
 
-    let tables = TABLES.0.get();
-    // SAFETY: runs once on the boot CPU with interrupts off, before anything else uses TABLES;
-    // every index is below `entries` <= MAX_ENTRIES (checked at compile time).
-    unsafe {
-        let gdt = &mut (*tables).gdt;
-        for &(selector, descriptor) in layout.descriptors {
-            gdt[selector as usize / 8] = descriptor;
-        }
-        // Beyond the limit: no I/O permission bitmap, so Ring 3 has no port access at all.
-        (*tables).tss.iomap_base = size_of::<TaskStateSegment>() as u16;
-        let df_top = (&raw const (*tables).double_fault_stack) as u64 + size_of::<Stack>() as u64;
-        (*tables).tss.ist[IST_DOUBLE_FAULT as usize - 1] = df_top;
-        let tss = &raw const (*tables).tss;
-        let [low, high] = tss_descriptor(tss as u64, size_of::<TaskStateSegment>() as u32 - 1);
-        gdt[layout.tss as usize / 8] = low;
-        gdt[layout.tss as usize / 8 + 1] = high;
-        let gdtr = DescriptorTablePointer {
-            limit: layout.limit(),
-            base: gdt.as_ptr() as u64,
-        };
-        load_gdt(&gdtr, layout.kernel_code as u64, layout.kernel_data as u64);
-        arch::ltr(layout.tss);
+    // SAFETY: runs once on the boot CPU with interrupts off, before anything else uses TABLES,
+    // so this is the only reference to them (the CPU only reads them after `load_gdt`).
+    let tables = unsafe { &mut *TABLES.0.get() };
+    // Every index is below `entries` <= MAX_ENTRIES (checked at compile time).
+    let gdt = &mut tables.gdt;
+    for &(selector, descriptor) in layout.descriptors {
+        gdt[selector as usize / 8] = descriptor;
     }
+    // Beyond the limit: no I/O permission bitmap, so Ring 3 has no port access at all.
+    tables.tss.iomap_base = size_of::<TaskStateSegment>() as u16;
+    let df_top = (&raw const tables.double_fault_stack) as u64 + size_of::<Stack>() as u64;
+    tables.tss.ist[IST_DOUBLE_FAULT as usize - 1] = df_top;
+    let tss = &raw const tables.tss;
+    let [low, high] = tss_descriptor(tss as u64, size_of::<TaskStateSegment>() as u32 - 1);
+    gdt[layout.tss as usize / 8] = low;
+    gdt[layout.tss as usize / 8 + 1] = high;
+    let gdtr = DescriptorTablePointer {
+        limit: layout.limit(),
+        base: gdt.as_ptr() as u64,
+    };
+    // SAFETY: the GDT is static and holds the layout's descriptors (checked against what the
+    // entry stubs and SYSCALL/SYSENTER expect); its kernel code and data selectors are the ones
+    // `load_gdt` reloads CS and the data segment registers with, at the CPL we run at.
+    unsafe { load_gdt(&gdtr, layout.kernel_code as u64, layout.kernel_data as u64) };
+    // SAFETY: `layout.tss` names the available 64-bit TSS descriptor just written into the
+    // loaded GDT, pointing at the static TSS.
+    unsafe { arch::ltr(layout.tss) };
 }
 
 /// Sets TSS.RSP0, the stack the CPU switches to on an interrupt or exception from Ring 3.
 pub fn set_rsp0(top: u64) {
     // SAFETY: an aligned-enough field write (packed(4) keeps it 4-byte aligned) with interrupts
     // off (callers are in the scheduler's critical section); the CPU reads it only on a trap.
-    unsafe { (&raw mut (*TABLES.0.get()).tss.rsp[0]).write_unaligned(top) };
+    let rsp0 = {
+        let tables = TABLES.0.get();
+        // SAFETY: `tables` points at the static TABLES; this only computes a field address
+        // inside it (no reference is made).
+        unsafe { &raw mut (*tables).tss.rsp[0] }
+    };
+    // SAFETY: `rsp0` is inside TABLES; unaligned write because packed(4) only keeps it 4-byte
+    // aligned; interrupts are off (callers are in the scheduler's critical section) and the CPU
+    // reads it only on a trap.
+    unsafe { rsp0.write_unaligned(top) };
 }
 
 /// The GDTR this module loaded (base, limit), for the probe's comparison with `sgdt`.

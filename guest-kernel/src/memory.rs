@@ -336,8 +336,11 @@ pub fn unmap(pml4: u64, va: u64) -> Option<PageTableEntry> {
 /// A new address space: a PML4 whose kernel half (slot 0) is the kernel's own PDPT.
 pub fn new_address_space() -> Result<u64, OutOfMemory> {
     let pml4 = alloc_frame().ok_or(OutOfMemory)?;
-    // SAFETY: both are PML4 frames; the new one is not yet in use.
-    unsafe { table(pml4)[0] = table(kernel_pml4())[0] };
+    // SAFETY: the kernel PML4 is a table this module owns; the reference lives only for this
+    // read.
+    let kernel_half = unsafe { table(kernel_pml4()) }[0];
+    // SAFETY: a PML4 frame just allocated, not yet in use or referenced anywhere else.
+    unsafe { table(pml4)[0] = kernel_half };
     Ok(pml4)
 }
 

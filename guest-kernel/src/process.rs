@@ -265,14 +265,14 @@ pub fn schedule() {
             Some(Some((save, rsp, pml4, fs_base, stack_top))) => {
                 gdt::set_rsp0(stack_top);
                 syscall::set_kernel_stack(stack_top);
-                // SAFETY: FS base is only used by user code (its TLS page) and `pml4` maps the
-                // kernel half like every address space; `save` points into the static table and
-                // `rsp` is where the next process last switched away (or its first frame).
-                unsafe {
-                    arch::wrmsr(arch::msr::FS_BASE, fs_base);
-                    arch::set_cr3(pml4);
-                    switch_context(save, rsp);
-                }
+                // SAFETY: FS base is only used by user code (its TLS page), never by the kernel.
+                unsafe { arch::wrmsr(arch::msr::FS_BASE, fs_base) };
+                // SAFETY: `pml4` maps the kernel half (slot 0) like every address space, so
+                // the kernel's code, stacks and data stay mapped across the switch.
+                unsafe { arch::set_cr3(pml4) };
+                // SAFETY: `save` points into the static process table and `rsp` is where the
+                // next process last switched away (or its first frame), on its kernel stack.
+                unsafe { switch_context(save, rsp) };
                 break;
             }
         }
@@ -353,13 +353,14 @@ pub fn spawn(program: u64, arg: u64) -> Result<u64, SpawnError> {
         ..TrapFrame::default()
     };
     let saved_rsp = frame_at - 8 - 6 * 8;
-    // SAFETY: the stack of a slot in Embryo state belongs to this function; the writes stay
-    // inside it.
-    unsafe {
-        (frame_at as *mut TrapFrame).write(frame);
-        ((frame_at - 8) as *mut u64).write(trap_return as *const () as u64);
-        core::ptr::write_bytes(saved_rsp as *mut u64, 0, 6);
-    }
+    // The stack of a slot in Embryo state belongs to this function; the three writes below stay
+    // inside it, 8-byte aligned (the stack top is aligned and TrapFrame is all u64s).
+    // SAFETY: the TrapFrame occupies [frame_at, top), the top of that stack.
+    unsafe { (frame_at as *mut TrapFrame).write(frame) };
+    // SAFETY: the word just below the frame, still inside the stack.
+    unsafe { ((frame_at - 8) as *mut u64).write(trap_return as *const () as u64) };
+    // SAFETY: the six words below that, [saved_rsp, frame_at - 8), still inside the stack.
+    unsafe { core::ptr::write_bytes(saved_rsp as *mut u64, 0, 6) };
     TABLE.with(|t| {
         t.procs[slot] = Process {
             state: State::Runnable,

@@ -291,11 +291,10 @@ fn invlpg_remap(_: &Ctx) -> CheckResult {
     let (Some(a), Some(b)) = (memory::alloc_frame(), memory::alloc_frame()) else {
         return Err(Why::new(format_args!("out of frames")));
     };
-    // SAFETY: fresh frames, identity-mapped.
-    unsafe {
-        (a as *mut u8).write(0xAA);
-        (b as *mut u8).write(0xBB);
-    }
+    // SAFETY: `a` is a fresh frame, identity-mapped and not used by anything else.
+    unsafe { (a as *mut u8).write(0xAA) };
+    // SAFETY: likewise for `b`.
+    unsafe { (b as *mut u8).write(0xBB) };
     let pml4 = memory::kernel_pml4();
     let flags = PteFlags::PRESENT | PteFlags::WRITABLE | PteFlags::NO_EXECUTE;
     let va = KERNEL_SCRATCH_VA;

@@ -68,34 +68,48 @@ const FMASK: u64 = 1 << 8 | 1 << 9 | 1 << 10 | 1 << 14 | 1 << 18;
 pub fn init() {
     let percpu = PERCPU.0.get();
     let layout = gdt::layout();
-    // SAFETY: boot CPU, interrupts off; the entries are the stubs in asm/trap.S and the selectors
-    // are the active layout's, which gdt.rs loaded and checked against what SYSCALL, SYSRET,
-    // SYSENTER and SYSEXIT compute from these MSRs.
+    // Boot CPU, interrupts off: no system call or trap can use these MSRs before they are all
+    // set. The entries are the stubs in asm/trap.S and the selectors are the active layout's,
+    // which gdt.rs loaded and checked against what SYSCALL, SYSRET, SYSENTER and SYSEXIT
+    // compute from these MSRs.
+    // SAFETY: `percpu` points at the static PERCPU block, which nothing else accesses yet.
+    unsafe { (*percpu).self_ptr = percpu as u64 };
+    // SAFETY: the kernel's GS base is the per-CPU block the entry stubs address through `gs:`.
+    unsafe { arch::wrmsr(msr::GS_BASE, percpu as u64) };
+    // SAFETY: the base `swapgs` gives user code; the kernel never addresses through it.
+    unsafe { arch::wrmsr(msr::KERNEL_GS_BASE, 0) };
+    // SAFETY: FS is only used by user code (its TLS page, set per process by the scheduler).
+    unsafe { arch::wrmsr(msr::FS_BASE, 0) };
+    // SAFETY: the layout's kernel code selector for SYSCALL and SYSRET base (see above).
     unsafe {
-        (*percpu).self_ptr = percpu as u64;
-        arch::wrmsr(msr::GS_BASE, percpu as u64);
-        arch::wrmsr(msr::KERNEL_GS_BASE, 0);
-        arch::wrmsr(msr::FS_BASE, 0);
         arch::wrmsr(
             msr::STAR,
             (layout.sysret_base as u64) << 48 | (layout.kernel_code as u64) << 32,
-        );
-        arch::wrmsr(msr::LSTAR, syscall_entry as *const () as u64);
-        arch::wrmsr(msr::FMASK, FMASK);
-        arch::wrmsr(msr::EFER, arch::rdmsr(msr::EFER) | msr::EFER_SCE);
-        arch::wrmsr(msr::SYSENTER_CS, layout.sysenter_cs as u64);
-        arch::wrmsr(msr::SYSENTER_EIP, sysenter_entry as *const () as u64);
-    }
+        )
+    };
+    // SAFETY: SYSCALL's entry is the `syscall_entry` stub.
+    unsafe { arch::wrmsr(msr::LSTAR, syscall_entry as *const () as u64) };
+    // SAFETY: SYSCALL clears TF, IF, DF, NT and AC, so the stub starts with interrupts off.
+    unsafe { arch::wrmsr(msr::FMASK, FMASK) };
+    // SAFETY: sets only SCE (SYSCALL/SYSRET enable), with LSTAR, STAR and FMASK now set; the
+    // other EFER bits are written back as read.
+    unsafe { arch::wrmsr(msr::EFER, arch::rdmsr(msr::EFER) | msr::EFER_SCE) };
+    // SAFETY: the layout's SYSENTER code selector (see above).
+    unsafe { arch::wrmsr(msr::SYSENTER_CS, layout.sysenter_cs as u64) };
+    // SAFETY: SYSENTER's entry is the `sysenter_entry` stub (SYSENTER_ESP is set per process by
+    // `set_kernel_stack` before any user code runs).
+    unsafe { arch::wrmsr(msr::SYSENTER_EIP, sysenter_entry as *const () as u64) };
 }
 
 /// Points SYSCALL (per-CPU block) and SYSENTER (IA32_SYSENTER_ESP) at a process's kernel stack.
 pub fn set_kernel_stack(top: u64) {
-    // SAFETY: interrupts are off (scheduler or init); the entries read it only on the next
-    // system call.
-    unsafe {
-        (*PERCPU.0.get()).kernel_rsp = top;
-        arch::wrmsr(msr::SYSENTER_ESP, top);
-    }
+    let percpu = PERCPU.0.get();
+    // SAFETY: `percpu` points at the static PERCPU block; interrupts are off (scheduler or
+    // init), so the SYSCALL entry, its only other user, cannot run until the next system call.
+    unsafe { (*percpu).kernel_rsp = top };
+    // SAFETY: SYSENTER_ESP is read only by the next SYSENTER, which then runs on `top`, the
+    // process's kernel stack.
+    unsafe { arch::wrmsr(msr::SYSENTER_ESP, top) };
 }
 
 /// The per-CPU block's address, and what `gs:[0]` reads now (equal while GS is the kernel's).

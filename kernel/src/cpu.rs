@@ -1,6 +1,6 @@
 //! What the CPU can do (CPUID), checked and printed at boot, and the host's CR4 settings.
 
-use x86::controlregs::{cr4, cr4_write, Cr4};
+use x86::controlregs::{cr0_write, cr4, cr4_write, Cr0, Cr4};
 use x86::cpuid::CpuId;
 
 /// The CPU features the VMM cares about.
@@ -89,8 +89,11 @@ impl Features {
 /// UMIP they would silently reveal the host's tables.
 pub fn enable_host_features(features: &Features) {
     if features.umip {
+        // SAFETY: reading CR4 at CPL 0 has no side effects.
+        let now = unsafe { cr4() };
         // SAFETY: UMIP only affects those five instructions at CPL > 0; the host never runs them.
-        unsafe { cr4_write(cr4() | Cr4::CR4_ENABLE_UMIP) };
+        // Every other bit is written back as just read.
+        unsafe { cr4_write(now | Cr4::CR4_ENABLE_UMIP) };
         log::info!("cpu: CR4.UMIP on: SGDT/SIDT/SLDT/SMSW/STR trap in Ring 3");
     } else {
         log::warn!(
@@ -113,20 +116,29 @@ pub fn enable_fast_syscall_entries() {
     use vmm_core::cpu::state::rflags;
     const FMASK: u64 = rflags::IF | rflags::TF | rflags::DF | rflags::AC;
     let star = u64::from(crate::gdt::HOST_CODE) << 32;
-    // SAFETY: the stubs build a TrapFrame on the trap stack and enter the dispatcher; the
-    // selectors are the host's 64-bit code and data; SCE only enables SYSCALL, which the host
-    // itself never executes.
+    // SAFETY: only SYSCALL reads LSTAR, and the host itself never executes it; `syscall_entry`
+    // is the stub that builds a TrapFrame on the trap stack and enters the dispatcher.
+    unsafe { x86::msr::wrmsr(x86::msr::IA32_LSTAR, syscall_entry as *const () as u64) };
+    // SAFETY: only SYSCALL/SYSRET read STAR; bits 47:32 are the host's 64-bit code selector
+    // (SS = that + 8, the host's data), which is what the stub expects to run on.
+    unsafe { x86::msr::wrmsr(x86::msr::IA32_STAR, star) };
+    // SAFETY: only SYSCALL reads FMASK; clearing IF, TF, DF and AC keeps interrupts, single
+    // steps and alignment checks away until the stub has switched stacks.
+    unsafe { x86::msr::wrmsr(x86::msr::IA32_FMASK, FMASK) };
+    // SAFETY: only SYSENTER reads SYSENTER_ESP; the trap stack's top is where the stub expects
+    // to build its TrapFrame.
+    unsafe { x86::msr::wrmsr(x86::msr::IA32_SYSENTER_ESP, crate::gdt::trap_stack_top()) };
+    // SAFETY: only SYSENTER reads SYSENTER_EIP, and the host never executes it; `sysenter_entry`
+    // is the VMM's SYSENTER stub.
     unsafe {
-        x86::msr::wrmsr(x86::msr::IA32_LSTAR, syscall_entry as *const () as u64);
-        x86::msr::wrmsr(x86::msr::IA32_STAR, star);
-        x86::msr::wrmsr(x86::msr::IA32_FMASK, FMASK);
-        x86::msr::wrmsr(x86::msr::IA32_SYSENTER_ESP, crate::gdt::trap_stack_top());
         x86::msr::wrmsr(
             x86::msr::IA32_SYSENTER_EIP,
             sysenter_entry as *const () as u64,
-        );
-        x86::msr::wrmsr(x86::msr::IA32_SYSENTER_CS, 0);
-    }
+        )
+    };
+    // SAFETY: a null SYSENTER_CS makes SYSENTER raise #GP (handled like any guest #GP) until
+    // `set_sysenter_enabled` turns it on.
+    unsafe { x86::msr::wrmsr(x86::msr::IA32_SYSENTER_CS, 0) };
     set_syscall_enabled(false);
 }
 
@@ -149,29 +161,29 @@ pub fn set_sysenter_enabled(on: bool) {
 /// instruction with prefixes began.
 pub fn set_syscall_enabled(on: bool) {
     const EFER_SCE: u64 = 1;
+    // SAFETY: IA32_EFER exists on every x86_64 CPU (long mode runs on it); reading it has no
+    // side effects.
+    let efer = unsafe { x86::msr::rdmsr(x86::msr::IA32_EFER) };
+    let efer = if on {
+        efer | EFER_SCE
+    } else {
+        efer & !EFER_SCE
+    };
     // SAFETY: SCE only enables SYSCALL/SYSRET, which the host itself never executes; the
-    // other EFER bits are written back unchanged.
-    unsafe {
-        let efer = x86::msr::rdmsr(x86::msr::IA32_EFER);
-        let efer = if on {
-            efer | EFER_SCE
-        } else {
-            efer & !EFER_SCE
-        };
-        x86::msr::wrmsr(x86::msr::IA32_EFER, efer);
-    }
+    // other EFER bits (LME, LMA, NXE) are written back unchanged.
+    unsafe { x86::msr::wrmsr(x86::msr::IA32_EFER, efer) };
 }
 
 /// The real DR6's status bits after a #DB, and DR6 reset for the next one (the CPU never
 /// clears them itself, SDM Vol. 3 §17.2.3).
 pub fn take_debug_status() -> u64 {
     const DR6_INIT: usize = 0xFFFF_0FF0;
-    // SAFETY: DR6 only records debug conditions; the host sets no breakpoints of its own.
-    unsafe {
-        let status = x86::debugregs::dr6().bits() as u64;
-        x86::debugregs::dr6_write(x86::debugregs::Dr6::from_bits_truncate(DR6_INIT));
-        status
-    }
+    // SAFETY: reading DR6 at CPL 0 has no side effects.
+    let status = unsafe { x86::debugregs::dr6() }.bits() as u64;
+    // SAFETY: DR6 only records debug conditions; the host sets no breakpoints of its own, so
+    // resetting it loses nothing but the status just read.
+    unsafe { x86::debugregs::dr6_write(x86::debugregs::Dr6::from_bits_truncate(DR6_INIT)) };
+    status
 }
 
 /// CR0 bits that act on instructions the guest runs natively: TS, EM and MP (x87/SSE #NM and
@@ -186,16 +198,18 @@ pub const GUEST_CR4_BITS: u64 = (1 << 9) | (1 << 10) | (1 << 2);
 /// itself runs no x87 or SSE code (the x86_64-unknown-none target is soft-float) and no
 /// unaligned access at CPL 3, so the guest's choices cannot hurt it.
 pub fn set_guest_controls(cr0_bits: u64, cr4_bits: u64) {
-    // SAFETY: only the bits named above change; paging, protection and the host's own CR4 bits
-    // (PAE, PGE, UMIP) are written back as they are.
-    unsafe {
-        let cr0 = x86::controlregs::cr0().bits() as u64;
-        let cr0 = (cr0 & !GUEST_CR0_BITS) | (cr0_bits & GUEST_CR0_BITS);
-        x86::controlregs::cr0_write(x86::controlregs::Cr0::from_bits_truncate(cr0 as usize));
-        let cr4 = x86::controlregs::cr4().bits() as u64;
-        let cr4 = (cr4 & !GUEST_CR4_BITS) | (cr4_bits & GUEST_CR4_BITS);
-        x86::controlregs::cr4_write(x86::controlregs::Cr4::from_bits_truncate(cr4 as usize));
-    }
+    // SAFETY: reading CR0 at CPL 0 has no side effects.
+    let cr0 = unsafe { x86::controlregs::cr0() }.bits() as u64;
+    let cr0 = (cr0 & !GUEST_CR0_BITS) | (cr0_bits & GUEST_CR0_BITS);
+    // SAFETY: only TS, EM, MP and AM change (see above); PE, PG, WP and the rest of CR0 are
+    // written back as just read.
+    unsafe { cr0_write(Cr0::from_bits_truncate(cr0 as usize)) };
+    // SAFETY: reading CR4 at CPL 0 has no side effects.
+    let cr4 = unsafe { x86::controlregs::cr4() }.bits() as u64;
+    let cr4 = (cr4 & !GUEST_CR4_BITS) | (cr4_bits & GUEST_CR4_BITS);
+    // SAFETY: only OSFXSR, OSXMMEXCPT and TSD change (see above); paging and the host's own
+    // CR4 bits (PAE, PGE, UMIP) are written back as just read.
+    unsafe { cr4_write(Cr4::from_bits_truncate(cr4 as usize)) };
 }
 
 /// Waits for the next interrupt with interrupts enabled just for the wait: `sti; hlt` is

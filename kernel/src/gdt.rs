@@ -101,10 +101,12 @@ pub fn init() {
 
     let pointer = DescriptorTablePointer::new(&tables.gdt);
     // SAFETY: the GDT is static and valid: 0x08/0x10 are the same kinds of descriptors the boot
-    // GDT had, so reloading CS/SS with them keeps executing this code; the TSS descriptor points
-    // at a static TSS and is marked available, as LTR requires.
+    // GDT had, so the segment registers loaded from the boot GDT stay usable until reloaded below.
+    unsafe { lgdt(&pointer) };
+    // SAFETY: HOST_CODE is a 64-bit DPL-0 code descriptor in the GDT just loaded, so the far
+    // return keeps executing this code at the next label; HOST_DATA is a writable data
+    // descriptor for SS/DS/ES, and FS/GS become null (the host does not address through them).
     unsafe {
-        lgdt(&pointer);
         core::arch::asm!(
             "push {code}",
             "lea {tmp}, [rip + 2f]",
@@ -120,9 +122,11 @@ pub fn init() {
             code = in(reg) u64::from(HOST_CODE),
             data = in(reg) HOST_DATA,
             tmp = out(reg) _,
-        );
-        x86::task::load_tr(SegmentSelector::new(TSS / 8, Ring::Ring0));
-    }
+        )
+    };
+    // SAFETY: the TSS descriptor in the loaded GDT points at the static TSS and is marked
+    // available, as LTR requires.
+    unsafe { x86::task::load_tr(SegmentSelector::new(TSS / 8, Ring::Ring0)) };
 }
 
 /// The guest part of the real GDT (every guest index and the null-SS stand-in), for the VMM's

@@ -122,8 +122,9 @@ impl BootData {
     /// Must be called once, with the boot identity map still loaded and `info_pa` the address the
     /// loader passed in EBX.
     pub unsafe fn read(info_pa: u64) -> Result<&'static BootData, BootDataError> {
+        let boot_data = core::ptr::addr_of_mut!(BOOT_DATA);
         // SAFETY: called once at boot, before anything else refers to BOOT_DATA.
-        let data = unsafe { &mut *core::ptr::addr_of_mut!(BOOT_DATA) };
+        let data = unsafe { &mut *boot_data };
         // SAFETY: the loader's information structure is identity-mapped (caller's contract).
         let info: MultibootInfo = unsafe { read_phys(info_pa) };
         data.reserve(info_pa, core::mem::size_of::<MultibootInfo>() as u64)?;

@@ -94,14 +94,19 @@ fn frames_allocate_and_free() -> Result<(), &'static str> {
         if frame % FRAME_SIZE != 0 || frame < 0x10_0000 {
             return Err("frame misaligned or in low memory");
         }
-        // SAFETY: the frame is ours and mapped by the direct map.
-        unsafe {
-            let p = phys_to_virt(frame).cast::<u64>();
-            if p.read() != 0 || p.add(511).read() != 0 {
-                return Err("allocate_zeroed returned a dirty frame");
-            }
-            p.write(0xF00D_0000 + i as u64);
+        let p = phys_to_virt(frame).cast::<u64>();
+        // SAFETY: word 511 is the last u64 of the 4 KiB frame `p` points at.
+        let last = unsafe { p.add(511) };
+        // SAFETY: the frame is ours and mapped by the direct map; `p` is 4 KiB aligned.
+        let dirty = unsafe { p.read() } != 0 || {
+            // SAFETY: as above, for the frame's last word.
+            unsafe { last.read() != 0 }
+        };
+        if dirty {
+            return Err("allocate_zeroed returned a dirty frame");
         }
+        // SAFETY: as above: the frame is ours, mapped and aligned.
+        unsafe { p.write(0xF00D_0000 + i as u64) };
         *slot = frame;
     }
     if got[0] == got[1] || got[1] == got[2] || got[0] == got[2] {

@@ -31,20 +31,31 @@ static SPURIOUS: AtomicU64 = AtomicU64::new(0);
 /// enables interrupts.
 pub fn init(hz: u32) {
     let divisor = (PIT_INPUT_HZ / hz.max(1)).clamp(1, 65535);
-    // SAFETY: standard PC ports: 0x43 is the PIT mode/command register, 0x40 channel 0's data;
-    // the PIC sequence is pic8259's ICW1-4. Interrupts are still disabled here.
-    unsafe {
+    {
         let mut pics = PICS.lock();
-        pics.initialize();
-        pics.write_masks(!0b0001_0101, 0xFF); // IRQ 0 (PIT), 2 (cascade), 4 (COM1) unmasked
-        x86::io::outb(0x43, 0b0011_0100); // channel 0, lobyte/hibyte, mode 2, binary
-        x86::io::outb(0x40, divisor as u8);
-        x86::io::outb(0x40, (divisor >> 8) as u8);
+        // SAFETY: pic8259's ICW1-4 on the standard PIC ports, remapping to the offsets PICS
+        // was built with (clear of the CPU exceptions). Interrupts are still disabled here.
+        unsafe { pics.initialize() };
+        // SAFETY: unmasks only IRQs with a handler: IRQ 0 (PIT), 2 (cascade), 4 (COM1).
+        unsafe { pics.write_masks(!0b0001_0101, 0xFF) };
     }
+    program_pit(divisor as u16);
     TICK_HZ.store(PIT_INPUT_HZ / divisor, Ordering::Relaxed);
     log::info!("timer: PIT channel 0 at {} Hz (divisor {divisor}), PIC vectors {PIC_MASTER_OFFSET:#x}..{:#x}", PIT_INPUT_HZ / divisor, PIC_SLAVE_OFFSET + 7);
     // SAFETY: the IDT is loaded and every vector has a handler.
     unsafe { core::arch::asm!("sti", options(nomem, nostack)) };
+}
+
+/// Programs PIT channel 0 as a rate generator (mode 2, binary) with `divisor`.
+fn program_pit(divisor: u16) {
+    let [low, high] = divisor.to_le_bytes();
+    // SAFETY: port 0x43 is the PIT mode/command register; this selects channel 0, lobyte/hibyte
+    // access, mode 2, binary, and only changes the rate of IRQ 0.
+    unsafe { x86::io::outb(0x43, 0b0011_0100) };
+    // SAFETY: port 0x40 is channel 0's data port; the command above expects the low byte now.
+    unsafe { x86::io::outb(0x40, low) };
+    // SAFETY: as above, then the high byte, which starts the new count.
+    unsafe { x86::io::outb(0x40, high) };
 }
 
 /// Timer ticks since `init`.
@@ -66,10 +77,9 @@ fn in_service(irq: u8) -> bool {
     };
     // SAFETY: OCW3 0x0B selects the ISR for the next read of the command port; no other state
     // changes.
-    let isr = unsafe {
-        x86::io::outb(command, 0x0B);
-        x86::io::inb(command)
-    };
+    unsafe { x86::io::outb(command, 0x0B) };
+    // SAFETY: reading the command port returns the register OCW3 just selected; no side effects.
+    let isr = unsafe { x86::io::inb(command) };
     isr & (1 << bit) != 0
 }
 

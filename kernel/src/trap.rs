@@ -217,11 +217,13 @@ pub unsafe fn enter_ring3(frame: &TrapFrame) -> ! {
     let top = core::ptr::addr_of!(TRAP_STACK_TOP) as u64;
     let slot = (top - core::mem::size_of::<TrapFrame>() as u64) as *mut TrapFrame;
     // SAFETY: the slot is the top of the trap stack, which nothing uses while we are on the
-    // kernel stack; trap_return then runs on it exactly as after a trap.
-    unsafe {
-        slot.write(frame.clone());
-        trap_return(slot)
-    }
+    // kernel stack, and is aligned for a TrapFrame (the stack top is page-aligned and the frame
+    // is a whole number of u64s).
+    unsafe { slot.write(frame.clone()) };
+    // SAFETY: `slot` now holds a valid Ring-3 frame (caller's contract) where a trap from Ring 3
+    // would have put it, so trap_return runs on it exactly as after a trap; CR3 maps the host
+    // and the frame's targets (caller's contract).
+    unsafe { trap_return(slot) }
 }
 
 /// Size of one entry stub in `asm/trap_entry.S`.

@@ -39,8 +39,10 @@ fn write_decimal(path: u64, mut n: u64) -> i64 {
     let mut i = buf.len();
     loop {
         i -= 1;
-        // SAFETY: i < 20: a u64 has at most 20 decimal digits.
-        unsafe { buf.as_mut_ptr().add(i).write(b'0' + (n % 10) as u8) };
+        // SAFETY: i < 20: a u64 has at most 20 decimal digits, so the offset stays inside buf.
+        let digit = unsafe { buf.as_mut_ptr().add(i) };
+        // SAFETY: `digit` points at byte i of buf, which we own.
+        unsafe { digit.write(b'0' + (n % 10) as u8) };
         n /= 10;
         if n == 0 {
             break;

@@ -101,20 +101,28 @@ pub fn registers_preserved(path: u64, pid: u64) -> bool {
     );
     let (mut rdi, mut rsi, mut r10) = (0xD1D1u64, 0x5151u64, 0x1010u64);
     let r: u64;
-    // SAFETY: as for the stubs above; every register involved is declared.
-    unsafe {
-        if path == PATH_SYSCALL {
+    if path == PATH_SYSCALL {
+        // SAFETY: as for `syscall`: getpid touches no memory; every register involved is
+        // declared, RCX and R11 as clobbered by the CPU.
+        unsafe {
             asm!("syscall", inlateout("rax") SYS_GETPID => r, inout("rdi") rdi, inout("rsi") rsi,
                  inout("r10") r10, inout("r8") r8, inout("r9") r9, inout("r12") r12,
                  inout("r13") r13, inout("r14") r14, inout("r15") r15,
                  out("rcx") _, out("r11") _, options(nostack));
-        } else if path == PATH_SYSENTER {
+        }
+    } else if path == PATH_SYSENTER {
+        // SAFETY: as for `sysenter`: every register involved is declared, RCX and RDX (our RSP
+        // and return RIP for SYSEXIT) as clobbered.
+        unsafe {
             asm!("mov rcx, rsp", "lea rdx, [rip + 2f]", "sysenter", "2:",
                  inlateout("rax") SYS_GETPID => r, inout("rdi") rdi, inout("rsi") rsi,
                  inout("r10") r10, inout("r8") r8, inout("r9") r9, inout("r12") r12,
                  inout("r13") r13, inout("r14") r14, inout("r15") r15,
                  out("rcx") _, out("rdx") _, options(nostack));
-        } else {
+        }
+    } else {
+        // SAFETY: as for `int80`: only RAX changes, and every register involved is declared.
+        unsafe {
             asm!("int 0x80", inlateout("rax") SYS_GETPID => r, inout("rdi") rdi,
                  inout("rsi") rsi, inout("r10") r10, inout("r8") r8, inout("r9") r9,
                  inout("r12") r12, inout("r13") r13, inout("r14") r14, inout("r15") r15,

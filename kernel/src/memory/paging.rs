@@ -37,9 +37,11 @@ pub fn map(root: u64, va: u64, pa: u64, size: u64, flags: PteFlags) -> Option<()
     let mut table = root;
     for level in (leaf_level + 1..=4).rev() {
         let index = ((va >> (12 + 9 * (level - 1))) & 0x1FF) as usize;
+        // SAFETY: index < 512 keeps the pointer inside the 4 KiB table at `table_ptr(table)`.
+        let slot = unsafe { table_ptr(table).add(index) };
         // SAFETY: `table` is a page-table frame owned by the host (the root or one we created),
-        // reachable through `table_ptr`; index < 512.
-        let entry = unsafe { &mut *table_ptr(table).add(index) };
+        // mapped where `table_ptr` says; no other reference to this entry is live.
+        let entry = unsafe { &mut *slot };
         if *entry & PteFlags::PRESENT.bits() == 0 {
             let next = frames::allocate_zeroed()?;
             *entry = next | (PteFlags::PRESENT | PteFlags::READ_WRITE).bits();
@@ -54,8 +56,10 @@ pub fn map(root: u64, va: u64, pa: u64, size: u64, flags: PteFlags) -> Option<()
     } else {
         flags
     };
-    // SAFETY: as above, for the last-level table.
-    unsafe { *table_ptr(table).add(index) = pa | (leaf_flags | PteFlags::PRESENT).bits() };
+    // SAFETY: index < 512, as above, for the last-level table.
+    let slot = unsafe { table_ptr(table).add(index) };
+    // SAFETY: the last-level table is a host-owned frame reached through the entries above.
+    unsafe { *slot = pa | (leaf_flags | PteFlags::PRESENT).bits() };
     Some(())
 }
 

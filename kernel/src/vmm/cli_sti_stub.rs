@@ -19,12 +19,15 @@ extern "C" {
 
 /// At trap entry: what the fast path did since the last exit goes into the vCPU.
 pub fn absorb(cpu: &mut VCpu) {
-    // SAFETY: trap context with interrupts off: the stub that writes these cannot run now.
-    let (vif, shadow) = unsafe {
-        let shadow = core::ptr::addr_of!(cli_sti_shadow).read_volatile();
-        core::ptr::addr_of_mut!(cli_sti_shadow).write_volatile(0);
-        (core::ptr::addr_of!(cli_sti_vif).read_volatile(), shadow)
-    };
+    let shadow_ptr = core::ptr::addr_of_mut!(cli_sti_shadow);
+    // SAFETY: trap context with interrupts off: the stub that writes these cannot run now; the
+    // asm defines `cli_sti_shadow` as an aligned u64.
+    let shadow = unsafe { shadow_ptr.read_volatile() };
+    // SAFETY: as above; clearing it consumes the shadow the stub recorded.
+    unsafe { shadow_ptr.write_volatile(0) };
+    let vif_ptr = core::ptr::addr_of!(cli_sti_vif);
+    // SAFETY: as above, for the u8 `cli_sti_vif`.
+    let vif = unsafe { vif_ptr.read_volatile() };
     cpu.set_interrupts_enabled(vif != 0);
     if shadow != 0 {
         cpu.interrupt_shadow = Some(shadow);
@@ -37,29 +40,38 @@ pub fn absorb(cpu: &mut VCpu) {
 /// own TF, whose #DB the fast path would swallow).
 pub fn publish(cpu: &VCpu, pending: bool, single_step: bool) {
     let allowed = cpu.may_toggle_interrupts() && !single_step && cpu.rflags & rflags::TF == 0;
-    // SAFETY: as in `absorb`.
-    unsafe {
-        core::ptr::addr_of_mut!(cli_sti_vif).write_volatile(u8::from(cpu.interrupts_enabled()));
-        core::ptr::addr_of_mut!(cli_sti_pending).write_volatile(u8::from(pending));
-        core::ptr::addr_of_mut!(cli_sti_enabled).write_volatile(u8::from(allowed));
-    }
+    let vif = core::ptr::addr_of_mut!(cli_sti_vif);
+    let pending_ptr = core::ptr::addr_of_mut!(cli_sti_pending);
+    let enabled = core::ptr::addr_of_mut!(cli_sti_enabled);
+    // SAFETY: as in `absorb`: the stub cannot run until we return to the guest.
+    unsafe { vif.write_volatile(u8::from(cpu.interrupts_enabled())) };
+    // SAFETY: as above.
+    unsafe { pending_ptr.write_volatile(u8::from(pending)) };
+    // SAFETY: as above; written last, as before, after the state the fast path reads.
+    unsafe { enabled.write_volatile(u8::from(allowed)) };
 }
 
 /// Turns the fast path off (the guest is stopping).
 pub fn disable() {
+    let enabled = core::ptr::addr_of_mut!(cli_sti_enabled);
     // SAFETY: as in `absorb`.
-    unsafe { core::ptr::addr_of_mut!(cli_sti_enabled).write_volatile(0) };
+    unsafe { enabled.write_volatile(0) };
 }
 
 /// CLIs and STIs handled by the fast path, and the cycles it spent (from its first `rdtsc` to
 /// its last; the stub's two pushes before and the `iretq` after are not included).
 pub fn counts() -> (u64, u64, u64) {
-    // SAFETY: plain reads of counters only the stub writes, in trap context like us.
-    unsafe {
-        (
-            core::ptr::addr_of!(cli_sti_cli_count).read_volatile(),
-            core::ptr::addr_of!(cli_sti_sti_count).read_volatile(),
-            core::ptr::addr_of!(cli_sti_cycles).read_volatile(),
-        )
-    }
+    let (cli, sti, cycles) = (
+        core::ptr::addr_of!(cli_sti_cli_count),
+        core::ptr::addr_of!(cli_sti_sti_count),
+        core::ptr::addr_of!(cli_sti_cycles),
+    );
+    // SAFETY: a plain read of an aligned u64 counter only the stub writes, in trap context
+    // like us.
+    let cli = unsafe { cli.read_volatile() };
+    // SAFETY: as above.
+    let sti = unsafe { sti.read_volatile() };
+    // SAFETY: as above.
+    let cycles = unsafe { cycles.read_volatile() };
+    (cli, sti, cycles)
 }

@@ -67,13 +67,10 @@ impl DataSegments {
                 cache,
             };
         }
-        // SAFETY: reading the base MSRs has no side effects.
-        let (fs_base, gs_base) = unsafe {
-            (
-                x86::msr::rdmsr(x86::msr::IA32_FS_BASE),
-                x86::msr::rdmsr(x86::msr::IA32_GS_BASE),
-            )
-        };
+        // SAFETY: IA32_FS_BASE exists in long mode; reading it has no side effects.
+        let fs_base = unsafe { x86::msr::rdmsr(x86::msr::IA32_FS_BASE) };
+        // SAFETY: likewise for IA32_GS_BASE.
+        let gs_base = unsafe { x86::msr::rdmsr(x86::msr::IA32_GS_BASE) };
         cpu.seg[SegReg::Fs as usize].cache.base = fs_base;
         cpu.seg[SegReg::Gs as usize].cache.base = gs_base;
     }
@@ -126,16 +123,18 @@ impl DataSegments {
 fn load(seg: SegReg, selector: u16) {
     let sel = SegmentSelector::from_raw(selector);
     compiler_fence(Ordering::SeqCst);
-    // SAFETY: the host itself uses none of these registers (64-bit mode ignores DS/ES bases and
-    // the host never addresses through FS/GS); the selector is null or names a present
-    // DPL-3 code or data descriptor the caller just wrote, so the load cannot fault.
-    unsafe {
-        match seg {
-            SegReg::Es => x86::segmentation::load_es(sel),
-            SegReg::Ds => x86::segmentation::load_ds(sel),
-            SegReg::Fs => x86::segmentation::load_fs(sel),
-            _ => x86::segmentation::load_gs(sel),
-        }
+    // For every arm: the selector is null or names a present DPL-3 code or data descriptor the
+    // caller just wrote, so the load cannot fault.
+    match seg {
+        // SAFETY: 64-bit mode ignores the ES base and limit, so the host does not depend on ES.
+        SegReg::Es => unsafe { x86::segmentation::load_es(sel) },
+        // SAFETY: 64-bit mode ignores the DS base and limit, so the host does not depend on DS.
+        SegReg::Ds => unsafe { x86::segmentation::load_ds(sel) },
+        // SAFETY: the host never addresses through FS; the load also sets the FS base, which
+        // the caller writes again afterwards.
+        SegReg::Fs => unsafe { x86::segmentation::load_fs(sel) },
+        // SAFETY: as for FS: the host never addresses through GS.
+        _ => unsafe { x86::segmentation::load_gs(sel) },
     }
     compiler_fence(Ordering::SeqCst);
 }

@@ -162,11 +162,10 @@ impl Vm {
     }
     /// The real FS and GS bases follow the virtual ones.
     pub(super) fn write_segment_bases(&self) {
-        // SAFETY: the host never uses FS or GS; these bases only matter in Ring 3.
-        unsafe {
-            x86::msr::wrmsr(x86::msr::IA32_FS_BASE, self.cpu.fs_base());
-            x86::msr::wrmsr(x86::msr::IA32_GS_BASE, self.cpu.gs_base());
-        }
+        // SAFETY: the host never addresses through FS; its base only matters in Ring 3.
+        unsafe { x86::msr::wrmsr(x86::msr::IA32_FS_BASE, self.cpu.fs_base()) };
+        // SAFETY: likewise for GS.
+        unsafe { x86::msr::wrmsr(x86::msr::IA32_GS_BASE, self.cpu.gs_base()) };
     }
     /// Applies the vCPU's effects: CR3 loads, INVLPG, paging-mode changes, view switches,
     /// FS/GS bases, and whether real SYSENTER may enter the VMM.

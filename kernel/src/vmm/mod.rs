@@ -164,12 +164,12 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
         entry.rdi
     );
     // SAFETY: the shadow root maps the VMM's slot 511 exactly as the host root does (shadow-mmu
-    // copies that entry), so the host keeps running after the switch; the frame is a valid
-    // Ring-3 frame on the guest's shadow descriptors (`sync_descriptor_table` made them present).
-    unsafe {
-        x86::controlregs::cr3_write(root.as_u64());
-        trap::enter_ring3(&frame)
-    }
+    // copies that entry), so the host keeps running after the switch.
+    unsafe { x86::controlregs::cr3_write(root.as_u64()) };
+    // SAFETY: the frame is a valid Ring-3 frame on the guest's shadow descriptors
+    // (`sync_descriptor_table` made them present), and the CR3 just loaded maps both the host
+    // and the guest's code and stack.
+    unsafe { trap::enter_ring3(&frame) }
 }
 
 /// Handles a trap taken while the guest ran (or a SYSCALL/SYSENTER from it): the one

@@ -166,8 +166,9 @@ pub fn install_fault_handlers() {
         static fault_stubs: u8;
     }
     let base = core::ptr::addr_of!(fault_stubs) as u64;
+    let idt = core::ptr::addr_of_mut!(IDT);
     // SAFETY: single-threaded guest; nothing else uses the IDT array.
-    let idt = unsafe { &mut *core::ptr::addr_of_mut!(IDT) };
+    let idt = unsafe { &mut *idt };
     for v in 0..32u64 {
         let h = base + 16 * v;
         // 64-bit interrupt gate, DPL 0, present, selector 0x08 (the boot GDT's code segment).

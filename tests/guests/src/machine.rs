@@ -217,8 +217,9 @@ pub fn set_gate(vector: u8, selector: u16, dpl: u64, ist: u64) {
     }
     let h = core::ptr::addr_of!(trap_stubs) as u64 + 16 * u64::from(vector);
     let v = usize::from(vector);
+    let idt = core::ptr::addr_of_mut!(IDT);
     // SAFETY: single-threaded guest; the table is only read by the CPU.
-    let idt = unsafe { &mut *core::ptr::addr_of_mut!(IDT) };
+    let idt = unsafe { &mut *idt };
     idt.0[2 * v] = (h & 0xFFFF)
         | (u64::from(selector) << 16)
         | (ist << 32)
@@ -240,8 +241,9 @@ static mut GDT: [u64; 16] = [0; 16];
 /// Copies `entries` into the GDT, loads GDTR, reloads CS with a far return to `cs` and SS, DS,
 /// ES with `ds` (FS and GS null).
 pub fn load_gdt(entries: &[u64], cs: u16, ds: u16) {
+    let gdt = core::ptr::addr_of_mut!(GDT);
     // SAFETY: single-threaded guest; the table is static.
-    let gdt = unsafe { &mut *core::ptr::addr_of_mut!(GDT) };
+    let gdt = unsafe { &mut *gdt };
     gdt[..entries.len()].copy_from_slice(entries);
     let mut pointer = [0u8; 10];
     pointer[..2].copy_from_slice(&((entries.len() * 8 - 1) as u16).to_le_bytes());
@@ -281,12 +283,14 @@ pub fn tss_base() -> u64 {
 
 /// Sets TSS.RSP0 (and no I/O bitmap) and loads TR with `selector`.
 pub fn load_tss(selector: u16, rsp0: u64) {
+    let t = core::ptr::addr_of_mut!(TSS);
     // SAFETY: single-threaded guest.
-    let t = unsafe { &mut *core::ptr::addr_of_mut!(TSS) };
+    let t = unsafe { &mut *t };
     t.0[1] = rsp0 as u32;
     t.0[2] = (rsp0 >> 32) as u32;
-    t.0[25] = 104 << 16; // I/O map base beyond the limit: no bitmap
-                         // SAFETY: `selector` names the TSS descriptor just written into the GDT.
+    // I/O map base beyond the limit: no bitmap.
+    t.0[25] = 104 << 16;
+    // SAFETY: `selector` names the TSS descriptor just written into the GDT.
     unsafe { core::arch::asm!("ltr {0:x}", in(reg) selector, options(nostack)) };
 }
 
@@ -297,15 +301,18 @@ static mut TABLES: [Table; POOL] = [const { Table([0; 512]) }; POOL];
 static mut USED: usize = 0;
 
 fn new_table() -> u64 {
-    // SAFETY: single-threaded guest.
-    unsafe {
-        if USED == POOL {
-            println(format_args!("page-table pool exhausted"));
-            exit(boot::exit_code::FAILURE);
-        }
-        USED += 1;
-        core::ptr::addr_of_mut!(TABLES[USED - 1]) as u64
+    let used = core::ptr::addr_of_mut!(USED);
+    // SAFETY: single-threaded guest: nothing else accesses USED while this reference lives.
+    let used = unsafe { &mut *used };
+    if *used == POOL {
+        println(format_args!("page-table pool exhausted"));
+        exit(boot::exit_code::FAILURE);
     }
+    *used += 1;
+    let index = *used - 1;
+    // SAFETY: only takes the address of pool entry `index` (< POOL, checked above); no
+    // reference to the static is made.
+    unsafe { core::ptr::addr_of_mut!(TABLES[index]) as u64 }
 }
 
 fn entry(table: u64, index: u64) -> *mut u64 {
@@ -315,13 +322,15 @@ fn entry(table: u64, index: u64) -> *mut u64 {
 /// The next level under `table[index]`, created (present, writable, user: the leaves decide).
 fn next(table: u64, index: u64) -> u64 {
     let e = entry(table, index);
-    // SAFETY: `table` is one of the pool's tables (identity-mapped, ours).
-    unsafe {
-        if *e & PTE_P == 0 {
-            *e = new_table() | PTE_P | PTE_W | PTE_U;
-        }
-        *e & 0x000F_FFFF_FFFF_F000
+    // SAFETY: `table` is one of the pool's tables (identity-mapped, ours) and index < 512.
+    if unsafe { *e } & PTE_P == 0 {
+        let next = new_table() | PTE_P | PTE_W | PTE_U;
+        // SAFETY: as above.
+        unsafe { *e = next };
     }
+    // SAFETY: as above.
+    let entry = unsafe { *e };
+    entry & 0x000F_FFFF_FFFF_F000
 }
 
 /// The guest's own page tables: a PML4 from the pool.

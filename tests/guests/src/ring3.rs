@@ -114,8 +114,9 @@ pub fn setup(handler: fn(&mut Frame)) -> PageTables {
 /// Runs `code` at CPL 3 on the user stack with `rflags` (IF must be 0) until its first
 /// exception, and returns that exception's frame.
 pub fn enter(code: unsafe extern "C" fn(), rflags: u64) -> Frame {
+    let saved = core::ptr::addr_of_mut!(FRAME);
     // SAFETY: single-threaded guest; no trap from CPL 3 is outstanding.
-    unsafe { core::ptr::addr_of_mut!(FRAME).write(None) };
+    unsafe { saved.write(None) };
     IN_USER.store(true, Ordering::SeqCst);
     // SAFETY: `ring3_enter` saves the callee-saved registers and RSP, then enters `code` at
     // CPL 3; the only way back is an exception, which `catch` turns into a jump to `ring3_back`,
@@ -124,7 +125,7 @@ pub fn enter(code: unsafe extern "C" fn(), rflags: u64) -> Frame {
     unsafe { ring3_enter(code as usize as u64, user_stack_top(), rflags) };
     IN_USER.store(false, Ordering::SeqCst);
     // SAFETY: written by `catch` before the return above.
-    unsafe { core::ptr::addr_of!(FRAME).read() }.unwrap_or_else(|| {
+    unsafe { saved.read() }.unwrap_or_else(|| {
         crate::println(format_args!("ring3: back without a trap"));
         crate::exit(boot::exit_code::FAILURE)
     })
@@ -136,13 +137,15 @@ pub fn catch(frame: &mut Frame) -> bool {
     if frame.cs & 3 != 3 || !IN_USER.load(Ordering::SeqCst) {
         return false;
     }
+    let saved = core::ptr::addr_of_mut!(FRAME);
     // SAFETY: single-threaded guest; `enter` reads it after this trap returns.
-    unsafe { core::ptr::addr_of_mut!(FRAME).write(Some(*frame)) };
+    unsafe { saved.write(Some(*frame)) };
     frame.rip = ring3_back as *const () as u64;
     frame.cs = u64::from(KERNEL_CS);
     frame.ss = u64::from(KERNEL_DS);
+    let kernel_rsp = core::ptr::addr_of!(RING3_KERNEL_RSP);
     // SAFETY: written by `ring3_enter` before it entered CPL 3.
-    frame.rsp = unsafe { core::ptr::addr_of!(RING3_KERNEL_RSP).read() };
+    frame.rsp = unsafe { kernel_rsp.read() };
     frame.rflags = 0x2;
     true
 }

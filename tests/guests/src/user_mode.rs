@@ -64,8 +64,9 @@ static mut RSP0_STACK: [Page; 4] = [const { Page::zeroed() }; 4];
 static mut KERNEL_STACK: [Page; 4] = [const { Page::zeroed() }; 4];
 
 fn layout() -> Layout {
+    let layout = core::ptr::addr_of!(LAYOUT);
     // SAFETY: written once before any phase, read-only afterwards.
-    unsafe { core::ptr::addr_of!(LAYOUT).read() }
+    unsafe { layout.read() }
 }
 
 fn secret_address() -> u64 {
@@ -185,8 +186,9 @@ const PHASES: [Phase; 5] = [
 /// Sets up the kernel in `layout` and runs the phases; exits success when every phase saw what
 /// the CPU gives.
 pub fn run(layout: Layout) -> ! {
+    let slot = core::ptr::addr_of_mut!(LAYOUT);
     // SAFETY: single-threaded guest, before any phase.
-    unsafe { core::ptr::addr_of_mut!(LAYOUT).write(layout) };
+    unsafe { slot.write(layout) };
     machine::mask_pics();
     let pt = PageTables::identity();
     extern "C" {

@@ -72,12 +72,13 @@ extern "C" fn _start(info: *const boot::BootInfo) -> ! {
     let pt = PageTables::identity();
     pt.map(EDGE, core::ptr::addr_of!(CODE) as u64, PTE_P | PTE_W);
     pt.load();
-    // SAFETY: single-threaded guest; the page is ours and not yet executed.
-    unsafe {
-        NAME = name;
-        let code = &mut *core::ptr::addr_of_mut!(CODE);
-        code.0[4096 - bytes.len()..].copy_from_slice(bytes);
-    }
+    // SAFETY: single-threaded guest; the handler that reads NAME runs only after the jump below.
+    unsafe { NAME = name };
+    let code = core::ptr::addr_of_mut!(CODE);
+    // SAFETY: single-threaded guest; the page is ours and not yet executed, and nothing else
+    // holds a reference to it.
+    let code = unsafe { &mut *code };
+    code.0[4096 - bytes.len()..].copy_from_slice(bytes);
     let at = HOLE - bytes.len() as u64;
     println(format_args!(
         "canonical-edge {name}: {} byte(s) at {at:#x}, IF={}",

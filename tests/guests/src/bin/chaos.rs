@@ -51,46 +51,58 @@ extern "C" {
 }
 
 fn next_random() -> u64 {
-    // SAFETY: single-threaded guest.
-    unsafe {
-        STATE ^= STATE << 13;
-        STATE ^= STATE >> 7;
-        STATE ^= STATE << 17;
-        STATE
-    }
+    let state = core::ptr::addr_of_mut!(STATE);
+    // SAFETY: single-threaded guest: nothing else accesses STATE while we update it.
+    let mut x = unsafe { state.read() };
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    // SAFETY: as above.
+    unsafe { state.write(x) };
+    x
 }
 
 #[no_mangle]
 extern "C" fn next_round() -> ! {
-    // SAFETY: single-threaded guest; the handler runs with interrupts off.
-    unsafe {
-        // The IDT and the code buffer may have been trashed by the last round's bytes (they
-        // live in writable memory): rebuild both.
-        install_idt();
-        ROUND += 1;
-        if ROUND > ROUNDS {
-            println(format_args!("chaos: {} rounds survived", ROUND - 1));
-            exit(boot::exit_code::SUCCESS);
-        }
-        let code = &mut *core::ptr::addr_of_mut!(CHAOS_CODE);
-        for chunk in code[..BLOB].chunks_mut(8) {
-            let r = next_random().to_le_bytes();
-            chunk.copy_from_slice(&r[..chunk.len()]);
-        }
-        code[BLOB] = 0x0F;
-        code[BLOB + 1] = 0x0B;
-        if USER {
-            user_mode::enter()
-        }
-        chaos_enter()
+    // Single-threaded guest; the handler runs with interrupts off.
+    // The IDT and the code buffer may have been trashed by the last round's bytes (they
+    // live in writable memory): rebuild both.
+    install_idt();
+    // SAFETY: single-threaded guest: nothing else accesses ROUND.
+    unsafe { ROUND += 1 };
+    // SAFETY: as above.
+    let round = unsafe { ROUND };
+    // SAFETY: written once by `_start` before the first round.
+    if round > unsafe { ROUNDS } {
+        println(format_args!("chaos: {} rounds survived", round - 1));
+        exit(boot::exit_code::SUCCESS);
     }
+    let code = core::ptr::addr_of_mut!(CHAOS_CODE);
+    // SAFETY: the buffer is not running (we got here from an exception or `_start`) and no
+    // other reference to it exists.
+    let code = unsafe { &mut *code };
+    for chunk in code[..BLOB].chunks_mut(8) {
+        let r = next_random().to_le_bytes();
+        chunk.copy_from_slice(&r[..chunk.len()]);
+    }
+    code[BLOB] = 0x0F;
+    code[BLOB + 1] = 0x0B;
+    // SAFETY: written once by `_start` before the first round.
+    if unsafe { USER } {
+        user_mode::enter()
+    }
+    // SAFETY: `chaos_enter` switches to a fresh CHAOS_STACK and jumps into the code buffer just
+    // filled; every way out of it is an exception, which comes back here through the IDT just
+    // rebuilt.
+    unsafe { chaos_enter() }
 }
 
 /// 256 interrupt gates, DPL 0, all to `chaos_resume`.
 fn install_idt() {
     let h = chaos_resume as *const () as u64;
-    // SAFETY: single-threaded guest.
-    let idt = unsafe { &mut *core::ptr::addr_of_mut!(IDT) };
+    let idt = core::ptr::addr_of_mut!(IDT);
+    // SAFETY: single-threaded guest; nothing else holds a reference to the IDT.
+    let idt = unsafe { &mut *idt };
     for v in 0..256 {
         idt.0[2 * v] = (h & 0xFFFF) | (0x08 << 16) | (0x8E00 << 32) | ((h >> 16) & 0xFFFF) << 48;
         idt.0[2 * v + 1] = h >> 32;
@@ -125,12 +137,12 @@ extern "C" fn _start(info: *const boot::BootInfo) -> ! {
     if user {
         user_mode::setup(info.ram_bytes);
     }
-    // SAFETY: single-threaded guest, before any round runs.
-    unsafe {
-        STATE = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        ROUNDS = rounds;
-        USER = user;
-    }
+    // SAFETY: single-threaded guest, before any round runs (the only readers).
+    unsafe { STATE = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1 };
+    // SAFETY: as above.
+    unsafe { ROUNDS = rounds };
+    // SAFETY: as above.
+    unsafe { USER = user };
     next_round()
 }
 
@@ -154,45 +166,61 @@ mod user_mode {
 
     /// Builds the tables and loads them (once); `ram_bytes` of identity map, user-accessible.
     pub fn setup(ram_bytes: u64) {
-        // SAFETY: single-threaded guest, before any user round.
+        // Single-threaded guest, before any user round: nothing else refers to these statics.
+        let (pml4, pdpt, pd) = (
+            core::ptr::addr_of_mut!(PML4),
+            core::ptr::addr_of_mut!(PDPT),
+            core::ptr::addr_of_mut!(PD),
+        );
+        // SAFETY: the only reference to PML4 (see above).
+        let pml4 = unsafe { &mut *pml4 };
+        // SAFETY: the only reference to PDPT.
+        let pdpt = unsafe { &mut *pdpt };
+        // SAFETY: the only reference to PD.
+        let pd = unsafe { &mut *pd };
+        let pages = (ram_bytes >> 21).clamp(1, 512) as usize;
+        for (i, e) in pd.0.iter_mut().take(pages).enumerate() {
+            // 2 MiB pages, present, writable, user, PS.
+            *e = ((i as u64) << 21) | 0x87;
+        }
+        pdpt.0[0] = core::ptr::addr_of!(PD) as u64 | 0x7;
+        pml4.0[0] = core::ptr::addr_of!(PDPT) as u64 | 0x7;
+        let tss = core::ptr::addr_of!(TSS) as u64;
+        let rsp0 = core::ptr::addr_of!(KSTACK) as u64 + 8 * 1024;
+        let t = core::ptr::addr_of_mut!(TSS);
+        // SAFETY: the only reference to TSS.
+        let t = unsafe { &mut *t };
+        t.0[1] = rsp0 as u32;
+        t.0[2] = (rsp0 >> 32) as u32;
+        t.0[25] = 104 << 16; // I/O map base beyond the limit: no bitmap
+        let gdt = core::ptr::addr_of_mut!(GDT);
+        // SAFETY: the only reference to GDT.
+        let gdt = unsafe { &mut *gdt };
+        gdt[1] = 0x00AF_9A00_0000_FFFF; // 0x08 kernel code
+        gdt[2] = 0x00CF_9200_0000_FFFF; // 0x10 kernel data
+        gdt[3] = 0x00CF_F200_0000_FFFF; // 0x18 user data
+        gdt[4] = 0x00AF_FA00_0000_FFFF; // 0x20 user code
+        gdt[5] = 103 | ((tss & 0xFF_FFFF) << 16) | (0x89 << 40) | (((tss >> 24) & 0xFF) << 56);
+        gdt[6] = tss >> 32;
+        let mut pointer = [0u8; 10];
+        pointer[..2].copy_from_slice(&(7u16 * 8 - 1).to_le_bytes());
+        pointer[2..].copy_from_slice(&(gdt.as_ptr() as u64).to_le_bytes());
+        let root = core::ptr::addr_of!(PML4) as u64;
+        // SAFETY: the new GDT keeps 0x08/0x10 as the boot GDT had them, so CS and SS stay
+        // valid; 0x28 is the available TSS just described; the new PML4 identity-maps RAM
+        // (this code, its stack and data included) as the boot tables did.
         unsafe {
-            let pml4 = &mut *core::ptr::addr_of_mut!(PML4);
-            let pdpt = &mut *core::ptr::addr_of_mut!(PDPT);
-            let pd = &mut *core::ptr::addr_of_mut!(PD);
-            let pages = (ram_bytes >> 21).clamp(1, 512) as usize;
-            for (i, e) in pd.0.iter_mut().take(pages).enumerate() {
-                // 2 MiB pages, present, writable, user, PS.
-                *e = ((i as u64) << 21) | 0x87;
-            }
-            pdpt.0[0] = core::ptr::addr_of!(PD) as u64 | 0x7;
-            pml4.0[0] = core::ptr::addr_of!(PDPT) as u64 | 0x7;
-            let tss = core::ptr::addr_of!(TSS) as u64;
-            let rsp0 = core::ptr::addr_of!(KSTACK) as u64 + 8 * 1024;
-            let t = &mut *core::ptr::addr_of_mut!(TSS);
-            t.0[1] = rsp0 as u32;
-            t.0[2] = (rsp0 >> 32) as u32;
-            t.0[25] = 104 << 16; // I/O map base beyond the limit: no bitmap
-            let gdt = &mut *core::ptr::addr_of_mut!(GDT);
-            gdt[1] = 0x00AF_9A00_0000_FFFF; // 0x08 kernel code
-            gdt[2] = 0x00CF_9200_0000_FFFF; // 0x10 kernel data
-            gdt[3] = 0x00CF_F200_0000_FFFF; // 0x18 user data
-            gdt[4] = 0x00AF_FA00_0000_FFFF; // 0x20 user code
-            gdt[5] = 103 | ((tss & 0xFF_FFFF) << 16) | (0x89 << 40) | (((tss >> 24) & 0xFF) << 56);
-            gdt[6] = tss >> 32;
-            let mut pointer = [0u8; 10];
-            pointer[..2].copy_from_slice(&(7u16 * 8 - 1).to_le_bytes());
-            pointer[2..].copy_from_slice(&(gdt.as_ptr() as u64).to_le_bytes());
             core::arch::asm!(
                 "lgdt [{p}]",
                 "mov ax, 0x28",
                 "ltr ax",
                 "mov cr3, {root}",
                 p = in(reg) pointer.as_ptr(),
-                root = in(reg) core::ptr::addr_of!(PML4) as u64,
+                root = in(reg) root,
                 out("ax") _,
                 options(nostack)
-            );
-        }
+            )
+        };
     }
 
     /// Enters the round's code at CPL 3 (interrupts off, a fresh user stack).

@@ -19,8 +19,9 @@ static mut GDT: [u64; ENTRIES] = [0; ENTRIES];
 #[no_mangle]
 extern "C" fn _start() -> ! {
     test_guests::install_fault_handlers();
+    let gdt = core::ptr::addr_of_mut!(GDT);
     // SAFETY: single-threaded guest; the table is static and only the CPU reads it after LGDT.
-    let gdt = unsafe { &mut *core::ptr::addr_of_mut!(GDT) };
+    let gdt = unsafe { &mut *gdt };
     gdt[1] = code64(0);
     gdt[2] = data(0);
     gdt[8188] = data(0);

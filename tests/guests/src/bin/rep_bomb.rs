@@ -33,8 +33,9 @@ fn handler(frame: &mut Frame) {
 
 fn run(name: &str, error: u64, rip: u64, after: fn() -> u64) -> bool {
     let _ = after();
+    let seen = core::ptr::addr_of!(SEEN);
     // SAFETY: written by the handler, which is done.
-    let Some((f, cr2)) = (unsafe { core::ptr::addr_of!(SEEN).read() }) else {
+    let Some((f, cr2)) = (unsafe { seen.read() }) else {
         println(format_args!("rep-bomb {name}: no #PF (wrong)"));
         return false;
     };

@@ -86,11 +86,13 @@ fn handler(frame: &mut Frame) {
     }
     let n = COUNT.fetch_add(1, Ordering::SeqCst);
     if n < MAX {
-        // SAFETY: single-threaded guest; the handler runs with interrupts off.
-        unsafe {
-            RIPS[n] = frame.rip;
-            BS[n] = !USE_DR6 || machine::read_dr6() & (1 << 14) != 0;
-        }
+        // SAFETY: single-threaded guest; the handler runs with interrupts off and `_start`
+        // reads RIPS only once TF is off.
+        unsafe { RIPS[n] = frame.rip };
+        // SAFETY: written once before TF is set.
+        let bs = !unsafe { USE_DR6 } || machine::read_dr6() & (1 << 14) != 0;
+        // SAFETY: as for RIPS.
+        unsafe { BS[n] = bs };
     }
     // SAFETY: written once before TF is set.
     if unsafe { USE_DR6 } {
@@ -129,7 +131,9 @@ extern "C" fn _start(info: *const boot::BootInfo) -> ! {
     let mut wrong = 0;
     for (i, name) in NAMES.iter().enumerate() {
         // SAFETY: the handler is done (TF is off).
-        let (rip, bs) = unsafe { (RIPS[i], BS[i]) };
+        let rip = unsafe { RIPS[i] };
+        // SAFETY: as above.
+        let bs = unsafe { BS[i] };
         let ok = i < n && rip == expected[i] && bs;
         if !ok {
             wrong += 1;
@@ -151,8 +155,9 @@ extern "C" fn _start(info: *const boot::BootInfo) -> ! {
         if ok { "ok" } else { "WRONG" }
     ));
     if !ok {
+        let rips = core::ptr::addr_of!(RIPS);
         // SAFETY: the handler is done (TF is off).
-        let rips = unsafe { *core::ptr::addr_of!(RIPS) };
+        let rips = unsafe { *rips };
         for rip in &rips[NAMES.len().min(n)..n.min(MAX)] {
             println(format_args!(
                 "tf-over-emulated: extra trap at block+{:#x}",

@@ -120,8 +120,9 @@ fn enter_user(rip: u64) -> ! {
 /// Checks and prints the traps seen since the last call.
 fn check(name: &str, insn: u64, entry: u64) -> bool {
     let n = COUNT.swap(0, Ordering::SeqCst).min(MAX);
+    let seen = core::ptr::addr_of!(SEEN);
     // SAFETY: the handler is done (TF is off).
-    let seen = unsafe { *core::ptr::addr_of!(SEEN) };
+    let seen = unsafe { *seen };
     for &(rip, cs) in &seen[..n] {
         let at = if rip == insn {
             "the instruction"

@@ -21,22 +21,26 @@ extern "C" fn _start(info: *const boot::BootInfo) -> ! {
     // SAFETY: reading CR3 has no side effects.
     unsafe { core::arch::asm!("mov {}, cr3", out(reg) cr3, options(nomem, nostack)) };
     // The image is identity-mapped, so its statics' addresses are their physical addresses.
-    // SAFETY: single-threaded; the boot page tables are ours to change (identity-mapped).
-    unsafe {
-        let pml4 = (cr3 & !0xFFF) as *mut u64;
-        let (pdpt, pd, pt) = (
-            core::ptr::addr_of_mut!(PDPT) as u64,
-            core::ptr::addr_of_mut!(PD) as u64,
-            core::ptr::addr_of_mut!(PT) as u64,
-        );
-        (*core::ptr::addr_of_mut!(PDPT)).0[((va >> 30) & 511) as usize] = pd | 3;
-        (*core::ptr::addr_of_mut!(PD)).0[((va >> 21) & 511) as usize] = pt | 3;
-        (*core::ptr::addr_of_mut!(PT)).0[((va >> 12) & 511) as usize] =
-            core::ptr::addr_of_mut!(TARGET) as u64 | 3;
-        pml4.add(((va >> 39) & 511) as usize)
-            .write_volatile(pdpt | 3);
-        core::arch::asm!("mov cr3, {}", in(reg) cr3, options(nostack));
-    }
+    let pml4 = (cr3 & !0xFFF) as *mut u64;
+    let (pdpt, pd, pt) = (
+        core::ptr::addr_of_mut!(PDPT),
+        core::ptr::addr_of_mut!(PD),
+        core::ptr::addr_of_mut!(PT),
+    );
+    let target = core::ptr::addr_of_mut!(TARGET) as u64;
+    // SAFETY: single-threaded; PDPT is our static and no reference to it exists.
+    unsafe { (*pdpt).0[((va >> 30) & 511) as usize] = pd as u64 | 3 };
+    // SAFETY: likewise for PD.
+    unsafe { (*pd).0[((va >> 21) & 511) as usize] = pt as u64 | 3 };
+    // SAFETY: likewise for PT.
+    unsafe { (*pt).0[((va >> 12) & 511) as usize] = target | 3 };
+    // SAFETY: the index is below 512, so the entry stays inside the PML4 page.
+    let slot = unsafe { pml4.add(((va >> 39) & 511) as usize) };
+    // SAFETY: the boot PML4 is identity-mapped and ours to change; slot 511 (where `va` lies)
+    // maps nothing this code uses.
+    unsafe { slot.write_volatile(pdpt as u64 | 3) };
+    // SAFETY: reloading the same CR3 only flushes the TLB, so the new mapping takes effect.
+    unsafe { core::arch::asm!("mov cr3, {}", in(reg) cr3, options(nostack)) };
     test_guests::println(format_args!("vmm-range: mapped {va:#x}, writing to it"));
     // SAFETY: natively this would be a normal write to a page we mapped; under the VMM the range
     // belongs to the host, which must refuse.
