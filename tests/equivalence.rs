@@ -45,7 +45,7 @@ fn assert_equivalent_with(words: &[&str], shadow: &str) {
     if mode == "selftest" {
         // Most of the guest's CLI/STI never reach the Rust dispatcher: the fast path in the
         // entry stub flips the virtual IF, and the self-test still sees native behaviour.
-        v.expect_line("[vmm] fast path in the entry stub (not in the tables): CLI ");
+        v.expect_line("[vmm] CLI/STI stub (not in the tables): CLI ");
     }
     let (no, vo) = (observations(&n.serial), observations(&v.serial));
     assert!(!no.is_empty(), "the native {mode} printed no observations");

@@ -330,7 +330,7 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
         vector::PAGE_FAULT | vector::GENERAL_PROTECTION
             if frame.rip == core::ptr::addr_of!(cli_sti_stub_fetch) as u64 =>
         {
-            // The CLI/STI fast path could not read the guest's instruction (not mapped, or a
+            // The CLI/STI stub could not read the guest's instruction (not mapped, or a
             // non-canonical RIP, which QEMU reports for a jump there): take the slow path.
             frame.rip = core::ptr::addr_of!(cli_sti_stub_bail) as u64;
         }

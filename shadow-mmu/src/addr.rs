@@ -17,6 +17,11 @@ const PAGE_SHIFT: u64 = 12;
 /// Bits of linear address each paging level translates (§4.5: 512 entries per table).
 const TABLE_INDEX_BITS: u64 = 9;
 
+/// The end of the canonical lower half of 48-bit linear addresses (exclusive).
+pub const LOWER_HALF_END: u64 = 0x0000_8000_0000_0000;
+/// The start of the canonical upper half of 48-bit linear addresses.
+pub const UPPER_HALF_START: u64 = 0xFFFF_8000_0000_0000;
+
 /// Returns true when `addr` is canonical for 48-bit linear addresses: bits 63..47 all equal
 /// (SDM vol. 1 §3.3.7.1).
 pub const fn is_canonical(addr: u64) -> bool {

@@ -1,7 +1,7 @@
 //! The CLI/STI stub's shared state: `cli_sti_stub` (`asm/cli_sti_stub.S`) flips the guest's
 //! virtual IF without entering Rust (article challenge "频繁访问特权资源": a guest kernel masks and
 //! unmasks interrupts all the time). The vCPU stays the one truth: its IF and STI shadow are
-//! read back from here at every trap, and written here, with whether the fast path may run, at
+//! read back from here at every trap, and written here, with whether the stub may run, at
 //! every exit.
 
 use vmm_core::cpu::state::rflags;
@@ -17,7 +17,7 @@ extern "C" {
     static cli_sti_cycles: u64;
 }
 
-/// At trap entry: what the fast path did since the last exit goes into the vCPU.
+/// At trap entry: what the stub did since the last exit goes into the vCPU.
 pub fn absorb(cpu: &mut VCpu) {
     let shadow_ptr = core::ptr::addr_of_mut!(cli_sti_shadow);
     // SAFETY: trap context with interrupts off: the stub that writes these cannot run now; the
@@ -35,9 +35,9 @@ pub fn absorb(cpu: &mut VCpu) {
 }
 
 /// At trap exit: the vCPU's IF, whether a virtual interrupt is pending (then STI must take the
-/// slow path to be injected), and whether the fast path may run at all: only where CLI/STI are
+/// slow path to be injected), and whether the stub may run at all: only where CLI/STI are
 /// allowed (virtual CPL <= IOPL) and nobody single-steps (our interrupt window, or the guest's
-/// own TF, whose #DB the fast path would swallow).
+/// own TF, whose #DB the stub would swallow).
 pub fn publish(cpu: &VCpu, pending: bool, single_step: bool) {
     let allowed = cpu.may_toggle_interrupts() && !single_step && cpu.rflags & rflags::TF == 0;
     let vif = core::ptr::addr_of_mut!(cli_sti_vif);
@@ -47,18 +47,18 @@ pub fn publish(cpu: &VCpu, pending: bool, single_step: bool) {
     unsafe { vif.write_volatile(u8::from(cpu.interrupts_enabled())) };
     // SAFETY: as above.
     unsafe { pending_ptr.write_volatile(u8::from(pending)) };
-    // SAFETY: as above; written last, as before, after the state the fast path reads.
+    // SAFETY: as above; written last, as before, after the state the stub reads.
     unsafe { enabled.write_volatile(u8::from(allowed)) };
 }
 
-/// Turns the fast path off (the guest is stopping).
+/// Turns the stub off (the guest is stopping).
 pub fn disable() {
     let enabled = core::ptr::addr_of_mut!(cli_sti_enabled);
     // SAFETY: as in `absorb`.
     unsafe { enabled.write_volatile(0) };
 }
 
-/// CLIs and STIs handled by the fast path, and the cycles it spent (from its first `rdtsc` to
+/// CLIs and STIs handled by the stub, and the cycles it spent (from its first `rdtsc` to
 /// its last; the stub's two pushes before and the `iretq` after are not included).
 pub fn counts() -> (u64, u64, u64) {
     let (cli, sti, cycles) = (

@@ -193,14 +193,18 @@ impl Vm {
             // SAFETY: INVLPG only drops a translation.
             unsafe { x86::tlb::flush(gva.as_u64() as usize) };
         }
-        let view = if self.cpu.cpl == 3 {
-            View::User
-        } else {
-            View::Kernel
-        };
-        if view != self.view {
-            self.view = view;
-            reload = true;
+        if effects.privilege {
+            // The virtual CPL changed: the other shadow view (ring compression: the guest
+            // kernel's pages are only in the kernel view).
+            let view = if self.cpu.cpl == 3 {
+                View::User
+            } else {
+                View::Kernel
+            };
+            if view != self.view {
+                self.view = view;
+                reload = true;
+            }
         }
         if self.mmu.take_tlb_flush() {
             reload = true;

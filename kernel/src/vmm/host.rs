@@ -63,14 +63,14 @@ impl FrameAllocator for HostFrames {
     }
 }
 
-/// Guest memory as the emulator sees it, with a fast path: an access first goes through the
+/// Guest memory as the emulator sees it, with a loaded-CR3 copy: an access first goes through the
 /// shadow page tables loaded in CR3 right now, as if it hit in a TLB. The shadow maps a page
 /// only as the guest's own tables allow it (filled by a guest walk that set the accessed bit;
 /// writable only once the dirty bit is set; page-table pages read-only under the cached
 /// policy), so whatever succeeds here is what the walk would allow. On any fault (not filled
 /// yet, read-only, supervisor-only in the user view) the access falls back to the guest walk in
 /// shadow-mmu, which sets A/D bits, reports guest page-table writes, and raises the guest's
-/// #PF. Only the privilege the loaded view stands for takes the fast path (the kernel view maps
+/// #PF. Only the privilege the loaded view stands for takes the loaded-CR3 copy (the kernel view maps
 /// every guest page user-accessible), and a write that crosses a page never does (it must not
 /// half-happen before the walk decides).
 pub struct GuestAccess<'a> {
@@ -90,7 +90,12 @@ impl<'a> GuestAccess<'a> {
 impl GuestAccess<'_> {
     /// Whether `[gva, gva + len)` is guest linear space (canonical, below the VMM's slot) that
     /// an access with `privilege` may try through the loaded view.
-    fn fast_path_allowed(&self, gva: u64, len: usize, privilege: shadow_mmu::Privilege) -> bool {
+    fn loaded_cr3_copy_allowed(
+        &self,
+        gva: u64,
+        len: usize,
+        privilege: shadow_mmu::Privilege,
+    ) -> bool {
         let same_privilege = matches!(
             (self.view, privilege),
             (shadow_mmu::View::Kernel, shadow_mmu::Privilege::Supervisor)
@@ -99,8 +104,8 @@ impl GuestAccess<'_> {
         let Some(end) = gva.checked_add(len as u64) else {
             return false;
         };
-        let lower = end <= 0x0000_8000_0000_0000;
-        let upper = gva >= 0xFFFF_8000_0000_0000 && end <= boot::VMM_RESERVED_VA_START;
+        let lower = end <= shadow_mmu::addr::LOWER_HALF_END;
+        let upper = gva >= shadow_mmu::addr::UPPER_HALF_START && end <= boot::VMM_RESERVED_VA_START;
         same_privilege && len > 0 && (lower || upper)
     }
 }
@@ -116,9 +121,9 @@ impl vmm_core::cpu::GuestMemory for GuestAccess<'_> {
         // An instruction fetch may use any view: the CPU has just fetched the same bytes
         // through it to trap on them.
         let allowed = if kind == shadow_mmu::AccessKind::Fetch {
-            self.fast_path_allowed(gva, buf.len(), self.view.privilege())
+            self.loaded_cr3_copy_allowed(gva, buf.len(), self.view.privilege())
         } else {
-            self.fast_path_allowed(gva, buf.len(), privilege)
+            self.loaded_cr3_copy_allowed(gva, buf.len(), privilege)
         };
         if allowed {
             // SAFETY: the source is guest linear memory below the VMM's slot (checked), read
@@ -140,7 +145,7 @@ impl vmm_core::cpu::GuestMemory for GuestAccess<'_> {
         privilege: shadow_mmu::Privilege,
     ) -> Result<(), shadow_mmu::TranslateError> {
         let one_page = (gva & 0xFFF) + data.len() as u64 <= 0x1000;
-        if one_page && self.fast_path_allowed(gva, data.len(), privilege) {
+        if one_page && self.loaded_cr3_copy_allowed(gva, data.len(), privilege) {
             // SAFETY: the destination is guest linear memory below the VMM's slot (checked)
             // that the loaded shadow maps writable, or the copy faults before writing (one
             // page: all or nothing); `data` is ours.

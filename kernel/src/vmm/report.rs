@@ -33,7 +33,7 @@ pub(super) fn report(vm: &mut Vm) {
     let (cli, sti, fast_cost) = cli_sti_stub::counts();
     if let Some(mean) = fast_cost.checked_div(cli + sti) {
         crate::serial::write_line(format_args!(
-            "[vmm] fast path in the entry stub (not in the tables): CLI {cli}, STI {sti}, {fast_cost} cycles in all, mean {mean}"
+            "[vmm] CLI/STI stub (not in the tables): CLI {cli}, STI {sti}, {fast_cost} cycles in all, mean {mean}"
         ));
     }
     let mut phases = alloc::string::String::new();

@@ -1634,10 +1634,10 @@ proptest! {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(600))]
 
-    /// The fast path (fixed encodings, no decoder) and the decoded path give the same result:
+    /// The fixed encodings (no decoder) and the decoded path give the same result:
     /// same outcome, same vCPU, same port traffic, same memory.
     #[test]
-    fn the_fast_path_agrees_with_the_decoder(
+    fn the_fixed_encodings_agree_with_the_decoder(
         which in 0usize..19,
         imm in any::<u8>(),
         regs in any::<[u64; 4]>(),
@@ -1662,7 +1662,7 @@ proptest! {
         r.code(encodings[which]);
         let mut slow = Rig { cpu: r.cpu.clone(), mem: r.mem.clone(), ports: Ports::default() };
         let fast_result = r.run_cause(Cause::Fault(Event::gp(0)));
-        // PageTableWrite never takes the fast path, and these instructions are handled before
+        // PageTableWrite never takes the fixed encodings, and these instructions are handled before
         // the cause matters.
         let slow_result = slow.run_cause(Cause::PageTableWrite);
         prop_assert_eq!(
@@ -1917,7 +1917,7 @@ const LAST_CANONICAL: u64 = 0x0000_7FFF_FFFF_FFFF;
 
 #[test]
 fn an_instruction_ending_at_the_last_canonical_byte_retires_then_the_next_fetch_is_gp() {
-    // CLI (fast path) as the last byte: it retires (IF = 0), then #GP(0) with the saved RIP
+    // CLI (a fixed encoding) as the last byte: it retires (IF = 0), then #GP(0) with the saved RIP
     // the non-canonical address after it; the vCPU never holds a non-canonical RIP.
     let mut r = Rig::kernel();
     r.mem.map(LAST_CANONICAL & !0xFFF, 0x1000, RW_KERNEL);

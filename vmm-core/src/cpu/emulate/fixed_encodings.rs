@@ -1,4 +1,4 @@
-//! The fast path: the privileged instructions a guest kernel runs most often, recognised by
+//! Fixed encodings: the privileged instructions a guest kernel runs most often, recognised by
 //! their one fixed byte encoding (no prefix, no ModRM byte to decode) without calling the
 //! decoder, and executed by the same handlers the decoded path uses.
 //!

@@ -13,7 +13,7 @@
 //!
 //! | module | instructions |
 //! |---|---|
-//! | `fixed_encodings` | the fast path: CLI, STI, HLT, IN/OUT, SWAPGS, IRETQ, SYSRETQ... by their bytes |
+//! | `fixed_encodings` | instructions matched by their bytes, skipping the decoder: CLI, STI, HLT, IN/OUT, SWAPGS, IRETQ, SYSRETQ... by their bytes |
 //! | `system` | CLI/STI/HLT, MOV CRn/DRn, CLTS/LMSW/SMSW, INVLPG, MSRs, CPUID, RDTSC; LGDT/LIDT/LLDT/LTR and their stores |
 //! | `io` | IN/OUT/INS/OUTS with the I/O permission check (Vol. 1 §19.5) and the REP bound |
 //! | `segment_loads` | MOV Sreg, POP FS/GS, LSS/LFS/LGS |
