@@ -8,8 +8,8 @@
 //! `route` is a single `match` on the trap); its helpers, in the order a trap meets them:
 //! `registers.rs` (frame into the vCPU and back), `page_fault.rs`, `exit.rs` (effects,
 //! injection, shadow descriptor table), `instrument.rs` (phase clock, trace, bench
-//! attribution). The machine as the libraries see it is `host.rs`; `fast.rs` is the CLI/STI
-//! stub's state, `data_segments.rs` the guest's DS/ES/FS/GS, `load.rs` the loading,
+//! attribution). The machine as the libraries see it is `host.rs`; `cli_sti_stub.rs` is the
+//! CLI/STI stub's state, `data_segments.rs` the guest's DS/ES/FS/GS, `load.rs` the loading,
 //! `watchdog.rs` stops hung guests, `report.rs` prints what happened, `console.rs` turns the
 //! guest's UART into lines.
 
@@ -66,8 +66,9 @@ struct Vm {
     accounting: Accounting,
     /// Traps still to print one line each for (host option `trace=N`).
     trace_left: u64,
-    /// The no-progress watchdog: the guest RIP seen at the last host timer tick, and for how
-    /// many consecutive ticks it has been the same with no other trap in between.
+    /// The no-progress watchdog: stops a guest that stays within a few bytes of code with
+    /// unchanged registers, or with its interrupts off and nothing else happening, for
+    /// `watchdog=` host ticks (`watchdog.rs`).
     watchdog: Watchdog,
     /// The current trap, for the trace line.
     last_trap: TrapName,

@@ -340,9 +340,9 @@ fn is_privileged(ins: &Instruction) -> bool {
     )
 }
 
-/// Fetches up to 15 bytes at RIP with the guest's rights and decodes them. Bytes on a second
-/// page are fetched only if the instruction needs them, so an instruction that ends before an
-/// unmapped page does not fault on it.
+/// Fetches the bytes at RIP up to the end of its page (at most 15) with the guest's rights, and
+/// says how many; `decode` fetches from the next page only if the instruction needs it, so an
+/// instruction that ends before an unmapped page does not fault on it.
 fn fetch_bytes<M: GuestMemory + ?Sized>(
     cpu: &VCpu,
     mem: &mut M,
