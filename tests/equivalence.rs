@@ -103,3 +103,12 @@ fn probe_matches_native_under_every_gdt_layout() {
         assert_equivalent_with(&["probe", layout], "cached");
     }
 }
+
+// ---- each optimisation off: the slow, readable path is the reference and must stay equivalent.
+
+#[test]
+fn selftest_matches_native_without_the_emulator_fill() {
+    // `emulator_fill=off`: the emulator never fills the shadow (docs/benchmarks.md).
+    assert_equivalent_with(&["selftest"], "cached emulator_fill=off");
+    assert_equivalent_with(&["selftest", "gdt=sparse"], "flush emulator_fill=off");
+}

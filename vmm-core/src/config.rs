@@ -44,6 +44,9 @@ pub struct HostConfig<'a> {
     pub trace: u64,
     /// Shadow page-table policy.
     pub shadow: ShadowPolicy,
+    /// Whether an emulator read that misses the shadow fills it (shadow-mmu
+    /// `set_emulator_fill`); off is the reference behaviour.
+    pub emulator_fill: bool,
     /// Stop the guest when it has made no progress (no trap other than timer ticks) for this many
     /// timer ticks (0 = never).
     pub watchdog_ticks: u64,
@@ -65,6 +68,9 @@ impl Default for HostConfig<'_> {
             // context switches ~7x cheaper (no rebuild on every CR3 load) and cost about the
             // same as flush for the self-test's process churn.
             shadow: ShadowPolicy::Cached,
+            // Measured with the trap-cost experiment (docs/benchmarks.md): descriptor reads of
+            // IRETQ and interrupt delivery stop walking the guest's tables.
+            emulator_fill: true,
             watchdog_ticks: 10_000,
             debug: DebugAction::None,
             // The VMM's job: run the guest module (after the host's own self-checks).
@@ -76,7 +82,7 @@ impl Default for HostConfig<'_> {
 
 /// The keys [`HostConfig::parse`] accepts, with their syntax, for error messages and docs.
 pub const VALID_KEYS: &str = "timer_hz=<1..10000> mem=<4..3072 MiB> trace=<N> shadow=flush|cached \
-watchdog=<ticks, 0=off> debug=none|panic mode=selfcheck|guest";
+emulator_fill=on|off watchdog=<ticks, 0=off> debug=none|panic mode=selfcheck|guest";
 
 /// Why a host command line was rejected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,6 +146,13 @@ impl<'a> HostConfig<'a> {
                     config.shadow = match value {
                         "flush" => ShadowPolicy::Flush,
                         "cached" => ShadowPolicy::Cached,
+                        _ => return Err(bad),
+                    }
+                }
+                "emulator_fill" => {
+                    config.emulator_fill = match value {
+                        "on" => true,
+                        "off" => false,
                         _ => return Err(bad),
                     }
                 }
@@ -207,13 +220,14 @@ mod tests {
     #[test]
     fn every_key_parses() {
         let c = HostConfig::parse(
-            "trace=5 shadow=cached debug=panic watchdog=0 mode=guest",
+            "trace=5 shadow=cached emulator_fill=off debug=panic watchdog=0 mode=guest",
             false,
         )
         .unwrap();
         assert_eq!(c.mode, RunMode::Guest);
         assert_eq!(c.trace, 5);
         assert_eq!(c.shadow, ShadowPolicy::Cached);
+        assert!(!c.emulator_fill);
         assert_eq!(c.debug, DebugAction::Panic);
         assert_eq!(c.watchdog_ticks, 0);
     }
@@ -244,6 +258,7 @@ mod tests {
             "mem=1",
             "mem=99999",
             "shadow=maybe",
+            "emulator_fill=yes",
             "debug=oops",
         ] {
             assert!(

@@ -55,6 +55,7 @@ pub(super) fn load(config: &HostConfig<'_>, module: &Module) -> (Mmu, EntryState
     let mut mmu = Mmu::new(DirectMap, HostFrames, mmu_config).unwrap_or_else(|e| {
         crate::exit::config_error(format_args!("cannot create the shadow MMU: {e:?}"))
     });
+    mmu.set_emulator_fill(config.emulator_fill);
     let entry = loader::load_guest(
         &mut LoadTarget { mmu: &mut mmu },
         image,

@@ -46,7 +46,7 @@ pub(super) fn report(vm: &mut Vm) {
     }
     let stats = vm.mmu.stats();
     crate::serial::write_line(format_args!(
-        "[vmm] shadow-mmu: fills={} reflections={} dirty-upgrades={} zaps={} cr3-loads={} roots={} shadow-pages={}/{} p2m-frames={} emulator-hits={}",
+        "[vmm] shadow-mmu: fills={} reflections={} dirty-upgrades={} zaps={} cr3-loads={} roots={} shadow-pages={}/{} p2m-frames={} emulator-hits={} emulator-fills={}",
         stats.fills,
         stats.reflections,
         stats.dirty_upgrades,
@@ -56,7 +56,8 @@ pub(super) fn report(vm: &mut Vm) {
         stats.shadow_pages,
         stats.shadow_quota,
         stats.p2m_frames,
-        stats.shadow_hits
+        stats.shadow_hits,
+        stats.emulator_fills
     ));
     if stats.page_table_writes > 0 || stats.flushes > 0 {
         crate::serial::write_line(format_args!(

@@ -140,7 +140,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
 
     /// Builds the shadow path for `gva` in `view` from the guest translation `t` and writes the
     /// leaf with the rights the guest grants at the view's privilege.
-    fn fill(
+    pub(super) fn fill(
         &mut self,
         view: View,
         gva: GuestVirtAddr,

@@ -17,7 +17,7 @@ use crate::p2m::MemoryError;
 use crate::pte::PteFlags;
 use crate::walk::{Access, AccessKind, Privilege, Translation, WalkError};
 
-use super::{in_vmm_range, ShadowMmu, StopReason, TranslateError, View};
+use super::{in_vmm_range, FaultOutcome, ShadowMmu, StopReason, TranslateError, View};
 
 /// What the shadow maps at a linear address (for tests and the kernel's debug dumps).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -159,12 +159,53 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
             self.stats.shadow_hits += 1;
             return Ok(());
         }
-        for (va, gpa, range) in self.translate_range(gva, len, access)? {
+        let pieces = self.translate_range(gva, len, access)?;
+        for (va, gpa, range) in pieces.iter().cloned() {
             bytes
                 .copy_guest(self, gpa, range)
                 .map_err(|e| TranslateError::Stop(self.memory_stop(e, Some(va))))?;
         }
+        if self.emulator_fill && access.kind != AccessKind::Write {
+            for (va, _, _) in pieces {
+                self.fill_for_emulator(va, access);
+            }
+        }
         Ok(())
+    }
+
+    /// Switches the emulator fill on or off (the host option `emulator_fill=`): when on, an
+    /// emulator read or fetch that missed the shadow fills the shadow entry of the view that
+    /// stands for its privilege, as the hardware's own access would have — so the next access
+    /// (the VMM's copy through the loaded CR3, or this software TLB) hits instead of walking
+    /// the guest's tables again. Off is the reference behaviour: the emulator never changes the
+    /// shadow.
+    pub fn set_emulator_fill(&mut self, on: bool) {
+        self.emulator_fill = on;
+    }
+
+    /// Fills the shadow entry for a read or fetch the emulator just made at `va` (a second
+    /// walk: cheap next to the walks it saves). Never reclaims (a fill that needs memory is
+    /// skipped: the emulator must not free shadow pages the loaded CR3 may still use), never in
+    /// the VMM's slot, and only where the guest's tables allow the access.
+    fn fill_for_emulator(&mut self, va: GuestVirtAddr, access: Access) {
+        if in_vmm_range(va) || !self.roots.contains_key(&self.current_key) {
+            return;
+        }
+        let view = match access.privilege {
+            Privilege::Supervisor => View::Kernel,
+            Privilege::User => View::User,
+        };
+        if self.shadow_lookup(view, va).is_some() {
+            return;
+        }
+        let Ok(t) = self.guest_walk(va, access) else {
+            return;
+        };
+        let fills = self.stats.fills;
+        if let Ok(FaultOutcome::Filled) = self.fill(view, va, &t, access) {
+            self.stats.emulator_fills += 1;
+        }
+        self.stats.fills = fills;
     }
 
     /// Translates every page of `[gva, gva + len)`: (linear address, guest-physical address,

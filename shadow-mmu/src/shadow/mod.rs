@@ -140,6 +140,8 @@ pub struct MmuConfig {
 /// Counters for the host's report.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
+    /// Shadow leaves filled for the emulator's reads (`set_emulator_fill`), not in `fills`.
+    pub emulator_fills: u64,
     /// Shadow leaves filled (not counting dirty upgrades).
     pub fills: u64,
     /// Page faults reflected to the guest.
@@ -202,6 +204,8 @@ pub struct ShadowMmu<M, A> {
     stats: Stats,
     /// The guest table the last emulated page-table writes went to, and how many in a row.
     write_flood: Option<(u64, u32)>,
+    /// Whether an emulator read that missed the shadow fills it (`set_emulator_fill`).
+    emulator_fill: bool,
 }
 
 /// The host address of entry `idx` of the shadow table at `table`.
@@ -251,6 +255,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
             clock: 0,
             tlb_flush: false,
             write_flood: None,
+            emulator_fill: false,
             stats: Stats::default(),
         };
         mmu.current_key = mmu.cr3_key(config.guest_cr3);

@@ -722,3 +722,65 @@ fn a_flood_of_writes_to_a_table_the_writes_own_walk_uses_keeps_emulating() {
         3 * crate::shadow::WRITE_FLOOD_THRESHOLD as u64
     );
 }
+
+#[test]
+fn with_emulator_fill_a_read_that_missed_fills_the_shadow_of_its_view() {
+    for policy in [Policy::Flush, Policy::Cached] {
+        for fill in [false, true] {
+            let mut m = mmu(policy, 64, CR3);
+            m.set_emulator_fill(fill);
+            let va = 0x0000_0000_0040_0000u64;
+            map_4k(&mut m, T, va, 0x20_0000, P | RW | US, P | RW | US);
+            poke(&mut m, 0x20_0010, 0x1122_3344_5566_7788);
+            let mut b = [0u8; 8];
+            let sup = Privilege::Supervisor;
+            m.read_linear(gva(va + 0x10), &mut b, AccessKind::Read, sup)
+                .unwrap();
+            assert_eq!(m.stats().shadow_hits, 0, "the first read walks");
+            // Filled or not, exactly as the switch says; only the kernel view (supervisor).
+            let kernel = m.shadow_lookup(View::Kernel, gva(va));
+            assert_eq!(kernel.is_some(), fill, "fill={fill}");
+            assert!(m.shadow_lookup(View::User, gva(va)).is_none());
+            if let Some(k) = kernel {
+                assert!(
+                    !k.writable,
+                    "a read fill leaves the leaf read-only (D not set)"
+                );
+            }
+            m.read_linear(gva(va + 0x10), &mut b, AccessKind::Read, sup)
+                .unwrap();
+            assert_eq!(u64::from_le_bytes(b), 0x1122_3344_5566_7788);
+            assert_eq!(
+                m.stats().shadow_hits,
+                u64::from(fill),
+                "the second read hits"
+            );
+            assert_eq!(m.stats().emulator_fills, u64::from(fill));
+            assert_eq!(m.stats().fills, 0, "not counted as a #PF fill");
+            // Writes never fill.
+            m.write_linear(gva(va + 0x20), &[1; 4], sup).unwrap();
+            assert_eq!(m.stats().emulator_fills, u64::from(fill));
+            m.audit().unwrap();
+        }
+    }
+}
+
+#[test]
+fn emulator_fill_respects_the_guests_rights_and_the_vmm_slot() {
+    let mut m = mmu(Policy::Cached, 64, CR3);
+    m.set_emulator_fill(true);
+    let va = 0x0000_0000_0040_0000u64;
+    // A supervisor-only page: a user read faults (no fill), a supervisor read fills the kernel
+    // view only.
+    map_4k(&mut m, T, va, 0x20_0000, P | RW | US, P | RW);
+    let mut b = [0u8; 4];
+    assert!(m
+        .read_linear(gva(va), &mut b, AccessKind::Read, Privilege::User)
+        .is_err());
+    assert_eq!(m.stats().emulator_fills, 0);
+    m.read_linear(gva(va), &mut b, AccessKind::Read, Privilege::Supervisor)
+        .unwrap();
+    assert_eq!(m.stats().emulator_fills, 1);
+    assert!(m.shadow_lookup(View::User, gva(va)).is_none());
+    m.audit().unwrap();
+}
