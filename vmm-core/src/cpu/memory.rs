@@ -394,3 +394,99 @@ pub mod flat {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::flat::{FlatMemory, RW_KERNEL};
+    use super::*;
+
+    /// The last canonical lower-half page, mapped.
+    const EDGE: u64 = 0x0000_7FFF_FFFF_F000;
+
+    fn memory() -> FlatMemory {
+        let mut mem = FlatMemory::default();
+        mem.map(EDGE, 0x1000, RW_KERNEL);
+        mem
+    }
+
+    #[test]
+    fn typed_values_are_little_endian_and_round_trip() {
+        let mut mem = memory();
+        let s = Privilege::Supervisor;
+        write_obj(&mut mem, EDGE, 0x1122_3344_5566_7788u64, s, false).unwrap();
+        assert_eq!(
+            mem.peek(EDGE, 8),
+            [0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11]
+        );
+        assert_eq!(read_obj::<u16, _>(&mut mem, EDGE + 1, s, false), Ok(0x6677));
+        assert_eq!(read_obj::<u32, _>(&mut mem, EDGE, s, true), Ok(0x5566_7788));
+        write_obj(&mut mem, EDGE + 0x10, u128::MAX - 1, s, false).unwrap();
+        assert_eq!(read_obj(&mut mem, EDGE + 0x10, s, false), Ok(u128::MAX - 1));
+        write_obj(&mut mem, EDGE + 0x20, 0xABu8, s, true).unwrap();
+        assert_eq!(read_value(&mut mem, EDGE + 0x20, 1, s, false), Ok(0xAB));
+    }
+
+    #[test]
+    fn a_non_canonical_address_is_gp_or_ss_and_never_reaches_memory() {
+        let mut mem = NeverAsked;
+        let s = Privilege::Supervisor;
+        let (gp, ss) = (Fault::Raise(Event::gp(0)), Fault::Raise(Event::ss(0)));
+        for raw in [HOLE, 0xFFFF_7FFF_FFFF_FFF8, 0x8000_0000_0000_0000] {
+            assert_eq!(read_obj::<u64, _>(&mut mem, raw, s, false), Err(gp));
+            assert_eq!(read_obj::<u64, _>(&mut mem, raw, s, true), Err(ss));
+            assert_eq!(write_obj(&mut mem, raw, 1u64, s, false), Err(gp));
+            assert_eq!(write_obj(&mut mem, raw, 1u64, s, true), Err(ss));
+            assert_eq!(read_value(&mut mem, raw, 2, s, true), Err(ss));
+            assert_eq!(write_value(&mut mem, raw, 2, 0, s, false), Err(gp));
+            let mut buf = [0u8; 4];
+            let fetch = read_slice(&mut mem, raw, &mut buf, AccessKind::Fetch, s, false);
+            assert_eq!(fetch, Err(gp));
+        }
+    }
+
+    #[test]
+    fn an_access_running_into_the_canonical_hole_is_gp_or_ss_and_writes_nothing() {
+        let mut mem = memory();
+        let s = Privilege::Supervisor;
+        let last = HOLE - 4;
+        assert_eq!(
+            read_obj::<u64, _>(&mut mem, last, s, false),
+            Err(Fault::Raise(Event::gp(0)))
+        );
+        assert_eq!(
+            write_obj(&mut mem, last, u64::MAX, s, true),
+            Err(Fault::Raise(Event::ss(0)))
+        );
+        assert_eq!(mem.writes, 0);
+        assert_eq!(mem.peek(last, 4), [0; 4]);
+        assert_eq!(read_obj::<u32, _>(&mut mem, last, s, true), Ok(0));
+    }
+
+    /// The first non-canonical address above the lower half.
+    const HOLE: u64 = shadow_mmu::addr::LOWER_HALF_END;
+
+    /// A guest memory that must never be asked: the helpers refuse a non-canonical address
+    /// before any implementation sees it.
+    struct NeverAsked;
+
+    impl GuestMemory for NeverAsked {
+        fn read_linear(
+            &mut self,
+            gva: GuestVirtAddr,
+            _: &mut [u8],
+            _: AccessKind,
+            _: Privilege,
+        ) -> Result<(), TranslateError> {
+            panic!("read_linear({gva:?})")
+        }
+
+        fn write_linear(
+            &mut self,
+            gva: GuestVirtAddr,
+            _: &[u8],
+            _: Privilege,
+        ) -> Result<(), TranslateError> {
+            panic!("write_linear({gva:?})")
+        }
+    }
+}
