@@ -2,7 +2,7 @@
 //! kernel's frame allocator and are read and written through the direct map.
 
 use crate::memory::{frames, phys_to_virt};
-use shadow_mmu::{FrameAllocator, HostMemory, HostPhysAddr};
+use shadow_mmu::{FrameAllocator, GuestVirtAddr, HostMemory, HostPhysAddr};
 use vmm_core::cpu::HostCpu;
 use vmm_core::io::Clock;
 
@@ -88,11 +88,11 @@ impl<'a> GuestAccess<'a> {
 }
 
 impl GuestAccess<'_> {
-    /// Whether `[gva, gva + len)` is guest linear space (canonical, below the VMM's slot) that
-    /// an access with `privilege` may try through the loaded view.
+    /// Whether `[gva, gva + len)` is guest linear space (in one canonical half, below the VMM's
+    /// slot) that an access with `privilege` may try through the loaded view.
     fn loaded_cr3_copy_allowed(
         &self,
-        gva: u64,
+        gva: GuestVirtAddr,
         len: usize,
         privilege: shadow_mmu::Privilege,
     ) -> bool {
@@ -101,6 +101,7 @@ impl GuestAccess<'_> {
             (shadow_mmu::View::Kernel, shadow_mmu::Privilege::Supervisor)
                 | (shadow_mmu::View::User, shadow_mmu::Privilege::User)
         );
+        let gva = gva.as_u64();
         let Some(end) = gva.checked_add(len as u64) else {
             return false;
         };
@@ -113,7 +114,7 @@ impl GuestAccess<'_> {
 impl vmm_core::cpu::GuestMemory for GuestAccess<'_> {
     fn read_linear(
         &mut self,
-        gva: u64,
+        gva: GuestVirtAddr,
         buf: &mut [u8],
         kind: shadow_mmu::AccessKind,
         privilege: shadow_mmu::Privilege,
@@ -129,7 +130,7 @@ impl vmm_core::cpu::GuestMemory for GuestAccess<'_> {
             // SAFETY: the source is guest linear memory below the VMM's slot (checked), read
             // through the loaded shadow; a fault is recovered; `buf` is ours.
             let copied = unsafe {
-                crate::trap::copy_or_fault(buf.as_mut_ptr(), gva as *const u8, buf.len())
+                crate::trap::copy_or_fault(buf.as_mut_ptr(), gva.as_u64() as *const u8, buf.len())
             };
             if copied {
                 return Ok(());
@@ -140,16 +141,18 @@ impl vmm_core::cpu::GuestMemory for GuestAccess<'_> {
 
     fn write_linear(
         &mut self,
-        gva: u64,
+        gva: GuestVirtAddr,
         data: &[u8],
         privilege: shadow_mmu::Privilege,
     ) -> Result<(), shadow_mmu::TranslateError> {
-        let one_page = (gva & 0xFFF) + data.len() as u64 <= 0x1000;
+        let one_page = gva.page_offset() + data.len() as u64 <= 0x1000;
         if one_page && self.loaded_cr3_copy_allowed(gva, data.len(), privilege) {
             // SAFETY: the destination is guest linear memory below the VMM's slot (checked)
             // that the loaded shadow maps writable, or the copy faults before writing (one
             // page: all or nothing); `data` is ours.
-            if unsafe { crate::trap::copy_or_fault(gva as *mut u8, data.as_ptr(), data.len()) } {
+            if unsafe {
+                crate::trap::copy_or_fault(gva.as_u64() as *mut u8, data.as_ptr(), data.len())
+            } {
                 return Ok(());
             }
         }

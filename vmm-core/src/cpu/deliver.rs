@@ -7,11 +7,11 @@
 
 use super::descriptor::{Descriptor, Gate};
 use super::event::{is_double_fault, vector, CpuStop, Event, EventKind};
-use super::memory::{access_fault, read_value, Fault, GuestMemory};
+use super::memory::{read_obj, write_slice, Fault, GuestMemory};
 use super::segments::read_descriptor;
 use super::state::{rflags, Gpr, SegReg, Segment, VCpu};
 use shadow_mmu::addr::is_canonical;
-use shadow_mmu::{AccessKind, Privilege};
+use shadow_mmu::Privilege;
 
 /// Longest chain of faults-while-delivering before giving up: contributory → #DF → triple
 /// fault needs three, a benign event in front one more.
@@ -69,10 +69,9 @@ fn tss_stack<M: GuestMemory + ?Sized>(
     if tr.selector & !3 == 0 || u64::from(tr.cache.limit) < offset + 7 {
         return Err(Event::ts(u32::from(tr.selector & !3) | ext).into());
     }
-    read_value(
+    read_obj::<u64, _>(
         mem,
         tr.cache.base.wrapping_add(offset),
-        8,
         Privilege::Supervisor,
         false,
     )
@@ -136,19 +135,13 @@ fn read_gate<M: GuestMemory + ?Sized>(
     if offset + 15 > u64::from(cpu.idtr.limit) {
         return Err(Event::gp(idt_code).into());
     }
-    let mut raw = [0u8; 16];
-    mem.read_linear(
+    let raw: u128 = read_obj(
+        mem,
         cpu.idtr.base.wrapping_add(offset),
-        &mut raw,
-        AccessKind::Read,
         Privilege::Supervisor,
-    )
-    .map_err(|e| access_fault(e, false))?;
-    let (lo, hi) = raw.split_at(8);
-    let gate = Gate::from_raw(
-        u64::from_le_bytes(lo.try_into().unwrap_or_default()),
-        u64::from_le_bytes(hi.try_into().unwrap_or_default()),
-    );
+        false,
+    )?;
+    let gate = Gate::from_raw(raw as u64, (raw >> 64) as u64);
     if !gate.is_valid_type() {
         return Err(Event::gp(idt_code).into());
     }
@@ -274,10 +267,9 @@ fn push_frame<M: GuestMemory + ?Sized>(
     } else {
         Privilege::Supervisor
     };
-    mem.write_linear(new_rsp, &bytes[..8 * n], privilege)
-        .map_err(|e| match access_fault(e, true) {
-            Fault::Raise(ev) if ev.vector == vector::SS => Fault::Raise(Event::ss(ext)),
-            other => other,
-        })?;
+    write_slice(mem, new_rsp, &bytes[..8 * n], privilege, true).map_err(|f| match f {
+        Fault::Raise(ev) if ev.vector == vector::SS => Fault::Raise(Event::ss(ext)),
+        other => other,
+    })?;
     Ok(new_rsp)
 }

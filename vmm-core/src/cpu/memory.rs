@@ -2,6 +2,14 @@
 //! has, translated through the guest's own page tables (shadow-mmu does the walk in the kernel;
 //! the tests use a flat model).
 //!
+//! One vocabulary at the boundary: [`GuestMemory`] takes a [`GuestVirtAddr`], which is canonical
+//! by construction, so no implementation ever sees a non-canonical address. An instruction
+//! computes a raw `u64`; the helpers here ([`read_slice`], [`write_slice`], [`read_obj`],
+//! [`write_obj`], [`read_value`], [`write_value`]) turn it into a `GuestVirtAddr` once, where
+//! the architectural fault is known (`stack`: #SS(0) rather than #GP(0)). An access that starts
+//! canonical but runs across the canonical hole is still the implementation's to refuse, byte
+//! for byte, as [`TranslateError::NonCanonical`].
+//!
 //! A translation failure becomes exactly what the instruction would raise on hardware: #PF with
 //! the walk's error code and CR2, #GP(0) (or #SS(0) for stack accesses) for a non-canonical
 //! address, or a typed stop when the guest points outside what it owns.
@@ -11,12 +19,16 @@ use shadow_mmu::shadow::{ShadowMmu, TranslateError};
 use shadow_mmu::{AccessKind, FrameAllocator, GuestVirtAddr, HostMemory, Privilege};
 
 /// Linear-address access to guest memory with the guest's access rights.
+///
+/// `gva` is where the access starts; an access that runs from there past the end of the
+/// canonical lower half (or off the top of the address space) fails with
+/// [`TranslateError::NonCanonical`] naming the first byte that is not canonical.
 pub trait GuestMemory {
     /// Reads `buf.len()` bytes at `gva` as a `kind` access (read or fetch) made with
     /// `privilege`.
     fn read_linear(
         &mut self,
-        gva: u64,
+        gva: GuestVirtAddr,
         buf: &mut [u8],
         kind: AccessKind,
         privilege: Privilege,
@@ -25,7 +37,7 @@ pub trait GuestMemory {
     /// Writes `data` at `gva` as a write made with `privilege`.
     fn write_linear(
         &mut self,
-        gva: u64,
+        gva: GuestVirtAddr,
         data: &[u8],
         privilege: Privilege,
     ) -> Result<(), TranslateError>;
@@ -34,22 +46,20 @@ pub trait GuestMemory {
 impl<M: HostMemory, A: FrameAllocator> GuestMemory for ShadowMmu<M, A> {
     fn read_linear(
         &mut self,
-        gva: u64,
+        gva: GuestVirtAddr,
         buf: &mut [u8],
         kind: AccessKind,
         privilege: Privilege,
     ) -> Result<(), TranslateError> {
-        let gva = GuestVirtAddr::new(gva).ok_or(TranslateError::NonCanonical(gva))?;
         ShadowMmu::read_linear(self, gva, buf, kind, privilege)
     }
 
     fn write_linear(
         &mut self,
-        gva: u64,
+        gva: GuestVirtAddr,
         data: &[u8],
         privilege: Privilege,
     ) -> Result<(), TranslateError> {
-        let gva = GuestVirtAddr::new(gva).ok_or(TranslateError::NonCanonical(gva))?;
         ShadowMmu::write_linear(self, gva, data, privilege)
     }
 }
@@ -86,33 +96,144 @@ pub fn access_fault(e: TranslateError, stack: bool) -> Fault {
     }
 }
 
-/// Reads a little-endian value of `size` (1, 2, 4 or 8) bytes.
+/// The linear address `raw` as a [`GuestVirtAddr`], or [`TranslateError::NonCanonical`]: the
+/// one place a raw address an instruction computed enters the typed boundary.
+pub fn canonical(raw: u64) -> Result<GuestVirtAddr, TranslateError> {
+    GuestVirtAddr::new(raw).ok_or(TranslateError::NonCanonical(raw))
+}
+
+/// Reads `buf.len()` bytes at the raw linear address `addr` as a `kind` access with
+/// `privilege`; a failure is the fault the access raises (`stack`: #SS(0) for a non-canonical
+/// address).
+pub fn read_slice<M: GuestMemory + ?Sized>(
+    mem: &mut M,
+    addr: u64,
+    buf: &mut [u8],
+    kind: AccessKind,
+    privilege: Privilege,
+    stack: bool,
+) -> Result<(), Fault> {
+    canonical(addr)
+        .and_then(|gva| mem.read_linear(gva, buf, kind, privilege))
+        .map_err(|e| access_fault(e, stack))
+}
+
+/// Writes `data` at the raw linear address `addr` with `privilege`; a failure is the fault the
+/// access raises (`stack`: #SS(0) for a non-canonical address).
+pub fn write_slice<M: GuestMemory + ?Sized>(
+    mem: &mut M,
+    addr: u64,
+    data: &[u8],
+    privilege: Privilege,
+    stack: bool,
+) -> Result<(), Fault> {
+    canonical(addr)
+        .and_then(|gva| mem.write_linear(gva, data, privilege))
+        .map_err(|e| access_fault(e, stack))
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for u8 {}
+    impl Sealed for u16 {}
+    impl Sealed for u32 {}
+    impl Sealed for u64 {}
+    impl Sealed for u128 {}
+}
+
+/// A fixed-size little-endian integer in guest memory: `u8`, `u16`, `u32`, `u64`, or `u128` (an
+/// IDT gate or system descriptor read in one access). Sealed; see [`read_obj`] and
+/// [`write_obj`].
+pub trait LeInt: sealed::Sealed + Copy {
+    /// The value's bytes.
+    type Bytes: AsRef<[u8]> + AsMut<[u8]> + Default;
+    /// The value these little-endian bytes encode.
+    fn from_le(bytes: Self::Bytes) -> Self;
+    /// The little-endian bytes of the value.
+    fn to_le(self) -> Self::Bytes;
+}
+
+macro_rules! impl_le_int {
+    ($($t:ty),*) => {$(
+        impl LeInt for $t {
+            type Bytes = [u8; core::mem::size_of::<$t>()];
+            fn from_le(bytes: Self::Bytes) -> Self {
+                <$t>::from_le_bytes(bytes)
+            }
+            fn to_le(self) -> Self::Bytes {
+                self.to_le_bytes()
+            }
+        }
+    )*};
+}
+impl_le_int!(u8, u16, u32, u64, u128);
+
+/// Reads a `T` (little-endian) at the raw linear address `addr` in one data read with
+/// `privilege` (`stack`: a stack access, #SS(0) when non-canonical).
+pub fn read_obj<T: LeInt, M: GuestMemory + ?Sized>(
+    mem: &mut M,
+    addr: u64,
+    privilege: Privilege,
+    stack: bool,
+) -> Result<T, Fault> {
+    let mut bytes = T::Bytes::default();
+    read_slice(
+        mem,
+        addr,
+        bytes.as_mut(),
+        AccessKind::Read,
+        privilege,
+        stack,
+    )?;
+    Ok(T::from_le(bytes))
+}
+
+/// Writes `value` (little-endian) at the raw linear address `addr` in one write with
+/// `privilege` (`stack`: a stack access, #SS(0) when non-canonical).
+pub fn write_obj<T: LeInt, M: GuestMemory + ?Sized>(
+    mem: &mut M,
+    addr: u64,
+    value: T,
+    privilege: Privilege,
+    stack: bool,
+) -> Result<(), Fault> {
+    write_slice(mem, addr, value.to_le().as_ref(), privilege, stack)
+}
+
+/// Reads a little-endian value of `size` (1, 2, 4 or 8) bytes at the raw linear address
+/// `addr`, for operands whose size the instruction decides (see [`read_obj`] for fixed ones).
 pub fn read_value<M: GuestMemory + ?Sized>(
     mem: &mut M,
-    gva: u64,
+    addr: u64,
     size: usize,
     privilege: Privilege,
     stack: bool,
 ) -> Result<u64, Fault> {
     let mut bytes = [0u8; 8];
     let size = size.min(8);
-    mem.read_linear(gva, &mut bytes[..size], AccessKind::Read, privilege)
-        .map_err(|e| access_fault(e, stack))?;
+    read_slice(
+        mem,
+        addr,
+        &mut bytes[..size],
+        AccessKind::Read,
+        privilege,
+        stack,
+    )?;
     Ok(u64::from_le_bytes(bytes))
 }
 
-/// Writes the low `size` (1, 2, 4 or 8) bytes of `value`, little-endian.
+/// Writes the low `size` (1, 2, 4 or 8) bytes of `value`, little-endian, at the raw linear
+/// address `addr` (see [`write_obj`] for fixed sizes).
 pub fn write_value<M: GuestMemory + ?Sized>(
     mem: &mut M,
-    gva: u64,
+    addr: u64,
     size: usize,
     value: u64,
     privilege: Privilege,
     stack: bool,
 ) -> Result<(), Fault> {
     let bytes = value.to_le_bytes();
-    mem.write_linear(gva, &bytes[..size.min(8)], privilege)
-        .map_err(|e| access_fault(e, stack))
+    write_slice(mem, addr, &bytes[..size.min(8)], privilege, stack)
 }
 
 /// A flat, page-granular test memory: present pages with U/S, R/W and NX rights, checked the
@@ -247,11 +368,12 @@ pub mod flat {
     impl GuestMemory for FlatMemory {
         fn read_linear(
             &mut self,
-            gva: u64,
+            gva: GuestVirtAddr,
             buf: &mut [u8],
             kind: AccessKind,
             privilege: Privilege,
         ) -> Result<(), TranslateError> {
+            let gva = gva.as_u64();
             self.check(gva, buf.len(), kind, privilege)?;
             let data = self.peek(gva, buf.len());
             buf.copy_from_slice(&data);
@@ -260,14 +382,111 @@ pub mod flat {
 
         fn write_linear(
             &mut self,
-            gva: u64,
+            gva: GuestVirtAddr,
             data: &[u8],
             privilege: Privilege,
         ) -> Result<(), TranslateError> {
+            let gva = gva.as_u64();
             self.check(gva, data.len(), AccessKind::Write, privilege)?;
             self.writes += 1;
             self.poke(gva, data);
             Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::flat::{FlatMemory, RW_KERNEL};
+    use super::*;
+
+    /// The last canonical lower-half page, mapped.
+    const EDGE: u64 = 0x0000_7FFF_FFFF_F000;
+
+    fn memory() -> FlatMemory {
+        let mut mem = FlatMemory::default();
+        mem.map(EDGE, 0x1000, RW_KERNEL);
+        mem
+    }
+
+    #[test]
+    fn typed_values_are_little_endian_and_round_trip() {
+        let mut mem = memory();
+        let s = Privilege::Supervisor;
+        write_obj(&mut mem, EDGE, 0x1122_3344_5566_7788u64, s, false).unwrap();
+        assert_eq!(
+            mem.peek(EDGE, 8),
+            [0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11]
+        );
+        assert_eq!(read_obj::<u16, _>(&mut mem, EDGE + 1, s, false), Ok(0x6677));
+        assert_eq!(read_obj::<u32, _>(&mut mem, EDGE, s, true), Ok(0x5566_7788));
+        write_obj(&mut mem, EDGE + 0x10, u128::MAX - 1, s, false).unwrap();
+        assert_eq!(read_obj(&mut mem, EDGE + 0x10, s, false), Ok(u128::MAX - 1));
+        write_obj(&mut mem, EDGE + 0x20, 0xABu8, s, true).unwrap();
+        assert_eq!(read_value(&mut mem, EDGE + 0x20, 1, s, false), Ok(0xAB));
+    }
+
+    #[test]
+    fn a_non_canonical_address_is_gp_or_ss_and_never_reaches_memory() {
+        let mut mem = NeverAsked;
+        let s = Privilege::Supervisor;
+        let (gp, ss) = (Fault::Raise(Event::gp(0)), Fault::Raise(Event::ss(0)));
+        for raw in [HOLE, 0xFFFF_7FFF_FFFF_FFF8, 0x8000_0000_0000_0000] {
+            assert_eq!(read_obj::<u64, _>(&mut mem, raw, s, false), Err(gp));
+            assert_eq!(read_obj::<u64, _>(&mut mem, raw, s, true), Err(ss));
+            assert_eq!(write_obj(&mut mem, raw, 1u64, s, false), Err(gp));
+            assert_eq!(write_obj(&mut mem, raw, 1u64, s, true), Err(ss));
+            assert_eq!(read_value(&mut mem, raw, 2, s, true), Err(ss));
+            assert_eq!(write_value(&mut mem, raw, 2, 0, s, false), Err(gp));
+            let mut buf = [0u8; 4];
+            let fetch = read_slice(&mut mem, raw, &mut buf, AccessKind::Fetch, s, false);
+            assert_eq!(fetch, Err(gp));
+        }
+    }
+
+    #[test]
+    fn an_access_running_into_the_canonical_hole_is_gp_or_ss_and_writes_nothing() {
+        let mut mem = memory();
+        let s = Privilege::Supervisor;
+        let last = HOLE - 4;
+        assert_eq!(
+            read_obj::<u64, _>(&mut mem, last, s, false),
+            Err(Fault::Raise(Event::gp(0)))
+        );
+        assert_eq!(
+            write_obj(&mut mem, last, u64::MAX, s, true),
+            Err(Fault::Raise(Event::ss(0)))
+        );
+        assert_eq!(mem.writes, 0);
+        assert_eq!(mem.peek(last, 4), [0; 4]);
+        assert_eq!(read_obj::<u32, _>(&mut mem, last, s, true), Ok(0));
+    }
+
+    /// The first non-canonical address above the lower half.
+    const HOLE: u64 = shadow_mmu::addr::LOWER_HALF_END;
+
+    /// A guest memory that must never be asked: the helpers refuse a non-canonical address
+    /// before any implementation sees it.
+    struct NeverAsked;
+
+    impl GuestMemory for NeverAsked {
+        fn read_linear(
+            &mut self,
+            gva: GuestVirtAddr,
+            _: &mut [u8],
+            _: AccessKind,
+            _: Privilege,
+        ) -> Result<(), TranslateError> {
+            panic!("read_linear({gva:?})")
+        }
+
+        fn write_linear(
+            &mut self,
+            gva: GuestVirtAddr,
+            _: &[u8],
+            _: Privilege,
+        ) -> Result<(), TranslateError> {
+            panic!("write_linear({gva:?})")
         }
     }
 }

@@ -8,7 +8,7 @@
 
 use super::descriptor::Descriptor;
 use super::event::{CpuStop, Event};
-use super::memory::{read_value, Fault, GuestMemory};
+use super::memory::{read_obj, read_value, write_value, Fault, GuestMemory};
 use super::state::{rflags, Gpr, SegReg, Segment, VCpu};
 use shadow_mmu::addr::is_canonical;
 use shadow_mmu::Privilege;
@@ -44,7 +44,7 @@ pub fn read_descriptor<M: GuestMemory + ?Sized>(
         return Err(Event::gp(u32::from(selector & !3)).into());
     }
     let address = base.wrapping_add(offset);
-    let raw = read_value(mem, address, 8, Privilege::Supervisor, false)?;
+    let raw: u64 = read_obj(mem, address, Privilege::Supervisor, false)?;
     Ok(TableEntry {
         descriptor: Descriptor::from_raw(raw),
         address,
@@ -67,8 +67,8 @@ pub fn read_system_descriptor<M: GuestMemory + ?Sized>(
         return Err(Event::gp(code).into());
     }
     let address = cpu.gdtr.base.wrapping_add(offset);
-    let raw = read_value(mem, address, 8, Privilege::Supervisor, false)?;
-    let high = read_value(mem, address + 8, 8, Privilege::Supervisor, false)?;
+    let raw: u64 = read_obj(mem, address, Privilege::Supervisor, false)?;
+    let high: u64 = read_obj(mem, address + 8, Privilege::Supervisor, false)?;
     Ok(TableEntry {
         descriptor: Descriptor::from_raw_system(raw, high),
         address,
@@ -374,8 +374,8 @@ pub fn far_jump<M: GuestMemory + ?Sized>(
         let cs_slot = rsp.wrapping_sub(size as u64);
         let rip_slot = rsp.wrapping_sub(2 * size as u64);
         let old_cs = u64::from(cpu.segment(SegReg::Cs).selector);
-        super::memory::write_value(mem, cs_slot, size, old_cs, cpu.privilege(), true)?;
-        super::memory::write_value(mem, rip_slot, size, return_rip, cpu.privilege(), true)?;
+        write_value(mem, cs_slot, size, old_cs, cpu.privilege(), true)?;
+        write_value(mem, rip_slot, size, return_rip, cpu.privilege(), true)?;
         cpu.set_reg(Gpr::Rsp, rip_slot);
     }
     cpu.rip = offset;

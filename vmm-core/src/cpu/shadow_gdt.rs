@@ -38,7 +38,7 @@
 //! emulated against the guest's LDT; running with CS or SS from the LDT stops the guest.
 
 use super::event::CpuStop;
-use super::memory::GuestMemory;
+use super::memory::{read_slice, GuestMemory};
 use super::state::{SegReg, Segment, TableRegister, VCpu};
 use shadow_mmu::{AccessKind, Privilege};
 
@@ -226,9 +226,15 @@ impl ShadowGdt {
             let n = in_page.min(entries - i);
             let mut bytes = [0u8; 0x1000];
             let chunk = &mut bytes[..8 * n];
-            let ok = mem
-                .read_linear(at, chunk, AccessKind::Read, Privilege::Supervisor)
-                .is_ok();
+            let ok = read_slice(
+                mem,
+                at,
+                chunk,
+                AccessKind::Read,
+                Privilege::Supervisor,
+                false,
+            )
+            .is_ok();
             for (k, raw) in chunk.chunks_exact(8).enumerate() {
                 let raw = u64::from_le_bytes(raw.try_into().unwrap_or([0; 8]));
                 real[i + k] = if ok && i + k != 0 {

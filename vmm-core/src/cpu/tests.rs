@@ -573,6 +573,24 @@ fn lgdt_operand_on_an_unmapped_page_is_a_page_fault_with_cr2() {
 }
 
 #[test]
+fn a_non_canonical_operand_is_gp_and_through_rsp_is_ss() {
+    // The raw address becomes a `GuestVirtAddr` in the emulator's helpers: #GP(0) for a data
+    // access, #SS(0) for a stack access (SDM Vol. 3 §6.15), and guest memory is never asked.
+    let mut r = Rig::user();
+    r.cpu.set_reg(Gpr::Rax, 0x8000_0000_0000_0000);
+    r.raises(&[0x0F, 0x01, 0x00], 13, Some(0)); // sgdt [rax]
+    let mut r = Rig::user();
+    r.cpu.set_reg(Gpr::Rsp, 0x0000_8000_0000_0010);
+    let writes = r.mem.writes;
+    r.raises(&[0x0F, 0x01, 0x04, 0x24], 12, Some(0)); // sgdt [rsp]
+    assert_eq!(r.mem.writes, writes + 1, "only the #SS frame was written");
+    let mut r = Rig::kernel();
+    r.cpu.set_reg(Gpr::Rax, 0xFFFF_7FFF_FFFF_FFF8);
+    r.raises(&[0x0F, 0x01, 0x10], 13, Some(0)); // lgdt [rax]
+    assert_eq!(r.cpu.gdtr.base, GDT);
+}
+
+#[test]
 fn sgdt_sidt_store_the_virtual_tables_unless_umip_forbids() {
     let mut r = Rig::user();
     r.cpu.set_reg(Gpr::Rax, 0x20000);

@@ -8,7 +8,7 @@
 //! "REP": it is restartable between iterations).
 
 use super::super::event::{CpuStop, Event};
-use super::super::memory::{read_value, write_value, Fault, GuestMemory};
+use super::super::memory::{read_obj, read_value, write_value, Fault, GuestMemory};
 use super::super::state::{rflags, Gpr, VCpu};
 use super::operands::{read_reg, write_reg};
 use super::{rep_unfinished, Flow, MAX_REP_ELEMENTS_PER_TRAP};
@@ -127,12 +127,13 @@ fn check_io_permission<M: GuestMemory + ?Sized>(
     if tr.selector & !3 == 0 || limit < 0x67 {
         return Err(Event::gp(0).into());
     }
-    let map_base = read_value(mem, tr.cache.base + 0x66, 2, Privilege::Supervisor, false)?;
-    let byte = map_base + u64::from(port / 8);
+    let map_base: u16 = read_obj(mem, tr.cache.base + 0x66, Privilege::Supervisor, false)?;
+    let byte = u64::from(map_base) + u64::from(port / 8);
     if byte + 1 > limit {
         return Err(Event::gp(0).into());
     }
-    let bits = read_value(mem, tr.cache.base + byte, 2, Privilege::Supervisor, false)?;
+    let bits: u16 = read_obj(mem, tr.cache.base + byte, Privilege::Supervisor, false)?;
+    let bits = u64::from(bits);
     let mask = ((1u64 << size) - 1) << (port % 8);
     if bits & mask != 0 {
         return Err(Event::gp(0).into());

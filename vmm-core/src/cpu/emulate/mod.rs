@@ -36,7 +36,7 @@ pub use names::{disassemble, trap_name};
 use super::cpuid::HostCpu;
 use super::deliver::deliver;
 use super::event::{vector, CpuStop, Event};
-use super::memory::{access_fault, write_value, Fault, GuestMemory};
+use super::memory::{read_slice, write_value, Fault, GuestMemory};
 use super::state::{dr, rflags, Gpr, VCpu};
 use crate::accounting::Phase;
 use crate::io::PortIo;
@@ -351,8 +351,14 @@ fn fetch_bytes<M: GuestMemory + ?Sized>(
     let mut bytes = [0u8; MAX_INSTRUCTION_LEN];
     let to_page_end = (0x1000 - (rip & 0xFFF)) as usize;
     let first = to_page_end.min(MAX_INSTRUCTION_LEN);
-    mem.read_linear(rip, &mut bytes[..first], AccessKind::Fetch, cpu.privilege())
-        .map_err(|e| access_fault(e, false))?;
+    read_slice(
+        mem,
+        rip,
+        &mut bytes[..first],
+        AccessKind::Fetch,
+        cpu.privilege(),
+        false,
+    )?;
     Ok((bytes, first))
 }
 
@@ -371,13 +377,14 @@ fn decode<M: GuestMemory + ?Sized>(
         && decoder.last_error() == DecoderError::NoMoreBytes
         && first < MAX_INSTRUCTION_LEN
     {
-        mem.read_linear(
+        read_slice(
+            mem,
             rip.wrapping_add(first as u64),
             &mut bytes[first..],
             AccessKind::Fetch,
             cpu.privilege(),
-        )
-        .map_err(|e| access_fault(e, false))?;
+            false,
+        )?;
         let mut decoder = Decoder::with_ip(64, &bytes, rip, DecoderOptions::NONE);
         ins = decoder.decode();
     }

@@ -7,7 +7,7 @@
 //! operands through guest memory with the guest's rights, so a fault is the guest's own.
 
 use super::super::event::CpuStop;
-use super::super::memory::{read_value, write_value, Fault, GuestMemory};
+use super::super::memory::{read_obj, read_value, write_value, Fault, GuestMemory};
 use super::super::state::{SegReg, VCpu};
 use iced_x86::{Instruction, OpKind, Register};
 
@@ -165,7 +165,7 @@ pub(super) fn read_far_pointer<M: GuestMemory + ?Sized>(
     let at = address(cpu, ins, op);
     let stack = is_stack_access(ins);
     let offset = read_value(mem, at, size, cpu.privilege(), stack)?;
-    let selector = read_value(mem, at.wrapping_add(size as u64), 2, cpu.privilege(), stack)? as u16;
+    let selector: u16 = read_obj(mem, at.wrapping_add(size as u64), cpu.privilege(), stack)?;
     Ok((offset, selector))
 }
 

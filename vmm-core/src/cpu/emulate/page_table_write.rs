@@ -7,7 +7,7 @@
 //! into [`super::Cause::PageTableWrite`]. Anything else writing a page-table page stops the
 //! guest with the instruction named.
 
-use super::super::memory::{access_fault, Fault, GuestMemory};
+use super::super::memory::{read_slice, write_slice, Fault, GuestMemory};
 use super::super::state::{rflags, Gpr, VCpu};
 use super::operands::{
     not_emulated, operand_size, read_operand, read_reg, write_operand, write_reg,
@@ -172,11 +172,9 @@ fn store_run<M: GuestMemory + ?Sized>(
             element.copy_from_slice(value.get(..size).unwrap_or_default());
         }
     } else {
-        mem.read_linear(rsi, chunk, AccessKind::Read, cpu.privilege())
-            .map_err(|e| access_fault(e, false))?;
+        read_slice(mem, rsi, chunk, AccessKind::Read, cpu.privilege(), false)?;
     }
-    mem.write_linear(rdi, chunk, cpu.privilege())
-        .map_err(|e| access_fault(e, false))?;
+    write_slice(mem, rdi, chunk, cpu.privilege(), false)?;
     let advance = if cpu.rflags & rflags::DF != 0 {
         (bytes as u64).wrapping_neg()
     } else {

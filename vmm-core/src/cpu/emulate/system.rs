@@ -11,7 +11,7 @@
 use super::super::cpuid::{virtual_cpuid, HostCpu};
 use super::super::descriptor::system_type;
 use super::super::event::{vector, CpuStop, Event};
-use super::super::memory::{access_fault, read_value, write_value, Fault, GuestMemory};
+use super::super::memory::{read_obj, write_obj, write_slice, Fault, GuestMemory};
 use super::super::msr::{read_msr, write_msr};
 use super::super::segments::{read_system_descriptor, TableEntry};
 use super::super::state::{cr0, cr4, dr, efer, Gpr, Segment, TableRegister, VCpu};
@@ -382,8 +382,8 @@ fn lgdt_lidt<M: GuestMemory + ?Sized>(
     require_cpl0(cpu)?;
     let at = address(cpu, ins, 0);
     let stack = is_stack_access(ins);
-    let limit = read_value(mem, at, 2, cpu.privilege(), stack)? as u16;
-    let base = read_value(mem, at.wrapping_add(2), 8, cpu.privilege(), stack)?;
+    let limit: u16 = read_obj(mem, at, cpu.privilege(), stack)?;
+    let base: u64 = read_obj(mem, at.wrapping_add(2), cpu.privilege(), stack)?;
     if !is_canonical(base) {
         return Err(Event::gp(0).into());
     }
@@ -413,8 +413,7 @@ fn sgdt_sidt<M: GuestMemory + ?Sized>(
     let mut bytes = [0u8; 10];
     bytes[..2].copy_from_slice(&table.limit.to_le_bytes());
     bytes[2..].copy_from_slice(&table.base.to_le_bytes());
-    mem.write_linear(at, &bytes, cpu.privilege())
-        .map_err(|e| access_fault(e, is_stack_access(ins)))?;
+    write_slice(mem, at, &bytes, cpu.privilege(), is_stack_access(ins))?;
     Ok(Flow::Next)
 }
 
@@ -497,7 +496,7 @@ fn ltr<M: GuestMemory + ?Sized>(cpu: &mut VCpu, mem: &mut M, sel: u16) -> Result
     }
     let entry = read_system_segment(cpu, mem, sel, system_type::TSS_AVAILABLE)?;
     let busy = entry.raw | (0x2 << 40);
-    write_value(mem, entry.address, 8, busy, Privilege::Supervisor, false)?;
+    write_obj(mem, entry.address, busy, Privilege::Supervisor, false)?;
     cpu.note(|e| e.descriptor_table = true);
     let mut d = entry.descriptor;
     d.typ = system_type::TSS_BUSY;
