@@ -1,12 +1,6 @@
 //! Links the host kernel with its own linker script (only when building for bare metal).
+include!("../boot/link_bare_metal.rs");
+
 fn main() {
-    let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_default();
-    let target = std::env::var("TARGET").unwrap_or_default();
-    if target == "x86_64-unknown-none" {
-        println!("cargo:rustc-link-arg-bins=-T{dir}/linker.ld");
-        println!("cargo:rustc-link-arg-bins=-zmax-page-size=4096");
-    }
-    println!("cargo:rerun-if-changed=linker.ld");
-    println!("cargo:rerun-if-changed=../boot/src/multiboot32.S");
-    println!("cargo:rerun-if-changed=src/asm");
+    link_bare_metal("../boot/src/multiboot32.S");
 }

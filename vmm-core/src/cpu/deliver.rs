@@ -5,7 +5,7 @@
 //! gate, switches to the stack its virtual TSS names, and builds the frame its handler expects
 //! (its own selectors, its virtual RFLAGS), so the guest kernel cannot tell it was not the CPU.
 
-use super::descriptor::{Descriptor, Gate};
+use super::descriptor::{tss, Descriptor, Gate};
 use super::event::{is_double_fault, vector, CpuStop, Event, EventKind};
 use super::memory::{read_obj, write_slice, Fault, GuestMemory};
 use super::segments::read_descriptor;
@@ -53,10 +53,6 @@ pub fn deliver<M: GuestMemory + ?Sized>(
         vector: current.vector,
     })
 }
-
-/// TSS field offsets of the 64-bit TSS (SDM Vol. 3 Figure 8-11).
-const TSS_RSP0: u64 = 4;
-const TSS_IST1: u64 = 36;
 
 /// Reads a stack pointer from the virtual TSS (RSPn or ISTn at `offset`).
 fn tss_stack<M: GuestMemory + ?Sized>(
@@ -208,9 +204,9 @@ fn handler_stack<M: GuestMemory + ?Sized>(
     ext: u32,
 ) -> Result<u64, Fault> {
     let rsp = if gate.ist != 0 {
-        tss_stack(cpu, mem, TSS_IST1 + 8 * u64::from(gate.ist - 1), ext)?
+        tss_stack(cpu, mem, tss::IST1 + 8 * u64::from(gate.ist - 1), ext)?
     } else if new_cpl < cpu.cpl {
-        tss_stack(cpu, mem, TSS_RSP0 + 8 * u64::from(new_cpl), ext)?
+        tss_stack(cpu, mem, tss::RSP0 + 8 * u64::from(new_cpl), ext)?
     } else {
         cpu.reg(Gpr::Rsp)
     };

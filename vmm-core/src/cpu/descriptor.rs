@@ -25,6 +25,21 @@ pub struct Descriptor {
     pub default_big: bool,
 }
 
+/// The 64-bit TSS's fields the CPU reads (SDM Vol. 3 §8.7, Figure 8-11): byte offsets.
+pub mod tss {
+    /// RSP0: the stack for a privilege change to CPL 0 (RSP1, RSP2 follow, 8 bytes apart).
+    pub const RSP0: u64 = 4;
+    /// IST1: the first interrupt stack table entry (IST2..7 follow, 8 bytes apart).
+    pub const IST1: u64 = 36;
+    /// The 16-bit I/O map base address.
+    pub const IO_MAP_BASE: u64 = 0x66;
+    /// The smallest limit of a 64-bit TSS: through the I/O map base field.
+    pub const MIN_LIMIT: u64 = 0x67;
+}
+
+/// Bit position of the 4-bit type field in a descriptor's low quadword.
+pub const TYPE_SHIFT: u32 = 40;
+
 /// System descriptor types in IA-32e mode (SDM Vol. 3 Table 3-2).
 pub mod system_type {
     /// LDT.

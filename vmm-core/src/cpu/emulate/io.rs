@@ -7,6 +7,7 @@
 //! instruction moves at most [`MAX_REP_ELEMENTS_PER_TRAP`] elements per trap (SDM Vol. 2B
 //! "REP": it is restartable between iterations).
 
+use super::super::descriptor::tss;
 use super::super::event::{CpuStop, Event};
 use super::super::memory::{read_obj, read_value, write_value, Fault, GuestMemory};
 use super::super::state::{rflags, Gpr, VCpu};
@@ -124,10 +125,15 @@ fn check_io_permission<M: GuestMemory + ?Sized>(
     }
     let tr = &cpu.tr;
     let limit = u64::from(tr.cache.limit);
-    if tr.selector & !3 == 0 || limit < 0x67 {
+    if tr.selector & !3 == 0 || limit < tss::MIN_LIMIT {
         return Err(Event::gp(0).into());
     }
-    let map_base: u16 = read_obj(mem, tr.cache.base + 0x66, Privilege::Supervisor, false)?;
+    let map_base: u16 = read_obj(
+        mem,
+        tr.cache.base + tss::IO_MAP_BASE,
+        Privilege::Supervisor,
+        false,
+    )?;
     let byte = u64::from(map_base) + u64::from(port / 8);
     if byte + 1 > limit {
         return Err(Event::gp(0).into());

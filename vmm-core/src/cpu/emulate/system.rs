@@ -9,7 +9,7 @@
 //! recompute the real control bits) is recorded with [`VCpu::note`] as `Effects`.
 
 use super::super::cpuid::{virtual_cpuid, HostCpu};
-use super::super::descriptor::system_type;
+use super::super::descriptor::{system_type, TYPE_SHIFT};
 use super::super::event::{vector, CpuStop, Event};
 use super::super::memory::{read_obj, write_obj, write_slice, Fault, GuestMemory};
 use super::super::msr::{read_msr, write_msr};
@@ -495,7 +495,9 @@ fn ltr<M: GuestMemory + ?Sized>(cpu: &mut VCpu, mem: &mut M, sel: u16) -> Result
         return Err(Event::gp(0).into());
     }
     let entry = read_system_segment(cpu, mem, sel, system_type::TSS_AVAILABLE)?;
-    let busy = entry.raw | (0x2 << 40);
+    // The busy bit is the one bit that tells the two 64-bit TSS types apart.
+    let busy_bit = u64::from(system_type::TSS_BUSY ^ system_type::TSS_AVAILABLE) << TYPE_SHIFT;
+    let busy = entry.raw | busy_bit;
     write_obj(mem, entry.address, busy, Privilege::Supervisor, false)?;
     cpu.note(|e| e.descriptor_table = true);
     let mut d = entry.descriptor;
