@@ -59,9 +59,20 @@ fn parity(v: u64) -> bool {
     (v as u8).count_ones().is_multiple_of(2)
 }
 
+/// The sign bit of a `size`-byte value.
+fn sign(v: u64, size: usize) -> bool {
+    v >> (size * 8 - 1) & 1 != 0
+}
+
+/// `a - b` of `size` bytes (both already masked to it), with CF and OF as SUB and CMP set them.
+fn subtract(a: u64, b: u64, size: usize) -> (u64, bool, bool) {
+    let r = a.wrapping_sub(b) & width_mask(size);
+    let of = sign(a, size) != sign(b, size) && sign(r, size) != sign(a, size);
+    (r, a < b, of)
+}
+
 /// Sets SF, ZF, PF from `result` of `size` bytes, CF and OF as given.
 fn set_result_flags(cpu: &mut VCpu, result: u64, size: usize, cf: bool, of: bool) {
-    let bits = size * 8;
     let r = result & width_mask(size);
     let mut f = cpu.rflags & !(rflags::CF | rflags::PF | rflags::ZF | rflags::SF | rflags::OF);
     if cf {
@@ -73,7 +84,7 @@ fn set_result_flags(cpu: &mut VCpu, result: u64, size: usize, cf: bool, of: bool
     if r == 0 {
         f |= rflags::ZF;
     }
-    if r >> (bits - 1) & 1 != 0 {
+    if sign(r, size) {
         f |= rflags::SF;
     }
     if parity(r) {
@@ -82,17 +93,14 @@ fn set_result_flags(cpu: &mut VCpu, result: u64, size: usize, cf: bool, of: bool
     cpu.rflags = f;
 }
 
-/// MOV r/m, r/imm (a sign-extended imm32 taken whole).
+/// MOV r/m, r/imm (a sign-extended imm32 taken whole, as `read_operand` gives it).
 fn mov<M: GuestMemory + ?Sized>(
     cpu: &mut VCpu,
     mem: &mut M,
     ins: &Instruction,
 ) -> Result<Flow, Fault> {
     let size = operand_size(ins, 0);
-    let mut value = read_operand(cpu, mem, ins, 1, size)?;
-    if ins.op1_kind() == OpKind::Immediate32to64 {
-        value = ins.immediate(1);
-    }
+    let value = read_operand(cpu, mem, ins, 1, size)?;
     write_operand(cpu, mem, ins, 0, size, value)?;
     Ok(Flow::Next)
 }
@@ -217,12 +225,9 @@ fn cmpxchg<M: GuestMemory + ?Sized>(
         _ => Register::RAX,
     };
     let acc = read_reg(cpu, acc_reg);
-    let diff = acc.wrapping_sub(dest);
-    let bits = size * 8;
-    let sign = |v: u64| v >> (bits - 1) & 1 != 0;
     let mask = width_mask(size);
-    let of = sign(acc) != sign(dest) && sign(diff) != sign(acc);
-    set_result_flags(cpu, diff, size, (acc & mask) < (dest & mask), of);
+    let (diff, cf, of) = subtract(acc & mask, dest & mask, size);
+    set_result_flags(cpu, diff, size, cf, of);
     if acc & mask == dest & mask {
         let src = read_operand(cpu, mem, ins, 1, size)?;
         write_operand(cpu, mem, ins, 0, size, src)?;
@@ -242,26 +247,19 @@ fn arithmetic<M: GuestMemory + ?Sized>(
 ) -> Result<Flow, Fault> {
     let size = operand_size(ins, 0);
     let a = read_operand(cpu, mem, ins, 0, size)?;
-    let mut b = read_operand(cpu, mem, ins, 1, size)?;
-    if ins.op1_kind() == OpKind::Immediate8to64 || ins.op1_kind() == OpKind::Immediate32to64 {
-        b = ins.immediate(1);
-    }
-    let bits = size * 8;
+    let b = read_operand(cpu, mem, ins, 1, size)?;
     let mask = width_mask(size);
     let (a, b) = (a & mask, b & mask);
-    let sign = |v: u64| v >> (bits - 1) & 1 != 0;
     let (r, cf, of) = match ins.mnemonic() {
         Mnemonic::Or => (a | b, false, false),
         Mnemonic::And => (a & b, false, false),
         Mnemonic::Xor => (a ^ b, false, false),
         Mnemonic::Add => {
             let r = a.wrapping_add(b) & mask;
-            (r, r < a, sign(a) == sign(b) && sign(r) != sign(a))
+            let of = sign(a, size) == sign(b, size) && sign(r, size) != sign(a, size);
+            (r, r < a, of)
         }
-        _ => {
-            let r = a.wrapping_sub(b) & mask;
-            (r, a < b, sign(a) != sign(b) && sign(r) != sign(a))
-        }
+        _ => subtract(a, b, size),
     };
     write_operand(cpu, mem, ins, 0, size, r)?;
     set_result_flags(cpu, r, size, cf, of);
