@@ -2,5 +2,5 @@
 include!("../boot/link_bare_metal.rs");
 
 fn main() {
-    link_bare_metal("../boot/src/multiboot32.S");
+    link_bare_metal("../boot/src");
 }

@@ -10,7 +10,8 @@
  *
  * What the including image provides:
  *  - linker-script symbols (physical addresses): __mb_load_start, __mb_load_end, __mb_bss_end;
- *  - `boot64_continue`: 64-bit code in the identity-mapped .boot.text, entered with
+ *  - `boot64_continue` (the guest kernel and the test guests include boot64_continue.S for it):
+ *    64-bit code in the identity-mapped .boot.text, entered with
  *    RDI = physical address of the Multiboot information, RSP = top of the 16 KiB boot stack
  *    (`boot_stack_top`, 16-byte aligned), interrupts off, CS = 0x08, DS = ES = SS = 0x10, FS = GS = 0.
  *

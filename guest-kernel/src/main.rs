@@ -28,11 +28,16 @@ mod user;
 use boot::BootInfo;
 use config::{Config, Mode};
 
-// The shared Multiboot 1 header and 32->64-bit trampoline (native boot), then this kernel's
-// entries: the Multiboot continuation, e_entry, the GDT loader (entry.S), and the trap,
-// system-call and context-switch stubs (trap.S).
+// The shared Multiboot 1 header and 32->64-bit trampoline and the shared continuation that
+// builds the BootInfo (native boot) and enters e_entry, then this kernel's entries: e_entry, the
+// GDT loader (entry.S), and the trap, system-call and context-switch stubs (trap.S).
 core::arch::global_asm!(
     include_str!("../../boot/src/multiboot32.S"),
+    options(att_syntax)
+);
+core::arch::global_asm!(
+    ".set BOOT_ENTRY, guest_entry",
+    include_str!("../../boot/src/boot64_continue.S"),
     options(att_syntax)
 );
 core::arch::global_asm!(include_str!("asm/entry.S"), options(att_syntax));

@@ -13,13 +13,17 @@ pub mod ring3;
 pub mod user_mode;
 
 // Native boot (`./run-qemu.sh --native --guest PATH`): the shared Multiboot header and 32->64-bit
-// trampoline, then the continuation that builds the BootInfo and enters `_start` as the VMM's
-// loader does (linker.ld keeps the file laid out as memory and pulls these in).
+// trampoline, then the shared continuation that builds the BootInfo and enters `_start` as the
+// VMM's loader does (linker.ld keeps the file laid out as memory and pulls these in).
 core::arch::global_asm!(
     include_str!("../../../boot/src/multiboot32.S"),
     options(att_syntax)
 );
-core::arch::global_asm!(include_str!("asm/native.S"), options(att_syntax));
+core::arch::global_asm!(
+    ".set BOOT_ENTRY, _start",
+    include_str!("../../../boot/src/boot64_continue.S"),
+    options(att_syntax)
+);
 
 const COM1: u16 = 0x3F8;
 

@@ -1,10 +1,16 @@
 /*
- * Native boot of a test guest (AT&T syntax): the shared trampoline (boot/src/multiboot32.S)
- * arrives here in long mode with RDI = Multiboot information. Build the BootInfo in
- * boot_info_page from it and enter _start in exactly the contract's state (boot/src/lib.rs): the
- * trampoline already left CR0/CR4/EFER/CR3, the boot GDT and the segment registers as the contract
- * says; what is left is the IDTR (limit 0), RFLAGS (0x2), RSP and RDI. The same code as the guest
- * kernel's native continuation (guest-kernel/src/asm/entry.S), entering _start instead.
+ * The native Multiboot continuation shared by the guest kernel and the test guests (AT&T syntax).
+ *
+ * Included with `global_asm!(include_str!(...), options(att_syntax))` after multiboot32.S: the
+ * shared trampoline arrives here in long mode with RDI = Multiboot information. Build the
+ * BootInfo in boot_info_page from it and enter the image's entry point in exactly the contract's
+ * state (boot/src/lib.rs): the trampoline already left CR0/CR4/EFER/CR3, the boot GDT and the
+ * segment registers as the contract says; what is left is the IDTR (limit 0), RFLAGS (0x2), RSP
+ * and RDI.
+ *
+ * What the including image provides: `BOOT_ENTRY`, the symbol entered with RDI = the BootInfo
+ * (the guest kernel's e_entry, `guest_entry`; a test guest's `_start`), as
+ * `.set BOOT_ENTRY, symbol` in the same global_asm!.
  */
 
 .set BOOT_INFO_MAGIC,      0x3130544F4F425447   /* "GTBOOT01" */
@@ -80,7 +86,7 @@ boot64_continue:
     lea boot_stack_top(%rip), %rsp
     mov %rbx, %rdi
     xor %ebp, %ebp
-    jmp _start
+    jmp BOOT_ENTRY
 
 .balign 8
 boot_null_idtr:
