@@ -38,6 +38,82 @@ pub const fn data(dpl: u64) -> u64 {
     0x00CF_9200_0000_FFFF | (dpl << 45)
 }
 
+/// The low selector layout's descriptors: kernel code 0x08, kernel data 0x10, user data 0x1b,
+/// user code 0x23 (indices 3 and 4, the order SYSRET needs); the TSS goes at 0x28.
+pub const LOW_GDT: [u64; 5] = [0, code64(0), data(0), data(3), code64(3)];
+
+/// Linux's x86_64 GDT layout (arch/x86/include/asm/segment.h): 32-bit kernel code 0x08, kernel
+/// code 0x10, kernel data 0x18, 32-bit user code 0x23, user data 0x2b, user code 0x33, an unused
+/// slot; the TSS goes at 0x40.
+pub const LINUX_GDT: [u64; 8] = [
+    0,
+    code32(0),
+    code64(0),
+    data(0),
+    code32(3),
+    data(3),
+    code64(3),
+    0,
+];
+
+/// A GDT layout: the descriptors (without the TSS) and the selectors the kernel uses.
+#[derive(Debug, Clone, Copy)]
+pub struct Layout {
+    /// Named in the output.
+    pub name: &'static str,
+    /// GDT entries from index 0; the TSS descriptor is put at `tss / 8`.
+    pub gdt: &'static [u64],
+    /// Kernel code selector (64-bit, DPL 0).
+    pub kernel_cs: u16,
+    /// Kernel data selector.
+    pub kernel_ds: u16,
+    /// User code selector (64-bit, DPL 3, RPL 3).
+    pub user_cs: u16,
+    /// User data selector (DPL 3, RPL 3).
+    pub user_ds: u16,
+    /// TSS selector.
+    pub tss: u16,
+}
+
+impl Layout {
+    /// Loads the GDT (this layout's descriptors and the TSS descriptor at `tss`; CS and DS the
+    /// kernel's), the TSS with RSP0 = `rsp0`, and the 256-vector IDT whose every vector calls
+    /// `handler`.
+    pub fn load(&self, rsp0: u64, handler: fn(&mut Frame)) {
+        let mut gdt = [0u64; 16];
+        gdt[..self.gdt.len()].copy_from_slice(self.gdt);
+        let t = usize::from(self.tss / 8);
+        gdt[t..t + 2].copy_from_slice(&tss_descriptor(tss_base()));
+        load_gdt(&gdt[..t + 2], self.kernel_cs, self.kernel_ds);
+        load_tss(self.tss, rsp0);
+        install_idt(self.kernel_cs);
+        set_handler(handler);
+    }
+}
+
+/// Enters `rip` at CPL 3 by `iretq` (CS = `cs`, SS:RSP = `ss`:`rsp`, RFLAGS = 0x2) with
+/// RDI = `rdi`; the only way back is an exception (or SYSCALL/SYSENTER) into the kernel.
+pub fn iretq_to_user(cs: u16, rip: u64, ss: u16, rsp: u64, rdi: u64) -> ! {
+    // SAFETY: the caller's user code and stack are mapped user-accessible and its IDT (and
+    // system-call MSRs) lead back into the kernel; nothing after the `iretq` runs here.
+    unsafe {
+        core::arch::asm!(
+            "push {ss}",
+            "push {rsp}",
+            "push 0x2",
+            "push {cs}",
+            "push {rip}",
+            "iretq",
+            ss = in(reg) u64::from(ss),
+            rsp = in(reg) rsp,
+            cs = in(reg) u64::from(cs),
+            rip = in(reg) rip,
+            in("rdi") rdi,
+            options(noreturn)
+        )
+    }
+}
+
 /// The two GDT slots of an available 64-bit TSS at `base` (limit 103).
 pub const fn tss_descriptor(base: u64) -> [u64; 2] {
     [
@@ -372,6 +448,22 @@ impl PageTables {
             self.map(va, va, flags);
             va += 4096;
         }
+    }
+
+    /// Makes the user code (the `.utext` section, read-only) and the stack page below
+    /// `user_stack_top` (writable) user-accessible; returns the `.utext` bounds.
+    pub fn open_to_user(&self, user_stack_top: u64) -> (u64, u64) {
+        extern "C" {
+            static __utext_start: u8;
+            static __utext_end: u8;
+        }
+        let (start, end) = (
+            core::ptr::addr_of!(__utext_start) as u64,
+            core::ptr::addr_of!(__utext_end) as u64,
+        );
+        self.set_flags(start, end - start, PTE_P | PTE_U);
+        self.set_flags(user_stack_top - 4096, 4096, PTE_P | PTE_W | PTE_U);
+        (start, end)
     }
 
     /// Loads CR3 with these tables.

@@ -10,7 +10,7 @@
 
 use core::sync::atomic::{AtomicBool, Ordering};
 
-use crate::machine::{self, Frame, Page, PageTables, PTE_P, PTE_U, PTE_W};
+use crate::machine::{self, Frame, Layout, Page, PageTables};
 
 /// Kernel code selector.
 pub const KERNEL_CS: u16 = 0x08;
@@ -23,13 +23,15 @@ pub const USER_CS: u16 = 0x23;
 /// TSS selector.
 pub const TSS: u16 = 0x28;
 
-static GDT: [u64; 5] = [
-    0,
-    machine::code64(0),
-    machine::data(0),
-    machine::data(3),
-    machine::code64(3),
-];
+const LAYOUT: Layout = Layout {
+    name: "ring3",
+    gdt: &machine::LOW_GDT,
+    kernel_cs: KERNEL_CS,
+    kernel_ds: KERNEL_DS,
+    user_cs: USER_CS,
+    user_ds: USER_DS,
+    tss: TSS,
+};
 
 static mut USER_STACK: Page = Page::zeroed();
 static mut RSP0_STACK: [Page; 4] = [const { Page::zeroed() }; 4];
@@ -90,24 +92,9 @@ fn rsp0() -> u64 {
 pub fn setup(handler: fn(&mut Frame)) -> PageTables {
     machine::mask_pics();
     let pt = PageTables::identity();
-    extern "C" {
-        static __utext_start: u8;
-        static __utext_end: u8;
-    }
-    let (us, ue) = (
-        core::ptr::addr_of!(__utext_start) as u64,
-        core::ptr::addr_of!(__utext_end) as u64,
-    );
-    pt.set_flags(us, ue - us, PTE_P | PTE_U);
-    pt.set_flags(user_stack_top() - 4096, 4096, PTE_P | PTE_W | PTE_U);
+    pt.open_to_user(user_stack_top());
     pt.load();
-    let mut gdt = [0u64; 7];
-    gdt[..5].copy_from_slice(&GDT);
-    gdt[5..7].copy_from_slice(&machine::tss_descriptor(machine::tss_base()));
-    machine::load_gdt(&gdt, KERNEL_CS, KERNEL_DS);
-    machine::load_tss(TSS, rsp0());
-    machine::install_idt(KERNEL_CS);
-    machine::set_handler(handler);
+    LAYOUT.load(rsp0(), handler);
     pt
 }
 

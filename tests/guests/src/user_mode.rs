@@ -23,27 +23,8 @@
 
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use crate::machine::{self, Frame, Page, PageTables, PTE_P, PTE_U, PTE_W};
+use crate::machine::{self, Frame, Layout, Page, PageTables};
 use crate::{exit, println};
-
-/// A GDT layout: the descriptors (without the TSS) and the selectors the kernel uses.
-#[derive(Debug, Clone, Copy)]
-pub struct Layout {
-    /// Named in the output.
-    pub name: &'static str,
-    /// GDT entries from index 0; the TSS descriptor is put at `tss / 8`.
-    pub gdt: &'static [u64],
-    /// Kernel code selector (64-bit, DPL 0).
-    pub kernel_cs: u16,
-    /// Kernel data selector.
-    pub kernel_ds: u16,
-    /// User code selector (64-bit, DPL 3, RPL 3).
-    pub user_cs: u16,
-    /// User data selector (DPL 3, RPL 3).
-    pub user_ds: u16,
-    /// TSS selector.
-    pub tss: u16,
-}
 
 static mut LAYOUT: Layout = Layout {
     name: "",
@@ -191,26 +172,9 @@ pub fn run(layout: Layout) -> ! {
     unsafe { slot.write(layout) };
     machine::mask_pics();
     let pt = PageTables::identity();
-    extern "C" {
-        static __utext_start: u8;
-        static __utext_end: u8;
-    }
-    let (us, ue) = (
-        core::ptr::addr_of!(__utext_start) as u64,
-        core::ptr::addr_of!(__utext_end) as u64,
-    );
-    pt.set_flags(us, ue - us, PTE_P | PTE_U);
-    pt.set_flags(user_stack_top() - 4096, 4096, PTE_P | PTE_W | PTE_U);
+    let (us, ue) = pt.open_to_user(user_stack_top());
     pt.load();
-
-    let mut gdt = [0u64; 16];
-    gdt[..layout.gdt.len()].copy_from_slice(layout.gdt);
-    let t = usize::from(layout.tss / 8);
-    gdt[t..t + 2].copy_from_slice(&machine::tss_descriptor(machine::tss_base()));
-    machine::load_gdt(&gdt[..t + 2], layout.kernel_cs, layout.kernel_ds);
-    machine::load_tss(layout.tss, rsp0());
-    machine::install_idt(layout.kernel_cs);
-    machine::set_handler(handler);
+    layout.load(rsp0(), handler);
     println(format_args!(
         "user-mode ({}): kernel CS={:#x} DS={:#x}, user CS={:#x} SS={:#x}, TSS {:#x}; user code {us:#x}..{ue:#x}, kernel secret at {:#x}",
         layout.name,
@@ -242,28 +206,11 @@ extern "C" fn next_phase() -> ! {
     };
     let rip = phase.code as usize as u64;
     let rsp = user_stack_top();
-    let cs = u64::from(l.user_cs);
-    let ss = u64::from(l.user_ds);
     match phase.entry {
-        // SAFETY: enters the user code at CPL 3 on the user stack; every way out is an
-        // exception into `handler`, which resumes the kernel at the next phase.
-        Entry::Iretq => unsafe {
-            core::arch::asm!(
-                "push {ss}",
-                "push {rsp}",
-                "push 0x2",
-                "push {cs}",
-                "push {rip}",
-                "iretq",
-                ss = in(reg) ss,
-                rsp = in(reg) rsp,
-                cs = in(reg) cs,
-                rip = in(reg) rip,
-                in("rdi") secret_address(),
-                options(noreturn)
-            )
-        },
-        // SAFETY: as above, entered with a far return to an outer privilege level.
+        Entry::Iretq => machine::iretq_to_user(l.user_cs, rip, l.user_ds, rsp, secret_address()),
+        // SAFETY: enters the user code at CPL 3 on the user stack with a far return to an outer
+        // privilege level; every way out is an exception into `handler`, which resumes the
+        // kernel at the next phase.
         Entry::Retfq => unsafe {
             core::arch::asm!(
                 "push {ss}",
@@ -271,9 +218,9 @@ extern "C" fn next_phase() -> ! {
                 "push {cs}",
                 "push {rip}",
                 "retfq",
-                ss = in(reg) ss,
+                ss = in(reg) u64::from(l.user_ds),
                 rsp = in(reg) rsp,
-                cs = in(reg) cs,
+                cs = in(reg) u64::from(l.user_cs),
                 rip = in(reg) rip,
                 in("rdi") secret_address(),
                 options(noreturn)

@@ -27,26 +27,14 @@
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use test_guests::machine::{
-    self, code32, code64, data, Frame, Page, PageTables, PTE_P, PTE_U, PTE_W,
+    self, code64, data, Frame, Layout, Page, PageTables, LINUX_GDT, LOW_GDT,
 };
 use test_guests::{exit, println};
-
-/// A GDT layout: the descriptors (without the TSS) and its selectors.
-#[derive(Debug, Clone, Copy)]
-struct Layout {
-    name: &'static str,
-    gdt: &'static [u64],
-    kernel_cs: u16,
-    kernel_ds: u16,
-    user_cs: u16,
-    user_ds: u16,
-    tss: u16,
-}
 
 const LAYOUTS: [Layout; 3] = [
     Layout {
         name: "low",
-        gdt: &[0, code64(0), data(0), data(3), code64(3)],
+        gdt: &LOW_GDT,
         kernel_cs: 0x08,
         kernel_ds: 0x10,
         user_cs: 0x23,
@@ -55,16 +43,7 @@ const LAYOUTS: [Layout; 3] = [
     },
     Layout {
         name: "linux",
-        gdt: &[
-            0,
-            code32(0),
-            code64(0),
-            data(0),
-            code32(3),
-            data(3),
-            code64(3),
-            0,
-        ],
+        gdt: &LINUX_GDT,
         kernel_cs: 0x10,
         kernel_ds: 0x18,
         user_cs: 0x33,
@@ -363,26 +342,9 @@ extern "C" fn _start(info: *const boot::BootInfo) -> ! {
 
     machine::mask_pics();
     let pt = PageTables::identity();
-    extern "C" {
-        static __utext_start: u8;
-        static __utext_end: u8;
-    }
-    let (us, ue) = (
-        core::ptr::addr_of!(__utext_start) as u64,
-        core::ptr::addr_of!(__utext_end) as u64,
-    );
-    pt.set_flags(us, ue - us, PTE_P | PTE_U);
-    pt.set_flags(user_stack_top() - 4096, 4096, PTE_P | PTE_W | PTE_U);
+    pt.open_to_user(user_stack_top());
     pt.load();
-
-    let mut gdt = [0u64; 16];
-    gdt[..l.gdt.len()].copy_from_slice(l.gdt);
-    let t = usize::from(l.tss / 8);
-    gdt[t..t + 2].copy_from_slice(&machine::tss_descriptor(machine::tss_base()));
-    machine::load_gdt(&gdt[..t + 2], l.kernel_cs, l.kernel_ds);
-    machine::load_tss(l.tss, rsp0());
-    machine::install_idt(l.kernel_cs);
-    machine::set_handler(handler);
+    l.load(rsp0(), handler);
     println(format_args!(
         "mov-ss-mode-switch ({}): kernel CS={:#x} DS={:#x}, user CS={:#x} DS={:#x}, TSS {:#x}",
         l.name, l.kernel_cs, l.kernel_ds, l.user_cs, l.user_ds, l.tss
@@ -419,24 +381,7 @@ extern "C" fn next_phase() -> ! {
     let r = routine(phase.load, phase.user);
     let sel = u64::from(phase.sel.value(&l));
     if phase.user {
-        // SAFETY: enters the user routine at CPL 3 on the user stack; it ends in an exception
-        // into `handler`, which resumes the kernel at the next phase.
-        unsafe {
-            core::arch::asm!(
-                "push {ss}",
-                "push {rsp}",
-                "push 0x2",
-                "push {cs}",
-                "push {rip}",
-                "iretq",
-                ss = in(reg) u64::from(l.user_ds),
-                rsp = in(reg) user_stack_top(),
-                cs = in(reg) u64::from(l.user_cs),
-                rip = in(reg) r.start,
-                in("rdi") sel,
-                options(noreturn)
-            )
-        }
+        machine::iretq_to_user(l.user_cs, r.start, l.user_ds, user_stack_top(), sel)
     } else {
         // SAFETY: the kernel routine ends in an exception into `handler`, which resumes the
         // kernel at the next phase on a fresh stack.

@@ -16,25 +16,20 @@
 
 use core::sync::atomic::{AtomicUsize, Ordering};
 
-use test_guests::machine::{
-    self, code32, code64, data, Frame, Page, PageTables, PTE_P, PTE_U, PTE_W, RFLAGS_TF,
-};
+use test_guests::machine::{self, Frame, Layout, Page, PageTables, LINUX_GDT, RFLAGS_TF};
 use test_guests::{exit, println, rdmsr, wrmsr};
 
 const KCS: u16 = 0x10;
-const KDS: u16 = 0x18;
 const UCS: u16 = 0x33;
-const UDS: u16 = 0x2b;
-static GDT: [u64; 8] = [
-    0,
-    code32(0),
-    code64(0),
-    data(0),
-    code32(3),
-    data(3),
-    code64(3),
-    0,
-];
+const LAYOUT: Layout = Layout {
+    name: "Linux selectors",
+    gdt: &LINUX_GDT,
+    kernel_cs: KCS,
+    kernel_ds: 0x18,
+    user_cs: UCS,
+    user_ds: 0x2b,
+    tss: 0x40,
+};
 
 static mut USER_STACK: Page = Page::zeroed();
 static mut RSP0_STACK: [Page; 2] = [const { Page::zeroed() }; 2];
@@ -107,14 +102,8 @@ fn handler(frame: &mut Frame) {
 
 fn enter_user(rip: u64) -> ! {
     let rsp = core::ptr::addr_of!(USER_STACK) as u64 + 4096;
-    // SAFETY: enters the user code at CPL 3; it leaves by SYSCALL/SYSENTER into our entries.
-    unsafe {
-        core::arch::asm!(
-            "push {ss}", "push {rsp}", "push 0x2", "push {cs}", "push {rip}", "iretq",
-            ss = in(reg) u64::from(UDS), rsp = in(reg) rsp, cs = in(reg) u64::from(UCS),
-            rip = in(reg) rip, options(noreturn)
-        )
-    }
+    // The user code leaves by SYSCALL/SYSENTER into our entries.
+    machine::iretq_to_user(UCS, rip, LAYOUT.user_ds, rsp, 0)
 }
 
 /// Checks and prints the traps seen since the last call.
@@ -178,26 +167,9 @@ extern "C" fn after_sysenter() -> ! {
 extern "C" fn _start() -> ! {
     machine::mask_pics();
     let pt = PageTables::identity();
-    extern "C" {
-        static __utext_start: u8;
-        static __utext_end: u8;
-    }
-    let us = core::ptr::addr_of!(__utext_start) as u64;
-    let ue = core::ptr::addr_of!(__utext_end) as u64;
-    pt.set_flags(us, ue - us, PTE_P | PTE_U);
-    pt.set_flags(
-        core::ptr::addr_of!(USER_STACK) as u64,
-        4096,
-        PTE_P | PTE_W | PTE_U,
-    );
+    pt.open_to_user(core::ptr::addr_of!(USER_STACK) as u64 + 4096);
     pt.load();
-    let mut gdt = [0u64; 10];
-    gdt[..8].copy_from_slice(&GDT);
-    gdt[8..].copy_from_slice(&machine::tss_descriptor(machine::tss_base()));
-    machine::load_gdt(&gdt, KCS, KDS);
-    machine::load_tss(0x40, core::ptr::addr_of!(RSP0_STACK) as u64 + 8192);
-    machine::install_idt(KCS);
-    machine::set_handler(handler);
+    LAYOUT.load(core::ptr::addr_of!(RSP0_STACK) as u64 + 8192, handler);
     wrmsr(0xC000_0080, rdmsr(0xC000_0080) | 1); // EFER.SCE
     wrmsr(0xC000_0081, (0x23u64 << 48) | (u64::from(KCS) << 32)); // STAR
     wrmsr(0xC000_0082, syscall_entry as *const () as u64); // LSTAR

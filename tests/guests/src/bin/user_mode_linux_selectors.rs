@@ -6,25 +6,14 @@
 #![no_std]
 #![no_main]
 
-use test_guests::machine::{code32, code64, data};
-use test_guests::user_mode::{run, Layout};
-
-static GDT: [u64; 8] = [
-    0,
-    code32(0),
-    code64(0),
-    data(0),
-    code32(3),
-    data(3),
-    code64(3),
-    0,
-];
+use test_guests::machine::{Layout, LINUX_GDT};
+use test_guests::user_mode::run;
 
 #[no_mangle]
 extern "C" fn _start() -> ! {
     run(Layout {
         name: "Linux selectors",
-        gdt: &GDT,
+        gdt: &LINUX_GDT,
         kernel_cs: 0x10,
         kernel_ds: 0x18,
         user_cs: 0x33,

@@ -7,16 +7,14 @@
 #![no_std]
 #![no_main]
 
-use test_guests::machine::{code64, data};
-use test_guests::user_mode::{run, Layout};
-
-static GDT: [u64; 5] = [0, code64(0), data(0), data(3), code64(3)];
+use test_guests::machine::{Layout, LOW_GDT};
+use test_guests::user_mode::run;
 
 #[no_mangle]
 extern "C" fn _start() -> ! {
     run(Layout {
         name: "low selectors",
-        gdt: &GDT,
+        gdt: &LOW_GDT,
         kernel_cs: 0x08,
         kernel_ds: 0x10,
         user_cs: 0x23,
