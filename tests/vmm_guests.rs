@@ -219,19 +219,44 @@ fn native_guest(name: &str, words: &[&str]) -> trapvmm::Run {
 
 /// Runs a test guest under the VMM with guest command-line `words`.
 fn vmm_guest(name: &str, words: &[&str]) -> trapvmm::Run {
+    vmm_guest_with(name, "", words)
+}
+
+/// Runs a test guest under the VMM with extra host options `append` (after `mode=guest`).
+fn vmm_guest_with(name: &str, append: &str, words: &[&str]) -> trapvmm::Run {
     let guest = test_guest(name);
+    let append = format!("mode=guest {append}");
     let mut args = vec![
         "--timeout",
         "60",
         "--guest",
         &guest,
         "--append",
-        "mode=guest",
+        append.trim(),
         "--",
     ];
     args.extend_from_slice(words);
     boot(&args)
 }
+
+/// Two tests, `$native` and `$vmm`, each its own `#[test]`: the guest `$guest` prints what the
+/// CPU gives (`$lines`, see [`cpu_correct`]) natively and under the VMM.
+macro_rules! cpu_correct_natively_and_under_the_vmm {
+    ($guest:literal, $lines:expr, $native:ident, $vmm:ident) => {
+        #[test]
+        fn $native() {
+            cpu_correct(&native_guest($guest, &[]), $lines);
+        }
+
+        #[test]
+        fn $vmm() {
+            cpu_correct(&vmm_guest($guest, &[]), $lines);
+        }
+    };
+}
+
+/// How a test runs a test guest: [`native_guest`] or [`vmm_guest`].
+type Guest = fn(&str, &[&str]) -> trapvmm::Run;
 
 /// The guest saw what the CPU gives: status 0 and every line in `lines`.
 #[track_caller]
@@ -284,13 +309,8 @@ fn user_mode_with_linux_selectors_under_the_vmm() {
 
 /// `canonical-edge insn=NAME`: the instruction ends at 0x7fff_ffff_ffff; the CPU's answer (QEMU
 /// natively) is #GP(0) with the saved RIP = 0x8000_0000_0000, after the instruction took effect.
-fn canonical_edge(insn: &str, native: bool) {
-    let word = format!("insn={insn}");
-    let run = if native {
-        native_guest("canonical-edge", &[&word])
-    } else {
-        vmm_guest("canonical-edge", &[&word])
-    };
+fn canonical_edge(insn: &str, guest: Guest) {
+    let run = guest("canonical-edge", &[&format!("insn={insn}")]);
     cpu_correct(
         &run,
         &[&format!(
@@ -302,14 +322,14 @@ fn canonical_edge(insn: &str, native: bool) {
 #[test]
 fn an_instruction_ending_at_the_canonical_edge_then_gp_natively() {
     for insn in ["cli", "sti", "out", "movcr3"] {
-        canonical_edge(insn, true);
+        canonical_edge(insn, native_guest);
     }
 }
 
 #[test]
 fn an_emulated_instruction_ending_at_the_canonical_edge_is_the_guests_gp_under_the_vmm() {
     for insn in ["cli", "sti", "out", "movcr3"] {
-        canonical_edge(insn, false);
+        canonical_edge(insn, vmm_guest);
     }
 }
 
@@ -321,15 +341,12 @@ const TF_STEPS: &[&str] = &[
     "tf-over-emulated: 11 single-step traps, 11 expected, 0 wrong -> ok",
 ];
 
-#[test]
-fn single_stepping_over_privileged_instructions_natively() {
-    cpu_correct(&native_guest("tf-over-emulated", &[]), TF_STEPS);
-}
-
-#[test]
-fn single_stepping_over_emulated_instructions_under_the_vmm() {
-    cpu_correct(&vmm_guest("tf-over-emulated", &[]), TF_STEPS);
-}
+cpu_correct_natively_and_under_the_vmm!(
+    "tf-over-emulated",
+    TF_STEPS,
+    single_stepping_over_privileged_instructions_natively,
+    single_stepping_over_emulated_instructions_under_the_vmm
+);
 
 #[test]
 fn single_stepping_over_emulated_instructions_under_the_vmm_without_dr6() {
@@ -344,30 +361,24 @@ const PUSHF_AFTER_STI: &[&str] = &[
     "first irq after pushfq -> ok",
 ];
 
-#[test]
-fn pushf_after_sti_sees_no_tf_natively() {
-    cpu_correct(&native_guest("pushf-after-sti", &[]), PUSHF_AFTER_STI);
-}
-
-#[test]
-fn pushf_after_sti_sees_no_tf_under_the_vmm() {
-    cpu_correct(&vmm_guest("pushf-after-sti", &[]), PUSHF_AFTER_STI);
-}
+cpu_correct_natively_and_under_the_vmm!(
+    "pushf-after-sti",
+    PUSHF_AFTER_STI,
+    pushf_after_sti_sees_no_tf_natively,
+    pushf_after_sti_sees_no_tf_under_the_vmm
+);
 
 const REP_BOMB: &[&str] = &[
     "rep-bomb outsb: #PF error=0x0 cr2=0x4000001000 rip=insn+0 rcx=2^64-1-256 index=0x4000001000 -> ok",
     "rep-bomb insb: #PF error=0x2 cr2=0x4000001000 rip=insn+0 rcx=2^64-1-256 index=0x4000001000 -> ok",
 ];
 
-#[test]
-fn rep_string_io_with_a_huge_count_faults_where_memory_ends_natively() {
-    cpu_correct(&native_guest("rep-bomb", &[]), REP_BOMB);
-}
-
-#[test]
-fn rep_string_io_with_a_huge_count_is_the_guests_restartable_pf_under_the_vmm() {
-    cpu_correct(&vmm_guest("rep-bomb", &[]), REP_BOMB);
-}
+cpu_correct_natively_and_under_the_vmm!(
+    "rep-bomb",
+    REP_BOMB,
+    rep_string_io_with_a_huge_count_faults_where_memory_ends_natively,
+    rep_string_io_with_a_huge_count_is_the_guests_restartable_pf_under_the_vmm
+);
 
 const TF_SYSCALL_SYSENTER: &[&str] = &[
     "tf-syscall: #DB rip=0x",
@@ -376,18 +387,12 @@ const TF_SYSCALL_SYSENTER: &[&str] = &[
     "tf-sysenter: 2 single-step traps, last in the kernel at the entry point: true -> ok",
 ];
 
-#[test]
-fn syscall_and_sysenter_with_tf_trap_on_the_entry_point_natively() {
-    cpu_correct(
-        &native_guest("tf-syscall-sysenter", &[]),
-        TF_SYSCALL_SYSENTER,
-    );
-}
-
-#[test]
-fn syscall_and_sysenter_with_tf_trap_on_the_entry_point_under_the_vmm() {
-    cpu_correct(&vmm_guest("tf-syscall-sysenter", &[]), TF_SYSCALL_SYSENTER);
-}
+cpu_correct_natively_and_under_the_vmm!(
+    "tf-syscall-sysenter",
+    TF_SYSCALL_SYSENTER,
+    syscall_and_sysenter_with_tf_trap_on_the_entry_point_natively,
+    syscall_and_sysenter_with_tf_trap_on_the_entry_point_under_the_vmm
+);
 
 // ---- the guest's CR0/CR4 controls over instructions it runs natively (the real CR0.TS/EM/MP,
 // CR0.AM and CR4.OSFXSR/OSXMMEXCPT follow the virtual ones) ----
@@ -443,15 +448,12 @@ const ALIGNMENT_CHECK: &[&str] = &[
     "alignment-check: 8 checks, 0 wrong",
 ];
 
-#[test]
-fn alignment_check_only_at_cpl3_with_am_and_ac_natively() {
-    cpu_correct(&native_guest("alignment-check", &[]), ALIGNMENT_CHECK);
-}
-
-#[test]
-fn alignment_check_only_at_cpl3_with_am_and_ac_under_the_vmm() {
-    cpu_correct(&vmm_guest("alignment-check", &[]), ALIGNMENT_CHECK);
-}
+cpu_correct_natively_and_under_the_vmm!(
+    "alignment-check",
+    ALIGNMENT_CHECK,
+    alignment_check_only_at_cpl3_with_am_and_ac_natively,
+    alignment_check_only_at_cpl3_with_am_and_ac_under_the_vmm
+);
 
 const DEBUG_REGISTERS: &[&str] = &[
     "debug-registers dr0: no fault; dr0=0x11110000 (expected 0x11110000) -> ok",
@@ -643,37 +645,7 @@ fn mov_ss_mode_switch_lines(layout: &str) -> Vec<String> {
 
 const MOV_SS_LAYOUTS: [&str; 3] = ["low", "linux", "swapped"];
 
-#[test]
-fn mov_ss_and_mov_ds_privilege_checks_in_kernel_and_user_mode_natively() {
-    for layout in MOV_SS_LAYOUTS {
-        let run = native_guest("mov-ss-mode-switch", &[&format!("layout={layout}")]);
-        let mut lines = mov_ss_mode_switch_lines(layout);
-        lines.push(format!(
-            "mov-ss-mode-switch ({layout}): 21 phases, 0 skipped, 0 wrong -> ok"
-        ));
-        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
-        cpu_correct(&run, &lines);
-    }
-}
-
-#[test]
-#[ignore = "known ring-compression holes (docs/virtualization-holes.md): at virtual CPL 0, \
-            `mov ss/ds, <the kernel's own SS selector | 3>` loads without a trap instead of \
-            #GP (the real SS is that very selector at real CPL 3), and SS reads back with RPL 3 \
-            or as the null-SS stand-in 0xffdb; the test below checks every other phase"]
-fn mov_ss_and_mov_ds_privilege_checks_in_kernel_and_user_mode_under_the_vmm() {
-    for layout in MOV_SS_LAYOUTS {
-        let run = vmm_guest("mov-ss-mode-switch", &[&format!("layout={layout}")]);
-        let mut lines = mov_ss_mode_switch_lines(layout);
-        lines.push(format!(
-            "mov-ss-mode-switch ({layout}): 21 phases, 0 skipped, 0 wrong -> ok"
-        ));
-        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
-        cpu_correct(&run, &lines);
-    }
-}
-
-/// The phases the VMM gets wrong today (see the ignored test above), left out so that the
+/// The phases the VMM gets wrong today (see the ignored test below), left out so that the
 /// others keep being checked.
 const MOV_SS_VMM_KNOWN_WRONG: [&str; 6] = [
     "k-mov-ss-kernel-rpl3",
@@ -684,30 +656,48 @@ const MOV_SS_VMM_KNOWN_WRONG: [&str; 6] = [
     "k-mov-ds-user",
 ];
 
-#[test]
-fn mov_ss_and_mov_ds_privilege_checks_but_the_known_wrong_ones_under_the_vmm() {
-    let skip = format!("skip={}", MOV_SS_VMM_KNOWN_WRONG.join(","));
+/// `mov-ss-mode-switch` in every layout with the phases `skip` left out: every other phase as
+/// the CPU gives it, each skipped one named as such, and the summary line.
+fn mov_ss_mode_switch(guest: Guest, skip: &[&str]) {
+    let skip_word = format!("skip={}", skip.join(","));
     for layout in MOV_SS_LAYOUTS {
-        let run = vmm_guest("mov-ss-mode-switch", &[&format!("layout={layout}"), &skip]);
+        let layout_word = format!("layout={layout}");
+        let mut words = vec![layout_word.as_str()];
+        if !skip.is_empty() {
+            words.push(&skip_word);
+        }
+        let run = guest("mov-ss-mode-switch", &words);
         let mut lines: Vec<String> = mov_ss_mode_switch_lines(layout)
             .into_iter()
-            .filter(|l| {
-                !MOV_SS_VMM_KNOWN_WRONG
-                    .iter()
-                    .any(|n| l.starts_with(&format!("phase {n}:")))
-            })
+            .filter(|l| !skip.iter().any(|n| l.starts_with(&format!("phase {n}:"))))
             .collect();
-        lines.extend(
-            MOV_SS_VMM_KNOWN_WRONG
-                .iter()
-                .map(|n| format!("phase {n}: skipped")),
-        );
+        lines.extend(skip.iter().map(|n| format!("phase {n}: skipped")));
         lines.push(format!(
-            "mov-ss-mode-switch ({layout}): 21 phases, 6 skipped, 0 wrong -> ok"
+            "mov-ss-mode-switch ({layout}): 21 phases, {} skipped, 0 wrong -> ok",
+            skip.len()
         ));
         let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
         cpu_correct(&run, &lines);
     }
+}
+
+#[test]
+fn mov_ss_and_mov_ds_privilege_checks_in_kernel_and_user_mode_natively() {
+    mov_ss_mode_switch(native_guest, &[]);
+}
+
+#[test]
+#[ignore = "known ring-compression holes (docs/virtualization-holes.md): at virtual CPL 0, \
+            `mov ss/ds, <the kernel's own SS selector | 3>` loads without a trap instead of \
+            #GP (the real SS is that very selector at real CPL 3), and SS reads back with RPL 3 \
+            or as the null-SS stand-in 0xffdb; the test below checks every other phase"]
+fn mov_ss_and_mov_ds_privilege_checks_in_kernel_and_user_mode_under_the_vmm() {
+    mov_ss_mode_switch(vmm_guest, &[]);
+}
+
+#[test]
+fn mov_ss_and_mov_ds_privilege_checks_but_the_known_wrong_ones_under_the_vmm() {
+    mov_ss_mode_switch(vmm_guest, &MOV_SS_VMM_KNOWN_WRONG);
 }
 
 #[test]
@@ -724,23 +714,6 @@ fn a_guest_cannot_exit_with_the_hosts_own_codes() {
 }
 
 // ---- a recursive (self-map) PML4 entry: the guest edits its page tables through it ----
-
-/// Runs a test guest under the VMM with extra host options `append` (after `mode=guest`).
-fn vmm_guest_with(name: &str, append: &str, words: &[&str]) -> trapvmm::Run {
-    let guest = test_guest(name);
-    let append = format!("mode=guest {append}");
-    let mut args = vec![
-        "--timeout",
-        "60",
-        "--guest",
-        &guest,
-        "--append",
-        &append,
-        "--",
-    ];
-    args.extend_from_slice(words);
-    boot(&args)
-}
 
 /// Every phase as the CPU gives it (QEMU natively): each read through a mapping made by a store
 /// through the self-map (or through an alias of the page table) sees the page it names.
