@@ -480,4 +480,89 @@ mod tests {
         assert_eq!(real[FIRST_RESERVED_INDEX], 0);
         assert!(real[SHADOWED_ENTRIES..].iter().all(|&d| d == 0));
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// One step a guest can take that the shadow must follow.
+        #[derive(Clone, Debug)]
+        enum Step {
+            /// Load CS (64-bit code) or SS (data) with the selector at `index`, RPL `rpl`.
+            Cs {
+                index: u16,
+                rpl: u8,
+            },
+            Ss {
+                index: u16,
+                rpl: u8,
+            },
+            NullSs,
+            /// Rewrite the guest's descriptor at `index` in memory.
+            Rewrite {
+                index: u16,
+                raw: u64,
+            },
+            /// LGDT with a new limit (entries) over the same table, or LTR-style invalidation.
+            Lgdt {
+                entries: u16,
+            },
+            Invalidate,
+        }
+
+        fn step() -> impl Strategy<Value = Step> {
+            prop_oneof![
+                (1u16..40, 0u8..4).prop_map(|(index, rpl)| Step::Cs { index, rpl }),
+                (1u16..40, 0u8..4).prop_map(|(index, rpl)| Step::Ss { index, rpl }),
+                Just(Step::NullSs),
+                (0u16..40, any::<u64>()).prop_map(|(index, raw)| Step::Rewrite { index, raw }),
+                (1u16..48).prop_map(|entries| Step::Lgdt { entries }),
+                Just(Step::Invalidate),
+            ]
+        }
+
+        proptest! {
+            /// Whatever the guest does, the real GDT holds exactly: its current CS and SS (with
+            /// the stand-in for a null SS or one naming CS's entry) present at DPL 3, every
+            /// other guest entry absent, and nothing at all past the guest's table; and the
+            /// real selectors returned name present DPL-3 descriptors of the right kind.
+            #[test]
+            fn only_the_current_cs_and_ss_are_ever_present(steps in proptest::collection::vec(step(), 1..40)) {
+                let (mut cpu, mut mem) = low_layout_guest();
+                let mut real = real();
+                let mut shadow = ShadowGdt::new();
+                let code = Descriptor::from_raw(encode_segment(true, true, 0, true, true));
+                let data = Descriptor::from_raw(encode_segment(false, false, 0, true, true));
+                for step in steps {
+                    match step {
+                        Step::Cs { index, rpl } => cpu.set_segment(SegReg::Cs, Segment { selector: index << 3 | u16::from(rpl), cache: code }),
+                        Step::Ss { index, rpl } => cpu.set_segment(SegReg::Ss, Segment { selector: index << 3 | u16::from(rpl), cache: data }),
+                        Step::NullSs => cpu.set_segment(SegReg::Ss, Segment::null(0)),
+                        Step::Rewrite { index, raw } => mem.poke(GDT + 8 * u64::from(index), &raw.to_le_bytes()),
+                        Step::Lgdt { entries } => cpu.gdtr.limit = entries * 8 - 1,
+                        Step::Invalidate => shadow.invalidate(),
+                    }
+                    let sel = shadow.sync(&cpu, &mut mem, &mut real).unwrap();
+                    let cs = usize::from(cpu.segment(SegReg::Cs).selector >> 3);
+                    let ss_sel = cpu.segment(SegReg::Ss).selector;
+                    let stand_in = ss_sel & !3 == 0 || ss_sel & !3 == cpu.segment(SegReg::Cs).selector & !3;
+                    let ss = usize::from(ss_sel >> 3);
+                    for (i, raw) in real.iter().enumerate().take(SHADOWED_ENTRIES) {
+                        let d = Descriptor::from_raw(*raw);
+                        let expected = i == cs || (i == ss && !stand_in) || (i == FIRST_RESERVED_INDEX && stand_in);
+                        prop_assert_eq!(d.present, expected, "entry {} after {:?}", i, cpu.segment(SegReg::Cs));
+                        if d.present {
+                            prop_assert_eq!(d.dpl, 3);
+                        }
+                    }
+                    let entries = (usize::from(cpu.gdtr.limit) + 1) / 8;
+                    prop_assert!(real[entries.max(48)..FIRST_RESERVED_INDEX].iter().all(|&r| r == 0));
+                    let rcs = Descriptor::from_raw(real[usize::from(sel.cs >> 3)]);
+                    prop_assert!(rcs.present && rcs.is_long_code() && sel.cs & 3 == 3);
+                    let rss = Descriptor::from_raw(real[usize::from(sel.ss >> 3)]);
+                    prop_assert!(rss.present && rss.is_writable_data() && sel.ss & 3 == 3);
+                }
+            }
+        }
+    }
 }
