@@ -29,7 +29,7 @@ options:
                      bench/results.png, prints a table (words after -- go to the guest's bench)
   --trap-cost C      with --bench: cycles of one trap round trip for the modelled column (700)
   --guest PATH       run this guest ELF instead of the built guest-kernel
-  --mem MiB          guest RAM in MiB (default 32)
+  --mem MiB          guest RAM in MiB, 4..3072 (default 32)
   --icount           deterministic instruction counting (-icount shift=0,sleep=off): the guest's
                      rdtsc then counts retired instructions
   --gdb              QEMU waits for gdb on localhost:1234 (prints the gdb command to use)
@@ -81,8 +81,14 @@ done
 if [ "$bench" = 1 ]; then
     exec "$ROOT/bench/run.sh" --trap-cost "$trap_cost" "${guest_words[@]}"
 fi
+if [ -n "$guest" ] && [ -d "$guest" ]; then
+    die_usage "--guest: '$guest' is a directory, not a guest ELF file"
+fi
 if [ -n "$guest" ] && [ ! -f "$guest" ]; then
     die_usage "--guest: no such file '$guest'"
+fi
+if [ "$native" = 1 ] && { [ "$trace" = 1 ] || [ -n "$append" ]; }; then
+    die_usage "--trace and --append configure the VMM; --native runs the guest with no VMM"
 fi
 
 if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then

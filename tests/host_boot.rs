@@ -95,3 +95,28 @@ fn help_exits_0() {
     assert_eq!(run.status, 0, "{run}");
     assert!(run.serial.contains("--icount"), "{run}");
 }
+
+#[test]
+fn script_options_that_cannot_apply_are_refused_with_the_reason() {
+    // --trace and --append configure the VMM, which --native does not run.
+    let run = run_script(&["--native", "--trace"]);
+    assert_eq!(run.status, 2, "{run}");
+    assert!(
+        run.stderr.contains("--native runs the guest with no VMM"),
+        "{run}"
+    );
+    // A directory is not a guest image.
+    let run = run_script(&["--guest", "docs"]);
+    assert_eq!(run.status, 2, "{run}");
+    assert!(
+        run.stderr.contains("is a directory, not a guest ELF file"),
+        "{run}"
+    );
+}
+
+#[test]
+fn a_timer_rate_below_what_the_8254_can_tick_is_refused() {
+    let run = boot(&["--timeout", "60", "--append", "timer_hz=18"]);
+    run.expect_status(2);
+    run.expect_line("[vmm] error: bad value '18' for 'timer_hz'; valid keys: timer_hz=<19..10000>");
+}

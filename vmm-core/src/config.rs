@@ -81,7 +81,8 @@ impl Default for HostConfig<'_> {
 }
 
 /// The keys [`HostConfig::parse`] accepts, with their syntax, for error messages and docs.
-pub const VALID_KEYS: &str = "timer_hz=<1..10000> mem=<4..3072 MiB> trace=<N> shadow=flush|cached \
+pub const VALID_KEYS: &str =
+    "timer_hz=<19..10000> mem=<4..3072 MiB> trace=<N> shadow=flush|cached \
 emulator_fill=on|off watchdog=<ticks, 0=off> debug=none|panic mode=selfcheck|guest";
 
 /// Why a host command line was rejected.
@@ -138,7 +139,9 @@ impl<'a> HostConfig<'a> {
             let (key, value) = word.split_once('=').ok_or(ConfigError::NotKeyValue(word))?;
             let bad = ConfigError::BadValue { key, value };
             match key {
-                "timer_hz" => config.timer_hz = parse_in_range(key, value, 1, 10_000)? as u32,
+                // The 8254 counts down from at most 65 536 at 1.193 182 MHz: 19 Hz is the lowest
+                // rate it can tick at (a lower one would silently become ~18.2 Hz).
+                "timer_hz" => config.timer_hz = parse_in_range(key, value, 19, 10_000)? as u32,
                 "mem" => config.guest_mem_mib = parse_in_range(key, value, 4, 3072)? as u32,
                 "trace" => config.trace = parse_in_range(key, value, 0, u64::MAX)?,
                 "watchdog" => config.watchdog_ticks = parse_in_range(key, value, 0, u64::MAX)?,
@@ -254,6 +257,7 @@ mod tests {
     fn bad_values_are_rejected() {
         for line in [
             "timer_hz=0",
+            "timer_hz=18",
             "timer_hz=x",
             "mem=1",
             "mem=99999",

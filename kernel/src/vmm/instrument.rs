@@ -55,6 +55,11 @@ impl PhaseClock {
 pub(super) enum TrapName {
     /// A vector and its error code.
     Vector(u64, u64),
+    /// A #PF: its error code and the faulting linear address (CR2).
+    PageFault {
+        error: u64,
+        cr2: u64,
+    },
     Instruction(&'static str),
     /// An instruction as `--trace` shows it.
     Disassembled(alloc::string::String),
@@ -66,6 +71,11 @@ impl core::fmt::Display for TrapName {
             TrapName::Vector(vector::SYSCALL, _) => write!(f, "SYSCALL"),
             TrapName::Vector(vector::SYSENTER, _) => write!(f, "SYSENTER"),
             TrapName::Vector(v, e) => write!(f, "{} error={e:#x}", trap::vector_name(*v)),
+            TrapName::PageFault { error, cr2 } => write!(
+                f,
+                "{} error={error:#x} cr2={cr2:#x}",
+                trap::vector_name(vector::PAGE_FAULT)
+            ),
             TrapName::Instruction(name) => write!(f, "{name}"),
             TrapName::Disassembled(text) => write!(f, "{text}"),
         }
@@ -88,6 +98,11 @@ impl Vm {
             && (!matches!(action, Action::Resume("host IRQ")) || injected.is_some())
         {
             self.trace_left -= 1;
+            if self.trace_left == 0 {
+                crate::serial::write_line(format_args!(
+                    "[vmm] trace: the last line the host option trace= asked for; no more trace lines"
+                ));
+            }
             match injected {
                 Some(vector) => crate::serial::write_line(format_args!(
                     "[vmm] trace: rip={trap_rip:#x} {} -> {action}, then interrupt {vector:#x} injected",

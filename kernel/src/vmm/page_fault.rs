@@ -3,7 +3,7 @@
 //! write-protected guest page table, and stopping the guest; this wires the decision to the
 //! real TLB and CR3.
 
-use super::instrument::PhaseClock;
+use super::instrument::{PhaseClock, TrapName};
 use super::{Action, StopWhy, Vm};
 use crate::trap::TrapFrame;
 use shadow_mmu::shadow::FaultOutcome;
@@ -21,6 +21,10 @@ impl Vm {
     ) -> (Action, TrapKind) {
         // SAFETY: reading CR2 has no side effects; this is the #PF handler.
         let cr2 = unsafe { x86::controlregs::cr2() } as u64;
+        self.last_trap = TrapName::PageFault {
+            error: frame.error_code,
+            cr2,
+        };
         let Some(gva) = GuestVirtAddr::new(cr2) else {
             return (
                 Action::Stop(StopWhy::Unexpected),
