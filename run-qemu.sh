@@ -130,6 +130,13 @@ fi
 
 if [ "$native" = 1 ]; then
     [ -f "$guest" ] || die_usage "guest image '$guest' not found (build failed?)"
+    # QEMU boots a kernel natively only through a Multiboot 1 header (magic 0x1BADB002) in the
+    # first 8 KiB; without one it fails with a raw "PVH ELF Note" error, so say what is wrong.
+    if ! head -c 8192 "$guest" | od -An -tx1 -v | tr -d ' \n' | grep -q "02b0ad1b"; then
+        echo "run-qemu.sh: '$guest' has no Multiboot 1 header in its first 8 KiB, so it cannot boot natively" >&2
+        echo "    (docs/guest-contract.md, \"The image\"; under the VMM, without --native, it needs none)" >&2
+        exit 2
+    fi
     qemu+=(-m "$mem" -kernel "$guest" -append "${guest_words[*]:-}")
     symbols="$guest"
 else

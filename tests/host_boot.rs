@@ -112,6 +112,10 @@ fn script_options_that_cannot_apply_are_refused_with_the_reason() {
         run.stderr.contains("is a directory, not a guest ELF file"),
         "{run}"
     );
+    // Native boot needs a Multiboot header: said so, not QEMU's "PVH ELF Note" error.
+    let run = boot(&["--native", "--guest", "README.md"]);
+    assert_eq!(run.status, 2, "{run}");
+    assert!(run.stderr.contains("has no Multiboot 1 header"), "{run}");
 }
 
 #[test]

@@ -27,7 +27,7 @@ pub(super) fn report(vm: &mut Vm) {
     let mut table = alloc::string::String::new();
     let _ = vm.accounting.write_table(&mut table);
     crate::serial::write_line(format_args!(
-        "[vmm] traps (cost in TSC cycles; under --icount, instructions):"
+        "[vmm] traps (cost in TSC cycles, which vary from run to run; under --icount, retired instructions, which do not):"
     ));
     print_lines(&table);
     let (cli, sti, fast_cost) = cli_sti_stub::counts();

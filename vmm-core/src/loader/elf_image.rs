@@ -93,6 +93,9 @@ pub fn parse_guest(image: &[u8], ram_bytes: u64) -> Result<GuestImage, LoadError
     Ok(GuestImage { entry, segments })
 }
 
+/// `e_phnum`'s escape value: more program headers than fit in 16 bits.
+const PN_XNUM: u16 = 0xFFFF;
+
 /// The ELF header must describe a 64-bit little-endian x86-64 executable.
 fn check_header(ehdr: &FileHeader<AnyEndian>) -> Result<(), LoadError> {
     if ehdr.class != Class::ELF64 {
@@ -106,6 +109,12 @@ fn check_header(ehdr: &FileHeader<AnyEndian>) -> Result<(), LoadError> {
     }
     if ehdr.e_type != ET_EXEC {
         return Err(LoadError::WrongKind("e_type is not ET_EXEC"));
+    }
+    if ehdr.e_phnum == PN_XNUM {
+        // The real count would be in section header 0's sh_info (ELF gABI, "Extended numbering").
+        return Err(LoadError::WrongKind(
+            "e_phnum is PN_XNUM (0xffff): extended program-header numbering is not supported",
+        ));
     }
     Ok(())
 }

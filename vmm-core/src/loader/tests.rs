@@ -124,6 +124,13 @@ fn not_elf_and_wrong_kind_are_named() {
         parse_guest(&img, 32 * MIB),
         Err(LoadError::WrongKind("e_type is not ET_EXEC"))
     );
+    // e_phnum = PN_XNUM is named, not reported as "no PT_LOAD segment".
+    let mut img = simple_image();
+    img[56..58].copy_from_slice(&0xFFFFu16.to_le_bytes());
+    assert!(matches!(
+        parse_guest(&img, 32 * MIB),
+        Err(LoadError::WrongKind(why)) if why.contains("PN_XNUM")
+    ));
 }
 
 #[test]
