@@ -765,3 +765,18 @@ fn page_table_stores_through_a_self_map_under_the_vmm_flush() {
     page_table_self_map(&run);
     run.expect_line("shadow policy Flush");
 }
+
+#[test]
+fn the_per_phase_split_is_a_host_option() {
+    // Off by default (it costs a few rdtsc per trap): no phase table in the report.
+    let run = run_guest(&test_guest("hello"), "");
+    run.expect_status(0);
+    assert!(!run.has_line("[vmm] the same traps by phase"), "{run}");
+    // profile=phases: the table, with the same kinds as the main one.
+    let run = run_guest(&test_guest("hello"), "profile=phases");
+    run.expect_status(0);
+    run.expect_line(
+        "[vmm] the same traps by phase (entry stub, decode, emulate, shadow-mmu, injection, exit):",
+    );
+    run.expect_line("[vmm] insn OUT ");
+}

@@ -47,6 +47,9 @@ pub struct HostConfig<'a> {
     /// Whether an emulator read that misses the shadow fills it (shadow-mmu
     /// `set_emulator_fill`); off is the reference behaviour.
     pub emulator_fill: bool,
+    /// Whether each trap's cost is split into the phases of the trap path (a few `rdtsc` more
+    /// per trap; the exit report then has the per-phase table).
+    pub profile_phases: bool,
     /// Stop the guest when it has made no progress (no trap other than timer ticks) for this many
     /// timer ticks (0 = never).
     pub watchdog_ticks: u64,
@@ -71,6 +74,7 @@ impl Default for HostConfig<'_> {
             // Measured with the trap-cost experiment (docs/benchmarks.md): descriptor reads of
             // IRETQ and interrupt delivery stop walking the guest's tables.
             emulator_fill: true,
+            profile_phases: false,
             watchdog_ticks: 10_000,
             debug: DebugAction::None,
             // The VMM's job: run the guest module (after the host's own self-checks).
@@ -83,7 +87,7 @@ impl Default for HostConfig<'_> {
 /// The keys [`HostConfig::parse`] accepts, with their syntax, for error messages and docs.
 pub const VALID_KEYS: &str =
     "timer_hz=<19..10000> mem=<4..3072 MiB> trace=<N> shadow=flush|cached \
-emulator_fill=on|off watchdog=<ticks, 0=off> debug=none|panic mode=selfcheck|guest";
+emulator_fill=on|off profile=phases|off watchdog=<ticks, 0=off> debug=none|panic mode=selfcheck|guest";
 
 /// Why a host command line was rejected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -159,6 +163,13 @@ impl<'a> HostConfig<'a> {
                         _ => return Err(bad),
                     }
                 }
+                "profile" => {
+                    config.profile_phases = match value {
+                        "phases" => true,
+                        "off" => false,
+                        _ => return Err(bad),
+                    }
+                }
                 "mode" => {
                     config.mode = match value {
                         "selfcheck" => RunMode::SelfCheck,
@@ -223,7 +234,7 @@ mod tests {
     #[test]
     fn every_key_parses() {
         let c = HostConfig::parse(
-            "trace=5 shadow=cached emulator_fill=off debug=panic watchdog=0 mode=guest",
+            "trace=5 shadow=cached emulator_fill=off profile=phases debug=panic watchdog=0 mode=guest",
             false,
         )
         .unwrap();
@@ -231,6 +242,7 @@ mod tests {
         assert_eq!(c.trace, 5);
         assert_eq!(c.shadow, ShadowPolicy::Cached);
         assert!(!c.emulator_fill);
+        assert!(c.profile_phases);
         assert_eq!(c.debug, DebugAction::Panic);
         assert_eq!(c.watchdog_ticks, 0);
     }
@@ -263,6 +275,7 @@ mod tests {
             "mem=99999",
             "shadow=maybe",
             "emulator_fill=yes",
+            "profile=all",
             "debug=oops",
         ] {
             assert!(

@@ -1,10 +1,13 @@
 //! Instrumentation of the trap path, kept out of the decisions: the dispatcher calls it in one
-//! line per trap (`Vm::account`). The phase clock splits a trap's cost into the phases of the
-//! benchmark breakdown (docs/benchmarks.md), `--trace` prints one line per trap, and the bench
-//! attribution charges traps to the guest's benchmark ops.
+//! line per trap (`Vm::account`). The phase clock times each trap — and, with the host option
+//! `profile=phases`, splits its cost into the phases of the benchmark breakdown
+//! (docs/benchmarks.md), which costs a few `rdtsc` per trap and is therefore off by default —
+//! `--trace` prints one line per trap, and the bench attribution charges traps to the guest's
+//! benchmark ops.
 
 use super::{cli_sti_stub, Action, Vm};
 use crate::trap::{self, vector};
+use core::sync::atomic::{AtomicBool, Ordering};
 use vmm_core::accounting::{Phase, TrapKind};
 
 /// The time-stamp counter (under `--icount`, retired instructions).
@@ -18,26 +21,51 @@ extern "C" {
     static trap_entry_tsc: u64;
 }
 
-/// Splits one trap's cost into the phases of the benchmark breakdown (`Phase`): each `mark`
-/// charges the cycles since the previous one to the phase that just ended.
+/// Whether traps are split by phase (host option `profile=phases`).
+static SPLIT_BY_PHASE: AtomicBool = AtomicBool::new(false);
+
+/// Turns the per-phase split on or off (from the host command line, before the guest runs).
+pub(super) fn split_by_phase(on: bool) {
+    SPLIT_BY_PHASE.store(on, Ordering::Relaxed);
+}
+
+/// Times one trap from the entry stub's stamp (`trap_entry_tsc`) to its exit; with the split on,
+/// each `mark` also charges the cycles since the previous one to the phase that just ended.
 pub(super) struct PhaseClock {
+    entered: u64,
     last: u64,
-    /// Cycles charged to each phase so far.
+    skipped: u64,
+    split: bool,
+    /// Cycles charged to each phase so far (all zero without the split).
     pub(super) phases: [u64; Phase::COUNT],
 }
 
 impl PhaseClock {
     /// Starts at the dispatcher; what the entry stub spent since `trap_entry_tsc` is "entry".
     pub(super) fn start() -> Self {
-        let now = rdtsc();
         // SAFETY: a plain read of a quadword only trap_common writes, with interrupts off.
         let entered = unsafe { core::ptr::addr_of!(trap_entry_tsc).read_volatile() };
+        let split = SPLIT_BY_PHASE.load(Ordering::Relaxed);
         let mut phases = [0; Phase::COUNT];
-        phases[Phase::EntryStub as usize] = now.saturating_sub(entered);
-        Self { last: now, phases }
+        let mut last = entered;
+        if split {
+            last = rdtsc();
+            phases[Phase::EntryStub as usize] = last.saturating_sub(entered);
+        }
+        Self {
+            entered,
+            last,
+            skipped: 0,
+            split,
+            phases,
+        }
     }
 
+    /// The phase that just ended (only with the split on: otherwise nothing to do).
     pub(super) fn mark(&mut self, phase: Phase) {
+        if !self.split {
+            return;
+        }
         let now = rdtsc();
         if let Some(slot) = self.phases.get_mut(phase as usize) {
             *slot += now.wrapping_sub(self.last);
@@ -48,6 +76,14 @@ impl PhaseClock {
     /// Time spent idle (guest HLT) is not a cost of the trap.
     pub(super) fn skip(&mut self, cycles: u64) {
         self.last = self.last.wrapping_add(cycles);
+        self.skipped = self.skipped.wrapping_add(cycles);
+    }
+
+    /// The trap's whole cost so far, idle time left out.
+    fn total(&self) -> u64 {
+        rdtsc()
+            .wrapping_sub(self.entered)
+            .saturating_sub(self.skipped)
     }
 }
 
@@ -91,7 +127,11 @@ impl Vm {
         action: &Action,
         clock: &PhaseClock,
     ) {
-        self.accounting.record_phases(kind, &clock.phases);
+        if clock.split {
+            self.accounting.record_phases(kind, &clock.phases);
+        } else {
+            self.accounting.record(kind, clock.total());
+        }
         self.note_guest_lines();
         let injected = self.injected.take();
         if self.trace_left > 0

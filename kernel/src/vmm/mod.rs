@@ -128,6 +128,7 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
         );
     }
     vmm_core::cpu::emulate::warm_up_decoder();
+    instrument::split_by_phase(config.profile_phases);
     let mut vm = Vm {
         cpu,
         mmu,
