@@ -5,7 +5,7 @@
 //! gate, switches to the stack its virtual TSS names, and builds the frame its handler expects
 //! (its own selectors, its virtual RFLAGS), so the guest kernel cannot tell it was not the CPU.
 
-use super::descriptor::{tss, Descriptor, Gate};
+use super::descriptor::{is_null_selector, tss, Descriptor, Gate};
 use super::event::{is_double_fault, vector, CpuStop, Event, EventKind};
 use super::memory::{read_obj, write_slice, Fault, GuestMemory};
 use super::segments::read_descriptor;
@@ -62,7 +62,7 @@ fn tss_stack<M: GuestMemory + ?Sized>(
     ext: u32,
 ) -> Result<u64, Fault> {
     let tr = &cpu.tr;
-    if tr.selector & !3 == 0 || u64::from(tr.cache.limit) < offset + 7 {
+    if is_null_selector(tr.selector) || u64::from(tr.cache.limit) < offset + 7 {
         return Err(Event::ts(u32::from(tr.selector & !3) | ext).into());
     }
     read_obj::<u64, _>(
@@ -161,7 +161,7 @@ fn handler_code_segment<M: GuestMemory + ?Sized>(
     ext: u32,
 ) -> Result<(Descriptor, u8), Fault> {
     let sel_code = u32::from(gate.selector & !3) | ext;
-    if gate.selector & !3 == 0 {
+    if is_null_selector(gate.selector) {
         return Err(Event::gp(ext).into());
     }
     // A #PF reading the descriptor stays a #PF (CR2 = the descriptor's address) and goes

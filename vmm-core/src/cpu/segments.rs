@@ -6,7 +6,7 @@
 //! CPL 3, so each of these faults on the real GDT (a shadow of the guest's in which only its
 //! current CS and SS are present, `shadow_gdt`) and is redone here at the *virtual* CPL.
 
-use super::descriptor::Descriptor;
+use super::descriptor::{is_null_selector, Descriptor};
 use super::event::{CpuStop, Event};
 use super::memory::{read_obj, read_value, write_value, Fault, GuestMemory};
 use super::state::{rflags, Gpr, SegReg, Segment, VCpu};
@@ -32,7 +32,7 @@ pub fn read_descriptor<M: GuestMemory + ?Sized>(
     selector: u16,
 ) -> Result<TableEntry, Fault> {
     let (base, limit) = if selector & 4 != 0 {
-        if cpu.ldtr.selector & !3 == 0 {
+        if is_null_selector(cpu.ldtr.selector) {
             return Err(Event::gp(u32::from(selector & !3)).into());
         }
         (cpu.ldtr.cache.base, u64::from(cpu.ldtr.cache.limit))
@@ -83,7 +83,7 @@ fn check_stack_segment<M: GuestMemory + ?Sized>(
     selector: u16,
     cpl: u8,
 ) -> Result<Segment, Fault> {
-    if selector & !3 == 0 {
+    if is_null_selector(selector) {
         // 64-bit mode allows a null SS below CPL 3, with RPL = CPL.
         if cpl == 3 || (selector & 3) as u8 != cpl {
             return Err(Event::gp(0).into());
@@ -113,7 +113,7 @@ pub fn load_data_segment<M: GuestMemory + ?Sized>(
 ) -> Result<(), Fault> {
     let value = if seg == SegReg::Ss {
         check_stack_segment(cpu, mem, selector, cpu.cpl)?
-    } else if selector & !3 == 0 {
+    } else if is_null_selector(selector) {
         // A null selector may be loaded into DS, ES, FS, GS; it faults only on use. Intel
         // processors (and QEMU's TCG, whatever vendor it reports) clear the hidden base with
         // it; AMD's keep the FS/GS base unless CPUID.80000021H:EAX.NullSelectorClearsBase.
@@ -153,7 +153,7 @@ fn check_return_code_segment<M: GuestMemory + ?Sized>(
     selector: u16,
 ) -> Result<Descriptor, Fault> {
     let code = u32::from(selector & !3);
-    if selector & !3 == 0 {
+    if is_null_selector(selector) {
         return Err(Event::gp(0).into());
     }
     let d = read_descriptor(cpu, mem, selector)?.descriptor;
@@ -180,7 +180,10 @@ fn null_inaccessible_data_segments(cpu: &mut VCpu) {
     for seg in [SegReg::Es, SegReg::Ds, SegReg::Fs, SegReg::Gs] {
         let s = *cpu.segment(seg);
         let d = s.cache;
-        if s.selector & !3 != 0 && (d.is_data() || !d.is_conforming_code()) && cpu.cpl > d.dpl {
+        if !is_null_selector(s.selector)
+            && (d.is_data() || !d.is_conforming_code())
+            && cpu.cpl > d.dpl
+        {
             let mut nulled = Segment::null(0);
             nulled.cache.base = d.base;
             cpu.set_segment(seg, nulled);
@@ -340,7 +343,7 @@ pub fn far_jump<M: GuestMemory + ?Sized>(
     push_return: Option<(u64, usize)>,
 ) -> Result<(), Fault> {
     let code = u32::from(selector & !3);
-    if selector & !3 == 0 {
+    if is_null_selector(selector) {
         return Err(Event::gp(0).into());
     }
     let d = read_descriptor(cpu, mem, selector)?.descriptor;

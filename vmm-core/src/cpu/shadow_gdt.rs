@@ -37,6 +37,7 @@
 //! The LDT is not shadowed: the real LDTR stays null, so every LDT selector load traps and is
 //! emulated against the guest's LDT; running with CS or SS from the LDT stops the guest.
 
+use super::descriptor::is_null_selector;
 use super::event::CpuStop;
 use super::memory::{read_slice, GuestMemory};
 use super::state::{SegReg, Segment, TableRegister, VCpu};
@@ -162,7 +163,7 @@ impl ShadowGdt {
         // A null SS, or one whose selector names the same entry as CS (a guest that loaded a
         // new GDT and reloaded CS before SS: the CPU still holds the old SS descriptor, and one
         // real entry cannot be both code and stack), runs on the stand-in.
-        let ss_index = if ss.selector & !3 == 0 || ss.selector & !3 == cs.selector & !3 {
+        let ss_index = if is_null_selector(ss.selector) || ss.selector & !3 == cs.selector & !3 {
             None
         } else {
             Some(shadow_index(ss.selector)?)
@@ -274,7 +275,8 @@ fn shadow_index(selector: u16) -> Result<usize, CpuStop> {
 /// null).
 pub fn data_selector_index(selector: u16) -> Option<usize> {
     let index = usize::from(selector >> 3);
-    (selector & !3 != 0 && selector & 4 == 0 && index < FIRST_RESERVED_INDEX).then_some(index)
+    (!is_null_selector(selector) && selector & 4 == 0 && index < FIRST_RESERVED_INDEX)
+        .then_some(index)
 }
 
 /// The present, DPL-3 real descriptor for a loaded segment, from its descriptor cache: what
@@ -545,7 +547,7 @@ mod tests {
                     let sel = shadow.sync(&cpu, &mut mem, &mut real).unwrap();
                     let cs = usize::from(cpu.segment(SegReg::Cs).selector >> 3);
                     let ss_sel = cpu.segment(SegReg::Ss).selector;
-                    let stand_in = ss_sel & !3 == 0 || ss_sel & !3 == cpu.segment(SegReg::Cs).selector & !3;
+                    let stand_in = is_null_selector(ss_sel) || ss_sel & !3 == cpu.segment(SegReg::Cs).selector & !3;
                     let ss = usize::from(ss_sel >> 3);
                     for (i, raw) in real.iter().enumerate().take(SHADOWED_ENTRIES) {
                         let d = Descriptor::from_raw(*raw);

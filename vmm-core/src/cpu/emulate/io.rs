@@ -7,7 +7,7 @@
 //! instruction moves at most [`MAX_REP_ELEMENTS_PER_TRAP`] elements per trap (SDM Vol. 2B
 //! "REP": it is restartable between iterations).
 
-use super::super::descriptor::tss;
+use super::super::descriptor::{is_null_selector, tss};
 use super::super::event::{CpuStop, Event};
 use super::super::memory::{read_obj, read_value, write_value, Fault, GuestMemory};
 use super::super::state::{rflags, Gpr, VCpu};
@@ -125,7 +125,7 @@ fn check_io_permission<M: GuestMemory + ?Sized>(
     }
     let tr = &cpu.tr;
     let limit = u64::from(tr.cache.limit);
-    if tr.selector & !3 == 0 || limit < tss::MIN_LIMIT {
+    if is_null_selector(tr.selector) || limit < tss::MIN_LIMIT {
         return Err(Event::gp(0).into());
     }
     let map_base: u16 = read_obj(

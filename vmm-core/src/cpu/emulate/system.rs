@@ -9,7 +9,7 @@
 //! recompute the real control bits) is recorded with [`VCpu::note`] as `Effects`.
 
 use super::super::cpuid::{virtual_cpuid, HostCpu};
-use super::super::descriptor::{system_type, TYPE_SHIFT};
+use super::super::descriptor::{is_null_selector, system_type, TYPE_SHIFT};
 use super::super::event::{vector, CpuStop, Event};
 use super::super::memory::{read_obj, write_obj, write_slice, Fault, GuestMemory};
 use super::super::msr::{read_msr, write_msr};
@@ -477,7 +477,7 @@ fn read_system_segment<M: GuestMemory + ?Sized>(
 
 /// LLDT: a null selector leaves the LDTR unusable; otherwise an LDT descriptor from the GDT.
 fn lldt<M: GuestMemory + ?Sized>(cpu: &mut VCpu, mem: &mut M, sel: u16) -> Result<(), Fault> {
-    if sel & !3 == 0 {
+    if is_null_selector(sel) {
         cpu.ldtr = Segment::null(0);
         return Ok(());
     }
@@ -491,7 +491,7 @@ fn lldt<M: GuestMemory + ?Sized>(cpu: &mut VCpu, mem: &mut M, sel: u16) -> Resul
 
 /// LTR: loads an available 64-bit TSS and marks it busy in the guest's GDT, as the CPU does.
 fn ltr<M: GuestMemory + ?Sized>(cpu: &mut VCpu, mem: &mut M, sel: u16) -> Result<(), Fault> {
-    if sel & !3 == 0 {
+    if is_null_selector(sel) {
         return Err(Event::gp(0).into());
     }
     let entry = read_system_segment(cpu, mem, sel, system_type::TSS_AVAILABLE)?;
