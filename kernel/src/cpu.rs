@@ -1,5 +1,8 @@
 //! What the CPU can do (CPUID), checked and printed at boot, and the host's CR4 settings.
 
+use vmm_core::cpu::state::{
+    REAL_CR0_FOLLOWS as GUEST_CR0_BITS, REAL_CR4_FOLLOWS as GUEST_CR4_BITS,
+};
 use x86::controlregs::{cr0_write, cr4, cr4_write, Cr0, Cr4};
 use x86::cpuid::CpuId;
 
@@ -186,15 +189,8 @@ pub fn take_debug_status() -> u64 {
     status
 }
 
-/// CR0 bits that act on instructions the guest runs natively: TS, EM and MP (x87/SSE #NM and
-/// #UD, lazy FPU switching) and AM (alignment checks at CPL 3).
-pub const GUEST_CR0_BITS: u64 = (1 << 3) | (1 << 2) | (1 << 1) | (1 << 18);
-/// CR4 bits that act on instructions the guest runs natively: OSFXSR and OSXMMEXCPT (SSE),
-/// TSD (RDTSC faults above CPL 0: with it set, the guest kernel's own RDTSC traps too and is
-/// emulated).
-pub const GUEST_CR4_BITS: u64 = (1 << 9) | (1 << 10) | (1 << 2);
-
-/// Sets the real CR0/CR4 bits of [`GUEST_CR0_BITS`]/[`GUEST_CR4_BITS`] to the guest's. The host
+/// Sets the real CR0/CR4 bits that follow the guest's (vmm-core `REAL_CR0_FOLLOWS`,
+/// `REAL_CR4_FOLLOWS`) to the guest's. The host
 /// itself runs no x87 or SSE code (the x86_64-unknown-none target is soft-float) and no
 /// unaligned access at CPL 3, so the guest's choices cannot hurt it.
 pub fn set_guest_controls(cr0_bits: u64, cr4_bits: u64) {

@@ -11,9 +11,8 @@
 //! changes), back into the vCPU.
 
 use core::sync::atomic::{compiler_fence, Ordering};
-use vmm_core::cpu::descriptor::Descriptor;
-use vmm_core::cpu::shadow_gdt::{self, NULL_SS_STAND_IN, NULL_SS_STAND_IN_DESCRIPTOR};
-use vmm_core::cpu::{SegReg, Segment, VCpu};
+use vmm_core::cpu::shadow_gdt::{self, DataSegmentLoad};
+use vmm_core::cpu::{SegReg, VCpu};
 use x86::segmentation::SegmentSelector;
 
 /// The four registers, in the order of [`DataSegments::real`].
@@ -39,40 +38,21 @@ impl DataSegments {
         Self { real: read_real() }
     }
 
-    /// At trap entry: what the guest loaded without trapping since the last exit.
+    /// At trap entry: what the guest loaded without trapping since the last exit (vmm-core
+    /// decides what each selector means), and the real FS/GS bases.
     pub fn absorb(&mut self, cpu: &mut VCpu) {
         let now = read_real();
         for ((seg, real), now) in REGISTERS.iter().zip(self.real.iter_mut()).zip(now) {
-            if *real == now {
-                continue;
+            if *real != now {
+                *real = now;
+                shadow_gdt::absorb_native_load(cpu, *seg, now);
             }
-            *real = now;
-            let cs = *cpu.segment(SegReg::Cs);
-            let ss = *cpu.segment(SegReg::Ss);
-            let same_index = |s: &Segment| s.selector & !3 != 0 && s.selector & !3 == now & !3;
-            let cache = if now & !3 == 0 {
-                Segment::null(0).cache
-            } else if same_index(&cs) {
-                cs.cache
-            } else if same_index(&ss) {
-                ss.cache
-            } else if now & !3 == NULL_SS_STAND_IN & !3 {
-                // Only the stand-in is left that a native load can reach.
-                Descriptor::from_raw(NULL_SS_STAND_IN_DESCRIPTOR)
-            } else {
-                continue;
-            };
-            cpu.seg[*seg as usize] = Segment {
-                selector: now,
-                cache,
-            };
         }
         // SAFETY: IA32_FS_BASE exists in long mode; reading it has no side effects.
         let fs_base = unsafe { x86::msr::rdmsr(x86::msr::IA32_FS_BASE) };
         // SAFETY: likewise for IA32_GS_BASE.
         let gs_base = unsafe { x86::msr::rdmsr(x86::msr::IA32_GS_BASE) };
-        cpu.seg[SegReg::Fs as usize].cache.base = fs_base;
-        cpu.seg[SegReg::Gs as usize].cache.base = gs_base;
+        cpu.absorb_segment_bases(fs_base, gs_base);
     }
 
     /// On the way out: loads each register whose virtual selector the emulator changed, through
@@ -87,11 +67,19 @@ impl DataSegments {
         let mut fs_gs = false;
         for (i, seg) in REGISTERS.iter().enumerate() {
             let want = *cpu.segment(*seg);
-            let loaded = match shadow_gdt::data_selector_index(want.selector) {
-                _ if want.selector == self.real[i] => continue,
-                None if want.selector & !3 == 0 => want.selector,
-                None => 0,
-                Some(index) => {
+            if want.selector == self.real[i] {
+                continue;
+            }
+            let loaded = match shadow_gdt::data_segment_load(&want) {
+                DataSegmentLoad::Direct(selector) => {
+                    load(*seg, selector);
+                    selector
+                }
+                DataSegmentLoad::Through {
+                    selector,
+                    index,
+                    descriptor,
+                } => {
                     let Some(entry) = real_gdt.get_mut(index) else {
                         continue;
                     };
@@ -101,16 +89,13 @@ impl DataSegments {
                     // volatile because the CPU reads the entry behind the compiler's back (the
                     // segment load below names no memory): a plain store and its restore
                     // would be dead stores to the compiler, and were removed.
-                    unsafe { entry.write_volatile(shadow_gdt::pinned_descriptor(&want)) };
-                    load(*seg, want.selector);
+                    unsafe { entry.write_volatile(descriptor) };
+                    load(*seg, selector);
                     // SAFETY: as above.
                     unsafe { entry.write_volatile(kept) };
-                    self.real[i] = want.selector;
-                    fs_gs |= matches!(seg, SegReg::Fs | SegReg::Gs);
-                    continue;
+                    selector
                 }
             };
-            load(*seg, loaded);
             self.real[i] = loaded;
             fs_gs |= matches!(seg, SegReg::Fs | SegReg::Gs);
         }

@@ -47,7 +47,7 @@ impl Vm {
         }
         if let (Action::Resume(_), Some(selectors)) = (&action, selectors) {
             vcpu_to_frame(&self.cpu, frame, selectors, self.single_step);
-            self.resumed_at = self.cpu.rip;
+            self.cpu.resumed();
             let pending = vmm_core::devices::InterruptSource::has_pending(&self.bus);
             cli_sti_stub::publish(&self.cpu, pending, self.single_step);
         } else {
@@ -224,38 +224,18 @@ impl Vm {
     }
     /// The real registers that follow the guest's where the CPU acts on them natively.
     pub(super) fn follow_guest_controls(&mut self) {
-        // A guest that has not set SYSENTER_CS must see SYSENTER fault with #GP at the
-        // instruction: the real SYSENTER would lose its RIP, so it is disabled until then.
-        let sysenter_on =
-            !vmm_core::cpu::descriptor::is_null_selector(self.cpu.msr.sysenter_cs as u16);
-        if sysenter_on != self.real_sysenter_on {
-            self.real_sysenter_on = sysenter_on;
-            crate::cpu::set_sysenter_enabled(sysenter_on);
+        let want = self.cpu.real_controls();
+        let had = self.real_controls;
+        if had.is_none_or(|h| (h.cr0, h.cr4) != (want.cr0, want.cr4)) {
+            crate::cpu::set_guest_controls(want.cr0, want.cr4);
         }
-        // CR0.TS/EM/MP and CR4.OSFXSR/OSXMMEXCPT govern x87/SSE instructions the guest runs
-        // natively (#NM for lazy FPU switching, #UD without OSFXSR): the real bits follow the
-        // virtual ones. CR0.AM only in virtual user mode: the guest kernel really runs at
-        // CPL 3 too, where alignment checks would apply to it and never do natively.
-        let am = if self.cpu.cpl == 3 {
-            vmm_core::cpu::state::cr0::AM
-        } else {
-            0
-        };
-        let controls = (
-            self.cpu.cr0 & (crate::cpu::GUEST_CR0_BITS & !vmm_core::cpu::state::cr0::AM)
-                | (self.cpu.cr0 & am),
-            self.cpu.cr4 & crate::cpu::GUEST_CR4_BITS,
-        );
-        if self.real_controls != Some(controls) {
-            self.real_controls = Some(controls);
-            crate::cpu::set_guest_controls(controls.0, controls.1);
+        if had.is_none_or(|h| h.sysenter != want.sysenter) {
+            crate::cpu::set_sysenter_enabled(want.sysenter);
         }
-        // Likewise SYSCALL without the guest's EFER.SCE: #UD at the instruction, by the CPU.
-        let syscall_on = self.cpu.efer & vmm_core::cpu::state::efer::SCE != 0;
-        if syscall_on != self.real_syscall_on {
-            self.real_syscall_on = syscall_on;
-            crate::cpu::set_syscall_enabled(syscall_on);
+        if had.is_none_or(|h| h.syscall != want.syscall) {
+            crate::cpu::set_syscall_enabled(want.syscall);
         }
+        self.real_controls = Some(want);
     }
     /// Loads the real CR3 with the shadow root of the current view (flushing the real TLB).
     pub(super) fn load_shadow_root(&self) {

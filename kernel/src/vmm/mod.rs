@@ -80,19 +80,12 @@ struct Vm {
     stepped: bool,
     /// The virtual interrupt injected on the way out of the current trap (for the trace).
     injected: Option<u8>,
-    /// Whether the real SYSENTER currently enters the VMM (see `apply_effects`).
-    real_sysenter_on: bool,
     /// The store (guest RIP, page-table GPA) whose #PF last made the VMM unshadow everything:
     /// the same store faulting again right after is emulated instead (see `page_fault.rs`).
     unshadowed_for: Option<(u64, u64)>,
-    /// The RIP the guest was last resumed at: a trap elsewhere means an instruction retired
-    /// natively since, which ends an RF = 1 that an IRET restored (SDM Vol. 3 §17.3.1.1).
-    resumed_at: u64,
-    /// Whether the real SYSCALL currently enters the VMM (real EFER.SCE, see `apply_effects`).
-    real_syscall_on: bool,
-    /// The guest's bits in the real CR0 and CR4 (`cpu::set_guest_controls`); `None` before
-    /// the first entry.
-    real_controls: Option<(u64, u64)>,
+    /// What the real CPU holds for the guest (`VCpu::real_controls`); `None` before the first
+    /// entry.
+    real_controls: Option<vmm_core::cpu::state::RealControls>,
     /// Trap count and cost at the guest's last console line, and per benchmark op the traps
     /// and VMM cost since the line before its `bench,` line (see `note_guest_lines`).
     bench_mark: (u64, u64, u64),
@@ -144,9 +137,6 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
         single_step: false,
         stepped: false,
         injected: None,
-        real_sysenter_on: false,
-        real_syscall_on: false,
-        resumed_at: 0,
         unshadowed_for: None,
         real_controls: None,
         bench_mark: (0, 0, 0),

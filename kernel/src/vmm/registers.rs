@@ -33,10 +33,8 @@ impl Vm {
         // our entry stub, which took it out of the frame).
         let sysenter_stepping =
             trap::take_sysenter_single_step() && frame.vector == vector::SYSENTER && !self.stepped;
+        self.cpu.trapped_at(frame.rip);
         frame_to_vcpu(frame, &mut self.cpu);
-        if frame.rip != self.resumed_at {
-            self.cpu.rflags &= !rflags::RF;
-        }
         self.data_segments.absorb(&mut self.cpu);
         cli_sti_stub::absorb(&mut self.cpu);
         sysenter_stepping

@@ -37,7 +37,7 @@
 //! The LDT is not shadowed: the real LDTR stays null, so every LDT selector load traps and is
 //! emulated against the guest's LDT; running with CS or SS from the LDT stops the guest.
 
-use super::descriptor::is_null_selector;
+use super::descriptor::{is_null_selector, Descriptor};
 use super::event::CpuStop;
 use super::memory::{read_slice, GuestMemory};
 use super::state::{SegReg, Segment, TableRegister, VCpu};
@@ -63,7 +63,7 @@ const _: () = assert!(HOST_TSS as usize / 8 + 2 == REAL_GDT_ENTRIES);
 pub const SHADOWED_ENTRIES: usize = FIRST_RESERVED_INDEX + 1;
 
 /// The stand-in's descriptor: flat writable data, DPL 3, present.
-pub const NULL_SS_STAND_IN_DESCRIPTOR: u64 = 0x00CF_F200_0000_FFFF;
+const NULL_SS_STAND_IN_DESCRIPTOR: u64 = 0x00CF_F200_0000_FFFF;
 
 const DESCRIPTOR_P: u64 = 1 << 47;
 const DESCRIPTOR_DPL: u64 = 3 << 45;
@@ -270,19 +270,70 @@ fn shadow_index(selector: u16) -> Result<usize, CpuStop> {
     Ok(index)
 }
 
-/// The real index through which the host can load a guest data-segment selector into the real
-/// register (`None`: null, from the LDT, or in the reserved range — the real register then holds
-/// null).
-pub fn data_selector_index(selector: u16) -> Option<usize> {
-    let index = usize::from(selector >> 3);
-    (!is_null_selector(selector) && selector & 4 == 0 && index < FIRST_RESERVED_INDEX)
-        .then_some(index)
+/// How the host mirrors into the real register a data segment (DS/ES/FS/GS) the emulator
+/// loaded: the guest's DS/ES/FS/GS live in the real registers while it runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DataSegmentLoad {
+    /// Load this selector as it is: a null selector, or null for one the real GDT cannot hold
+    /// (from the LDT, or in the reserved range; `mov r, ds` then reads 0).
+    Direct(u16),
+    /// Load `selector` while real entry `index` holds `descriptor` (present, DPL 3), then put the
+    /// entry back: the register keeps the loaded copy, and the guest's other loads still trap.
+    Through {
+        /// The guest's selector.
+        selector: u16,
+        /// Its real GDT index.
+        index: usize,
+        /// The descriptor to hold there for the instant of the load.
+        descriptor: u64,
+    },
+}
+
+/// How to load the real register for the guest's data segment `seg`.
+pub fn data_segment_load(seg: &Segment) -> DataSegmentLoad {
+    let index = usize::from(seg.selector >> 3);
+    if is_null_selector(seg.selector) {
+        DataSegmentLoad::Direct(seg.selector)
+    } else if seg.selector & 4 != 0 || index >= FIRST_RESERVED_INDEX {
+        DataSegmentLoad::Direct(0)
+    } else {
+        DataSegmentLoad::Through {
+            selector: seg.selector,
+            index,
+            descriptor: pinned_descriptor(seg),
+        }
+    }
+}
+
+/// Takes into the vCPU a data-segment selector the guest loaded without trapping (the real
+/// register changed since the host last set it). Only a few loads do not trap — a null
+/// selector, the current CS's or SS's, the null-SS stand-in — and each is what the CPU loaded
+/// from the real GDT, so the descriptor cache follows from the selector. FS/GS bases come
+/// separately from the real MSRs (`VCpu::absorb_segment_bases`).
+pub fn absorb_native_load(cpu: &mut VCpu, seg: SegReg, selector: u16) {
+    let same_entry =
+        |s: &Segment| !is_null_selector(s.selector) && s.selector & !3 == selector & !3;
+    let cs = *cpu.segment(SegReg::Cs);
+    let ss = *cpu.segment(SegReg::Ss);
+    let cache = if is_null_selector(selector) {
+        Segment::null(0).cache
+    } else if same_entry(&cs) {
+        cs.cache
+    } else if same_entry(&ss) {
+        ss.cache
+    } else if selector & !3 == NULL_SS_STAND_IN & !3 {
+        Descriptor::from_raw(NULL_SS_STAND_IN_DESCRIPTOR)
+    } else {
+        // Nothing else is present in the real GDT: not a load the guest can have made.
+        return;
+    };
+    cpu.seg[seg as usize] = Segment { selector, cache };
 }
 
 /// The present, DPL-3 real descriptor for a loaded segment, from its descriptor cache: what
 /// the real GDT holds for the guest's CS and SS, and, for the instant the host loads it, for a
 /// data segment the guest loaded through the emulator.
-pub fn pinned_descriptor(seg: &Segment) -> u64 {
+fn pinned_descriptor(seg: &Segment) -> u64 {
     let mut d = seg.cache;
     d.dpl = 3;
     d.present = true;
@@ -481,6 +532,58 @@ mod tests {
         ShadowGdt::new().sync(&cpu, &mut mem, &mut real).unwrap();
         assert_eq!(real[FIRST_RESERVED_INDEX], 0);
         assert!(real[SHADOWED_ENTRIES..].iter().all(|&d| d == 0));
+    }
+
+    #[test]
+    fn data_segment_loads_go_through_their_own_entry_or_are_null() {
+        let data = Descriptor::from_raw(encode_segment(false, false, 3, true, true));
+        match data_segment_load(&Segment {
+            selector: 0x2b,
+            cache: data,
+        }) {
+            DataSegmentLoad::Through {
+                selector,
+                index,
+                descriptor,
+            } => {
+                assert_eq!((selector, index), (0x2b, 5));
+                let d = Descriptor::from_raw(descriptor);
+                assert!(d.present && d.dpl == 3 && d.is_writable_data());
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            data_segment_load(&Segment::null(0)),
+            DataSegmentLoad::Direct(0)
+        );
+        for selector in [0x0f, HOST_CODE | 3] {
+            // From the LDT, or in the reserved range: the real register holds null.
+            let seg = Segment {
+                selector,
+                cache: data,
+            };
+            assert_eq!(data_segment_load(&seg), DataSegmentLoad::Direct(0));
+        }
+    }
+
+    #[test]
+    fn a_native_data_segment_load_takes_the_cache_of_what_the_cpu_loaded() {
+        let (mut cpu, _) = low_layout_guest();
+        let ss_cache = cpu.segment(SegReg::Ss).cache;
+        // The guest's own SS selector into DS.
+        absorb_native_load(&mut cpu, SegReg::Ds, 0x10);
+        assert_eq!(cpu.segment(SegReg::Ds).selector, 0x10);
+        assert_eq!(cpu.segment(SegReg::Ds).cache, ss_cache);
+        // Null into FS.
+        absorb_native_load(&mut cpu, SegReg::Fs, 0);
+        assert_eq!(*cpu.segment(SegReg::Fs), Segment::null(0));
+        // The stand-in into ES.
+        absorb_native_load(&mut cpu, SegReg::Es, NULL_SS_STAND_IN);
+        assert!(cpu.segment(SegReg::Es).cache.is_writable_data());
+        // A selector nothing present names: left as it was.
+        let gs = *cpu.segment(SegReg::Gs);
+        absorb_native_load(&mut cpu, SegReg::Gs, 0x23);
+        assert_eq!(*cpu.segment(SegReg::Gs), gs);
     }
 
     mod props {

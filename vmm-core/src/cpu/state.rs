@@ -252,6 +252,27 @@ impl Effects {
     }
 }
 
+/// CR0 bits that act on instructions the guest runs natively: TS, EM and MP (x87/SSE #NM and
+/// #UD, lazy FPU switching) and AM (alignment checks at CPL 3).
+pub const REAL_CR0_FOLLOWS: u64 = cr0::TS | cr0::EM | cr0::MP | cr0::AM;
+/// CR4 bits that act on instructions the guest runs natively: OSFXSR and OSXMMEXCPT (SSE), TSD
+/// (RDTSC faults above CPL 0: with it set, the guest kernel's own RDTSC traps and is emulated).
+pub const REAL_CR4_FOLLOWS: u64 = cr4::OSFXSR | cr4::OSXMMEXCPT | cr4::TSD;
+
+/// What the real CPU must hold for the guest where it acts on the guest's state without a trap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RealControls {
+    /// The real CR0's [`REAL_CR0_FOLLOWS`] bits.
+    pub cr0: u64,
+    /// The real CR4's [`REAL_CR4_FOLLOWS`] bits.
+    pub cr4: u64,
+    /// Real EFER.SCE: SYSCALL enters the VMM, or is #UD at the instruction itself (only the CPU
+    /// knows where an instruction with prefixes began).
+    pub syscall: bool,
+    /// Real SYSENTER enters the VMM, or is #GP at the instruction (it would lose the RIP).
+    pub sysenter: bool,
+}
+
 /// The virtual CPU.
 #[derive(Clone, Debug)]
 pub struct VCpu {
@@ -299,6 +320,8 @@ pub struct VCpu {
     pub interrupt_shadow: Option<u64>,
     /// The guest executed HLT with interrupts enabled and waits for one.
     pub halted: bool,
+    /// The RIP the guest was last resumed at (see [`VCpu::trapped_at`]).
+    resumed_at: u64,
     /// MAXPHYADDR this CPU reports (CPUID.80000008H:EAX[7:0]) and the shadow MMU's walks use:
     /// physical-address bits at and above it are reserved in CR3 and in paging entries.
     pub max_phys_bits: u8,
@@ -344,6 +367,7 @@ impl VCpu {
             dr7: dr::DR7_INIT,
             interrupt_shadow: None,
             halted: false,
+            resumed_at: rip,
             max_phys_bits: shadow_mmu::PagingMode::ENTRY.max_phys_bits,
             effects: Effects::default(),
         }
@@ -391,6 +415,13 @@ impl VCpu {
         self.seg[SegReg::Gs as usize].cache.base
     }
 
+    /// Takes in the real FS and GS bases, the truth while the guest runs (a native load of FS
+    /// or GS sets them from the descriptor): no effect to apply, they are already real.
+    pub fn absorb_segment_bases(&mut self, fs_base: u64, gs_base: u64) {
+        self.seg[SegReg::Fs as usize].cache.base = fs_base;
+        self.seg[SegReg::Gs as usize].cache.base = gs_base;
+    }
+
     /// Sets FS or GS base, recording that the real base must follow.
     pub fn set_segment_base(&mut self, s: SegReg, base: u64) {
         if self.seg[s as usize].cache.base != base {
@@ -410,6 +441,40 @@ impl VCpu {
             self.rflags |= rflags::IF;
         } else {
             self.rflags &= !rflags::IF;
+        }
+    }
+
+    /// What the real CPU must hold for the guest now ([`RealControls`]): CR0.TS/EM/MP and
+    /// CR4.OSFXSR/OSXMMEXCPT/TSD as the guest set them; CR0.AM only in virtual user mode (the
+    /// guest kernel really runs at CPL 3 too, where alignment checks would apply to it and never
+    /// do natively, SDM Vol. 3 §6.15 #AC); SYSCALL as EFER.SCE says; SYSENTER once the guest's
+    /// SYSENTER_CS is not null.
+    pub fn real_controls(&self) -> RealControls {
+        let cr0_mask = if self.cpl == 3 {
+            REAL_CR0_FOLLOWS
+        } else {
+            REAL_CR0_FOLLOWS & !cr0::AM
+        };
+        RealControls {
+            cr0: self.cr0 & cr0_mask,
+            cr4: self.cr4 & REAL_CR4_FOLLOWS,
+            syscall: self.efer & efer::SCE != 0,
+            sysenter: !super::descriptor::is_null_selector(self.msr.sysenter_cs as u16),
+        }
+    }
+
+    /// The host returns to the guest at RIP: remembered for [`VCpu::trapped_at`].
+    pub fn resumed(&mut self) {
+        self.resumed_at = self.rip;
+    }
+
+    /// A trap came from the guest at `rip`. Anywhere but where it was resumed, an instruction
+    /// retired natively since, which ends an RF = 1 that an IRET restored: RF holds off
+    /// instruction breakpoints for one instruction only (SDM Vol. 3 §17.3.1.1), and must not be
+    /// pushed by a later event.
+    pub fn trapped_at(&mut self, rip: u64) {
+        if rip != self.resumed_at {
+            self.rflags &= !rflags::RF;
         }
     }
 

@@ -2045,3 +2045,41 @@ fn rdpmc_is_gp_because_cpuid_offers_no_counters() {
     r.cpu.cr4 |= cr4::PCE;
     r.raises(&[0x0F, 0x33], 13, Some(0));
 }
+
+#[test]
+fn the_real_controls_follow_the_guest_with_alignment_checks_only_in_user_mode() {
+    use super::state::{cr0, RealControls};
+    let mut r = Rig::kernel();
+    r.cpu.cr0 |= cr0::TS | cr0::AM;
+    r.cpu.cr4 |= cr4::OSFXSR | cr4::TSD | cr4::PGE;
+    r.cpu.efer |= efer::SCE;
+    let k = r.cpu.real_controls();
+    assert_eq!(
+        k,
+        RealControls {
+            cr0: cr0::TS | cr0::MP,
+            cr4: cr4::OSFXSR | cr4::TSD,
+            syscall: true,
+            sysenter: false,
+        },
+        "no AM for the guest kernel, which really runs at CPL 3; PGE is the VMM's business"
+    );
+    r.cpu.cpl = 3;
+    r.cpu.msr.sysenter_cs = u64::from(KCODE);
+    let u = r.cpu.real_controls();
+    assert_eq!(u.cr0, cr0::TS | cr0::MP | cr0::AM);
+    assert!(u.sysenter);
+}
+
+#[test]
+fn an_rf_an_iret_restored_ends_once_an_instruction_retired_natively() {
+    let mut r = Rig::kernel();
+    r.cpu.rflags |= rflags::RF;
+    r.cpu.resumed();
+    // A trap at the very instruction it was resumed at (an interrupt before it ran): RF stays.
+    r.cpu.trapped_at(CODE);
+    assert_ne!(r.cpu.rflags & rflags::RF, 0);
+    // A trap further on: the instruction retired, RF is gone.
+    r.cpu.trapped_at(CODE + 4);
+    assert_eq!(r.cpu.rflags & rflags::RF, 0);
+}
