@@ -140,6 +140,7 @@ impl Descriptor {
 
 /// Whether `selector` is a null selector: index 0 in the GDT, whatever its RPL (SDM Vol. 3
 /// §3.4.2).
+#[inline]
 pub fn is_null_selector(selector: u16) -> bool {
     selector & !3 == 0
 }

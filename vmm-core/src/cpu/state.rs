@@ -417,6 +417,7 @@ impl VCpu {
 
     /// Takes in the real FS and GS bases, the truth while the guest runs (a native load of FS
     /// or GS sets them from the descriptor): no effect to apply, they are already real.
+    #[inline]
     pub fn absorb_segment_bases(&mut self, fs_base: u64, gs_base: u64) {
         self.seg[SegReg::Fs as usize].cache.base = fs_base;
         self.seg[SegReg::Gs as usize].cache.base = gs_base;
@@ -449,6 +450,7 @@ impl VCpu {
     /// guest kernel really runs at CPL 3 too, where alignment checks would apply to it and never
     /// do natively, SDM Vol. 3 §6.15 #AC); SYSCALL as EFER.SCE says; SYSENTER once the guest's
     /// SYSENTER_CS is not null.
+    #[inline]
     pub fn real_controls(&self) -> RealControls {
         let cr0_mask = if self.cpl == 3 {
             REAL_CR0_FOLLOWS
@@ -464,6 +466,7 @@ impl VCpu {
     }
 
     /// The host returns to the guest at RIP: remembered for [`VCpu::trapped_at`].
+    #[inline]
     pub fn resumed(&mut self) {
         self.resumed_at = self.rip;
     }
@@ -472,6 +475,7 @@ impl VCpu {
     /// retired natively since, which ends an RF = 1 that an IRET restored: RF holds off
     /// instruction breakpoints for one instruction only (SDM Vol. 3 §17.3.1.1), and must not be
     /// pushed by a later event.
+    #[inline]
     pub fn trapped_at(&mut self, rip: u64) {
         if rip != self.resumed_at {
             self.rflags &= !rflags::RF;
