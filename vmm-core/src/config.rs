@@ -50,6 +50,10 @@ pub struct HostConfig<'a> {
     /// Whether each trap's cost is split into the phases of the trap path (a few `rdtsc` more
     /// per trap; the exit report then has the per-phase table).
     pub profile_phases: bool,
+    /// Whether the trap fast paths are on (docs/benchmarks.md, "Fast paths"): fixed encodings
+    /// for MOV CRn/INVLPG, no injection or effects pass when nothing is pending, coalesced
+    /// SYSCALL+SWAPGS and SWAPGS+SYSRETQ, the CR3 root cache. Off is the reference path.
+    pub fastpath: bool,
     /// Stop the guest when it has made no progress (no trap other than timer ticks) for this many
     /// timer ticks (0 = never).
     pub watchdog_ticks: u64,
@@ -75,6 +79,7 @@ impl Default for HostConfig<'_> {
             // IRETQ and interrupt delivery stop walking the guest's tables.
             emulator_fill: true,
             profile_phases: false,
+            fastpath: true,
             watchdog_ticks: 10_000,
             debug: DebugAction::None,
             // The VMM's job: run the guest module (after the host's own self-checks).
@@ -87,7 +92,7 @@ impl Default for HostConfig<'_> {
 /// The keys [`HostConfig::parse`] accepts, with their syntax, for error messages and docs.
 pub const VALID_KEYS: &str =
     "timer_hz=<19..10000> mem=<4..3072 MiB> trace=<N> shadow=flush|cached \
-emulator_fill=on|off profile=phases|off watchdog=<ticks, 0=off> debug=none|panic mode=selfcheck|guest";
+emulator_fill=on|off profile=phases|off fastpath=on|off watchdog=<ticks, 0=off> debug=none|panic mode=selfcheck|guest";
 
 /// Why a host command line was rejected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -158,6 +163,13 @@ impl<'a> HostConfig<'a> {
                 }
                 "emulator_fill" => {
                     config.emulator_fill = match value {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(bad),
+                    }
+                }
+                "fastpath" => {
+                    config.fastpath = match value {
                         "on" => true,
                         "off" => false,
                         _ => return Err(bad),
@@ -234,7 +246,7 @@ mod tests {
     #[test]
     fn every_key_parses() {
         let c = HostConfig::parse(
-            "trace=5 shadow=cached emulator_fill=off profile=phases debug=panic watchdog=0 mode=guest",
+            "trace=5 shadow=cached emulator_fill=off profile=phases fastpath=off debug=panic watchdog=0 mode=guest",
             false,
         )
         .unwrap();
@@ -243,6 +255,7 @@ mod tests {
         assert_eq!(c.shadow, ShadowPolicy::Cached);
         assert!(!c.emulator_fill);
         assert!(c.profile_phases);
+        assert!(!c.fastpath);
         assert_eq!(c.debug, DebugAction::Panic);
         assert_eq!(c.watchdog_ticks, 0);
     }
@@ -275,6 +288,7 @@ mod tests {
             "mem=99999",
             "shadow=maybe",
             "emulator_fill=yes",
+            "fastpath=1",
             "profile=all",
             "debug=oops",
         ] {

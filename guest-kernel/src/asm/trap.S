@@ -79,11 +79,11 @@ trap_common:
 .global trap_return
 trap_return:
     POP_GPRS
-    testb $3, 24(%rsp)
+    add $16, %rsp               /* vector and error code */
+    testb $3, 8(%rsp)           /* CS of the code returned to: Ring 3? */
     jz 2f
-    swapgs
-2:  add $16, %rsp               /* vector and error code */
-    iretq
+    swapgs                      /* right before iretq, as Linux does (a VMM can pair them) */
+2:  iretq
 
 /* SYSCALL (SDM vol. 2B "SYSCALL"): RCX = return RIP, R11 = RFLAGS, RSP still the user's, IF
  * cleared by IA32_FMASK. Build a TrapFrame on the kernel stack named in the per-CPU block and
@@ -140,8 +140,8 @@ sysenter_entry:
     swapgs
     sti
     sysexitq
-3:  swapgs
-    add $16, %rsp               /* vector and error code */
+3:  add $16, %rsp               /* vector and error code */
+    swapgs
     iretq
 
 /* switch_context(save: *mut u64, next_rsp: u64): save the callee-saved registers on this kernel

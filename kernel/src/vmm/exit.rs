@@ -80,6 +80,16 @@ impl Vm {
     /// so its frame goes through the new address space — then inject a due virtual interrupt
     /// (idling on HLT until one is) and apply what the delivery changed.
     pub(super) fn inject_and_apply(&mut self, clock: &mut PhaseClock) -> Result<(), StopWhy> {
+        if self.fastpath && self.nothing_pending() {
+            // Fast path: nothing to inject and nothing to apply. What `inject` would still do
+            // is end an interrupt shadow the guest has moved past.
+            if self.cpu.interrupt_shadow.is_some()
+                && self.cpu.interrupt_shadow != Some(self.cpu.rip)
+            {
+                self.cpu.interrupt_shadow = None;
+            }
+            return Ok(());
+        }
         if self.cpu.halted || vmm_core::devices::InterruptSource::has_pending(&self.bus) {
             self.apply_effects()?;
         }
@@ -134,6 +144,17 @@ impl Vm {
         clock.mark(Phase::ShadowMmu);
         applied
     }
+    /// Whether the way back has nothing to do but write the frame: the guest is not halted, no
+    /// virtual interrupt is pending, the vCPU recorded no effect, the shadow MMU wants no TLB
+    /// flush, and the real control bits were set up (the first entry sets them).
+    fn nothing_pending(&self) -> bool {
+        !self.cpu.halted
+            && !vmm_core::devices::InterruptSource::has_pending(&self.bus)
+            && !self.cpu.has_effects()
+            && !self.mmu.tlb_flush_pending()
+            && self.real_controls.is_some()
+    }
+
     /// Brings the real GDT in line with the vCPU (vmm-core `shadow_gdt`): only the guest's
     /// virtual CS and SS are loadable, so every other segment load traps, whatever selectors the
     /// guest uses. Returns the real selectors to run it on.

@@ -17,6 +17,7 @@ pub mod cli_sti_stub;
 pub mod console;
 mod data_segments;
 mod exit;
+mod fast_path;
 pub mod host;
 mod instrument;
 mod load;
@@ -90,6 +91,8 @@ struct Vm {
     /// and VMM cost since the line before its `bench,` line (see `note_guest_lines`).
     bench_mark: (u64, u64, u64),
     bench_traps: alloc::vec::Vec<(alloc::string::String, u64, u64)>,
+    /// The trap fast paths are on (host option `fastpath=`, `fast_path.rs`).
+    fastpath: bool,
 }
 
 /// The VM, reached from the trap dispatcher. Only ever locked with interrupts disabled (in trap
@@ -112,6 +115,8 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
             limit: entry.gdtr_limit,
         },
     );
+    let mut cpu = cpu;
+    cpu.coalesce = config.fastpath;
     crate::cpu::enable_fast_syscall_entries();
     if crate::cpu::enable_cpuid_faulting() {
         log::info!("cpu: CPUID faulting on: the guest's CPUID traps and is emulated");
@@ -141,6 +146,7 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
         real_controls: None,
         bench_mark: (0, 0, 0),
         bench_traps: alloc::vec::Vec::new(),
+        fastpath: config.fastpath,
     };
     // The first entry is a made-up return from a trap, built like every other return.
     let mut frame = TrapFrame::default();
@@ -409,6 +415,9 @@ impl Vm {
     fn forward_syscall(&mut self) -> (Action, TrapKind) {
         let stepping = self.cpu.rflags & rflags::TF != 0;
         let result = syscall::syscall(&mut self.cpu);
+        if result.is_ok() && !stepping {
+            self.coalesce_swapgs_at_handler();
+        }
         (
             self.after_forward(result, stepping),
             TrapKind::SystemCall(SyscallKind::Syscall),
@@ -421,6 +430,9 @@ impl Vm {
             self.cpu.rflags |= rflags::TF;
         }
         let result = syscall::sysenter(&mut self.cpu);
+        if result.is_ok() && !stepping {
+            self.coalesce_swapgs_at_handler();
+        }
         (
             self.after_forward(result, stepping),
             TrapKind::SystemCall(SyscallKind::Sysenter),

@@ -278,6 +278,12 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         }
     }
 
+    /// Whether a shadow entry was removed or downgraded since the last `take_tlb_flush`, without
+    /// forgetting it.
+    pub fn tlb_flush_pending(&self) -> bool {
+        self.tlb_flush
+    }
+
     /// True once after any shadow entry was removed or downgraded: the kernel must reload the real
     /// CR3 (flushing the real TLB) before resuming the guest.
     pub fn take_tlb_flush(&mut self) -> bool {

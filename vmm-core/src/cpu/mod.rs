@@ -8,6 +8,7 @@
 //! | [`segments`] | segment loads, far transfers, IRET against the guest's own GDT (Vol. 3 §5) |
 //! | [`shadow_gdt`] | 资源控制: the real GDT built from the guest's, only its CS/SS loadable (Vol. 3 §3.4) |
 //! | [`syscall`] | 系统调用: SYSCALL/SYSENTER forwarded, SYSRET/SYSEXIT emulated (Vol. 3 §5.8.7–8) |
+//! | [`coalesce`] | 频繁访问特权资源: SYSCALL+SWAPGS and SWAPGS+SYSRETQ in one trap |
 //! | [`exception`] | the exception table: mnemonic, name, error code, kind, class (Vol. 3 Table 6-1) |
 //! | [`deliver`] | 中断和异常的虚拟化: delivery through the guest IDT, #DF, triple fault (Vol. 3 §6) |
 //! | [`inject`] | virtual interrupts: IF, the STI/MOV SS shadow, HLT (Vol. 3 §6.8) |
@@ -20,6 +21,7 @@
 //! then [`inject`] on the way out; apply [`VCpu::take_effects`] to the shadow MMU and the
 //! real FS/GS bases; copy the vCPU back into the frame with [`VCpu::real_rflags`].
 
+pub mod coalesce;
 pub mod cpuid;
 pub mod deliver;
 pub mod descriptor;

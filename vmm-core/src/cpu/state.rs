@@ -247,6 +247,7 @@ pub struct Effects {
 
 impl Effects {
     /// Whether there is nothing to apply.
+    #[inline]
     pub fn is_empty(&self) -> bool {
         *self == Effects::default()
     }
@@ -325,6 +326,10 @@ pub struct VCpu {
     /// MAXPHYADDR this CPU reports (CPUID.80000008H:EAX[7:0]) and the shadow MMU's walks use:
     /// physical-address bits at and above it are reserved in CR3 and in paging entries.
     pub max_phys_bits: u8,
+    /// Not architectural: whether the emulator may run a predictable second instruction in the
+    /// same trap ([`super::coalesce`]; the host option `fastpath=`). Off by default, which is
+    /// the reference behaviour.
+    pub coalesce: bool,
     effects: Effects,
 }
 
@@ -369,6 +374,7 @@ impl VCpu {
             halted: false,
             resumed_at: rip,
             max_phys_bits: shadow_mmu::PagingMode::ENTRY.max_phys_bits,
+            coalesce: false,
             effects: Effects::default(),
         }
     }
@@ -522,6 +528,12 @@ impl VCpu {
     /// Records effects for the caller.
     pub fn note(&mut self, f: impl FnOnce(&mut Effects)) {
         f(&mut self.effects);
+    }
+
+    /// Whether effects are waiting for the caller (without taking them).
+    #[inline]
+    pub fn has_effects(&self) -> bool {
+        !self.effects.is_empty()
     }
 
     /// What the caller must apply since the last call; clears the record.

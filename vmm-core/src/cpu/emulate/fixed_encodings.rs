@@ -6,16 +6,17 @@
 //! IRETQ, SYSRETQ... trap on every use, so each saved step in their path is saved many times
 //! (`docs/benchmarks.md`). The encodings are those of SDM Vol. 2 for each instruction.
 
+use super::super::coalesce::{self, AfterSwapgs};
 use super::super::event::Event;
 use super::super::memory::{Fault, GuestMemory};
 use super::super::state::{Gpr, VCpu};
 use super::io::{port_access, Direction};
-use super::system::{cli_sti, hlt, rdmsr, wrmsr};
+use super::system::{cli_sti, execute_built, hlt, rdmsr, wrmsr};
 use super::transfers::{int3_event, iret_instruction, swapgs_instruction};
 use super::transfers::{sysexit_instruction, sysret_instruction};
 use super::{Flow, MAX_INSTRUCTION_LEN};
 use crate::io::PortIo;
-use iced_x86::Mnemonic;
+use iced_x86::{Code, Instruction, Mnemonic, OpKind, Register};
 
 /// An instruction the fast path recognises.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,6 +29,8 @@ pub(super) enum FixedEncoding {
     /// OUT to DX (`None`) or an immediate port, of 1 or 4 bytes.
     Out(Option<u8>, usize),
     Swapgs,
+    /// SWAPGS and the instruction right after it, in one trap (`cpu::coalesce`).
+    SwapgsThen(AfterSwapgs),
     Iretq,
     Sysretq,
     Sysexitq,
@@ -35,13 +38,25 @@ pub(super) enum FixedEncoding {
     Wrmsr,
     Int(u8),
     Int3,
+    /// MOV to or from a control register, or INVLPG through a base register: one fixed shape
+    /// each, built here as the decoder would have decoded it.
+    Built(Instruction),
 }
 
-/// Recognises the fast path's exact encodings: (instruction, length, mnemonic).
+/// Recognises the fast path's exact encodings: (instruction, length, mnemonic). `b` holds the
+/// bytes at RIP, of which the first `fetched` were fetched (the rest of its page, at most 15).
 pub(super) fn fixed_encoding(
+    cpu: &VCpu,
     b: &[u8; MAX_INSTRUCTION_LEN],
+    fetched: usize,
 ) -> Option<(FixedEncoding, u64, Mnemonic)> {
     use FixedEncoding as F;
+    if b.starts_with(&coalesce::SWAPGS) {
+        let after = b.get(coalesce::SWAPGS.len()..fetched).unwrap_or(&[]);
+        if let Some(second) = coalesce::after_swapgs(cpu, after) {
+            return Some((F::SwapgsThen(second), 3 + second.length(), Mnemonic::Swapgs));
+        }
+    }
     Some(match *b {
         [0xFA, ..] => (F::Cli, 1, Mnemonic::Cli),
         [0xFB, ..] => (F::Sti, 1, Mnemonic::Sti),
@@ -62,8 +77,58 @@ pub(super) fn fixed_encoding(
         [0x0F, 0x30, ..] => (F::Wrmsr, 2, Mnemonic::Wrmsr),
         [0xCD, vector, ..] => (F::Int(vector), 2, Mnemonic::Int),
         [0xCC, ..] => (F::Int3, 1, Mnemonic::Int3),
-        _ => return None,
+        _ => return control_register_or_invlpg(b),
     })
+}
+
+/// MOV r64, CRn (`[REX] 0F 20 /r`), MOV CRn, r64 (`[REX] 0F 22 /r`) and INVLPG [r64]
+/// (`[REX] 0F 01 /7` with mod = 00 and a plain base register: r/m not 4 (SIB) or 5
+/// (RIP-relative)), built into the `Instruction` the decoder would return. For MOV CRn the
+/// ModRM byte always names registers in 64-bit mode, whatever its mod field (SDM Vol. 2B
+/// "MOV—Move to/from Control Registers"): reg is the control register (REX.R adds 8), r/m the
+/// general register (REX.B adds 8). Any other prefix (LOCK, a segment override, 66) leaves the
+/// instruction to the decoder.
+fn control_register_or_invlpg(
+    b: &[u8; MAX_INSTRUCTION_LEN],
+) -> Option<(FixedEncoding, u64, Mnemonic)> {
+    let (rex, rest, rex_len) = match b[0] {
+        rex @ 0x40..=0x4F => (rex, &b[1..], 1),
+        _ => (0, &b[..], 0),
+    };
+    let [0x0F, op @ (0x20 | 0x22 | 0x01), modrm, ..] = *rest else {
+        return None;
+    };
+    let reg = u32::from((modrm >> 3) & 7) + if rex & 0b100 != 0 { 8 } else { 0 };
+    let rm = u32::from(modrm & 7) + if rex & 0b001 != 0 { 8 } else { 0 };
+    let mut ins = Instruction::new();
+    let mnemonic = match op {
+        // CR1, CR5-7 and CR9-15 do not exist: the decoder's #UD, through the decoded path.
+        0x20 | 0x22 if matches!(reg, 0 | 2 | 3 | 4 | 8) => {
+            let (cr, gpr) = (Register::CR0 + reg, Register::RAX + rm);
+            let (code, op0, op1) = if op == 0x20 {
+                (Code::Mov_r64_cr, gpr, cr)
+            } else {
+                (Code::Mov_cr_r64, cr, gpr)
+            };
+            ins.set_code(code);
+            ins.set_op0_kind(OpKind::Register);
+            ins.set_op0_register(op0);
+            ins.set_op1_kind(OpKind::Register);
+            ins.set_op1_register(op1);
+            Mnemonic::Mov
+        }
+        0x01 if modrm >> 6 == 0 && (modrm >> 3) & 7 == 7 && !matches!(modrm & 7, 4 | 5) => {
+            ins.set_code(Code::Invlpg_m);
+            ins.set_op0_kind(OpKind::Memory);
+            ins.set_memory_base(Register::RAX + rm);
+            ins.set_segment_prefix(Register::None);
+            Mnemonic::Invlpg
+        }
+        _ => return None,
+    };
+    let len = rex_len + 3;
+    ins.set_len(len as usize);
+    Some((FixedEncoding::Built(ins), len, mnemonic))
 }
 
 /// Executes a fast-path instruction of `len` bytes with the same handlers the decoded path
@@ -94,6 +159,14 @@ where
             port_access(cpu, mem, ports, Direction::Out, p, size)
         }
         FixedEncoding::Swapgs => swapgs_instruction(cpu),
+        FixedEncoding::SwapgsThen(second) => {
+            coalesce::swapgs_before(cpu)?;
+            match second {
+                AfterSwapgs::Sysretq => sysret_instruction(cpu, true),
+                AfterSwapgs::Sysexitq => sysexit_instruction(cpu, true),
+                AfterSwapgs::Iretq => iret_instruction(cpu, mem, 8),
+            }
+        }
         FixedEncoding::Iretq => iret_instruction(cpu, mem, 8),
         FixedEncoding::Sysretq => sysret_instruction(cpu, true),
         FixedEncoding::Sysexitq => sysexit_instruction(cpu, true),
@@ -101,5 +174,72 @@ where
         FixedEncoding::Wrmsr => wrmsr(cpu),
         FixedEncoding::Int(vector) => Err(Event::software(vector, len).into()),
         FixedEncoding::Int3 => Err(int3_event(len).into()),
+        FixedEncoding::Built(ins) => execute_built(cpu, &ins),
+    }
+}
+
+/// The trap-table name of a fixed-encoding instruction.
+pub(super) fn fixed_name(op: FixedEncoding, mnemonic: Mnemonic) -> &'static str {
+    match op {
+        FixedEncoding::SwapgsThen(second) => second.pair_name(),
+        FixedEncoding::Built(ins) => super::names::trap_name(&ins),
+        _ => super::names::mnemonic_name(mnemonic),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iced_x86::{Decoder, DecoderOptions};
+
+    /// Every MOV CRn and INVLPG [reg] encoding the fixed path builds is the instruction the
+    /// decoder decodes from the same bytes (same code, registers, memory base, length); the
+    /// encodings it leaves alone are left to the decoder.
+    #[test]
+    fn built_instructions_match_the_decoder() {
+        let mut built_count = 0;
+        for rex in core::iter::once(None).chain((0x40..=0x4Fu8).map(Some)) {
+            for op in [0x20u8, 0x22, 0x01] {
+                for modrm in 0..=0xFFu8 {
+                    let mut b = [0x90u8; MAX_INSTRUCTION_LEN];
+                    let bytes: &[u8] = match rex {
+                        Some(r) => &[r, 0x0F, op, modrm],
+                        None => &[0x0F, op, modrm],
+                    };
+                    b[..bytes.len()].copy_from_slice(bytes);
+                    let decoded = Decoder::with_ip(64, &b, 0x1000, DecoderOptions::NONE).decode();
+                    let Some((FixedEncoding::Built(ins), len, _)) = control_register_or_invlpg(&b)
+                    else {
+                        // Not built: it must not be one of the shapes the fixed path builds.
+                        let shape = matches!(decoded.code(), Code::Mov_r64_cr | Code::Mov_cr_r64)
+                            || (decoded.code() == Code::Invlpg_m
+                                && decoded.memory_index() == Register::None
+                                && decoded.memory_displacement64() == 0
+                                && decoded.memory_base() != Register::RIP
+                                && decoded.memory_base().is_gpr64());
+                        assert!(
+                            !shape || decoded.len() != bytes.len(),
+                            "{bytes:02x?} not built"
+                        );
+                        continue;
+                    };
+                    built_count += 1;
+                    assert_eq!(len as usize, decoded.len(), "{bytes:02x?}");
+                    assert_eq!(ins.code(), decoded.code(), "{bytes:02x?}");
+                    assert_eq!(ins.op0_kind(), decoded.op0_kind(), "{bytes:02x?}");
+                    if ins.code() == Code::Invlpg_m {
+                        assert_eq!(ins.memory_base(), decoded.memory_base(), "{bytes:02x?}");
+                        assert_eq!(decoded.memory_index(), Register::None, "{bytes:02x?}");
+                        assert_eq!(decoded.memory_displacement64(), 0, "{bytes:02x?}");
+                    } else {
+                        assert_eq!(ins.op0_register(), decoded.op0_register(), "{bytes:02x?}");
+                        assert_eq!(ins.op1_register(), decoded.op1_register(), "{bytes:02x?}");
+                    }
+                }
+            }
+        }
+        // MOV CRn: 2 directions x 4 mod values x 8 r/m x (CR0/2/3/4 under the 9 prefixes
+        // without REX.R + CR8 under the 8 with it) = 2 816; INVLPG: 6 base registers x 17.
+        assert_eq!(built_count, 2_816 + 102);
     }
 }

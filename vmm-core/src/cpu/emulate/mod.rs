@@ -40,9 +40,8 @@ use super::memory::{read_slice, write_value, Fault, GuestMemory};
 use super::state::{dr, rflags, Gpr, VCpu};
 use crate::accounting::Phase;
 use crate::io::PortIo;
-use fixed_encodings::{execute_fixed, fixed_encoding};
+use fixed_encodings::{execute_fixed, fixed_encoding, fixed_name};
 use iced_x86::{Code, Decoder, DecoderError, DecoderOptions, Instruction, Mnemonic};
-use names::mnemonic_name;
 use operands::not_emulated;
 use shadow_mmu::addr::is_canonical;
 use shadow_mmu::AccessKind;
@@ -236,14 +235,14 @@ where
     let fast = if cause == Cause::PageTableWrite {
         None
     } else {
-        fixed_encoding(&bytes)
+        fixed_encoding(cpu, &bytes, first)
     };
     let (decoded, next, result) = match fast {
         Some((op, len, mnemonic)) => {
             mark(Phase::Decode);
             let next = cpu.rip.wrapping_add(len);
             let result = execute_fixed(cpu, mem, ports, op, len as u8, next);
-            ((mnemonic, mnemonic_name(mnemonic)), next, result)
+            ((mnemonic, fixed_name(op, mnemonic)), next, result)
         }
         None => {
             let decoded = decode(cpu, mem, bytes, first);

@@ -351,6 +351,17 @@ fn invlpg(cpu: &mut VCpu, ins: &Instruction) -> Result<Flow, Fault> {
     Ok(Flow::Next)
 }
 
+/// MOV to/from a control register and INVLPG, for an instruction the fixed-encoding path built
+/// itself (`fixed_encodings::control_register_or_invlpg`): the same handlers as the decoded path.
+pub(super) fn execute_built(cpu: &mut VCpu, ins: &Instruction) -> Result<Flow, Fault> {
+    match ins.code() {
+        Code::Mov_r64_cr => mov_from(cpu, ins, |cpu, r| read_cr(cpu, r)),
+        Code::Mov_cr_r64 => mov_to(cpu, ins, write_cr),
+        Code::Invlpg_m => invlpg(cpu, ins),
+        _ => Err(CpuStop::Unsupported("a built instruction the fixed path does not know").into()),
+    }
+}
+
 /// RDTSC: only CR4.TSD makes it trap (the real TSD follows the guest's): at CPL 0 it reads the
 /// counter, above it is #GP(0) (SDM Vol. 2B "RDTSC").
 fn rdtsc(cpu: &mut VCpu, cpuid: &dyn HostCpu) -> Result<Flow, Fault> {
