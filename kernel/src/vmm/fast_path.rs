@@ -12,7 +12,7 @@ impl Vm {
     /// After a forwarded SYSCALL or SYSENTER: when the guest's handler begins with SWAPGS, run it in this
     /// trap (vmm-core `coalesce::swapgs_at_handler` decides whether it may).
     pub(super) fn coalesce_swapgs_at_handler(&mut self) {
-        if !self.cpu.coalesce {
+        if !self.cpu.fast_paths {
             return;
         }
         if let Some(handler) = self.kernel_code_bytes::<3>(self.cpu.rip) {

@@ -116,7 +116,7 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
         },
     );
     let mut cpu = cpu;
-    cpu.coalesce = config.fastpath;
+    cpu.fast_paths = config.fastpath;
     crate::cpu::enable_fast_syscall_entries();
     if crate::cpu::enable_cpuid_faulting() {
         log::info!("cpu: CPUID faulting on: the guest's CPUID traps and is emulated");

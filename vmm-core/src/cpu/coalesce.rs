@@ -17,7 +17,7 @@
 //! on it, so a fault it raises (SYSRET's non-canonical RCX, CVE-2012-0217; a bad IRET frame) is
 //! delivered exactly as after a trap of its own. Its bytes must have been fetched with the
 //! guest's rights (the caller's job). The host option
-//! `fastpath=off` turns coalescing off ([`VCpu::coalesce`]); the host tests compare the coalesced
+//! `fastpath=off` turns coalescing off ([`VCpu::fast_paths`]); the host tests compare the coalesced
 //! result with the two instructions emulated one trap each.
 
 use super::state::{rflags, VCpu};
@@ -32,7 +32,7 @@ pub const SYSRETQ: [u8; 3] = [0x48, 0x0F, 0x07];
 /// Whether the instruction after the current one may run in the same trap: coalescing is on,
 /// and no interrupt, single-step trap or shadow could come between them.
 fn nothing_can_come_between(cpu: &VCpu) -> bool {
-    cpu.coalesce
+    cpu.fast_paths
         && cpu.cpl == 0
         && cpu.rflags & (rflags::IF | rflags::TF) == 0
         && cpu.interrupt_shadow.is_none()

@@ -326,10 +326,11 @@ pub struct VCpu {
     /// MAXPHYADDR this CPU reports (CPUID.80000008H:EAX[7:0]) and the shadow MMU's walks use:
     /// physical-address bits at and above it are reserved in CR3 and in paging entries.
     pub max_phys_bits: u8,
-    /// Not architectural: whether the emulator may run a predictable second instruction in the
-    /// same trap ([`super::coalesce`]; the host option `fastpath=`). Off by default, which is
-    /// the reference behaviour.
-    pub coalesce: bool,
+    /// Not architectural: whether the emulator takes its fast paths (the host option
+    /// `fastpath=`): a predictable second instruction run in the same trap
+    /// ([`super::coalesce`]), MOV CRn and INVLPG built without the decoder. Off by default,
+    /// which is the reference behaviour.
+    pub fast_paths: bool,
     effects: Effects,
 }
 
@@ -374,7 +375,7 @@ impl VCpu {
             halted: false,
             resumed_at: rip,
             max_phys_bits: shadow_mmu::PagingMode::ENTRY.max_phys_bits,
-            coalesce: false,
+            fast_paths: false,
             effects: Effects::default(),
         }
     }

@@ -77,7 +77,8 @@ pub(super) fn fixed_encoding(
         [0x0F, 0x30, ..] => (F::Wrmsr, 2, Mnemonic::Wrmsr),
         [0xCD, vector, ..] => (F::Int(vector), 2, Mnemonic::Int),
         [0xCC, ..] => (F::Int3, 1, Mnemonic::Int3),
-        _ => return control_register_or_invlpg(b),
+        _ if cpu.fast_paths => return control_register_or_invlpg(b),
+        _ => return None,
     })
 }
 
