@@ -112,3 +112,12 @@ fn selftest_matches_native_without_the_emulator_fill() {
     assert_equivalent_with(&["selftest"], "cached emulator_fill=off");
     assert_equivalent_with(&["selftest", "gdt=sparse"], "flush emulator_fill=off");
 }
+
+#[test]
+fn selftest_and_probe_match_native_with_the_fast_paths_off() {
+    // `fastpath=off`: one instruction per trap, the full injection pass on every exit
+    // (docs/benchmarks.md, "Fast paths"); the default runs above have them on.
+    assert_equivalent_with(&["selftest"], "cached fastpath=off");
+    assert_equivalent_with(&["selftest", "gdt=linux"], "flush fastpath=off");
+    assert_equivalent_with(&["probe"], "cached fastpath=off");
+}

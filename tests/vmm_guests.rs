@@ -780,3 +780,26 @@ fn the_per_phase_split_is_a_host_option() {
     );
     run.expect_line("[vmm] insn OUT ");
 }
+
+// ---- the fast paths off (`fastpath=off`): the reference path, one instruction per trap, must
+// give the guest the same CPU. With them on (the default) the tests above cover them. ----
+
+#[test]
+fn with_the_fast_paths_off_the_cpu_is_the_same() {
+    let off = "fastpath=off";
+    cpu_correct(&vmm_guest_with("tf-over-emulated", off, &[]), TF_STEPS);
+    cpu_correct(
+        &vmm_guest_with("tf-syscall-sysenter", off, &[]),
+        TF_SYSCALL_SYSENTER,
+    );
+    cpu_correct(
+        &vmm_guest_with("pushf-after-sti", off, &[]),
+        PUSHF_AFTER_STI,
+    );
+    let run = vmm_guest_with("sysret-noncanonical", off, &[]);
+    run.expect_status(4);
+    run.expect_line("[guest] fault vector=13 error=0x0 rip=0x");
+    let run = vmm_guest_with("iretq-noncanonical", off, &[]);
+    run.expect_status(4);
+    run.expect_line("[guest] fault vector=13 error=0x0 rip=0x");
+}

@@ -2083,3 +2083,172 @@ fn an_rf_an_iret_restored_ends_once_an_instruction_retired_natively() {
     r.cpu.trapped_at(CODE + 4);
     assert_eq!(r.cpu.rflags & rflags::RF, 0);
 }
+
+// ---- coalescing (fast paths): one trap for two instructions, the same end state ----
+
+/// The vCPU and the kernel stacks, for comparing two ways of running the same code.
+fn observable(r: &Rig) -> std::string::String {
+    let mut cpu = r.cpu.clone();
+    cpu.fast_paths = false;
+    let stacks: Vec<u64> = (0..0x40)
+        .flat_map(|i| {
+            [
+                r.mem.peek_u64(KSTACK_TOP - 8 * i),
+                r.mem.peek_u64(RSP0 - 8 * i),
+            ]
+        })
+        .collect();
+    format!("{cpu:?} {stacks:x?}")
+}
+
+/// Runs the code at RIP the reference way: one `handle_instruction` per trap, for as long as the
+/// guest stays in the kernel's code page and each one retires (at most `max` instructions).
+fn run_one_per_trap(r: &mut Rig, max: usize) {
+    for _ in 0..max {
+        let at_kernel_code = (CODE..CODE + 0x1000).contains(&r.cpu.rip) && r.cpu.cpl == 0;
+        if !at_kernel_code {
+            return;
+        }
+        match r.run() {
+            Ok(h) if h.outcome == Outcome::Emulated => {}
+            _ => return,
+        }
+    }
+}
+
+/// The ways back a guest kernel ends a system call or an interrupt with.
+fn swapgs_pairs() -> [&'static [u8]; 4] {
+    [
+        &[0x0F, 0x01, 0xF8, 0x48, 0x0F, 0x07], // swapgs; sysretq
+        &[0x0F, 0x01, 0xF8, 0x48, 0x0F, 0x35], // swapgs; sysexitq
+        &[0x0F, 0x01, 0xF8, 0x48, 0xCF],       // swapgs; iretq
+        &[0x0F, 0x01, 0xF8, 0xFA],             // swapgs; cli (never paired)
+    ]
+}
+
+proptest! {
+    /// SWAPGS followed by SYSRETQ, SYSEXITQ or IRETQ: with the fast paths the pair runs in one
+    /// trap when it may, and the vCPU, its stacks and the trap count agree with two traps, for
+    /// any IF/TF, canonical or not RCX/RDX, IRET frame, EFER.SCE and interrupt shadow.
+    #[test]
+    fn swapgs_pairs_in_one_trap_end_as_two_traps_do(
+        pair in 0usize..4,
+        flags in prop::sample::select(std::vec![0u64, rflags::IF, rflags::TF, rflags::IF | rflags::TF]),
+        sce in any::<bool>(),
+        shadow in any::<bool>(),
+        rcx_ok in any::<bool>(),
+        frame_cs in prop::sample::select(std::vec![UCODE_SEL, KCODE, 0x38, 0x0B]),
+        frame_rip_ok in any::<bool>(),
+        gs in any::<u64>(),
+        kgs in any::<u64>(),
+    ) {
+        let mut reference = Rig::kernel();
+        fast_syscall_msrs(&mut reference);
+        if !sce {
+            reference.cpu.efer &= !efer::SCE;
+        }
+        reference.cpu.rflags |= flags;
+        if shadow {
+            reference.cpu.interrupt_shadow = Some(CODE);
+        }
+        let canonical = |ok: bool, at: u64| if ok { at } else { 0x0000_8000_0000_0000 };
+        reference.cpu.set_reg(Gpr::Rcx, canonical(rcx_ok, UCODE + 0x40));
+        reference.cpu.set_reg(Gpr::Rdx, canonical(rcx_ok, UCODE + 0x80));
+        reference.cpu.set_reg(Gpr::R11, 0x202);
+        reference.cpu.msr.kernel_gs_base = kgs;
+        reference.cpu.set_segment_base(SegReg::Gs, gs);
+        // An IRET frame on the kernel stack: RIP, CS, RFLAGS, RSP, SS.
+        let rsp = KSTACK_TOP - 0x100;
+        reference.cpu.set_reg(Gpr::Rsp, rsp);
+        let ss = if frame_cs == KCODE { KDATA } else { UDATA };
+        for (i, v) in [canonical(frame_rip_ok, UCODE + 0x10), u64::from(frame_cs), 0x202, USTACK_TOP - 8, u64::from(ss)].iter().enumerate() {
+            reference.mem.poke(rsp + 8 * i as u64, &v.to_le_bytes());
+        }
+        reference.code(swapgs_pairs()[pair]);
+        reference.cpu.take_effects();
+        let mut fast = Rig { cpu: reference.cpu.clone(), mem: reference.mem.clone(), ports: Ports::default() };
+        fast.cpu.fast_paths = true;
+
+        run_one_per_trap(&mut reference, 2);
+        let coalesced = fast.run();
+        if let Ok(h) = coalesced {
+            if h.outcome == Outcome::Emulated {
+                run_one_per_trap(&mut fast, 1);
+            }
+        }
+        prop_assert_eq!(observable(&fast), observable(&reference));
+        prop_assert_eq!(fast.cpu.take_effects(), reference.cpu.take_effects());
+    }
+
+    /// A forwarded SYSCALL or SYSENTER whose handler begins with SWAPGS: running the SWAPGS in
+    /// the same trap (`coalesce::swapgs_at_handler`) ends as its own trap would, for any FMASK
+    /// (IF and TF kept or cleared) and GS bases; and it runs only when nothing could come between.
+    #[test]
+    fn swapgs_at_the_system_call_handler_ends_as_its_own_trap(
+        sysenter in any::<bool>(),
+        fmask in prop::sample::select(std::vec![0u64, rflags::IF, rflags::TF, rflags::IF | rflags::TF]),
+        user_flags in prop::sample::select(std::vec![rflags::IF, rflags::IF | rflags::TF]),
+        handler_is_swapgs in any::<bool>(),
+        gs in any::<u64>(),
+        kgs in any::<u64>(),
+    ) {
+        let mut reference = Rig::user();
+        fast_syscall_msrs(&mut reference);
+        reference.cpu.msr.sfmask = fmask;
+        reference.cpu.msr.lstar = CODE;
+        reference.cpu.msr.sysenter_eip = CODE;
+        reference.cpu.rflags = (reference.cpu.rflags & !(rflags::IF | rflags::TF)) | user_flags;
+        reference.cpu.msr.kernel_gs_base = kgs;
+        reference.cpu.set_segment_base(SegReg::Gs, gs);
+        let handler: &[u8] = if handler_is_swapgs { &coalesce::SWAPGS } else { &[0x90, 0x90, 0x90] };
+        reference.mem.poke(CODE, handler);
+        reference.cpu.rip = UCODE + 2;
+        reference.cpu.take_effects();
+        let mut fast = Rig { cpu: reference.cpu.clone(), mem: reference.mem.clone(), ports: Ports::default() };
+        fast.cpu.fast_paths = true;
+
+        let forward = |cpu: &mut VCpu| if sysenter { syscall::sysenter(cpu) } else { syscall::syscall(cpu) };
+        forward(&mut reference.cpu).unwrap();
+        forward(&mut fast.cpu).unwrap();
+        let stepping = reference.cpu.rflags & rflags::TF != 0;
+        let coalesced = coalesce::swapgs_at_handler(&mut fast.cpu, handler);
+        prop_assert_eq!(
+            coalesced,
+            handler_is_swapgs && fast.cpu.rflags & (rflags::IF | rflags::TF) == 0
+        );
+        if handler_is_swapgs && !stepping {
+            // The reference: the SWAPGS traps on its own (after any interrupt, none pending here).
+            run_one_per_trap(&mut reference, 1);
+            if !coalesced {
+                run_one_per_trap(&mut fast, 1);
+            }
+        }
+        prop_assert_eq!(observable(&fast), observable(&reference));
+        prop_assert_eq!(fast.cpu.take_effects(), reference.cpu.take_effects());
+    }
+}
+
+#[test]
+fn without_fast_paths_nothing_is_coalesced_or_built() {
+    let mut r = Rig::kernel();
+    fast_syscall_msrs(&mut r);
+    r.cpu.set_reg(Gpr::Rcx, UCODE + 0x40);
+    let h = r.ok(&[0x0F, 0x01, 0xF8, 0x48, 0x0F, 0x07]);
+    assert_eq!((h.name, r.cpu.rip, r.cpu.cpl), ("SWAPGS", CODE + 3, 0));
+    let mut r = Rig::kernel();
+    fast_syscall_msrs(&mut r);
+    r.cpu.fast_paths = true;
+    r.cpu.set_reg(Gpr::Rcx, UCODE + 0x40);
+    let h = r.ok(&[0x0F, 0x01, 0xF8, 0x48, 0x0F, 0x07]);
+    assert_eq!(
+        (h.name, r.cpu.rip, r.cpu.cpl),
+        ("SWAPGS+SYSRETQ", UCODE + 0x40, 3)
+    );
+    let mut r = Rig::kernel();
+    let h = r.ok(&[0x0F, 0x20, 0xD8]);
+    assert_eq!((h.name, r.cpu.reg(Gpr::Rax)), ("MOV from CRn", 0x100000));
+    r.cpu.fast_paths = true;
+    r.cpu.rip = CODE;
+    let h = r.ok(&[0x0F, 0x20, 0xD8]);
+    assert_eq!((h.name, r.cpu.reg(Gpr::Rax)), ("MOV from CRn", 0x100000));
+}
