@@ -101,11 +101,20 @@ fn numbers<const N: usize>(rest: &str, line: &str) -> Result<(String, [u64; N]),
     Ok((op, out))
 }
 
-/// A performance goal of the VMM for one op (issue "trap-cost experiments").
+/// A performance goal of the VMM for one op (issue "trap-cost experiments"), judged on the
+/// default policy.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Target {
     /// VMM instructions added per op over native, at most this many.
     ExtraAtMost(f64),
+    /// VMM instructions added per op over native, and traps per op, each at most this many:
+    /// a path whose cost is bounded by coalescing traps must also show the traps it saved.
+    ExtraAndTrapsAtMost {
+        /// Instructions per op over native.
+        extra: f64,
+        /// Traps per op.
+        traps: f64,
+    },
     /// VMM per-op over native per-op, at most this ratio.
     RatioAtMost(f64),
     /// Modelled cycles (VMM) over native cycles, at most this ratio.
@@ -113,29 +122,55 @@ pub enum Target {
 }
 
 impl Target {
+    /// The target column's text (no commas: it is also a CSV field).
     fn describe(&self) -> String {
         match self {
             Target::ExtraAtMost(n) => format!("≤ {n:.0} extra"),
+            Target::ExtraAndTrapsAtMost { extra, traps } => {
+                format!("≤ {extra:.0} extra and ≤ {traps:.0} traps")
+            }
             Target::RatioAtMost(r) => format!("≤ {r}×"),
             Target::ModelledRatioAtMost(r) => format!("≤ {r}× modelled"),
         }
     }
+
+    /// Whether the target holds for one op: `extra` instructions over native, `ratio` VMM over
+    /// native, `traps` per op, `modelled_ratio` modelled cycles over native.
+    fn met(&self, extra: f64, ratio: f64, traps: f64, modelled_ratio: f64) -> bool {
+        match *self {
+            Target::ExtraAtMost(max) => extra <= max,
+            Target::ExtraAndTrapsAtMost {
+                extra: max,
+                traps: max_traps,
+            } => extra <= max && traps <= max_traps,
+            Target::RatioAtMost(max) => ratio <= max,
+            Target::ModelledRatioAtMost(max) => modelled_ratio <= max,
+        }
+    }
 }
 
-/// The goals per op (two traps for cli+sti: 2 × 80).
+/// The goals per op, in the issue's words: extra instructions over native per op (a pair for
+/// cli+sti, a round trip for the system calls, int3 and the yield ping-pong), and for the
+/// SYSCALL path also the number of traps. Ops without a goal (`mov cr3` of the same value,
+/// `pushf+popf`) are measured for comparison only.
 pub fn target(op: &str) -> Option<Target> {
     Some(match op {
-        "cli_sti" => Target::ExtraAtMost(160.0),
-        "pushf_popf" => Target::ExtraAtMost(100.0),
-        "syscall_null_getpid" | "sysenter_null_getpid" | "int_0x80_null_getpid" => {
-            Target::ExtraAtMost(300.0)
-        }
-        "mov_cr3_switch" => Target::ExtraAtMost(300.0),
+        "cli_sti" => Target::ExtraAtMost(80.0),
+        "syscall_null_getpid" => Target::ExtraAndTrapsAtMost {
+            extra: 300.0,
+            traps: 3.0,
+        },
+        "sysenter_null_getpid" => Target::ExtraAtMost(330.0),
+        "int_0x80_null_getpid" => Target::ExtraAtMost(400.0),
+        "mov_cr3_switch" => Target::ExtraAtMost(100.0),
         "invlpg" => Target::ExtraAtMost(250.0),
-        "out_pic_ocw3" => Target::ExtraAtMost(150.0),
-        "demand_zero_page_fault" => Target::ExtraAtMost(1500.0),
+        "in_pic_imr" | "out_pic_ocw3" => Target::ExtraAtMost(150.0),
+        "rdmsr_fs_base" | "wrmsr_fs_base" => Target::ExtraAtMost(350.0),
+        "int3_kernel_trap_round_trip" => Target::ExtraAtMost(700.0),
+        "demand_zero_page_fault" => Target::ExtraAtMost(2500.0),
+        "yield_ping_pong_round_trip" => Target::ExtraAtMost(3000.0),
+        "spawn_exit_wait" => Target::ModelledRatioAtMost(6.0),
         "compute_loop_user" => Target::RatioAtMost(1.01),
-        "spawn_exit_wait" => Target::ModelledRatioAtMost(4.0),
         _ => return None,
     })
 }
@@ -224,15 +259,14 @@ pub fn combine(
             f64::INFINITY
         };
         let modelled = judged_per_op + traps_per_op * trap_cost;
+        let modelled_ratio = if native_per_op > 0.0 {
+            modelled / native_per_op
+        } else {
+            f64::INFINITY
+        };
         let target = target(&n.op).map(|t| {
-            let ok = match t {
-                Target::ExtraAtMost(max) => judged_per_op - native_per_op <= max,
-                Target::RatioAtMost(max) => ratio <= max,
-                Target::ModelledRatioAtMost(max) => {
-                    native_per_op > 0.0 && modelled / native_per_op <= max
-                }
-            };
-            (t, ok)
+            let extra = judged_per_op - native_per_op;
+            (t, t.met(extra, ratio, traps_per_op, modelled_ratio))
         });
         out.push(ResultRow {
             op: n.op.clone(),
@@ -370,7 +404,7 @@ mod tests {
         assert!((cli.traps_per_op - 2.01).abs() < 1e-9);
         assert!((cli.vmm_per_trap - 900_000.0 / 2010.0).abs() < 1e-9);
         assert!((cli.modelled_cycles - (1002.0 + 2.01 * 700.0)).abs() < 1e-9);
-        assert_eq!(cli.target, Some((Target::ExtraAtMost(160.0), false)));
+        assert_eq!(cli.target, Some((Target::ExtraAtMost(80.0), false)));
         let compute = &rows[1];
         assert!((compute.ratio - 1.01).abs() < 1e-9);
         assert_eq!(compute.target, Some((Target::RatioAtMost(1.01), true)));
@@ -384,6 +418,41 @@ mod tests {
         let n = parse_run(NATIVE).unwrap();
         let v = parse_run("[guest] bench,cli_sti,1000,1,0\n").unwrap();
         assert!(combine(&n, &v, &v, Judged::Cached, 700.0).is_err());
+    }
+
+    #[test]
+    fn a_target_with_a_trap_bound_needs_both() {
+        let native = parse_run("[guest] bench,syscall_null_getpid,100,10000,100\n").unwrap();
+        let judged = |traps: u64| {
+            parse_run(&format!(
+                "[guest] bench,syscall_null_getpid,100,35000,350\n\
+                 [vmm] bench-traps,syscall_null_getpid,{traps},1000\n"
+            ))
+            .unwrap()
+        };
+        let met = |traps| {
+            let v = judged(traps);
+            combine(&native, &v, &v, Judged::Cached, 700.0).unwrap()[0]
+                .target
+                .unwrap()
+                .1
+        };
+        // 250 instructions over native: within 300, so the trap count decides.
+        assert!(met(300), "3 traps per op");
+        assert!(!met(301), "more than 3 traps per op");
+        let slow = parse_run("[guest] bench,syscall_null_getpid,100,45000,450\n").unwrap();
+        let rows = combine(&native, &slow, &slow, Judged::Cached, 700.0).unwrap();
+        assert_eq!(
+            rows[0].target,
+            Some((
+                Target::ExtraAndTrapsAtMost {
+                    extra: 300.0,
+                    traps: 3.0
+                },
+                false
+            ))
+        );
+        assert!(to_csv(&rows).contains(",≤ 300 extra and ≤ 3 traps,no\n"));
     }
 
     #[test]
