@@ -221,6 +221,16 @@ pub enum Judged {
     Cached,
 }
 
+impl Judged {
+    /// The policy's name, as the host option `shadow=` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Judged::Flush => "flush",
+            Judged::Cached => "cached",
+        }
+    }
+}
+
 /// Combines the three runs. `trap_cost` is C of the modelled-cycles column.
 pub fn combine(
     native: &BenchRun,
@@ -314,10 +324,7 @@ pub fn to_csv(rows: &[ResultRow]) -> String {
 /// The markdown table printed by `./run-qemu.sh --bench`.
 pub fn to_markdown(rows: &[ResultRow], judged: Judged, trap_cost: f64) -> String {
     let mut s = String::new();
-    let policy = match judged {
-        Judged::Flush => "flush",
-        Judged::Cached => "cached",
-    };
+    let policy = judged.name();
     let _ = writeln!(
         s,
         "| op | native | VMM flush | VMM cached | ratio ({policy}) | traps/op | VMM instr/trap | modelled cycles (C={trap_cost:.0}) | target | met |"
@@ -339,6 +346,106 @@ pub fn to_markdown(rows: &[ResultRow], judged: Judged, trap_cost: f64) -> String
             t,
             ok
         );
+    }
+    s
+}
+
+/// One ablation run: the judged policy again, with some host switches changed from their
+/// defaults (`fastpath=off`), so the table can say what each default buys.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ablation {
+    /// The host options that differ from the default run (`fastpath=off`): the column's name.
+    pub label: String,
+    /// What the run printed.
+    pub run: BenchRun,
+}
+
+/// One op of the ablation table, instructions per op.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AblationRow {
+    /// The op.
+    pub op: String,
+    /// The judged policy with every host option at its default.
+    pub default: f64,
+    /// The same under each ablation, in the order given.
+    pub ablated: Vec<f64>,
+}
+
+/// Joins the default run of the judged policy with its ablation runs, op by op (the default
+/// run's order). An op missing from an ablation run is an error, as in [`combine`]; so is a
+/// label that could not be a CSV header or a markdown cell.
+pub fn ablate(default: &BenchRun, ablations: &[Ablation]) -> Result<Vec<AblationRow>, String> {
+    for a in ablations {
+        if a.label.is_empty() || a.label.contains([',', '|', '\n']) {
+            return Err(format!(
+                "ablation label '{}' must be non-empty, without ',', '|' or a line break",
+                a.label
+            ));
+        }
+    }
+    let mut out = Vec::new();
+    for d in &default.rows {
+        let mut ablated = Vec::new();
+        for a in ablations {
+            let row = a
+                .run
+                .row(&d.op)
+                .ok_or_else(|| format!("{}: missing from the {} run", d.op, a.label))?;
+            ablated.push(row.per_op());
+        }
+        out.push(AblationRow {
+            op: d.op.clone(),
+            default: d.per_op(),
+            ablated,
+        });
+    }
+    Ok(out)
+}
+
+/// `bench/ablation.csv`: `op,default`, then one column per ablation named by its label; every
+/// value in instructions per op (the units are in `bench/results.meta`, as for results.csv).
+pub fn ablation_csv(ablations: &[Ablation], rows: &[AblationRow]) -> String {
+    let mut s = String::from("op,default");
+    for a in ablations {
+        s.push(',');
+        s.push_str(&a.label);
+    }
+    s.push('\n');
+    for r in rows {
+        let _ = write!(s, "{},{:.1}", r.op, r.default);
+        for v in &r.ablated {
+            let _ = write!(s, ",{v:.1}");
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// The ablation table printed after the results: per op the default, and per ablation its
+/// cost and what the default buys over it (ablated − default, and that as a share of the
+/// ablated cost; negative when the default is the slower one).
+pub fn ablation_markdown(judged: Judged, ablations: &[Ablation], rows: &[AblationRow]) -> String {
+    let mut s = format!(
+        "Ablation ({} policy, instructions per op):\n\n| op | default |",
+        judged.name()
+    );
+    let mut rule = String::from("|---|---:|");
+    for a in ablations {
+        let _ = write!(s, " {0} | what the default buys vs {0} |", a.label);
+        rule.push_str("---:|---:|");
+    }
+    let _ = writeln!(s, "\n{rule}");
+    for r in rows {
+        let _ = write!(s, "| {} | {:.0} |", r.op, r.default);
+        for &v in &r.ablated {
+            let buys = v - r.default;
+            if v > 0.0 {
+                let _ = write!(s, " {v:.0} | {buys:.0} ({:.0}%) |", 100.0 * buys / v);
+            } else {
+                let _ = write!(s, " {v:.0} | {buys:.0} |");
+            }
+        }
+        s.push('\n');
     }
     s
 }
@@ -453,6 +560,69 @@ mod tests {
             ))
         );
         assert!(to_csv(&rows).contains(",≤ 300 extra and ≤ 3 traps,no\n"));
+    }
+
+    /// The cached run's VMM log again, with the fast paths off: cli_sti costs more.
+    const FASTPATH_OFF: &str =
+        "[guest] bench,cli_sti,1000,2004000,2004\n[guest] bench,compute_loop_user,1000,4040,4\n\
+[vmm] bench-traps,cli_sti,4000,1900000\n";
+
+    fn fastpath_off() -> Vec<Ablation> {
+        vec![Ablation {
+            label: "fastpath=off".into(),
+            run: parse_run(FASTPATH_OFF).unwrap(),
+        }]
+    }
+
+    #[test]
+    fn ablation_joins_the_default_with_each_ablated_run() {
+        let default = parse_run(VMM).unwrap();
+        let ablations = fastpath_off();
+        let rows = ablate(&default, &ablations).unwrap();
+        assert_eq!(
+            rows[0],
+            AblationRow {
+                op: "cli_sti".into(),
+                default: 1002.0,
+                ablated: vec![2004.0],
+            }
+        );
+        let csv = ablation_csv(&ablations, &rows);
+        assert_eq!(
+            csv,
+            "op,default,fastpath=off\ncli_sti,1002.0,2004.0\ncompute_loop_user,4.0,4.0\n"
+        );
+        assert_eq!(check_csv(&csv), Ok(2));
+        let md = ablation_markdown(Judged::Cached, &ablations, &rows);
+        assert!(md.starts_with("Ablation (cached policy, instructions per op):"));
+        assert!(md.contains(
+            "| op | default | fastpath=off | what the default buys vs fastpath=off |\n|---|---:|---:|---:|\n"
+        ));
+        assert!(
+            md.contains("| cli_sti | 1002 | 2004 | 1002 (50%) |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| compute_loop_user | 4 | 4 | 0 (0%) |"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn ablation_rejects_a_missing_op_and_a_label_that_breaks_the_csv() {
+        let default = parse_run(VMM).unwrap();
+        let short = vec![Ablation {
+            label: "fastpath=off".into(),
+            run: parse_run("[guest] bench,cli_sti,1000,1,0\n").unwrap(),
+        }];
+        let err = ablate(&default, &short).unwrap_err();
+        assert!(
+            err.contains("compute_loop_user") && err.contains("fastpath=off"),
+            "{err}"
+        );
+        let mut comma = fastpath_off();
+        comma[0].label = "a=1,b=2".into();
+        assert!(ablate(&default, &comma).is_err());
     }
 
     #[test]
