@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The trap-cost experiment (docs/benchmarks.md): the guest's `bench` mode natively and under the
 # VMM with both shadow policies, all under `-icount shift=0,sleep=off` (the TSC counts retired
-# instructions, so every number is deterministic). Writes bench/results.csv and
-# bench/results.png and prints a markdown table. Run it as `./run-qemu.sh --bench`.
+# instructions, so every number is deterministic), then the judged policy again once per
+# ablation (host switches changed from their defaults, to measure what the defaults buy). Writes bench/results.csv,
+# bench/ablation.csv, their run metadata bench/results.meta, and bench/results.png, and prints
+# the markdown tables. Run it as `./run-qemu.sh --bench`.
 #
 #   bench/run.sh [--trap-cost C] [guest bench words, e.g. iters=1000]
 set -euo pipefail
@@ -13,6 +15,12 @@ LOGS="$OUT/logs"
 trap_cost=700
 # The policy the VMM uses by default is the one the targets are judged on.
 judged=cached
+# The ablation runs: the judged policy with these host options added, one entry a line. Each
+# runs as vmm-<policy>-<options, '=' and ' ' written '-'> and becomes a column of the ablation
+# table named by its options.
+ablations=(
+    "fastpath=off"
+)
 words=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -27,6 +35,13 @@ done
 
 mkdir -p "$LOGS"
 cd "$ROOT"
+# What was measured, taken before the build: the commit, "-dirty" when tracked files differ
+# from it (the experiment's own outputs excepted: a rerun rewrites them).
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+if [ "$commit" != unknown ] && [ -n "$(git status --porcelain --untracked-files=no -- . \
+        ':(exclude)bench/results.*' ':(exclude)bench/ablation.csv')" ]; then
+    commit+=-dirty
+fi
 # One build, then every run with --no-build.
 (cargo build --quiet --release --target x86_64-unknown-none --target-dir "$ROOT/target/qemu" \
     -p kernel -p guest-kernel) || { echo "bench/run.sh: build failed" >&2; exit 2; }
@@ -42,10 +57,33 @@ run() {
 run native --native -- bench "${words[@]}"
 run vmm-flush --append shadow=flush -- bench "${words[@]}"
 run vmm-cached --append shadow=cached -- bench "${words[@]}"
+ablation_args=()
+for options in "${ablations[@]}"; do
+    name="vmm-$judged-${options//[= ]/-}"
+    run "$name" --append "shadow=$judged $options" -- bench "${words[@]}"
+    ablation_args+=(--ablation "$options" "$LOGS/$name.log")
+done
 
 cargo run --quiet --release --bin bench-report -- \
     "$LOGS/native.log" "$LOGS/vmm-flush.log" "$LOGS/vmm-cached.log" \
-    --judged "$judged" --trap-cost "$trap_cost" --csv "$OUT/results.csv"
+    --judged "$judged" --trap-cost "$trap_cost" --csv "$OUT/results.csv" \
+    "${ablation_args[@]}" --ablation-csv "$OUT/ablation.csv"
+
+# The -icount setting as run-qemu.sh passes it to QEMU (its one `qemu+=(-icount ...)` line).
+icount=$(sed -n 's/^ *qemu+=(-icount \(.*\))$/\1/p' "$ROOT/run-qemu.sh")
+[ -n "$icount" ] || { echo "bench/run.sh: cannot find run-qemu.sh's -icount setting" >&2; icount=unknown; }
+# One sidecar for both CSVs: they come from the same runs.
+{
+    echo "commit=$commit"
+    echo "qemu=$(qemu-system-x86_64 --version | head -n 1)"
+    echo "icount=$icount"
+    echo "trap_cost=$trap_cost"
+    echo "guest_words=${words[*]}"
+    echo "judged=$judged"
+    echo "ablations=$(IFS=';'; echo "${ablations[*]}")"
+    echo "date_utc=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "units=instructions per op under -icount shift=0"
+} > "$OUT/results.meta"
 
 if ! command -v gnuplot >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -55,7 +93,7 @@ if ! command -v gnuplot >/dev/null 2>&1; then
 fi
 if command -v gnuplot >/dev/null 2>&1; then
     gnuplot -e "csv='$OUT/results.csv'; png='$OUT/results.png'" "$OUT/plot.gp"
-    echo "bench/run.sh: wrote $OUT/results.csv and $OUT/results.png" >&2
+    echo "bench/run.sh: wrote $OUT/results.csv, $OUT/ablation.csv, $OUT/results.meta and $OUT/results.png" >&2
 else
-    echo "bench/run.sh: wrote $OUT/results.csv (no gnuplot: install gnuplot-nox for the chart)" >&2
+    echo "bench/run.sh: wrote $OUT/results.csv, $OUT/ablation.csv and $OUT/results.meta (no gnuplot: install gnuplot-nox for the chart)" >&2
 fi

@@ -101,11 +101,20 @@ fn numbers<const N: usize>(rest: &str, line: &str) -> Result<(String, [u64; N]),
     Ok((op, out))
 }
 
-/// A performance goal of the VMM for one op (issue "trap-cost experiments").
+/// A performance goal of the VMM for one op (issue "trap-cost experiments"), judged on the
+/// default policy.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Target {
     /// VMM instructions added per op over native, at most this many.
     ExtraAtMost(f64),
+    /// VMM instructions added per op over native, and traps per op, each at most this many:
+    /// a path whose cost is bounded by coalescing traps must also show the traps it saved.
+    ExtraAndTrapsAtMost {
+        /// Instructions per op over native.
+        extra: f64,
+        /// Traps per op.
+        traps: f64,
+    },
     /// VMM per-op over native per-op, at most this ratio.
     RatioAtMost(f64),
     /// Modelled cycles (VMM) over native cycles, at most this ratio.
@@ -113,29 +122,55 @@ pub enum Target {
 }
 
 impl Target {
+    /// The target column's text (no commas: it is also a CSV field).
     fn describe(&self) -> String {
         match self {
             Target::ExtraAtMost(n) => format!("≤ {n:.0} extra"),
+            Target::ExtraAndTrapsAtMost { extra, traps } => {
+                format!("≤ {extra:.0} extra and ≤ {traps:.0} traps")
+            }
             Target::RatioAtMost(r) => format!("≤ {r}×"),
             Target::ModelledRatioAtMost(r) => format!("≤ {r}× modelled"),
         }
     }
+
+    /// Whether the target holds for one op: `extra` instructions over native, `ratio` VMM over
+    /// native, `traps` per op, `modelled_ratio` modelled cycles over native.
+    fn met(&self, extra: f64, ratio: f64, traps: f64, modelled_ratio: f64) -> bool {
+        match *self {
+            Target::ExtraAtMost(max) => extra <= max,
+            Target::ExtraAndTrapsAtMost {
+                extra: max,
+                traps: max_traps,
+            } => extra <= max && traps <= max_traps,
+            Target::RatioAtMost(max) => ratio <= max,
+            Target::ModelledRatioAtMost(max) => modelled_ratio <= max,
+        }
+    }
 }
 
-/// The goals per op (two traps for cli+sti: 2 × 80).
+/// The goals per op, in the issue's words: extra instructions over native per op (a pair for
+/// cli+sti, a round trip for the system calls, int3 and the yield ping-pong), and for the
+/// SYSCALL path also the number of traps. Ops without a goal (`mov cr3` of the same value,
+/// `pushf+popf`) are measured for comparison only.
 pub fn target(op: &str) -> Option<Target> {
     Some(match op {
-        "cli_sti" => Target::ExtraAtMost(160.0),
-        "pushf_popf" => Target::ExtraAtMost(100.0),
-        "syscall_null_getpid" | "sysenter_null_getpid" | "int_0x80_null_getpid" => {
-            Target::ExtraAtMost(300.0)
-        }
-        "mov_cr3_switch" => Target::ExtraAtMost(300.0),
+        "cli_sti" => Target::ExtraAtMost(80.0),
+        "syscall_null_getpid" => Target::ExtraAndTrapsAtMost {
+            extra: 300.0,
+            traps: 3.0,
+        },
+        "sysenter_null_getpid" => Target::ExtraAtMost(330.0),
+        "int_0x80_null_getpid" => Target::ExtraAtMost(400.0),
+        "mov_cr3_switch" => Target::ExtraAtMost(100.0),
         "invlpg" => Target::ExtraAtMost(250.0),
-        "out_pic_ocw3" => Target::ExtraAtMost(150.0),
-        "demand_zero_page_fault" => Target::ExtraAtMost(1500.0),
+        "in_pic_imr" | "out_pic_ocw3" => Target::ExtraAtMost(150.0),
+        "rdmsr_fs_base" | "wrmsr_fs_base" => Target::ExtraAtMost(350.0),
+        "int3_kernel_trap_round_trip" => Target::ExtraAtMost(700.0),
+        "demand_zero_page_fault" => Target::ExtraAtMost(2500.0),
+        "yield_ping_pong_round_trip" => Target::ExtraAtMost(3000.0),
+        "spawn_exit_wait" => Target::ModelledRatioAtMost(6.0),
         "compute_loop_user" => Target::RatioAtMost(1.01),
-        "spawn_exit_wait" => Target::ModelledRatioAtMost(4.0),
         _ => return None,
     })
 }
@@ -186,6 +221,16 @@ pub enum Judged {
     Cached,
 }
 
+impl Judged {
+    /// The policy's name, as the host option `shadow=` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Judged::Flush => "flush",
+            Judged::Cached => "cached",
+        }
+    }
+}
+
 /// Combines the three runs. `trap_cost` is C of the modelled-cycles column.
 pub fn combine(
     native: &BenchRun,
@@ -224,15 +269,14 @@ pub fn combine(
             f64::INFINITY
         };
         let modelled = judged_per_op + traps_per_op * trap_cost;
+        let modelled_ratio = if native_per_op > 0.0 {
+            modelled / native_per_op
+        } else {
+            f64::INFINITY
+        };
         let target = target(&n.op).map(|t| {
-            let ok = match t {
-                Target::ExtraAtMost(max) => judged_per_op - native_per_op <= max,
-                Target::RatioAtMost(max) => ratio <= max,
-                Target::ModelledRatioAtMost(max) => {
-                    native_per_op > 0.0 && modelled / native_per_op <= max
-                }
-            };
-            (t, ok)
+            let extra = judged_per_op - native_per_op;
+            (t, t.met(extra, ratio, traps_per_op, modelled_ratio))
         });
         out.push(ResultRow {
             op: n.op.clone(),
@@ -280,10 +324,7 @@ pub fn to_csv(rows: &[ResultRow]) -> String {
 /// The markdown table printed by `./run-qemu.sh --bench`.
 pub fn to_markdown(rows: &[ResultRow], judged: Judged, trap_cost: f64) -> String {
     let mut s = String::new();
-    let policy = match judged {
-        Judged::Flush => "flush",
-        Judged::Cached => "cached",
-    };
+    let policy = judged.name();
     let _ = writeln!(
         s,
         "| op | native | VMM flush | VMM cached | ratio ({policy}) | traps/op | VMM instr/trap | modelled cycles (C={trap_cost:.0}) | target | met |"
@@ -305,6 +346,106 @@ pub fn to_markdown(rows: &[ResultRow], judged: Judged, trap_cost: f64) -> String
             t,
             ok
         );
+    }
+    s
+}
+
+/// One ablation run: the judged policy again, with some host switches changed from their
+/// defaults (`fastpath=off`), so the table can say what each default buys.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ablation {
+    /// The host options that differ from the default run (`fastpath=off`): the column's name.
+    pub label: String,
+    /// What the run printed.
+    pub run: BenchRun,
+}
+
+/// One op of the ablation table, instructions per op.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AblationRow {
+    /// The op.
+    pub op: String,
+    /// The judged policy with every host option at its default.
+    pub default: f64,
+    /// The same under each ablation, in the order given.
+    pub ablated: Vec<f64>,
+}
+
+/// Joins the default run of the judged policy with its ablation runs, op by op (the default
+/// run's order). An op missing from an ablation run is an error, as in [`combine`]; so is a
+/// label that could not be a CSV header or a markdown cell.
+pub fn ablate(default: &BenchRun, ablations: &[Ablation]) -> Result<Vec<AblationRow>, String> {
+    for a in ablations {
+        if a.label.is_empty() || a.label.contains([',', '|', '\n']) {
+            return Err(format!(
+                "ablation label '{}' must be non-empty, without ',', '|' or a line break",
+                a.label
+            ));
+        }
+    }
+    let mut out = Vec::new();
+    for d in &default.rows {
+        let mut ablated = Vec::new();
+        for a in ablations {
+            let row = a
+                .run
+                .row(&d.op)
+                .ok_or_else(|| format!("{}: missing from the {} run", d.op, a.label))?;
+            ablated.push(row.per_op());
+        }
+        out.push(AblationRow {
+            op: d.op.clone(),
+            default: d.per_op(),
+            ablated,
+        });
+    }
+    Ok(out)
+}
+
+/// `bench/ablation.csv`: `op,default`, then one column per ablation named by its label; every
+/// value in instructions per op (the units are in `bench/results.meta`, as for results.csv).
+pub fn ablation_csv(ablations: &[Ablation], rows: &[AblationRow]) -> String {
+    let mut s = String::from("op,default");
+    for a in ablations {
+        s.push(',');
+        s.push_str(&a.label);
+    }
+    s.push('\n');
+    for r in rows {
+        let _ = write!(s, "{},{:.1}", r.op, r.default);
+        for v in &r.ablated {
+            let _ = write!(s, ",{v:.1}");
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// The ablation table printed after the results: per op the default, and per ablation its
+/// cost and what the default buys over it (ablated − default, and that as a share of the
+/// ablated cost; negative when the default is the slower one).
+pub fn ablation_markdown(judged: Judged, ablations: &[Ablation], rows: &[AblationRow]) -> String {
+    let mut s = format!(
+        "Ablation ({} policy, instructions per op):\n\n| op | default |",
+        judged.name()
+    );
+    let mut rule = String::from("|---|---:|");
+    for a in ablations {
+        let _ = write!(s, " {0} | what the default buys vs {0} |", a.label);
+        rule.push_str("---:|---:|");
+    }
+    let _ = writeln!(s, "\n{rule}");
+    for r in rows {
+        let _ = write!(s, "| {} | {:.0} |", r.op, r.default);
+        for &v in &r.ablated {
+            let buys = v - r.default;
+            if v > 0.0 {
+                let _ = write!(s, " {v:.0} | {buys:.0} ({:.0}%) |", 100.0 * buys / v);
+            } else {
+                let _ = write!(s, " {v:.0} | {buys:.0} |");
+            }
+        }
+        s.push('\n');
     }
     s
 }
@@ -370,7 +511,7 @@ mod tests {
         assert!((cli.traps_per_op - 2.01).abs() < 1e-9);
         assert!((cli.vmm_per_trap - 900_000.0 / 2010.0).abs() < 1e-9);
         assert!((cli.modelled_cycles - (1002.0 + 2.01 * 700.0)).abs() < 1e-9);
-        assert_eq!(cli.target, Some((Target::ExtraAtMost(160.0), false)));
+        assert_eq!(cli.target, Some((Target::ExtraAtMost(80.0), false)));
         let compute = &rows[1];
         assert!((compute.ratio - 1.01).abs() < 1e-9);
         assert_eq!(compute.target, Some((Target::RatioAtMost(1.01), true)));
@@ -384,6 +525,104 @@ mod tests {
         let n = parse_run(NATIVE).unwrap();
         let v = parse_run("[guest] bench,cli_sti,1000,1,0\n").unwrap();
         assert!(combine(&n, &v, &v, Judged::Cached, 700.0).is_err());
+    }
+
+    #[test]
+    fn a_target_with_a_trap_bound_needs_both() {
+        let native = parse_run("[guest] bench,syscall_null_getpid,100,10000,100\n").unwrap();
+        let judged = |traps: u64| {
+            parse_run(&format!(
+                "[guest] bench,syscall_null_getpid,100,35000,350\n\
+                 [vmm] bench-traps,syscall_null_getpid,{traps},1000\n"
+            ))
+            .unwrap()
+        };
+        let met = |traps| {
+            let v = judged(traps);
+            combine(&native, &v, &v, Judged::Cached, 700.0).unwrap()[0]
+                .target
+                .unwrap()
+                .1
+        };
+        // 250 instructions over native: within 300, so the trap count decides.
+        assert!(met(300), "3 traps per op");
+        assert!(!met(301), "more than 3 traps per op");
+        let slow = parse_run("[guest] bench,syscall_null_getpid,100,45000,450\n").unwrap();
+        let rows = combine(&native, &slow, &slow, Judged::Cached, 700.0).unwrap();
+        assert_eq!(
+            rows[0].target,
+            Some((
+                Target::ExtraAndTrapsAtMost {
+                    extra: 300.0,
+                    traps: 3.0
+                },
+                false
+            ))
+        );
+        assert!(to_csv(&rows).contains(",≤ 300 extra and ≤ 3 traps,no\n"));
+    }
+
+    /// The cached run's VMM log again, with the fast paths off: cli_sti costs more.
+    const FASTPATH_OFF: &str =
+        "[guest] bench,cli_sti,1000,2004000,2004\n[guest] bench,compute_loop_user,1000,4040,4\n\
+[vmm] bench-traps,cli_sti,4000,1900000\n";
+
+    fn fastpath_off() -> Vec<Ablation> {
+        vec![Ablation {
+            label: "fastpath=off".into(),
+            run: parse_run(FASTPATH_OFF).unwrap(),
+        }]
+    }
+
+    #[test]
+    fn ablation_joins_the_default_with_each_ablated_run() {
+        let default = parse_run(VMM).unwrap();
+        let ablations = fastpath_off();
+        let rows = ablate(&default, &ablations).unwrap();
+        assert_eq!(
+            rows[0],
+            AblationRow {
+                op: "cli_sti".into(),
+                default: 1002.0,
+                ablated: vec![2004.0],
+            }
+        );
+        let csv = ablation_csv(&ablations, &rows);
+        assert_eq!(
+            csv,
+            "op,default,fastpath=off\ncli_sti,1002.0,2004.0\ncompute_loop_user,4.0,4.0\n"
+        );
+        assert_eq!(check_csv(&csv), Ok(2));
+        let md = ablation_markdown(Judged::Cached, &ablations, &rows);
+        assert!(md.starts_with("Ablation (cached policy, instructions per op):"));
+        assert!(md.contains(
+            "| op | default | fastpath=off | what the default buys vs fastpath=off |\n|---|---:|---:|---:|\n"
+        ));
+        assert!(
+            md.contains("| cli_sti | 1002 | 2004 | 1002 (50%) |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| compute_loop_user | 4 | 4 | 0 (0%) |"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn ablation_rejects_a_missing_op_and_a_label_that_breaks_the_csv() {
+        let default = parse_run(VMM).unwrap();
+        let short = vec![Ablation {
+            label: "fastpath=off".into(),
+            run: parse_run("[guest] bench,cli_sti,1000,1,0\n").unwrap(),
+        }];
+        let err = ablate(&default, &short).unwrap_err();
+        assert!(
+            err.contains("compute_loop_user") && err.contains("fastpath=off"),
+            "{err}"
+        );
+        let mut comma = fastpath_off();
+        comma[0].label = "a=1,b=2".into();
+        assert!(ablate(&default, &comma).is_err());
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! instructions, so the same short bench run twice under the VMM prints identical numbers, and
 //! the report built from it is a well-formed CSV.
 
-use trapvmm::bench::{check_csv, combine, parse_run, to_csv, Judged};
+use trapvmm::bench::{
+    ablate, ablation_csv, check_csv, combine, parse_run, to_csv, Ablation, Judged,
+};
 use trapvmm::boot;
 
 fn bench(extra: &[&str]) -> String {
@@ -53,4 +55,14 @@ fn a_short_bench_under_icount_is_deterministic_and_its_csv_well_formed() {
         cli.traps_per_op >= 2.0 && cli.judged > cli.native,
         "{cli:?}"
     );
+
+    // The ablation table's CSV is well-formed too (the second identical run stands in for an
+    // ablation run: no extra boot, and it must buy nothing).
+    let same = [Ablation {
+        label: "same".into(),
+        run: parse_run(&second).expect("bench output"),
+    }];
+    let ablation = ablate(&runs[2], &same).expect("ablate");
+    assert_eq!(check_csv(&ablation_csv(&same, &ablation)), Ok(rows.len()));
+    assert!(ablation.iter().all(|r| r.ablated == [r.default]));
 }

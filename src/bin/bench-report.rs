@@ -1,23 +1,40 @@
 //! `bench-report`: turns the serial logs of the trap-cost experiment into `bench/results.csv` and
-//! a markdown table (run by `bench/run.sh`, i.e. `./run-qemu.sh --bench`).
+//! a markdown table (run by `bench/run.sh`, i.e. `./run-qemu.sh --bench`). Each `--ablation`
+//! lays the judged policy's default run beside the same policy with host switches changed
+//! (`fastpath=off`), to show what each default buys: a second table, and with `--ablation-csv`
+//! a CSV of op, default, one column per ablation.
 //!
-//! usage: bench-report NATIVE.log FLUSH.log CACHED.log --judged flush|cached --trap-cost C --csv OUT
+//! usage: bench-report NATIVE.log FLUSH.log CACHED.log --judged flush|cached --trap-cost C
+//!        --csv OUT [--ablation OPTIONS LOG]... [--ablation-csv OUT]
 
 use std::process::ExitCode;
-use trapvmm::bench::{combine, parse_run, to_csv, to_markdown, Judged};
+use trapvmm::bench::{
+    ablate, ablation_csv, ablation_markdown, combine, parse_run, to_csv, to_markdown, Ablation,
+    BenchRun, Judged,
+};
 
 fn usage(why: &str) -> ExitCode {
     eprintln!("bench-report: {why}");
     eprintln!(
-        "usage: bench-report NATIVE.log FLUSH.log CACHED.log --judged flush|cached --trap-cost C --csv OUT"
+        "usage: bench-report NATIVE.log FLUSH.log CACHED.log --judged flush|cached --trap-cost C --csv OUT \
+         [--ablation OPTIONS LOG]... [--ablation-csv OUT]"
     );
     ExitCode::from(2)
+}
+
+/// Reads and parses one run's log.
+fn read_run(path: &str) -> Result<BenchRun, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    parse_run(&text).map_err(|e| format!("{path}: {e}"))
 }
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut files = Vec::new();
     let (mut judged, mut trap_cost, mut csv_path) = (Judged::Flush, 700.0, None);
+    // (host options of the run, its log), in the order given: the table's column order.
+    let mut ablation_logs: Vec<(String, String)> = Vec::new();
+    let mut ablation_csv_path = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -34,6 +51,15 @@ fn main() -> ExitCode {
                 Some(p) => csv_path = Some(p.clone()),
                 None => return usage("--csv needs a path"),
             },
+            // Two values rather than OPTIONS=LOG: the options themselves contain '='.
+            "--ablation" => match (it.next(), it.next()) {
+                (Some(options), Some(log)) => ablation_logs.push((options.clone(), log.clone())),
+                _ => return usage("--ablation needs the run's host options and its log"),
+            },
+            "--ablation-csv" => match it.next() {
+                Some(p) => ablation_csv_path = Some(p.clone()),
+                None => return usage("--ablation-csv needs a path"),
+            },
             s if s.starts_with("--") => return usage(&format!("unknown option '{s}'")),
             file => files.push(file.to_string()),
         }
@@ -43,16 +69,28 @@ fn main() -> ExitCode {
     };
     let mut runs = Vec::new();
     for path in [native, flush, cached] {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) => return usage(&format!("cannot read {path}: {e}")),
-        };
-        match parse_run(&text) {
+        match read_run(path) {
             Ok(r) => runs.push(r),
-            Err(e) => return usage(&format!("{path}: {e}")),
+            Err(e) => return usage(&e),
+        }
+    }
+    let mut ablations = Vec::new();
+    for (label, path) in ablation_logs {
+        match read_run(&path) {
+            Ok(run) => ablations.push(Ablation { label, run }),
+            Err(e) => return usage(&e),
         }
     }
     let rows = match combine(&runs[0], &runs[1], &runs[2], judged, trap_cost) {
+        Ok(r) => r,
+        Err(e) => return usage(&e),
+    };
+    // The ablations change host switches of the judged policy, so they compare with its run.
+    let default = match judged {
+        Judged::Flush => &runs[1],
+        Judged::Cached => &runs[2],
+    };
+    let ablation_rows = match ablate(default, &ablations) {
         Ok(r) => r,
         Err(e) => return usage(&e),
     };
@@ -61,6 +99,17 @@ fn main() -> ExitCode {
             return usage(&format!("cannot write {path}: {e}"));
         }
     }
+    if let Some(path) = ablation_csv_path {
+        if let Err(e) = std::fs::write(&path, ablation_csv(&ablations, &ablation_rows)) {
+            return usage(&format!("cannot write {path}: {e}"));
+        }
+    }
     print!("{}", to_markdown(&rows, judged, trap_cost));
+    if !ablations.is_empty() {
+        print!(
+            "\n{}",
+            ablation_markdown(judged, &ablations, &ablation_rows)
+        );
+    }
     ExitCode::SUCCESS
 }
