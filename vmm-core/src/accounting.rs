@@ -237,15 +237,11 @@ impl Default for Accounting {
     }
 }
 
-/// A cheap hash of a kind: its variant and a few bytes of its name or number.
+/// A cheap hash of a kind: its variant and its number, or the address of its name. Names are
+/// `&'static str` literals, so the address is stable for one literal; the same name at two
+/// addresses (two literals) hashes to two slots, which `index_of` points at the same entry.
 fn slot_hash(kind: &TrapKind) -> usize {
-    let name_hash = |s: &str| {
-        let b = s.as_bytes();
-        let first = b.first().copied().unwrap_or(0) as usize;
-        let last = b.last().copied().unwrap_or(0) as usize;
-        let mid = b.get(b.len() / 2).copied().unwrap_or(0) as usize;
-        first.wrapping_mul(31) ^ mid.wrapping_mul(7) ^ last ^ (b.len() << 3)
-    };
+    let name_hash = |s: &str| (s.as_ptr() as usize >> 3) ^ (s.len() << 5);
     let h = match kind {
         TrapKind::Instruction(s) => 1 + name_hash(s),
         TrapKind::Exception(v) => 2 + usize::from(*v) * 5,
@@ -293,8 +289,14 @@ impl Accounting {
             let slot = (start + probe) % SLOTS;
             match self.slots[slot] {
                 0 => {
-                    self.entries.push((kind, Entry::default()));
-                    let index = self.entries.len() - 1;
+                    // A kind seen before under another name address keeps its one entry.
+                    let index = match self.entries.iter().position(|(k, _)| *k == kind) {
+                        Some(index) => index,
+                        None => {
+                            self.entries.push((kind, Entry::default()));
+                            self.entries.len() - 1
+                        }
+                    };
                     self.slots[slot] = (index + 1) as u16;
                     return index;
                 }
@@ -514,6 +516,23 @@ mod tests {
         assert_eq!(cli.max(), Some(300));
         assert_eq!(cli.mean(), Some(200));
         assert_eq!(acc.get(&TrapKind::Irq(0)), None);
+    }
+
+    #[test]
+    fn the_same_name_at_two_addresses_is_one_kind() {
+        let mut acc = Accounting::new();
+        let name = alloc::string::String::from("MOV CR3");
+        // A name built at run time cannot share the literal's address.
+        let leaked: &'static str = alloc::boxed::Box::leak(name.into_boxed_str());
+        assert!(!core::ptr::eq(leaked, "MOV CR3"));
+        acc.record(TrapKind::Instruction("MOV CR3"), 10);
+        acc.record(TrapKind::Instruction(leaked), 30);
+        acc.record(TrapKind::Instruction("MOV CR3"), 20);
+        let e = acc.get(&TrapKind::Instruction("MOV CR3")).copied().unwrap();
+        assert_eq!((e.count(), e.total()), (3, 60));
+        let mut table = alloc::string::String::new();
+        acc.write_table(&mut table).unwrap();
+        assert_eq!(table.matches("insn MOV CR3").count(), 1, "{table}");
     }
 
     #[test]

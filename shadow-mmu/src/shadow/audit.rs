@@ -1,7 +1,7 @@
 //! The invariant checks the property tests run after every step ([`ShadowMmu::audit`]): the
 //! VMM's slot intact in every root (address-space compression: the guest never sees or changes
 //! the VMM's PML4 slot), every shadow table known and reachable exactly once, every leaf on a
-//! frame the P2M gave this guest, the quota, and (cached policy) no writable leaf over a
+//! frame the P2M gave this guest, each table's present bits, the quota, and (cached policy) no writable leaf over a
 //! write-protected guest page table (the "页表虚拟化" challenge's write protection).
 
 use alloc::collections::BTreeSet;
@@ -74,6 +74,13 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
                     at: table,
                 })
             }
+        }
+        let actual = guest_slots(level).filter(|&idx| self.shadow_entry(table, idx).is_present());
+        if !actual.eq(self.present_entries(table).indices()) {
+            return Err(AuditError {
+                what: "present bits disagree with the shadow table",
+                at: table,
+            });
         }
         if !seen.insert(table) {
             return Err(AuditError {

@@ -239,7 +239,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
             }
         }
         let c = self.alloc_page(level, guest_table, large)?;
-        self.mem.write_u64(at, c | SHADOW_TABLE_FLAGS);
+        self.set_shadow_entry(table, idx, c | SHADOW_TABLE_FLAGS);
         if let Some(page) = self.pages.get_mut(&c) {
             page.parent = Some(at.as_u64());
         }
@@ -257,7 +257,11 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
             // Not a pure write upgrade: the real TLB may hold the old translation.
             self.tlb_flush = true;
         }
-        self.mem.write_u64(at, v);
+        let (table, idx) = (
+            at.as_u64() & !(PAGE_SIZE - 1),
+            (at.as_u64() & (PAGE_SIZE - 1)) as usize / 8,
+        );
+        self.set_shadow_entry(table, idx, v);
         if writable && self.policy == Policy::Cached {
             self.writable_leaves
                 .entry(gfn)

@@ -9,7 +9,7 @@ use crate::addr::GuestVirtAddr;
 use crate::machine::{FrameAllocator, HostMemory};
 use crate::pte::{PageTableEntry, PteFlags};
 
-use super::{guest_slots, is_vmm_slot, slot, ShadowMmu};
+use super::{is_vmm_slot, slot, ShadowMmu};
 
 impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
     /// The guest executed INVLPG `gva`: drop its translation in both views of the current address
@@ -42,7 +42,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         if !e.is_present() {
             return false;
         }
-        self.mem.write_u64(at, 0);
+        self.set_shadow_entry(table, idx, 0);
         self.tlb_flush = true;
         let level = self.pages.get(&table).map_or(1, |p| p.level);
         if level == 1 {
@@ -55,7 +55,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
 
     /// Clears every guest slot of a root (its tables are freed; the VMM slot stays).
     pub(super) fn clear_root(&mut self, root: u64) {
-        for idx in guest_slots(4) {
+        for idx in self.present_entries(root).indices() {
             self.zap_entry(root, idx);
         }
     }
@@ -65,7 +65,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
     pub(super) fn retain_globals(&mut self, table: u64) -> bool {
         let level = self.pages.get(&table).map_or(1, |p| p.level);
         let mut kept = false;
-        for idx in guest_slots(level) {
+        for idx in self.present_entries(table).indices() {
             let e = self.shadow_entry(table, idx);
             if !e.is_present() {
                 continue;

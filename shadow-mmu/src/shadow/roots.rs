@@ -9,6 +9,7 @@ use alloc::vec::Vec;
 
 use crate::addr::{HostPhysAddr, PAGE_SIZE};
 use crate::machine::{FrameAllocator, HostMemory};
+use crate::pte::PageTableEntry;
 
 use super::fill::FillError;
 use super::{guest_slots, slot, ShadowMmu, StopReason, VMM_PML4_SLOT};
@@ -25,6 +26,41 @@ pub(super) struct ShadowPage {
     pub(super) owner: u64,
     /// The host address of the shadow entry that points at this page (`None` for roots).
     pub(super) parent: Option<u64>,
+    /// Which entries are present, one bit per index: freeing or clearing a table visits only
+    /// those instead of reading all 512 (measured under icount: ~2 400 instructions per freed
+    /// leaf table). Kept by `ShadowMmu::set_shadow_entry`, the one writer of guest slots; the
+    /// audit checks it against the table.
+    pub(super) present: PresentBits,
+}
+
+/// One bit per entry of a shadow table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct PresentBits([u64; 8]);
+
+impl PresentBits {
+    pub(super) fn set(&mut self, idx: usize, present: bool) {
+        let (word, bit) = (idx / 64, 1u64 << (idx % 64));
+        if let Some(w) = self.0.get_mut(word) {
+            if present {
+                *w |= bit;
+            } else {
+                *w &= !bit;
+            }
+        }
+    }
+
+    /// The indices whose bit is set, in order.
+    pub(super) fn indices(self) -> impl Iterator<Item = usize> {
+        self.0.into_iter().enumerate().flat_map(|(word, mut bits)| {
+            core::iter::from_fn(move || {
+                (bits != 0).then(|| {
+                    let bit = bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    word * 64 + bit
+                })
+            })
+        })
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -160,6 +196,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
                 large,
                 owner: self.current_key,
                 parent: None,
+                present: PresentBits::default(),
             },
         );
         // Roots register lazily, on their first fill (see `fill`): a root the guest never ran on
@@ -177,7 +214,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         let Some(page) = self.pages.remove(&hpa) else {
             return;
         };
-        for idx in guest_slots(page.level) {
+        for idx in page.present.indices() {
             let e = self.shadow_entry(hpa, idx);
             if !e.is_present() {
                 continue;
@@ -198,5 +235,23 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         }
         self.tlb_flush = true;
         self.alloc.deallocate_frame(HostPhysAddr::new(hpa));
+    }
+}
+
+impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
+    /// Writes entry `idx` of shadow table `table` (a guest slot, never the VMM's) and keeps the
+    /// table's present bits.
+    pub(super) fn set_shadow_entry(&mut self, table: u64, idx: usize, value: u64) {
+        self.mem.write_u64(slot(table, idx), value);
+        if let Some(page) = self.pages.get_mut(&table) {
+            page.present.set(idx, PageTableEntry(value).is_present());
+        }
+    }
+
+    /// The entries of `table` that are present, by its present bits.
+    pub(super) fn present_entries(&self, table: u64) -> PresentBits {
+        self.pages
+            .get(&table)
+            .map_or_else(PresentBits::default, |p| p.present)
     }
 }
