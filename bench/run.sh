@@ -20,6 +20,9 @@ judged=cached
 # table named by its options.
 ablations=(
     "fastpath=off"
+    "unsync=off"
+    "emulator_fill=off"
+    "fastpath=off unsync=off emulator_fill=off"
 )
 words=()
 while [ $# -gt 0 ]; do

@@ -113,11 +113,20 @@ fn selftest_matches_native_without_the_emulator_fill() {
     assert_equivalent_with(&["selftest", "gdt=sparse"], "flush emulator_fill=off");
 }
 
+/// Every optimisation off at once: the reference path (docs/benchmarks.md, "Fast paths").
+const ALL_OFF: &str = "fastpath=off unsync=off emulator_fill=off";
+
 #[test]
-fn selftest_and_probe_match_native_with_the_fast_paths_off() {
-    // `fastpath=off`: one instruction per trap, the full injection pass on every exit
-    // (docs/benchmarks.md, "Fast paths"); the default runs above have them on.
-    assert_equivalent_with(&["selftest"], "cached fastpath=off");
-    assert_equivalent_with(&["selftest", "gdt=linux"], "flush fastpath=off");
-    assert_equivalent_with(&["probe"], "cached fastpath=off");
+fn selftest_and_probe_match_native_with_every_optimisation_off() {
+    // One instruction per trap, the full injection pass on every exit, every shadowed guest
+    // table write-protected, no emulator fills; the default runs above have them all on.
+    assert_equivalent_with(&["selftest"], &format!("cached {ALL_OFF}"));
+    assert_equivalent_with(&["selftest", "gdt=linux"], &format!("flush {ALL_OFF}"));
+    assert_equivalent_with(&["probe"], &format!("cached {ALL_OFF}"));
+}
+
+#[test]
+fn selftest_matches_native_with_unsync_off() {
+    // `unsync=off`: every store to a shadowed guest table is emulated.
+    assert_equivalent_with(&["selftest"], "cached unsync=off");
 }

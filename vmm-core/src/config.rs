@@ -54,6 +54,10 @@ pub struct HostConfig<'a> {
     /// for MOV CRn/INVLPG, no injection or effects pass when nothing is pending, coalesced
     /// SYSCALL+SWAPGS and SWAPGS+SYSRETQ, the CR3 root cache. Off is the reference path.
     pub fastpath: bool,
+    /// Whether the shadow MMU may leave guest leaf page tables unsynced (writable to the guest
+    /// until its next CR3 load, shadow-mmu `set_unsync`); off write-protects every shadowed
+    /// table, the reference path.
+    pub unsync: bool,
     /// Stop the guest when it has made no progress (no trap other than timer ticks) for this many
     /// timer ticks (0 = never).
     pub watchdog_ticks: u64,
@@ -80,6 +84,7 @@ impl Default for HostConfig<'_> {
             emulator_fill: true,
             profile_phases: false,
             fastpath: true,
+            unsync: true,
             watchdog_ticks: 10_000,
             debug: DebugAction::None,
             // The VMM's job: run the guest module (after the host's own self-checks).
@@ -92,7 +97,7 @@ impl Default for HostConfig<'_> {
 /// The keys [`HostConfig::parse`] accepts, with their syntax, for error messages and docs.
 pub const VALID_KEYS: &str =
     "timer_hz=<19..10000> mem=<4..3072 MiB> trace=<N> shadow=flush|cached \
-emulator_fill=on|off profile=phases|off fastpath=on|off watchdog=<ticks, 0=off> debug=none|panic mode=selfcheck|guest";
+emulator_fill=on|off profile=phases|off fastpath=on|off unsync=on|off watchdog=<ticks, 0=off> debug=none|panic mode=selfcheck|guest";
 
 /// Why a host command line was rejected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -163,6 +168,13 @@ impl<'a> HostConfig<'a> {
                 }
                 "emulator_fill" => {
                     config.emulator_fill = match value {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(bad),
+                    }
+                }
+                "unsync" => {
+                    config.unsync = match value {
                         "on" => true,
                         "off" => false,
                         _ => return Err(bad),
@@ -246,7 +258,7 @@ mod tests {
     #[test]
     fn every_key_parses() {
         let c = HostConfig::parse(
-            "trace=5 shadow=cached emulator_fill=off profile=phases fastpath=off debug=panic watchdog=0 mode=guest",
+            "trace=5 shadow=cached emulator_fill=off profile=phases fastpath=off unsync=off debug=panic watchdog=0 mode=guest",
             false,
         )
         .unwrap();
@@ -256,6 +268,7 @@ mod tests {
         assert!(!c.emulator_fill);
         assert!(c.profile_phases);
         assert!(!c.fastpath);
+        assert!(!c.unsync);
         assert_eq!(c.debug, DebugAction::Panic);
         assert_eq!(c.watchdog_ticks, 0);
     }
@@ -289,6 +302,7 @@ mod tests {
             "shadow=maybe",
             "emulator_fill=yes",
             "fastpath=1",
+            "unsync=",
             "profile=all",
             "debug=oops",
         ] {

@@ -56,6 +56,7 @@ pub(super) fn load(config: &HostConfig<'_>, module: &Module) -> (Mmu, EntryState
         crate::exit::config_error(format_args!("cannot create the shadow MMU: {e:?}"))
     });
     mmu.set_emulator_fill(config.emulator_fill);
+    mmu.set_unsync(config.unsync);
     let entry = loader::load_guest(
         &mut LoadTarget { mmu: &mut mmu },
         image,

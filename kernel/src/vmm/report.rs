@@ -59,10 +59,10 @@ pub(super) fn report(vm: &mut Vm) {
         stats.shadow_hits,
         stats.emulator_fills
     ));
-    if stats.page_table_writes > 0 || stats.flushes > 0 {
+    if stats.page_table_writes > 0 || stats.flushes > 0 || stats.unsyncs > 0 {
         crate::serial::write_line(format_args!(
-            "[vmm] shadow-mmu: page-table writes emulated={} tables unshadowed={} address spaces released={} full flushes={}",
-            stats.page_table_writes, stats.unshadowed_tables, stats.released_address_spaces, stats.flushes
+            "[vmm] shadow-mmu: page-table writes emulated={} tables unshadowed={} address spaces released={} full flushes={} tables unsynced={} resynced={}",
+            stats.page_table_writes, stats.unshadowed_tables, stats.released_address_spaces, stats.flushes, stats.unsyncs, stats.resyncs
         ));
     }
     let unknown = alloc::format!("{}", vm.bus.unknown_ports());

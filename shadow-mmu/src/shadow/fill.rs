@@ -162,6 +162,10 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
             View::User => t.writable,
         };
         let mut protected = self.is_write_protected_gpa(t.gpa);
+        if access.kind == AccessKind::Write && protected && self.try_unsync(t.gpa.frame_number()) {
+            // A leaf table: the store runs natively from now on (`unsync.rs`).
+            protected = false;
+        }
         if access.kind == AccessKind::Write && protected && self.write_flooded(t) {
             // Decided before the leaf is written, so that the leaf below is the writable one the
             // retry needs: `Filled` promises that the shadow now allows the access (returning it

@@ -7,6 +7,7 @@
 //! |---|---|
 //! | `fill` | the #PF decision: fill / reflect / page-table write / stop (§4.6-§4.8) |
 //! | `write_protect` | cached policy: write-protected guest tables, zaps, write flooding |
+//! | `unsync` | cached policy: leaf tables left writable until the guest's next CR3 load |
 //! | `invalidate` | INVLPG, full flushes and zapping shadow entries (§4.10.4) |
 //! | `roots` | root pairs per guest CR3, the page pool and its quota, LRU reclaim |
 //! | `linear` | the emulator's linear reads / writes / translations, the shadow hit path |
@@ -66,6 +67,7 @@ mod invalidate;
 mod linear;
 mod outcome;
 mod roots;
+mod unsync;
 mod write_protect;
 
 pub use audit::AuditError;
@@ -169,6 +171,10 @@ pub struct Stats {
     pub released_address_spaces: u64,
     /// Guest tables unshadowed after a flood of writes ([`ShadowMmu::unshadow_guest_table`]).
     pub unshadowed_tables: u64,
+    /// Guest leaf tables unsynced instead of emulating a store to them (`set_unsync`).
+    pub unsyncs: u64,
+    /// Unsynced tables brought back in line (at CR3 loads, or before being mirrored higher).
+    pub resyncs: u64,
     /// CR3 loads whose guest PML4 maps the VMM's slot (never honoured).
     pub guest_vmm_slot_mappings: u64,
     /// Shadow roots alive (two per guest address space).
@@ -206,6 +212,11 @@ pub struct ShadowMmu<M, A> {
     write_flood: Option<(u64, u32)>,
     /// Whether an emulator read that missed the shadow fills it (`set_emulator_fill`).
     emulator_fill: bool,
+    /// Cached policy: whether leaf tables may be unsynced (`set_unsync`, `unsync.rs`).
+    unsync_enabled: bool,
+    /// Cached policy: the guest leaf tables (frame numbers) left writable to the guest until
+    /// the next CR3 load (`unsync.rs`).
+    unsync: BTreeSet<u64>,
 }
 
 /// The host address of entry `idx` of the shadow table at `table`.
@@ -256,6 +267,8 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
             tlb_flush: false,
             write_flood: None,
             emulator_fill: false,
+            unsync_enabled: false,
+            unsync: BTreeSet::new(),
             stats: Stats::default(),
         };
         mmu.current_key = mmu.cr3_key(config.guest_cr3);
@@ -371,6 +384,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         // Only the two roots are left: rebuild the cached policy's bookkeeping for them.
         self.shadowed.clear();
         self.writable_leaves.clear();
+        self.unsync.clear();
         self.policy = policy;
         self.stats.flushes += 1;
         for root in [pair.kernel, pair.user] {
@@ -386,6 +400,8 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
     /// pages while CR4.PGE = 1 (§4.10.4.1). Cached policy: reuse the shadows of this CR3.
     pub fn load_cr3(&mut self, cr3: u64) -> Result<(), StopReason> {
         self.stats.cr3_loads += 1;
+        // The guest's TLB flush: unsynced tables are brought back in line (`unsync.rs`).
+        self.resync_all();
         self.guest_cr3 = cr3;
         let key = self.cr3_key(cr3);
         self.check_guest_vmm_slot(key);
@@ -444,6 +460,17 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         }
         self.notify_guest_pte_write(gpa, data.len());
         Ok(())
+    }
+
+    /// A guest store that runs natively (no trap, so nobody is notified): what the guest does to
+    /// an unsynced table. Tests only.
+    #[cfg(test)]
+    pub(crate) fn write_guest_phys_natively(
+        &mut self,
+        gpa: GuestPhysAddr,
+        data: &[u8],
+    ) -> Result<(), MemoryError> {
+        self.p2m.write(gpa, data, &mut self.mem, &mut self.alloc)
     }
 
     /// The host frame backing the guest frame of `gpa`, allocated and zeroed on first touch (the

@@ -230,6 +230,8 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
                 list.retain(|p| *p != hpa);
                 if list.is_empty() {
                     self.shadowed.remove(&gfn);
+                    // Nothing mirrors it any more: nothing to resync.
+                    self.unsync.remove(&gfn);
                 }
             }
         }

@@ -79,7 +79,8 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
     /// True when a guest write to `gpa` must be emulated because the page holds a guest page
     /// table the cached policy shadows.
     pub fn is_write_protected_gpa(&self, gpa: GuestPhysAddr) -> bool {
-        self.policy == Policy::Cached && self.shadowed.contains_key(&gpa.frame_number())
+        let gfn = gpa.frame_number();
+        self.policy == Policy::Cached && self.shadowed.contains_key(&gfn) && !self.is_unsync(gfn)
     }
 
     /// Cached policy: the VMM wrote `len` bytes at guest-physical `gpa` on the guest's behalf
@@ -122,6 +123,14 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         if self.policy != Policy::Cached {
             return;
         }
+        let leaf_table = self
+            .pages
+            .get(&hpa)
+            .is_some_and(|p| p.level == 1 && !p.large);
+        if !leaf_table && self.is_unsync(gfn) {
+            // Only leaf tables stay unsynced (`unsync.rs`).
+            self.resync(gfn);
+        }
         let list = self.shadowed.entry(gfn).or_default();
         if list.contains(&hpa) {
             return;
@@ -134,7 +143,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
     }
 
     /// Cached policy: `gfn` became a shadowed guest table; no shadow leaf may map it writable.
-    fn write_protect(&mut self, gfn: u64) {
+    pub(super) fn write_protect(&mut self, gfn: u64) {
         let Some(frame) = self.p2m.lookup(gfn) else {
             return;
         };

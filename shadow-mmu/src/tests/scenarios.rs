@@ -784,3 +784,73 @@ fn emulator_fill_respects_the_guests_rights_and_the_vmm_slot() {
     assert!(m.shadow_lookup(View::User, gva(va)).is_none());
     m.audit().unwrap();
 }
+
+/// Unsynced leaf tables, step by step: the first store to a shadowed leaf table unsyncs it
+/// (filled writable, not emulated); later stores run natively; a not-present → present store
+/// is seen at the next access; a changed present entry is seen after the guest's CR3 load
+/// (resync), not before — as with a TLB. With unsync off the store is emulated.
+#[test]
+fn a_leaf_table_is_unsynced_by_a_store_and_resynced_by_a_cr3_load() {
+    for unsync in [false, true] {
+        let mut m = mmu(Policy::Cached, 64, CR3);
+        m.set_unsync(unsync);
+        let (a, b, c) = (0x40_0000u64, 0x40_1000u64, 0x40_2000u64);
+        // A maps frame F1; B maps the leaf table T[3] itself (the guest's window on it); C is
+        // not present yet.
+        map_4k(&mut m, T, a, 0x20_0000, P | RW | US, P | RW | US);
+        map_4k(&mut m, T, b, T[3], P | RW | US, P | RW | US);
+        let access = |m: &mut Mmu, va: u64, write: bool| {
+            let present = m.shadow_lookup(View::Kernel, gva(va)).is_some();
+            m.handle_page_fault(View::Kernel, gva(va), hw(write, present))
+        };
+        assert_eq!(access(&mut m, a, false), FaultOutcome::Filled);
+        // The first store to the table through B.
+        let outcome = access(&mut m, b, true);
+        if !unsync {
+            assert!(matches!(
+                outcome,
+                FaultOutcome::EmulatePageTableWrite { .. }
+            ));
+            assert!(m.is_write_protected_gpa(GuestPhysAddr::new(T[3])));
+            m.audit().unwrap();
+            continue;
+        }
+        assert_eq!(outcome, FaultOutcome::Filled);
+        assert!(m.is_unsync(T[3] / 4096));
+        assert_eq!(m.stats().unsyncs, 1);
+        assert!(m.shadow_lookup(View::Kernel, gva(b)).unwrap().writable);
+        m.audit().unwrap();
+        // Native stores: C becomes present, A moves to F2.
+        let pte = |va: u64| T[3] + ((va >> 12) & 0x1FF) * 8;
+        let store = |m: &mut Mmu, at: u64, v: u64| {
+            m.write_guest_phys_natively(GuestPhysAddr::new(at), &v.to_le_bytes())
+                .unwrap()
+        };
+        store(&mut m, pte(c), 0x30_0000 | P | RW | US);
+        store(&mut m, pte(a), 0x31_0000 | P | RW | US);
+        assert_eq!(access(&mut m, c, false), FaultOutcome::Filled);
+        assert_eq!(
+            m.shadow_lookup(View::Kernel, gva(c)).unwrap().frame,
+            frame_of(&m, 0x30_0000)
+        );
+        // A still translates to F1, as a TLB may, until the guest's CR3 load.
+        assert_eq!(
+            m.shadow_lookup(View::Kernel, gva(a)).unwrap().frame,
+            frame_of(&m, 0x20_0000)
+        );
+        m.load_cr3(CR3).unwrap();
+        assert_eq!(m.stats().resyncs, 1);
+        assert!(!m.is_unsync(T[3] / 4096));
+        assert!(m.shadow_lookup(View::Kernel, gva(a)).is_none());
+        assert_eq!(access(&mut m, a, false), FaultOutcome::Filled);
+        assert_eq!(
+            m.shadow_lookup(View::Kernel, gva(a)).unwrap().frame,
+            frame_of(&m, 0x31_0000)
+        );
+        // Write-protected again: the next store is emulated (or unsyncs the table again).
+        assert!(!m
+            .shadow_lookup(View::Kernel, gva(b))
+            .is_some_and(|s| s.writable));
+        m.audit().unwrap();
+    }
+}
