@@ -147,7 +147,7 @@ impl Vm {
     /// Whether the way back has nothing to do but write the frame: the guest is not halted, no
     /// virtual interrupt is pending, the vCPU recorded no effect, the shadow MMU wants no TLB
     /// flush, and the real control bits were set up (the first entry sets them).
-    fn nothing_pending(&self) -> bool {
+    pub(super) fn nothing_pending(&self) -> bool {
         !self.cpu.halted
             && !vmm_core::devices::InterruptSource::has_pending(&self.bus)
             && !self.cpu.has_effects()

@@ -160,6 +160,20 @@ impl vmm_core::cpu::GuestMemory for GuestAccess<'_> {
     }
 }
 
+/// The 8 bytes at the guest's `rip`, read through the loaded shadow tables in one load, when
+/// they lie on RIP's page in guest linear space (below the VMM's slot): the CPU has just
+/// fetched the instruction there to trap on it, so the page is mapped and executable in the
+/// loaded view. `None` otherwise, or when the read faults (the caller takes the slow path).
+pub fn guest_code_bytes(rip: u64) -> Option<[u8; 8]> {
+    let on_one_page = rip & 0xFFF <= 0x1000 - 8;
+    let lower = rip < shadow_mmu::addr::LOWER_HALF_END;
+    let upper = (shadow_mmu::addr::UPPER_HALF_START..boot::VMM_RESERVED_VA_START).contains(&rip);
+    if !on_one_page || !(lower || upper) {
+        return None;
+    }
+    crate::trap::read_u64_or_fault(rip).map(u64::to_le_bytes)
+}
+
 /// The host timer as the virtual devices' clock.
 #[derive(Debug, Clone, Copy)]
 pub struct HostClock;

@@ -24,6 +24,12 @@ extern "C" {
 /// Whether traps are split by phase (host option `profile=phases`).
 static SPLIT_BY_PHASE: AtomicBool = AtomicBool::new(false);
 
+/// Whether traps are split by phase now (the fast lane stays off then: its traps have no
+/// phases to split).
+pub(super) fn splitting_by_phase() -> bool {
+    SPLIT_BY_PHASE.load(Ordering::Relaxed)
+}
+
 /// Turns the per-phase split on or off (from the host command line, before the guest runs).
 pub(super) fn split_by_phase(on: bool) {
     SPLIT_BY_PHASE.store(on, Ordering::Relaxed);
@@ -154,6 +160,13 @@ impl Vm {
                 )),
             }
         }
+    }
+
+    /// After a trap the fast lane finished: its cost, and the benchmark attribution (no trace:
+    /// the lane is off while trace lines remain).
+    pub(super) fn account_fast_lane(&mut self, kind: TrapKind, clock: &PhaseClock) {
+        self.accounting.record(kind, clock.total());
+        self.note_guest_lines();
     }
 
     /// The benchmark harness: the guest prints `bench,<op>,...` right after each op, so the

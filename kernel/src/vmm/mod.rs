@@ -26,6 +26,7 @@ mod registers;
 mod report;
 mod watchdog;
 
+use fast_path::Lane;
 use instrument::{PhaseClock, TrapName};
 use report::{report, stop_guest, stop_without_vm};
 use watchdog::Watchdog;
@@ -93,6 +94,9 @@ struct Vm {
     bench_traps: alloc::vec::Vec<(alloc::string::String, u64, u64)>,
     /// The trap fast paths are on (host option `fastpath=`, `fast_path.rs`).
     fastpath: bool,
+    /// The first 8 bytes at the trapping RIP, when the fast lane read them and left the trap to
+    /// the dispatcher (`emulate` then does not fetch them again); reset at every trap.
+    prefetched: Option<[u8; 8]>,
 }
 
 /// The VM, reached from the trap dispatcher. Only ever locked with interrupts disabled (in trap
@@ -147,6 +151,7 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
         bench_mark: (0, 0, 0),
         bench_traps: alloc::vec::Vec::new(),
         fastpath: config.fastpath,
+        prefetched: None,
     };
     // The first entry is a made-up return from a trap, built like every other return.
     let mut frame = TrapFrame::default();
@@ -192,8 +197,25 @@ pub fn handle_guest_trap(frame: &mut TrapFrame) {
     let trap_rip = frame.rip;
     let sysenter_stepping = vm.enter(frame);
     clock.mark(Phase::EntryStub);
-    vm.last_trap = TrapName::Vector(frame.vector, frame.error_code);
-    let (action, kind) = vm.route(frame, sysenter_stepping, &mut clock);
+    // Only a #GP(0) can be the fast lane's (checked here so other traps skip the call).
+    let lane = if frame.vector == vector::GENERAL_PROTECTION && frame.error_code == 0 {
+        vm.fast_lane(frame)
+    } else {
+        vm.prefetched = None;
+        None
+    };
+    let (action, kind) = match lane {
+        Some(Lane::Done(kind)) => {
+            vm.watchdog.trap(trap_rip);
+            vm.account_fast_lane(kind, &clock);
+            return;
+        }
+        Some(Lane::Rest(action, kind)) => (action, kind),
+        None => {
+            vm.last_trap = TrapName::Vector(frame.vector, frame.error_code);
+            vm.route(frame, sysenter_stepping, &mut clock)
+        }
+    };
     clock.mark(Phase::Emulate);
     if !matches!(kind, TrapKind::Irq(_)) {
         vm.watchdog.trap(trap_rip);
@@ -370,14 +392,27 @@ impl Vm {
                 .map(|ins| vmm_core::cpu::emulate::disassemble(&ins))
                 .ok();
         }
-        let result = handle_instruction(
-            &mut self.cpu,
-            &mut host::GuestAccess::new(&mut self.mmu, self.view),
-            &mut self.bus,
-            &RealCpu,
-            cause,
-            &mut |phase| clock.mark(phase),
-        );
+        let mut mem = host::GuestAccess::new(&mut self.mmu, self.view);
+        let mut mark = |phase| clock.mark(phase);
+        let result = match self.prefetched.take() {
+            Some(code) => vmm_core::cpu::emulate::handle_prefetched_instruction(
+                &mut self.cpu,
+                &mut mem,
+                &mut self.bus,
+                &RealCpu,
+                cause,
+                &mut mark,
+                &code,
+            ),
+            None => handle_instruction(
+                &mut self.cpu,
+                &mut mem,
+                &mut self.bus,
+                &RealCpu,
+                cause,
+                &mut mark,
+            ),
+        };
         match result {
             Ok(handled) => {
                 self.last_trap = match self.trace_text.take() {

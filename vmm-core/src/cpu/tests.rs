@@ -33,7 +33,7 @@ const UDATA: u16 = 0x1B;
 const UCODE_SEL: u16 = 0x23;
 const TSS_SEL: u16 = 0x28;
 
-#[derive(Default, Debug)]
+#[derive(Default, Debug, Clone)]
 struct Ports {
     writes: Vec<(u16, u8, u32)>,
     values: BTreeMap<u16, u32>,
@@ -2251,4 +2251,106 @@ fn without_fast_paths_nothing_is_coalesced_or_built() {
     r.cpu.rip = CODE;
     let h = r.ok(&[0x0F, 0x20, 0xD8]);
     assert_eq!((h.name, r.cpu.reg(Gpr::Rax)), ("MOV from CRn", 0x100000));
+}
+
+// ---- the fast lane: the same instruction, the same end state ----
+
+/// The encodings the fast lane takes, and a few it must leave alone.
+fn lane_encodings() -> Vec<Vec<u8>> {
+    let mut v: Vec<Vec<u8>> = std::vec![
+        std::vec![0xE4, 0x21],             // in al, 0x21
+        std::vec![0xE6, 0x20],             // out 0x20, al
+        std::vec![0xE5, 0x40],             // in eax, 0x40
+        std::vec![0xEC],                   // in al, dx
+        std::vec![0xEF],                   // out dx, eax
+        std::vec![0x0F, 0x32],             // rdmsr
+        std::vec![0x0F, 0x30],             // wrmsr
+        std::vec![0x0F, 0x01, 0x38],       // invlpg [rax]
+        std::vec![0x41, 0x0F, 0x01, 0x3B], // invlpg [r11]
+        std::vec![0x0F, 0x01, 0x7B, 0x08], // invlpg [rbx+8]: not the lane's
+        std::vec![0x0F, 0x01, 0xF8],       // swapgs: not the lane's
+        std::vec![0xFA],                   // cli: not the lane's
+    ];
+    for (op, cr) in [
+        (0x20u8, 0u8),
+        (0x20, 2),
+        (0x20, 3),
+        (0x20, 4),
+        (0x22, 0),
+        (0x22, 3),
+        (0x22, 4),
+    ] {
+        v.push(std::vec![0x0F, op, 0xC0 | (cr << 3) | 1]); // rcx
+    }
+    v.push(std::vec![0x44, 0x0F, 0x22, 0xC2]); // mov cr8, rdx
+    v.push(std::vec![0x44, 0x0F, 0x20, 0xC0]); // mov rax, cr8
+    v
+}
+
+proptest! {
+    /// The fast lane (`execute_prefetched`, its fault then delivered as `handle_instruction`
+    /// delivers it) and `handle_instruction` end in the same vCPU, stacks, ports and effects,
+    /// for its instructions at any CPL, TF, RF and shadow, any register values (reserved CR
+    /// bits, unknown MSRs, non-canonical INVLPG addresses); anything it does not take is left
+    /// untouched for the dispatcher.
+    #[test]
+    fn the_fast_lane_ends_as_the_dispatcher_does(
+        which in 0usize..21,
+        cpl3 in any::<bool>(),
+        tf in any::<bool>(),
+        rf in any::<bool>(),
+        shadow in any::<bool>(),
+        rax in prop::sample::select(std::vec![0u64, 0x20, 0x8000_0000_0000_0000, 0xFFFF_8000_0000_1000, 0x8005_0033]),
+        rcx in prop::sample::select(std::vec![0u64, 0xC000_0100, 0xC000_0080, 0x1B, 0x10, 0x8000_0011, 0x0000_8000_0000_0000, 0x20_0000]),
+        rdx in prop::sample::select(std::vec![0u64, 0x20, 0x21, 0xF, 0x10, 0xFFFF_FFFF]),
+    ) {
+        let encodings = lane_encodings();
+        let code = &encodings[which % encodings.len()];
+        let mut reference = if cpl3 { Rig::user() } else { Rig::kernel() };
+        reference.cpu.rip = CODE;
+        reference.cpu.cpl = if cpl3 { 3 } else { 0 };
+        if tf {
+            reference.cpu.rflags |= rflags::TF;
+        }
+        if rf {
+            reference.cpu.rflags |= rflags::RF;
+        }
+        if shadow {
+            reference.cpu.interrupt_shadow = Some(CODE);
+        }
+        for (r, v) in [(Gpr::Rax, rax), (Gpr::Rcx, rcx), (Gpr::Rdx, rdx), (Gpr::Rbx, rax), (Gpr::R11, rcx)] {
+            reference.cpu.set_reg(r, v);
+        }
+        reference.code(code);
+        reference.ports.values.insert(0x21, 0xB8);
+        reference.cpu.take_effects();
+        let mut lane = Rig { cpu: reference.cpu.clone(), mem: reference.mem.clone(), ports: reference.ports.clone() };
+        lane.cpu.fast_paths = true;
+
+        let expected = reference.run();
+        let mut bytes = [0x90u8; 8];
+        bytes[..code.len()].copy_from_slice(code);
+        let before = observable(&lane);
+        let got = match emulate::execute_prefetched(&mut lane.cpu, &mut lane.mem, &mut lane.ports, &bytes) {
+            None => {
+                // Not the lane's: nothing changed, the dispatcher takes it from here.
+                prop_assert_eq!(observable(&lane), before);
+                lane.run()
+            }
+            Some((name, Ok(()))) => Ok(Handled { mnemonic: None, name, outcome: Outcome::Emulated }),
+            Some((name, Err(Fault::Raise(event)))) => deliver(&mut lane.cpu, &mut lane.mem, event)
+                .map(|e| Handled { mnemonic: None, name, outcome: Outcome::Delivered(e) }),
+            Some((_, Err(Fault::Stop(stop)))) => Err(stop),
+        };
+        match (&expected, &got) {
+            (Ok(e), Ok(g)) => {
+                prop_assert_eq!(e.name, g.name);
+                prop_assert_eq!(e.outcome, g.outcome);
+            }
+            (e, g) => prop_assert_eq!(e.is_err(), g.is_err()),
+        }
+        prop_assert_eq!(observable(&lane), observable(&reference));
+        prop_assert_eq!(format!("{:?}", lane.ports), format!("{:?}", reference.ports));
+        prop_assert_eq!(lane.cpu.take_effects(), reference.cpu.take_effects());
+    }
 }

@@ -45,6 +45,7 @@ pub(super) enum FixedEncoding {
 
 /// Recognises the fast path's exact encodings: (instruction, length, mnemonic). `b` holds the
 /// bytes at RIP, of which the first `fetched` were fetched (the rest of its page, at most 15).
+#[inline(always)] // two callers (the dispatcher's path and the fast lane); measured per trap
 pub(super) fn fixed_encoding(
     cpu: &VCpu,
     b: &[u8; MAX_INSTRUCTION_LEN],
@@ -134,6 +135,7 @@ fn control_register_or_invlpg(
 
 /// Executes a fast-path instruction of `len` bytes with the same handlers the decoded path
 /// uses; `next` is the address after it.
+#[inline(always)] // as `fixed_encoding`
 pub(super) fn execute_fixed<M, P>(
     cpu: &mut VCpu,
     mem: &mut M,
@@ -179,7 +181,39 @@ where
     }
 }
 
+/// Whether the kernel's fast lane takes `op` (`super::execute_prefetched`): instructions that
+/// neither load a segment, transfer control nor touch guest memory, so the lane's exit can keep
+/// the real CS/SS and the data segments as they are.
+pub(super) fn in_fast_lane(op: FixedEncoding) -> bool {
+    matches!(
+        op,
+        FixedEncoding::In(..)
+            | FixedEncoding::Out(..)
+            | FixedEncoding::Rdmsr
+            | FixedEncoding::Wrmsr
+            | FixedEncoding::Built(_)
+    )
+}
+
+/// A quick look at the first bytes, before `fixed_encoding`: false for every instruction the
+/// fast lane does not take (SWAPGS, IRETQ, SYSRETQ, CLI/STI, ... go to the dispatcher without
+/// paying for the full match twice). True for all it takes (`in_fast_lane`); the match decides.
+pub(super) fn may_be_in_fast_lane(b: &[u8; 8]) -> bool {
+    let rest = match b[0] {
+        0x40..=0x4F => &b[1..],
+        _ => &b[..],
+    };
+    match *rest {
+        [0xE4..=0xE7 | 0xEC..=0xEF, ..] => true,
+        [0x0F, 0x20 | 0x22 | 0x30 | 0x32, ..] => true,
+        // INVLPG is 0F 01 /7 with a memory operand; SWAPGS (0F 01 F8) has mod = 11.
+        [0x0F, 0x01, modrm, ..] => modrm >> 6 != 3 && (modrm >> 3) & 7 == 7,
+        _ => false,
+    }
+}
+
 /// The trap-table name of a fixed-encoding instruction.
+#[inline(always)] // as `fixed_encoding`
 pub(super) fn fixed_name(op: FixedEncoding, mnemonic: Mnemonic) -> &'static str {
     match op {
         FixedEncoding::SwapgsThen(second) => second.pair_name(),
@@ -242,5 +276,36 @@ mod tests {
         // MOV CRn: 2 directions x 4 mod values x 8 r/m x (CR0/2/3/4 under the 9 prefixes
         // without REX.R + CR8 under the 8 with it) = 2 816; INVLPG: 6 base registers x 17.
         assert_eq!(built_count, 2_816 + 102);
+    }
+
+    /// The fast lane's byte filter lets through every encoding the lane takes, and keeps out
+    /// the coalesced SWAPGS pairs and the other fixed encodings.
+    #[test]
+    fn the_fast_lane_filter_passes_exactly_what_the_lane_may_take() {
+        let mut cpu = crate::cpu::VCpu::at_entry(0x1000, 0, 0, 0x10_0000, Default::default());
+        cpu.fast_paths = true;
+        let mut seen = 0;
+        for first in 0..=0xFFu8 {
+            for second in 0..=0xFFu8 {
+                for third in [0x00u8, 0x38, 0xC0, 0xD8, 0xF8] {
+                    let eight = [first, second, third, 0x0F, 0x07, 0x90, 0x90, 0x90];
+                    let mut b = [0x90u8; MAX_INSTRUCTION_LEN];
+                    b[..8].copy_from_slice(&eight);
+                    let taken =
+                        fixed_encoding(&cpu, &b, 8).is_some_and(|(op, ..)| in_fast_lane(op));
+                    if taken {
+                        seen += 1;
+                        assert!(may_be_in_fast_lane(&eight), "{eight:02x?} filtered out");
+                    }
+                }
+            }
+        }
+        assert!(seen > 100, "{seen}");
+        for swapgs_pair in [
+            [0x0F, 0x01, 0xF8, 0x48, 0x0F, 0x07, 0x90, 0x90],
+            [0x0F, 0x01, 0xF8, 0x48, 0xCF, 0, 0, 0],
+        ] {
+            assert!(!may_be_in_fast_lane(&swapgs_pair));
+        }
     }
 }

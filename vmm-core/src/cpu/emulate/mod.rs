@@ -133,8 +133,44 @@ where
     M: GuestMemory + ?Sized,
     P: PortIo + ?Sized,
 {
+    handle(cpu, mem, ports, cpuid, cause, mark, None)
+}
+
+/// [`handle_instruction`] for an instruction whose first 8 bytes the caller has already read
+/// from RIP's page with the rights of the fetch (the kernel's fast lane reads them for every
+/// #GP): they stand for the fetch's first bytes; the rest, if the decoder needs it, is fetched
+/// as usual.
+pub fn handle_prefetched_instruction<M, P>(
+    cpu: &mut VCpu,
+    mem: &mut M,
+    ports: &mut P,
+    cpuid: &dyn HostCpu,
+    cause: Cause,
+    mark: &mut dyn FnMut(Phase),
+    code: &[u8; 8],
+) -> Result<Handled, CpuStop>
+where
+    M: GuestMemory + ?Sized,
+    P: PortIo + ?Sized,
+{
+    handle(cpu, mem, ports, cpuid, cause, mark, Some(code))
+}
+
+fn handle<M, P>(
+    cpu: &mut VCpu,
+    mem: &mut M,
+    ports: &mut P,
+    cpuid: &dyn HostCpu,
+    cause: Cause,
+    mark: &mut dyn FnMut(Phase),
+    code: Option<&[u8; 8]>,
+) -> Result<Handled, CpuStop>
+where
+    M: GuestMemory + ?Sized,
+    P: PortIo + ?Sized,
+{
     let single_stepping = cpu.rflags & rflags::TF != 0;
-    let (decoded, result) = emulate(cpu, mem, ports, cpuid, cause, mark);
+    let (decoded, result) = emulate(cpu, mem, ports, cpuid, cause, mark, code);
     let mnemonic = decoded.map(|d| d.0);
     let name = decoded.map_or("fetch", |d| d.1);
     // An instruction that opens an interrupt shadow (MOV SS, SDM Vol. 3 §6.8.3; STI that sets
@@ -205,6 +241,46 @@ pub fn pushf_in_interrupt_shadow<M: GuestMemory + ?Sized>(cpu: &mut VCpu, mem: &
     true
 }
 
+/// The fast lane (host option `fastpath=`; the kernel's `vmm/fast_path.rs`): the instruction at
+/// RIP, whose first bytes the caller has already read (`bytes`, all on RIP's page), when it is
+/// one the lane takes — IN/OUT, RDMSR/WRMSR, MOV to/from CRn or INVLPG, at virtual CPL 0, with
+/// no single-step and no interrupt shadow — executed by the same handlers and ended by the same
+/// rules as [`handle_instruction`] (RF cleared at its start, RIP, the canonical check at its
+/// end). `None`: not one of them, and nothing changed. Otherwise its trap-table name and
+/// whether it retired; `Err(fault)`: it raised `fault` (the vCPU as at the fault, RIP on the
+/// instruction), for the caller to deliver as [`handle_instruction`] would.
+pub fn execute_prefetched<M, P>(
+    cpu: &mut VCpu,
+    mem: &mut M,
+    ports: &mut P,
+    bytes: &[u8; 8],
+) -> Option<(&'static str, Result<(), Fault>)>
+where
+    M: GuestMemory + ?Sized,
+    P: PortIo + ?Sized,
+{
+    if !cpu.fast_paths
+        || cpu.cpl != 0
+        || cpu.rflags & rflags::TF != 0
+        || cpu.interrupt_shadow.is_some()
+        || !fixed_encodings::may_be_in_fast_lane(bytes)
+    {
+        return None;
+    }
+    let mut b = [0u8; MAX_INSTRUCTION_LEN];
+    b[..bytes.len()].copy_from_slice(bytes);
+    let (op, len, mnemonic) = fixed_encoding(cpu, &b, bytes.len())?;
+    if !fixed_encodings::in_fast_lane(op) {
+        return None;
+    }
+    cpu.rflags &= !rflags::RF;
+    let next = cpu.rip.wrapping_add(len);
+    let result = execute_fixed(cpu, mem, ports, op, len as u8, next)
+        .and_then(|flow| retire(cpu, flow, next, None))
+        .map(|_| ());
+    Some((fixed_name(op, mnemonic), result))
+}
+
 /// Fetches, decodes and executes one instruction without delivering what it raises.
 fn emulate<M, P>(
     cpu: &mut VCpu,
@@ -213,13 +289,22 @@ fn emulate<M, P>(
     cpuid: &dyn HostCpu,
     cause: Cause,
     mark: &mut dyn FnMut(Phase),
+    code: Option<&[u8; 8]>,
 ) -> (Option<(Mnemonic, &'static str)>, Result<Flow, Fault>)
 where
     M: GuestMemory + ?Sized,
     P: PortIo + ?Sized,
 {
     let shadow_before = cpu.interrupt_shadow;
-    let (bytes, first) = match fetch_bytes(cpu, mem) {
+    let fetched = match code {
+        Some(code) => {
+            let mut bytes = [0u8; MAX_INSTRUCTION_LEN];
+            bytes[..code.len()].copy_from_slice(code);
+            Ok((bytes, code.len()))
+        }
+        None => fetch_bytes(cpu, mem),
+    };
+    let (bytes, first) = match fetched {
         Ok(fetched) => fetched,
         Err(fault) => {
             mark(Phase::Decode);
@@ -262,6 +347,7 @@ where
 
 /// The end of an instruction that completed with `flow`: RIP moves to `next` unless the
 /// instruction set it, and an interrupt shadow that was open before it (`shadow_before`) closes.
+#[inline(always)] // two callers, as `fixed_encoding`
 fn retire(
     cpu: &mut VCpu,
     flow: Flow,
@@ -370,21 +456,28 @@ fn decode<M: GuestMemory + ?Sized>(
     first: usize,
 ) -> Result<Instruction, Fault> {
     let rip = cpu.rip;
-    let mut decoder = Decoder::with_ip(64, &bytes[..first], rip, DecoderOptions::NONE);
+    let mut have = first;
+    let mut decoder = Decoder::with_ip(64, &bytes[..have], rip, DecoderOptions::NONE);
     let mut ins = decoder.decode();
-    if ins.is_invalid()
+    // Out of bytes: the rest of this page first, the next page only if still needed (an
+    // instruction that ends before an unmapped page must not fault on it).
+    while ins.is_invalid()
         && decoder.last_error() == DecoderError::NoMoreBytes
-        && first < MAX_INSTRUCTION_LEN
+        && have < MAX_INSTRUCTION_LEN
     {
+        let at = rip.wrapping_add(have as u64);
+        let to_page_end = (0x1000 - (at & 0xFFF)) as usize;
+        let more = (MAX_INSTRUCTION_LEN - have).min(to_page_end);
         read_slice(
             mem,
-            rip.wrapping_add(first as u64),
-            &mut bytes[first..],
+            at,
+            &mut bytes[have..have + more],
             AccessKind::Fetch,
             cpu.privilege(),
             false,
         )?;
-        let mut decoder = Decoder::with_ip(64, &bytes, rip, DecoderOptions::NONE);
+        have += more;
+        decoder = Decoder::with_ip(64, &bytes[..have], rip, DecoderOptions::NONE);
         ins = decoder.decode();
     }
     if ins.is_invalid() {
