@@ -11,12 +11,12 @@ use super::super::event::Event;
 use super::super::memory::{Fault, GuestMemory};
 use super::super::state::{Gpr, VCpu};
 use super::io::{port_access, Direction};
-use super::system::{cli_sti, execute_built, hlt, rdmsr, wrmsr};
+use super::system::{cli_sti, hlt, invlpg_at, mov_cr, rdmsr, wrmsr};
 use super::transfers::{int3_event, iret_instruction, swapgs_instruction};
 use super::transfers::{sysexit_instruction, sysret_instruction};
 use super::{Flow, MAX_INSTRUCTION_LEN};
 use crate::io::PortIo;
-use iced_x86::{Code, Instruction, Mnemonic, OpKind, Register};
+use iced_x86::{Mnemonic, Register};
 
 /// An instruction the fast path recognises.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,9 +38,18 @@ pub(super) enum FixedEncoding {
     Wrmsr,
     Int(u8),
     Int3,
-    /// MOV to or from a control register, or INVLPG through a base register: one fixed shape
-    /// each, built here as the decoder would have decoded it.
-    Built(Instruction),
+    /// MOV r64, CRn (`to_cr` false) or MOV CRn, r64 (`to_cr` true): CR0, 2, 3, 4 or 8 and a
+    /// general register by its number (`Gpr` order).
+    MovCr {
+        to_cr: bool,
+        cr: Register,
+        gpr: u8,
+    },
+    /// INVLPG [r64]: the address is the base register's value (no index, no displacement, DS,
+    /// whose base long mode ignores).
+    Invlpg {
+        base: u8,
+    },
 }
 
 /// Recognises the fast path's exact encodings: (instruction, length, mnemonic). `b` holds the
@@ -85,7 +94,7 @@ pub(super) fn fixed_encoding(
 
 /// MOV r64, CRn (`[REX] 0F 20 /r`), MOV CRn, r64 (`[REX] 0F 22 /r`) and INVLPG [r64]
 /// (`[REX] 0F 01 /7` with mod = 00 and a plain base register: r/m not 4 (SIB) or 5
-/// (RIP-relative)), built into the `Instruction` the decoder would return. For MOV CRn the
+/// (RIP-relative)), with the operands the decoder would find. For MOV CRn the
 /// ModRM byte always names registers in 64-bit mode, whatever its mod field (SDM Vol. 2B
 /// "MOV—Move to/from Control Registers"): reg is the control register (REX.R adds 8), r/m the
 /// general register (REX.B adds 8). Any other prefix (LOCK, a segment override, 66) leaves the
@@ -100,37 +109,28 @@ fn control_register_or_invlpg(
     let [0x0F, op @ (0x20 | 0x22 | 0x01), modrm, ..] = *rest else {
         return None;
     };
-    let reg = u32::from((modrm >> 3) & 7) + if rex & 0b100 != 0 { 8 } else { 0 };
-    let rm = u32::from(modrm & 7) + if rex & 0b001 != 0 { 8 } else { 0 };
-    let mut ins = Instruction::new();
-    let mnemonic = match op {
+    let reg = ((modrm >> 3) & 7) + if rex & 0b100 != 0 { 8 } else { 0 };
+    let rm = (modrm & 7) + if rex & 0b001 != 0 { 8 } else { 0 };
+    let (op, mnemonic) = match op {
         // CR1, CR5-7 and CR9-15 do not exist: the decoder's #UD, through the decoded path.
-        0x20 | 0x22 if matches!(reg, 0 | 2 | 3 | 4 | 8) => {
-            let (cr, gpr) = (Register::CR0 + reg, Register::RAX + rm);
-            let (code, op0, op1) = if op == 0x20 {
-                (Code::Mov_r64_cr, gpr, cr)
-            } else {
-                (Code::Mov_cr_r64, cr, gpr)
+        0x20 | 0x22 => {
+            let cr = match reg {
+                0 => Register::CR0,
+                2 => Register::CR2,
+                3 => Register::CR3,
+                4 => Register::CR4,
+                8 => Register::CR8,
+                _ => return None,
             };
-            ins.set_code(code);
-            ins.set_op0_kind(OpKind::Register);
-            ins.set_op0_register(op0);
-            ins.set_op1_kind(OpKind::Register);
-            ins.set_op1_register(op1);
-            Mnemonic::Mov
+            let to_cr = op == 0x22;
+            (FixedEncoding::MovCr { to_cr, cr, gpr: rm }, Mnemonic::Mov)
         }
         0x01 if modrm >> 6 == 0 && (modrm >> 3) & 7 == 7 && !matches!(modrm & 7, 4 | 5) => {
-            ins.set_code(Code::Invlpg_m);
-            ins.set_op0_kind(OpKind::Memory);
-            ins.set_memory_base(Register::RAX + rm);
-            ins.set_segment_prefix(Register::None);
-            Mnemonic::Invlpg
+            (FixedEncoding::Invlpg { base: rm }, Mnemonic::Invlpg)
         }
         _ => return None,
     };
-    let len = rex_len + 3;
-    ins.set_len(len as usize);
-    Some((FixedEncoding::Built(ins), len, mnemonic))
+    Some((op, rex_len + 3, mnemonic))
 }
 
 /// Executes a fast-path instruction of `len` bytes with the same handlers the decoded path
@@ -177,7 +177,11 @@ where
         FixedEncoding::Wrmsr => wrmsr(cpu),
         FixedEncoding::Int(vector) => Err(Event::software(vector, len).into()),
         FixedEncoding::Int3 => Err(int3_event(len).into()),
-        FixedEncoding::Built(ins) => execute_built(cpu, &ins),
+        FixedEncoding::MovCr { to_cr, cr, gpr } => mov_cr(cpu, to_cr, cr, usize::from(gpr)),
+        FixedEncoding::Invlpg { base } => {
+            let at = cpu.gpr.get(usize::from(base)).copied().unwrap_or(0);
+            invlpg_at(cpu, at)
+        }
     }
 }
 
@@ -191,7 +195,8 @@ pub(super) fn in_fast_lane(op: FixedEncoding) -> bool {
             | FixedEncoding::Out(..)
             | FixedEncoding::Rdmsr
             | FixedEncoding::Wrmsr
-            | FixedEncoding::Built(_)
+            | FixedEncoding::MovCr { .. }
+            | FixedEncoding::Invlpg { .. }
     )
 }
 
@@ -217,7 +222,7 @@ pub(super) fn may_be_in_fast_lane(b: &[u8; 8]) -> bool {
 pub(super) fn fixed_name(op: FixedEncoding, mnemonic: Mnemonic) -> &'static str {
     match op {
         FixedEncoding::SwapgsThen(second) => second.pair_name(),
-        FixedEncoding::Built(ins) => super::names::trap_name(&ins),
+        FixedEncoding::MovCr { to_cr, cr, .. } => super::names::mov_cr_name(to_cr, cr),
         _ => super::names::mnemonic_name(mnemonic),
     }
 }
@@ -225,7 +230,7 @@ pub(super) fn fixed_name(op: FixedEncoding, mnemonic: Mnemonic) -> &'static str 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use iced_x86::{Decoder, DecoderOptions};
+    use iced_x86::{Code, Decoder, DecoderOptions};
 
     /// Every MOV CRn and INVLPG [reg] encoding the fixed path builds is the instruction the
     /// decoder decodes from the same bytes (same code, registers, memory base, length); the
@@ -243,9 +248,8 @@ mod tests {
                     };
                     b[..bytes.len()].copy_from_slice(bytes);
                     let decoded = Decoder::with_ip(64, &b, 0x1000, DecoderOptions::NONE).decode();
-                    let Some((FixedEncoding::Built(ins), len, _)) = control_register_or_invlpg(&b)
-                    else {
-                        // Not built: it must not be one of the shapes the fixed path builds.
+                    let Some((op, len, _)) = control_register_or_invlpg(&b) else {
+                        // Not recognised: it must not be one of the shapes the fixed path takes.
                         let shape = matches!(decoded.code(), Code::Mov_r64_cr | Code::Mov_cr_r64)
                             || (decoded.code() == Code::Invlpg_m
                                 && decoded.memory_index() == Register::None
@@ -254,21 +258,43 @@ mod tests {
                                 && decoded.memory_base().is_gpr64());
                         assert!(
                             !shape || decoded.len() != bytes.len(),
-                            "{bytes:02x?} not built"
+                            "{bytes:02x?} not taken"
                         );
                         continue;
                     };
                     built_count += 1;
                     assert_eq!(len as usize, decoded.len(), "{bytes:02x?}");
-                    assert_eq!(ins.code(), decoded.code(), "{bytes:02x?}");
-                    assert_eq!(ins.op0_kind(), decoded.op0_kind(), "{bytes:02x?}");
-                    if ins.code() == Code::Invlpg_m {
-                        assert_eq!(ins.memory_base(), decoded.memory_base(), "{bytes:02x?}");
-                        assert_eq!(decoded.memory_index(), Register::None, "{bytes:02x?}");
-                        assert_eq!(decoded.memory_displacement64(), 0, "{bytes:02x?}");
-                    } else {
-                        assert_eq!(ins.op0_register(), decoded.op0_register(), "{bytes:02x?}");
-                        assert_eq!(ins.op1_register(), decoded.op1_register(), "{bytes:02x?}");
+                    let gpr = |n: u8| Register::RAX + u32::from(n);
+                    match op {
+                        FixedEncoding::MovCr {
+                            to_cr: false,
+                            cr,
+                            gpr: g,
+                        } => {
+                            assert_eq!(decoded.code(), Code::Mov_r64_cr, "{bytes:02x?}");
+                            assert_eq!(
+                                (decoded.op0_register(), decoded.op1_register()),
+                                (gpr(g), cr)
+                            );
+                        }
+                        FixedEncoding::MovCr {
+                            to_cr: true,
+                            cr,
+                            gpr: g,
+                        } => {
+                            assert_eq!(decoded.code(), Code::Mov_cr_r64, "{bytes:02x?}");
+                            assert_eq!(
+                                (decoded.op0_register(), decoded.op1_register()),
+                                (cr, gpr(g))
+                            );
+                        }
+                        FixedEncoding::Invlpg { base } => {
+                            assert_eq!(decoded.code(), Code::Invlpg_m, "{bytes:02x?}");
+                            assert_eq!(decoded.memory_base(), gpr(base), "{bytes:02x?}");
+                            assert_eq!(decoded.memory_index(), Register::None, "{bytes:02x?}");
+                            assert_eq!(decoded.memory_displacement64(), 0, "{bytes:02x?}");
+                        }
+                        other => panic!("{bytes:02x?}: {other:?}"),
                     }
                 }
             }

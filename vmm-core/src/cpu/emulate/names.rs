@@ -9,18 +9,24 @@ use iced_x86::{Code, Instruction, Mnemonic, Register};
 /// The trap-table name of an instruction the emulator handles.
 pub fn trap_name(ins: &Instruction) -> &'static str {
     match ins.code() {
-        Code::Mov_cr_r64 | Code::Mov_cr_r32 => match ins.op0_register() {
-            Register::CR0 => "MOV CR0",
-            Register::CR3 => "MOV CR3",
-            Register::CR4 => "MOV CR4",
-            Register::CR8 => "MOV CR8",
-            _ => "MOV CRn",
-        },
-        Code::Mov_r64_cr | Code::Mov_r32_cr => "MOV from CRn",
+        Code::Mov_cr_r64 | Code::Mov_cr_r32 => mov_cr_name(true, ins.op0_register()),
+        Code::Mov_r64_cr | Code::Mov_r32_cr => mov_cr_name(false, ins.op1_register()),
         Code::Mov_dr_r64 | Code::Mov_dr_r32 => "MOV DRn",
         Code::Mov_r64_dr | Code::Mov_r32_dr => "MOV from DRn",
         Code::Mov_Sreg_rm16 | Code::Mov_Sreg_r32m16 | Code::Mov_Sreg_r64m16 => "MOV Sreg",
         _ => mnemonic_name(ins.mnemonic()),
+    }
+}
+
+/// The trap-table name of MOV to (`to_cr`) or from control register `cr`.
+pub(super) fn mov_cr_name(to_cr: bool, cr: Register) -> &'static str {
+    match (to_cr, cr) {
+        (false, _) => "MOV from CRn",
+        (true, Register::CR0) => "MOV CR0",
+        (true, Register::CR3) => "MOV CR3",
+        (true, Register::CR4) => "MOV CR4",
+        (true, Register::CR8) => "MOV CR8",
+        (true, _) => "MOV CRn",
     }
 }
 

@@ -343,23 +343,33 @@ fn smsw<M: GuestMemory + ?Sized>(
 /// INVLPG (CPL 0 only): the host drops the shadow entries for the page; a non-canonical
 /// address is a no-op.
 fn invlpg(cpu: &mut VCpu, ins: &Instruction) -> Result<Flow, Fault> {
+    invlpg_at(cpu, address(cpu, ins, 0))
+}
+
+/// INVLPG of the linear address `at` (already computed from the operand).
+pub(super) fn invlpg_at(cpu: &mut VCpu, at: u64) -> Result<Flow, Fault> {
     require_cpl0(cpu)?;
-    let at = address(cpu, ins, 0);
     if is_canonical(at) {
         cpu.note(|e| e.invlpg = Some(at));
     }
     Ok(Flow::Next)
 }
 
-/// MOV to/from a control register and INVLPG, for an instruction the fixed-encoding path built
-/// itself (`fixed_encodings::control_register_or_invlpg`): the same handlers as the decoded path.
-pub(super) fn execute_built(cpu: &mut VCpu, ins: &Instruction) -> Result<Flow, Fault> {
-    match ins.code() {
-        Code::Mov_r64_cr => mov_from(cpu, ins, |cpu, r| read_cr(cpu, r)),
-        Code::Mov_cr_r64 => mov_to(cpu, ins, write_cr),
-        Code::Invlpg_m => invlpg(cpu, ins),
-        _ => Err(CpuStop::Unsupported("a built instruction the fixed path does not know").into()),
+/// MOV r64, CRn or MOV CRn, r64 (`to_cr`) with the general register by number, for the
+/// fixed-encoding path: the same checks as the decoded path's `mov_from`/`mov_to` (in 64-bit
+/// mode the operand is always the whole 64-bit register).
+pub(super) fn mov_cr(cpu: &mut VCpu, to_cr: bool, cr: Register, gpr: usize) -> Result<Flow, Fault> {
+    require_cpl0(cpu)?;
+    if to_cr {
+        let value = cpu.gpr.get(gpr).copied().unwrap_or(0);
+        write_cr(cpu, cr, value)?;
+    } else {
+        let value = read_cr(cpu, cr)?;
+        if let Some(r) = cpu.gpr.get_mut(gpr) {
+            *r = value;
+        }
     }
+    Ok(Flow::Next)
 }
 
 /// RDTSC: only CR4.TSD makes it trap (the real TSD follows the guest's): at CPL 0 it reads the
