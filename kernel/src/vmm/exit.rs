@@ -198,6 +198,7 @@ impl Vm {
             self.gdt.invalidate();
         }
         let mut reload = false;
+        let mut view_changed = false;
         if effects.paging_mode {
             self.mmu
                 .set_paging_mode(self.cpu.paging_mode(PagingMode::ENTRY.max_phys_bits));
@@ -227,6 +228,7 @@ impl Vm {
             if view != self.view {
                 self.view = view;
                 reload = true;
+                view_changed = true;
             }
         }
         if self.mmu.take_tlb_flush() {
@@ -239,8 +241,10 @@ impl Vm {
             self.write_segment_bases();
         }
         // The real bits that follow the guest's: only after a CR0/CR4/MSR write, a change of
-        // view (CR0.AM depends on the virtual CPL) or before the first entry.
-        if effects.controls || reload || self.real_controls.is_none() {
+        // view (CR0.AM depends on the virtual CPL) or before the first entry; with the fast
+        // paths off, after every shadow-root reload too (the reference path, as before).
+        let reference = !self.fastpath && reload;
+        if effects.controls || view_changed || reference || self.real_controls.is_none() {
             self.follow_guest_controls();
         }
         Ok(())
