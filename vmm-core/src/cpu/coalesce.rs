@@ -8,7 +8,8 @@
 //! back-to-back sensitive instructions cost one trap where the second is predictable. The pairs:
 //!
 //! - a forwarded SYSCALL or SYSENTER whose handler begins with SWAPGS ([`swapgs_at_handler`]);
-//! - SWAPGS followed by SYSRETQ, SYSEXITQ or IRETQ ([`after_swapgs`]): the way back.
+//! - SWAPGS followed by SYSRETQ, SYSEXITQ, IRETQ or STI; SYSEXITQ ([`after_swapgs`]): the way
+//!   back.
 //!
 //! The second instruction runs only when running it at once is indistinguishable from the CPU
 //! running it next: the guest's IF is 0 (no interrupt could be taken between the two, SDM Vol. 3
@@ -64,6 +65,10 @@ pub enum AfterSwapgs {
     Sysexitq,
     /// IRETQ (`48 CF`).
     Iretq,
+    /// STI then SYSEXITQ (`FB 48 0F 35`): the STI's interrupt shadow covers the SYSEXITQ, so
+    /// nothing can come between those two either (SDM Vol. 3 §6.8.3), and a pending interrupt
+    /// is taken after the SYSEXITQ, in user mode, as on the CPU.
+    StiSysexitq,
 }
 
 impl AfterSwapgs {
@@ -71,6 +76,7 @@ impl AfterSwapgs {
     pub fn length(self) -> u64 {
         match self {
             AfterSwapgs::Iretq => 2,
+            AfterSwapgs::StiSysexitq => 4,
             _ => 3,
         }
     }
@@ -81,6 +87,7 @@ impl AfterSwapgs {
             AfterSwapgs::Sysretq => "SWAPGS+SYSRETQ",
             AfterSwapgs::Sysexitq => "SWAPGS+SYSEXITQ",
             AfterSwapgs::Iretq => "SWAPGS+IRETQ",
+            AfterSwapgs::StiSysexitq => "SWAPGS+STI+SYSEXITQ",
         }
     }
 }
@@ -92,6 +99,7 @@ pub fn after_swapgs(cpu: &VCpu, after: &[u8]) -> Option<AfterSwapgs> {
         [0x48, 0x0F, 0x07, ..] => AfterSwapgs::Sysretq,
         [0x48, 0x0F, 0x35, ..] => AfterSwapgs::Sysexitq,
         [0x48, 0xCF, ..] => AfterSwapgs::Iretq,
+        [0xFB, 0x48, 0x0F, 0x35, ..] => AfterSwapgs::StiSysexitq,
         _ => return None,
     };
     let end = cpu.rip.wrapping_add(SWAPGS.len() as u64 + second.length());

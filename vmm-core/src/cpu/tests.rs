@@ -2117,12 +2117,13 @@ fn run_one_per_trap(r: &mut Rig, max: usize) {
 }
 
 /// The ways back a guest kernel ends a system call or an interrupt with.
-fn swapgs_pairs() -> [&'static [u8]; 4] {
+fn swapgs_pairs() -> [&'static [u8]; 5] {
     [
-        &[0x0F, 0x01, 0xF8, 0x48, 0x0F, 0x07], // swapgs; sysretq
-        &[0x0F, 0x01, 0xF8, 0x48, 0x0F, 0x35], // swapgs; sysexitq
-        &[0x0F, 0x01, 0xF8, 0x48, 0xCF],       // swapgs; iretq
-        &[0x0F, 0x01, 0xF8, 0xFA],             // swapgs; cli (never paired)
+        &[0x0F, 0x01, 0xF8, 0x48, 0x0F, 0x07],       // swapgs; sysretq
+        &[0x0F, 0x01, 0xF8, 0x48, 0x0F, 0x35],       // swapgs; sysexitq
+        &[0x0F, 0x01, 0xF8, 0x48, 0xCF],             // swapgs; iretq
+        &[0x0F, 0x01, 0xF8, 0xFB, 0x48, 0x0F, 0x35], // swapgs; sti; sysexitq
+        &[0x0F, 0x01, 0xF8, 0xFA],                   // swapgs; cli (never paired)
     ]
 }
 
@@ -2132,7 +2133,7 @@ proptest! {
     /// any IF/TF, canonical or not RCX/RDX, IRET frame, EFER.SCE and interrupt shadow.
     #[test]
     fn swapgs_pairs_in_one_trap_end_as_two_traps_do(
-        pair in 0usize..4,
+        pair in 0usize..5,
         flags in prop::sample::select(std::vec![0u64, rflags::IF, rflags::TF, rflags::IF | rflags::TF]),
         sce in any::<bool>(),
         shadow in any::<bool>(),
@@ -2169,11 +2170,11 @@ proptest! {
         let mut fast = Rig { cpu: reference.cpu.clone(), mem: reference.mem.clone(), ports: Ports::default() };
         fast.cpu.fast_paths = true;
 
-        run_one_per_trap(&mut reference, 2);
+        run_one_per_trap(&mut reference, 3);
         let coalesced = fast.run();
         if let Ok(h) = coalesced {
             if h.outcome == Outcome::Emulated {
-                run_one_per_trap(&mut fast, 1);
+                run_one_per_trap(&mut fast, 2);
             }
         }
         prop_assert_eq!(observable(&fast), observable(&reference));

@@ -168,6 +168,12 @@ where
                 AfterSwapgs::Sysretq => sysret_instruction(cpu, true),
                 AfterSwapgs::Sysexitq => sysexit_instruction(cpu, true),
                 AfterSwapgs::Iretq => iret_instruction(cpu, mem, 8),
+                AfterSwapgs::StiSysexitq => {
+                    let sysexit_at = cpu.rip.wrapping_add(1);
+                    cli_sti(cpu, true, sysexit_at)?;
+                    cpu.rip = sysexit_at;
+                    sysexit_instruction(cpu, true)
+                }
             }
         }
         FixedEncoding::Iretq => iret_instruction(cpu, mem, 8),
