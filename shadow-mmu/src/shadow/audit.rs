@@ -52,6 +52,18 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
                 self.audit_table(r, 4, &mut seen)?;
             }
         }
+        for (&hpa, page) in &self.pages {
+            let listed = page
+                .guest_table
+                .and_then(|gfn| self.shadowed.get(&gfn))
+                .is_some_and(|list| list.contains(&hpa));
+            if page.registered && self.policy == super::Policy::Cached && !listed {
+                return Err(AuditError {
+                    what: "a shadow table marked registered is not in the write-protection index",
+                    at: hpa,
+                });
+            }
+        }
         for &gfn in &self.unsync {
             let leaf_tables_only = self.shadowed.get(&gfn).is_some_and(|list| {
                 list.iter()

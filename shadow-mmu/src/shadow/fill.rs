@@ -267,10 +267,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         );
         self.set_shadow_entry(table, idx, v);
         if writable && self.policy == Policy::Cached {
-            self.writable_leaves
-                .entry(gfn)
-                .or_default()
-                .insert(at.as_u64());
+            self.writable_leaves.insert((gfn, at.as_u64()));
         }
         old
     }

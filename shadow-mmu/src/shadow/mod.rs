@@ -202,8 +202,10 @@ pub struct ShadowMmu<M, A> {
     pages: BTreeMap<u64, ShadowPage>,
     /// Cached policy: guest table frame -> shadow pages that shadow it (its write-protection).
     shadowed: BTreeMap<u64, Vec<u64>>,
-    /// Cached policy: guest frame -> host addresses of writable shadow PTEs that map it.
-    writable_leaves: BTreeMap<u64, BTreeSet<u64>>,
+    /// Cached policy: (guest frame, host address of a writable shadow PTE that maps it), one
+    /// set ordered by frame rather than a set per frame: adding a leaf allocates no new set
+    /// (measured under icount: a few hundred instructions per fill of a new frame).
+    writable_leaves: BTreeSet<(u64, u64)>,
     quota: usize,
     clock: u64,
     tlb_flush: bool,
@@ -261,7 +263,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
             roots: BTreeMap::new(),
             pages: BTreeMap::new(),
             shadowed: BTreeMap::new(),
-            writable_leaves: BTreeMap::new(),
+            writable_leaves: BTreeSet::new(),
             quota: config.shadow_quota,
             clock: 0,
             tlb_flush: false,
@@ -390,6 +392,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         for root in [pair.kernel, pair.user] {
             if let Some(p) = self.pages.get_mut(&root.as_u64()) {
                 p.guest_table = Some(self.current_key / PAGE_SIZE);
+                p.registered = false;
             }
         }
         Ok(())

@@ -31,6 +31,9 @@ pub(super) struct ShadowPage {
     /// leaf table). Kept by `ShadowMmu::set_shadow_entry`, the one writer of guest slots; the
     /// audit checks it against the table.
     pub(super) present: PresentBits,
+    /// Cached policy: recorded in `shadowed` as a mirror of its guest table
+    /// (`register_shadow`).
+    pub(super) registered: bool,
 }
 
 /// One bit per entry of a shadow table.
@@ -197,6 +200,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
                 owner: self.current_key,
                 parent: None,
                 present: PresentBits::default(),
+                registered: false,
             },
         );
         // Roots register lazily, on their first fill (see `fill`): a root the guest never ran on

@@ -123,10 +123,15 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         if self.policy != Policy::Cached {
             return;
         }
-        let leaf_table = self
-            .pages
-            .get(&hpa)
-            .is_some_and(|p| p.level == 1 && !p.large);
+        let leaf_table = match self.pages.get_mut(&hpa) {
+            // Once per page: a root is offered again on every fill (`shadow_path`).
+            Some(page) if page.registered => return,
+            Some(page) => {
+                page.registered = true;
+                page.level == 1 && !page.large
+            }
+            None => false,
+        };
         if !leaf_table && self.is_unsync(gfn) {
             // Only leaf tables stay unsynced (`unsync.rs`).
             self.resync(gfn);
@@ -147,10 +152,13 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         let Some(frame) = self.p2m.lookup(gfn) else {
             return;
         };
-        let Some(leaves) = self.writable_leaves.remove(&gfn) else {
-            return;
-        };
-        for at in leaves {
+        let leaves: alloc::vec::Vec<(u64, u64)> = self
+            .writable_leaves
+            .range((gfn, 0)..=(gfn, u64::MAX))
+            .copied()
+            .collect();
+        for (_, at) in leaves {
+            self.writable_leaves.remove(&(gfn, at));
             let e = self.mem.read_u64(HostPhysAddr::new(at));
             let pte = PageTableEntry(e);
             if pte.is_present() && pte.has(PteFlags::READ_WRITE) && pte.addr() == frame.as_u64() {
@@ -167,12 +175,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
             return;
         }
         if let Some(gfn) = self.p2m.guest_frame_of(HostPhysAddr::new(old.addr())) {
-            if let Some(set) = self.writable_leaves.get_mut(&gfn) {
-                set.remove(&at.as_u64());
-                if set.is_empty() {
-                    self.writable_leaves.remove(&gfn);
-                }
-            }
+            self.writable_leaves.remove(&(gfn, at.as_u64()));
         }
     }
 
