@@ -64,6 +64,16 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
                 });
             }
         }
+        for (view, page, cached) in self.lookup_cache.valid(self.shadow_generation) {
+            let walked = crate::addr::GuestVirtAddr::new(page)
+                .and_then(|gva| self.shadow_lookup_uncached(view, gva));
+            if walked != Some(cached) {
+                return Err(AuditError {
+                    what: "a remembered shadow lookup disagrees with the shadow tables",
+                    at: page,
+                });
+            }
+        }
         for &gfn in &self.unsync {
             let leaf_tables_only = self.shadowed.get(&gfn).is_some_and(|list| {
                 list.iter()

@@ -219,6 +219,11 @@ pub struct ShadowMmu<M, A> {
     /// Cached policy: the guest leaf tables (frame numbers) left writable to the guest until
     /// the next CR3 load (`unsync.rs`).
     unsync: BTreeSet<u64>,
+    /// Moves on at every change of a shadow entry or of the current roots: what
+    /// `lookup_cache` remembered from before is stale (`shadow_changed`).
+    shadow_generation: u64,
+    /// The last few `shadow_lookup` answers (`linear.rs`).
+    lookup_cache: linear::LookupCache,
 }
 
 /// The host address of entry `idx` of the shadow table at `table`.
@@ -271,6 +276,8 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
             emulator_fill: false,
             unsync_enabled: false,
             unsync: BTreeSet::new(),
+            shadow_generation: 0,
+            lookup_cache: linear::LookupCache::default(),
             stats: Stats::default(),
         };
         mmu.current_key = mmu.cr3_key(config.guest_cr3);
@@ -423,17 +430,20 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
                     }
                     self.roots.insert(key, pair);
                     self.current_key = key;
+                    self.shadow_changed();
                     self.touch(key);
                     Ok(())
                 } else {
                     let live = self.current_key;
                     self.current_key = key;
+                    self.shadow_changed();
                     self.create_pair(key, live)
                 }
             }
             Policy::Cached => {
                 let live = self.current_key;
                 self.current_key = key;
+                self.shadow_changed();
                 if self.roots.contains_key(&key) {
                     self.touch(key);
                     Ok(())

@@ -85,6 +85,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
     /// Creates the two roots of `key`, reclaiming other address spaces if needed, never the
     /// roots of `live` (the pair that may be in the real CR3 now).
     pub(super) fn create_pair(&mut self, key: u64, live: u64) -> Result<(), StopReason> {
+        self.shadow_changed();
         let mut made = Vec::new();
         let mut budget = true;
         while made.len() < 2 {
@@ -218,6 +219,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         let Some(page) = self.pages.remove(&hpa) else {
             return;
         };
+        self.shadow_changed();
         for idx in page.present.indices() {
             let e = self.shadow_entry(hpa, idx);
             if !e.is_present() {
@@ -249,9 +251,16 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
     /// table's present bits.
     pub(super) fn set_shadow_entry(&mut self, table: u64, idx: usize, value: u64) {
         self.mem.write_u64(slot(table, idx), value);
+        self.shadow_changed();
         if let Some(page) = self.pages.get_mut(&table) {
             page.present.set(idx, PageTableEntry(value).is_present());
         }
+    }
+
+    /// A shadow entry, a shadow page or the current roots changed: `shadow_lookup`'s cache is
+    /// stale from here on.
+    pub(super) fn shadow_changed(&mut self) {
+        self.shadow_generation = self.shadow_generation.wrapping_add(1);
     }
 
     /// The entries of `table` that are present, by its present bits.

@@ -164,6 +164,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
             if pte.is_present() && pte.has(PteFlags::READ_WRITE) && pte.addr() == frame.as_u64() {
                 self.mem
                     .write_u64(HostPhysAddr::new(at), e & !PteFlags::READ_WRITE.bits());
+                self.shadow_changed();
                 self.tlb_flush = true;
             }
         }
