@@ -7,7 +7,6 @@
 //! later); nothing here panics on a guest-chosen address.
 
 use alloc::boxed::Box;
-use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
 use crate::addr::{page_pieces, GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
@@ -43,7 +42,8 @@ pub struct P2m {
     /// `chunks[gfn / 512][gfn % 512]` = host frame address, 0 when not touched yet.
     chunks: Vec<Option<Box<[u64; CHUNK]>>>,
     frames_used: usize,
-    owners: BTreeMap<u64, u64>,
+    /// Host frame -> guest frame (a hash map: looked up whenever a shadow leaf is replaced).
+    owners: crate::shadow::FastMap<u64, u64>,
 }
 
 impl P2m {
@@ -57,7 +57,7 @@ impl P2m {
             ram_bytes,
             chunks,
             frames_used: 0,
-            owners: BTreeMap::new(),
+            owners: crate::shadow::FastMap::default(),
         }
     }
 
