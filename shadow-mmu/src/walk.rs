@@ -123,6 +123,8 @@ pub struct Translation {
     /// Guest-physical address of each entry used, PML4E first; `entries[k]` is the entry at level
     /// `4 - k`. Only the first `5 - page_size.leaf_level()` are meaningful.
     pub entries: [GuestPhysAddr; 4],
+    /// The values of those entries after the walk (A/D as it set them), in the same order.
+    pub values: [u64; 4],
 }
 
 impl Translation {
@@ -270,6 +272,7 @@ pub fn walk<G: GuestPhysMemory + ?Sized>(
         pcd: leaf_entry.has(PteFlags::PCD),
         pat,
         entries,
+        values,
     })
 }
 
