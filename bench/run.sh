@@ -21,8 +21,9 @@ judged=cached
 ablations=(
     "fastpath=off"
     "unsync=off"
+    "shadow_share=off"
     "emulator_fill=off"
-    "fastpath=off unsync=off emulator_fill=off"
+    "fastpath=off unsync=off shadow_share=off emulator_fill=off"
 )
 words=()
 while [ $# -gt 0 ]; do

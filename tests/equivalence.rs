@@ -114,7 +114,7 @@ fn selftest_matches_native_without_the_emulator_fill() {
 }
 
 /// Every optimisation off at once: the reference path (docs/benchmarks.md, "Fast paths").
-const ALL_OFF: &str = "fastpath=off unsync=off emulator_fill=off";
+const ALL_OFF: &str = "fastpath=off unsync=off shadow_share=off emulator_fill=off";
 
 #[test]
 fn selftest_and_probe_match_native_with_every_optimisation_off() {
@@ -129,4 +129,10 @@ fn selftest_and_probe_match_native_with_every_optimisation_off() {
 fn selftest_matches_native_with_unsync_off() {
     // `unsync=off`: every store to a shadowed guest table is emulated.
     assert_equivalent_with(&["selftest"], "cached unsync=off");
+}
+
+#[test]
+fn selftest_matches_native_without_shared_shadow_tables() {
+    // `shadow_share=off`: every address space builds its own shadow tables.
+    assert_equivalent_with(&["selftest"], "cached shadow_share=off");
 }

@@ -781,12 +781,12 @@ fn the_per_phase_split_is_a_host_option() {
     run.expect_line("[vmm] insn OUT ");
 }
 
-// ---- every optimisation off (`fastpath=off unsync=off emulator_fill=off`): the reference path,
+// ---- every optimisation off (`fastpath=off unsync=off shadow_share=off emulator_fill=off`): the reference path,
 // one instruction per trap, must give the guest the same CPU. With them on (the default) the tests above cover them. ----
 
 #[test]
 fn with_the_fast_paths_off_the_cpu_is_the_same() {
-    let off = "fastpath=off unsync=off emulator_fill=off";
+    let off = "fastpath=off unsync=off shadow_share=off emulator_fill=off";
     cpu_correct(&vmm_guest_with("tf-over-emulated", off, &[]), TF_STEPS);
     cpu_correct(
         &vmm_guest_with("tf-syscall-sysenter", off, &[]),

@@ -58,6 +58,10 @@ pub struct HostConfig<'a> {
     /// until its next CR3 load, shadow-mmu `set_unsync`); off write-protects every shadowed
     /// table, the reference path.
     pub unsync: bool,
+    /// Whether the shadow MMU shares shadow tables between the guest's address spaces
+    /// (shadow-mmu `set_sharing`: the kernel half is built once); off gives each its own, the
+    /// reference path.
+    pub shadow_share: bool,
     /// Stop the guest when it has made no progress (no trap other than timer ticks) for this many
     /// timer ticks (0 = never).
     pub watchdog_ticks: u64,
@@ -85,6 +89,7 @@ impl Default for HostConfig<'_> {
             profile_phases: false,
             fastpath: true,
             unsync: true,
+            shadow_share: true,
             watchdog_ticks: 10_000,
             debug: DebugAction::None,
             // The VMM's job: run the guest module (after the host's own self-checks).
@@ -97,7 +102,7 @@ impl Default for HostConfig<'_> {
 /// The keys [`HostConfig::parse`] accepts, with their syntax, for error messages and docs.
 pub const VALID_KEYS: &str =
     "timer_hz=<19..10000> mem=<4..3072 MiB> trace=<N> shadow=flush|cached \
-emulator_fill=on|off profile=phases|off fastpath=on|off unsync=on|off watchdog=<ticks, 0=off> debug=none|panic mode=selfcheck|guest";
+emulator_fill=on|off profile=phases|off fastpath=on|off unsync=on|off shadow_share=on|off watchdog=<ticks, 0=off> debug=none|panic mode=selfcheck|guest";
 
 /// Why a host command line was rejected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -168,6 +173,13 @@ impl<'a> HostConfig<'a> {
                 }
                 "emulator_fill" => {
                     config.emulator_fill = match value {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(bad),
+                    }
+                }
+                "shadow_share" => {
+                    config.shadow_share = match value {
                         "on" => true,
                         "off" => false,
                         _ => return Err(bad),
@@ -258,7 +270,7 @@ mod tests {
     #[test]
     fn every_key_parses() {
         let c = HostConfig::parse(
-            "trace=5 shadow=cached emulator_fill=off profile=phases fastpath=off unsync=off debug=panic watchdog=0 mode=guest",
+            "trace=5 shadow=cached emulator_fill=off profile=phases fastpath=off unsync=off shadow_share=off debug=panic watchdog=0 mode=guest",
             false,
         )
         .unwrap();
@@ -269,6 +281,7 @@ mod tests {
         assert!(c.profile_phases);
         assert!(!c.fastpath);
         assert!(!c.unsync);
+        assert!(!c.shadow_share);
         assert_eq!(c.debug, DebugAction::Panic);
         assert_eq!(c.watchdog_ticks, 0);
     }
@@ -303,6 +316,7 @@ mod tests {
             "emulator_fill=yes",
             "fastpath=1",
             "unsync=",
+            "shadow_share=yes",
             "profile=all",
             "debug=oops",
         ] {

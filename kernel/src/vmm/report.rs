@@ -59,10 +59,14 @@ pub(super) fn report(vm: &mut Vm) {
         stats.shadow_hits,
         stats.emulator_fills
     ));
-    if stats.page_table_writes > 0 || stats.flushes > 0 || stats.unsyncs > 0 {
+    if stats.page_table_writes > 0
+        || stats.flushes > 0
+        || stats.unsyncs > 0
+        || stats.shared_links > 0
+    {
         crate::serial::write_line(format_args!(
-            "[vmm] shadow-mmu: page-table writes emulated={} tables unshadowed={} address spaces released={} full flushes={} tables unsynced={} resynced={}",
-            stats.page_table_writes, stats.unshadowed_tables, stats.released_address_spaces, stats.flushes, stats.unsyncs, stats.resyncs
+            "[vmm] shadow-mmu: page-table writes emulated={} tables unshadowed={} address spaces released={} full flushes={} tables unsynced={} resynced={} shared links={}",
+            stats.page_table_writes, stats.unshadowed_tables, stats.released_address_spaces, stats.flushes, stats.unsyncs, stats.resyncs, stats.shared_links
         ));
     }
     let unknown = alloc::format!("{}", vm.bus.unknown_ports());

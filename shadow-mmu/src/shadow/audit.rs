@@ -5,7 +5,7 @@
 //! tables only, the quota, and (cached policy) no writable leaf over a
 //! write-protected guest page table (the "页表虚拟化" challenge's write protection).
 
-use alloc::collections::BTreeSet;
+use alloc::collections::BTreeMap;
 
 use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
 use crate::machine::{FrameAllocator, HostMemory};
@@ -39,7 +39,8 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
                 at: self.current_key,
             });
         }
-        let mut seen = BTreeSet::new();
+        // How many shadow entries point at each table (a shared table has several).
+        let mut refs: BTreeMap<u64, usize> = BTreeMap::new();
         for pair in self.roots.values() {
             for root in [pair.kernel, pair.user] {
                 let r = root.as_u64();
@@ -49,7 +50,31 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
                         at: r,
                     });
                 }
-                self.audit_table(r, 4, &mut seen)?;
+                if refs.contains_key(&r) {
+                    return Err(AuditError {
+                        what: "a root is also a child",
+                        at: r,
+                    });
+                }
+                self.audit_table(r, 4, &mut refs)?;
+            }
+        }
+        for (&hpa, page) in &self.pages {
+            let is_root = page.parents.is_empty();
+            let counted = refs.get(&hpa).copied().unwrap_or(0);
+            if !is_root && counted != page.parents.len() {
+                return Err(AuditError {
+                    what: "a shadow table's parents disagree with the entries that point at it",
+                    at: hpa,
+                });
+            }
+            if let Some(role) = page.role {
+                if self.by_role.get(&role) != Some(&hpa) {
+                    return Err(AuditError {
+                        what: "a shared shadow table is not the one recorded for its role",
+                        at: hpa,
+                    });
+                }
             }
         }
         for (&hpa, page) in &self.pages {
@@ -86,10 +111,11 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
                 });
             }
         }
-        if seen.len() != self.pages.len() {
+        let reachable = refs.len() + 2 * self.roots.len();
+        if reachable != self.pages.len() {
             return Err(AuditError {
                 what: "unreachable shadow pages",
-                at: seen.len() as u64,
+                at: reachable as u64,
             });
         }
         Ok(())
@@ -99,7 +125,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         &self,
         table: u64,
         level: u8,
-        seen: &mut BTreeSet<u64>,
+        refs: &mut BTreeMap<u64, usize>,
     ) -> Result<(), AuditError> {
         match self.pages.get(&table) {
             Some(p) if p.level == level => {}
@@ -117,19 +143,29 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
                 at: table,
             });
         }
-        if !seen.insert(table) {
-            return Err(AuditError {
-                what: "shadow table reachable twice",
-                at: table,
-            });
-        }
         for idx in guest_slots(level) {
             let e = self.shadow_entry(table, idx);
             if !e.is_present() {
                 continue;
             }
             if level > 1 {
-                self.audit_table(e.addr(), level - 1, seen)?;
+                let child = e.addr();
+                let at = slot(table, idx).as_u64();
+                if !self
+                    .pages
+                    .get(&child)
+                    .is_some_and(|p| p.parents.contains(&at))
+                {
+                    return Err(AuditError {
+                        what: "a shadow entry points at a table that does not list it as a parent",
+                        at,
+                    });
+                }
+                let count = refs.entry(child).or_insert(0);
+                *count += 1;
+                if *count == 1 {
+                    self.audit_table(child, level - 1, refs)?;
+                }
                 continue;
             }
             let Some(gfn) = self.p2m.guest_frame_of(HostPhysAddr::new(e.addr())) else {

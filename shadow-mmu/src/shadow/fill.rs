@@ -11,6 +11,7 @@ use crate::p2m::MemoryError;
 use crate::pte::{PageTableEntry, PteFlags, PTE_PAT};
 use crate::walk::{Access, AccessKind, Translation, WalkError};
 
+use super::sharing::Role;
 use super::{in_vmm_range, slot, FaultOutcome, Policy, ShadowMmu, StopReason, View};
 
 /// Flags of a non-leaf shadow entry: every right granted, the leaf decides.
@@ -212,14 +213,18 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
                 (None, true)
             };
             let idx = gva.table_index(level);
-            table = self.shadow_child(table, idx, child_level, guest_table, large)?;
+            let role = guest_table
+                .filter(|_| !large)
+                .and_then(|gfn| self.role_for(view, gfn, child_level, t));
+            table = self.shadow_child(table, idx, child_level, guest_table, large, role)?;
         }
         Ok(table)
     }
 
     /// The shadow table at `level` under entry `idx` of shadow table `table`, mirroring
     /// `guest_table` (or pieces of a guest large page): the one there when it still mirrors
-    /// them, else a new one.
+    /// them, else one another address space already built for the same `role` (`sharing.rs`),
+    /// else a new one.
     fn shadow_child(
         &mut self,
         table: u64,
@@ -227,12 +232,18 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         level: u8,
         guest_table: Option<u64>,
         large: bool,
+        role: Option<Role>,
     ) -> Result<u64, FillError> {
         let at = slot(table, idx);
         let e = PageTableEntry(self.mem.read_u64(at));
         if e.is_present() {
             match self.pages.get(&e.addr()) {
-                Some(p) if p.guest_table == guest_table && p.large == large && p.level == level => {
+                Some(p)
+                    if p.guest_table == guest_table
+                        && p.large == large
+                        && p.level == level
+                        && (p.role.is_none() || p.role == role) =>
+                {
                     return Ok(e.addr());
                 }
                 // The guest entry now points elsewhere (flush policy, no INVLPG yet): the old
@@ -242,10 +253,19 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
                 }
             }
         }
-        let c = self.alloc_page(level, guest_table, large)?;
+        let shared = role.and_then(|r| self.shared_page(r));
+        let c = match shared {
+            Some(c) => c,
+            None => self.alloc_page(level, guest_table, large)?,
+        };
         self.set_shadow_entry(table, idx, c | SHADOW_TABLE_FLAGS);
         if let Some(page) = self.pages.get_mut(&c) {
-            page.parent = Some(at.as_u64());
+            page.parents.push(at.as_u64());
+        }
+        match (shared, role) {
+            (Some(_), _) => self.stats.shared_links += 1,
+            (None, Some(role)) => self.remember_role(role, c),
+            (None, None) => {}
         }
         Ok(c)
     }

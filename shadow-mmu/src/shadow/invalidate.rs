@@ -48,7 +48,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         if level == 1 {
             self.forget_leaf(at, e);
         } else {
-            self.free_page(e.addr());
+            self.release_child(e.addr(), at.as_u64());
         }
         true
     }

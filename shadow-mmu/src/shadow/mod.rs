@@ -8,6 +8,7 @@
 //! | `fill` | the #PF decision: fill / reflect / page-table write / stop (§4.6-§4.8) |
 //! | `write_protect` | cached policy: write-protected guest tables, zaps, write flooding |
 //! | `unsync` | cached policy: leaf tables left writable until the guest's next CR3 load |
+//! | `sharing` | cached policy: shadow tables shared between address spaces (the kernel half) |
 //! | `invalidate` | INVLPG, full flushes and zapping shadow entries (§4.10.4) |
 //! | `roots` | root pairs per guest CR3, the page pool and its quota, LRU reclaim |
 //! | `linear` | the emulator's linear reads / writes / translations, the shadow hit path |
@@ -67,6 +68,7 @@ mod invalidate;
 mod linear;
 mod outcome;
 mod roots;
+mod sharing;
 mod unsync;
 mod write_protect;
 
@@ -173,6 +175,8 @@ pub struct Stats {
     pub unshadowed_tables: u64,
     /// Guest leaf tables unsynced instead of emulating a store to them (`set_unsync`).
     pub unsyncs: u64,
+    /// Shadow tables linked into another address space instead of built again (`set_sharing`).
+    pub shared_links: u64,
     /// Unsynced tables brought back in line (at CR3 loads, or before being mirrored higher).
     pub resyncs: u64,
     /// CR3 loads whose guest PML4 maps the VMM's slot (never honoured).
@@ -227,6 +231,10 @@ pub struct ShadowMmu<M, A> {
     shadow_generation: u64,
     /// The last few `shadow_lookup` answers (`linear.rs`).
     lookup_cache: linear::LookupCache,
+    /// Cached policy: whether shadow tables are shared between address spaces (`sharing.rs`).
+    sharing: bool,
+    /// Cached policy: the shared shadow table of each role (`sharing.rs`).
+    by_role: FastMap<sharing::Role, u64>,
 }
 
 /// A hash map with a fixed, fast hasher (rustc's Fx): deterministic, and no random state to
@@ -286,6 +294,8 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
             unsync: BTreeSet::new(),
             shadow_generation: 0,
             lookup_cache: linear::LookupCache::default(),
+            sharing: false,
+            by_role: FastMap::default(),
             stats: Stats::default(),
         };
         mmu.current_key = mmu.cr3_key(config.guest_cr3);
@@ -402,6 +412,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         self.shadowed.clear();
         self.writable_leaves.clear();
         self.unsync.clear();
+        self.by_role.clear();
         self.policy = policy;
         self.stats.flushes += 1;
         for root in [pair.kernel, pair.user] {

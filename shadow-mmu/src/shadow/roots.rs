@@ -14,7 +14,7 @@ use crate::pte::PageTableEntry;
 use super::fill::FillError;
 use super::{guest_slots, slot, ShadowMmu, StopReason, VMM_PML4_SLOT};
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(super) struct ShadowPage {
     /// 4 = PML4 .. 1 = PT.
     pub(super) level: u8,
@@ -22,10 +22,14 @@ pub(super) struct ShadowPage {
     pub(super) guest_table: Option<u64>,
     /// Holds pieces of a guest 2 MiB or 1 GiB page.
     pub(super) large: bool,
-    /// The key of the address space (root pair) this page belongs to, when it was made.
+    /// For a root: the key of its address space (root pair). Other pages belong to every
+    /// address space whose roots reach them (`owning_keys`).
     pub(super) owner: u64,
-    /// The host address of the shadow entry that points at this page (`None` for roots).
-    pub(super) parent: Option<u64>,
+    /// The host addresses of the shadow entries that point at this page: none for a root, one
+    /// for a page of one address space, several for a shared one (`ShadowMmu::set_sharing`).
+    pub(super) parents: Vec<u64>,
+    /// The role under which the page is shared (`sharing.rs`), if it is.
+    pub(super) role: Option<super::sharing::Role>,
     /// Which entries are present, one bit per index: freeing or clearing a table visits only
     /// those instead of reading all 512 (measured under icount: ~2 400 instructions per freed
     /// leaf table). Kept by `ShadowMmu::set_shadow_entry`, the one writer of guest slots; the
@@ -199,7 +203,8 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
                 guest_table,
                 large,
                 owner: self.current_key,
-                parent: None,
+                parents: Vec::new(),
+                role: None,
                 present: PresentBits::default(),
                 registered: false,
             },
@@ -226,7 +231,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
                 continue;
             }
             if page.level > 1 {
-                self.free_page(e.addr());
+                self.release_child(e.addr(), slot(hpa, idx).as_u64());
             } else {
                 self.forget_leaf(slot(hpa, idx), e);
             }
@@ -241,8 +246,24 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
                 }
             }
         }
+        if let Some(role) = page.role {
+            self.forget_role(role, hpa);
+        }
         self.tlb_flush = true;
         self.alloc.deallocate_frame(HostPhysAddr::new(hpa));
+    }
+
+    /// The shadow entry at host address `parent_at` no longer points at shadow table `child`:
+    /// the child goes when nothing else points at it (a shared page stays for its other
+    /// parents).
+    pub(super) fn release_child(&mut self, child: u64, parent_at: u64) {
+        let Some(page) = self.pages.get_mut(&child) else {
+            return;
+        };
+        page.parents.retain(|p| *p != parent_at);
+        if page.parents.is_empty() {
+            self.free_page(child);
+        }
     }
 }
 

@@ -32,10 +32,10 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         let Some(list) = self.shadowed.get(&gpa.frame_number()) else {
             return true;
         };
-        let owners: BTreeSet<u64> = list
-            .iter()
-            .filter_map(|h| self.pages.get(h).map(|p| p.owner))
-            .collect();
+        let mut owners = BTreeSet::new();
+        for &h in list {
+            self.owning_keys(h, &mut owners);
+        }
         if owners.contains(&self.current_key) {
             return false;
         }
@@ -58,18 +58,22 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         };
         if list
             .iter()
-            .any(|h| self.pages.get(h).is_some_and(|p| p.parent.is_none()))
+            .any(|h| self.pages.get(h).is_some_and(|p| p.parents.is_empty()))
         {
             return false;
         }
         for hpa in list {
-            let Some(at) = self.pages.get(&hpa).and_then(|p| p.parent) else {
-                continue;
-            };
-            let points_here =
-                PageTableEntry(self.mem.read_u64(HostPhysAddr::new(at))).addr() == hpa;
-            if points_here {
-                self.zap_entry(at & !(PAGE_SIZE - 1), entry_index(at));
+            let parents = self
+                .pages
+                .get(&hpa)
+                .map(|p| p.parents.clone())
+                .unwrap_or_default();
+            for at in parents {
+                let points_here =
+                    PageTableEntry(self.mem.read_u64(HostPhysAddr::new(at))).addr() == hpa;
+                if points_here {
+                    self.zap_entry(at & !(PAGE_SIZE - 1), entry_index(at));
+                }
             }
         }
         self.stats.unshadowed_tables += 1;
