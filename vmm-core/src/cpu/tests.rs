@@ -2325,8 +2325,9 @@ proptest! {
         reference.code(code);
         reference.ports.values.insert(0x21, 0xB8);
         reference.cpu.take_effects();
+        // The dispatcher with the same options: the lane must end as it does.
+        reference.cpu.fast_paths = true;
         let mut lane = Rig { cpu: reference.cpu.clone(), mem: reference.mem.clone(), ports: reference.ports.clone() };
-        lane.cpu.fast_paths = true;
 
         let expected = reference.run();
         let mut bytes = [0x90u8; 8];
@@ -2353,5 +2354,28 @@ proptest! {
         prop_assert_eq!(observable(&lane), observable(&reference));
         prop_assert_eq!(format!("{:?}", lane.ports), format!("{:?}", reference.ports));
         prop_assert_eq!(lane.cpu.take_effects(), reference.cpu.take_effects());
+    }
+}
+
+#[test]
+fn with_fast_paths_only_efer_and_sysenter_cs_writes_recompute_the_real_controls() {
+    for (msr, controls) in [
+        (index::LSTAR, false),
+        (index::SYSENTER_ESP, false),
+        (index::EFER, true),
+        (index::SYSENTER_CS, true),
+    ] {
+        for fast in [false, true] {
+            let mut r = Rig::kernel();
+            r.cpu.fast_paths = fast;
+            let value = if msr == index::EFER { r.cpu.efer } else { 0x10 };
+            wrmsr(&mut r, msr, value);
+            assert_eq!(r.run().unwrap().outcome, Outcome::Emulated);
+            assert_eq!(
+                r.cpu.take_effects().controls,
+                controls || !fast,
+                "{msr:#x} fast={fast}"
+            );
+        }
     }
 }

@@ -12,7 +12,7 @@ use super::super::cpuid::{virtual_cpuid, HostCpu};
 use super::super::descriptor::{is_null_selector, system_type, TYPE_SHIFT};
 use super::super::event::{vector, CpuStop, Event};
 use super::super::memory::{read_obj, write_obj, write_slice, Fault, GuestMemory};
-use super::super::msr::{read_msr, write_msr};
+use super::super::msr::{index, read_msr, write_msr};
 use super::super::segments::{read_system_descriptor, TableEntry};
 use super::super::state::{cr0, cr4, dr, efer, Gpr, Segment, TableRegister, VCpu};
 use super::operands::{
@@ -138,8 +138,14 @@ pub(super) fn rdmsr(cpu: &mut VCpu) -> Result<Flow, Fault> {
 pub(super) fn wrmsr(cpu: &mut VCpu) -> Result<Flow, Fault> {
     require_cpl0(cpu)?;
     let value = (cpu.reg(Gpr::Rdx) << 32) | (cpu.reg(Gpr::Rax) & 0xFFFF_FFFF);
-    write_msr(cpu, cpu.reg(Gpr::Rcx) as u32, value)?;
-    cpu.note(|e| e.controls = true);
+    let msr = cpu.reg(Gpr::Rcx) as u32;
+    write_msr(cpu, msr, value)?;
+    // Only EFER (SCE) and SYSENTER_CS change a real bit that follows the guest's
+    // (`VCpu::real_controls`); with the fast paths off every write recomputes them, as the
+    // reference path did.
+    if !cpu.fast_paths || matches!(msr, index::EFER | index::SYSENTER_CS) {
+        cpu.note(|e| e.controls = true);
+    }
     Ok(Flow::Next)
 }
 
