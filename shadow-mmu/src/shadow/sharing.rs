@@ -81,6 +81,19 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         }
     }
 
+    /// Whether the roots of the running address space reach shadow table `hpa`.
+    pub(super) fn reaches_current(&self, hpa: u64) -> bool {
+        let Some(page) = self.pages.get(&hpa) else {
+            return false;
+        };
+        if page.parents.is_empty() {
+            return page.owner == self.current_key;
+        }
+        page.parents
+            .iter()
+            .any(|&at| self.reaches_current(at & !(crate::addr::PAGE_SIZE - 1)))
+    }
+
     /// The keys of the address spaces whose roots reach shadow table `hpa`.
     pub(super) fn owning_keys(&self, hpa: u64, keys: &mut alloc::collections::BTreeSet<u64>) {
         let Some(page) = self.pages.get(&hpa) else {

@@ -32,6 +32,10 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         let Some(list) = self.shadowed.get(&gpa.frame_number()) else {
             return true;
         };
+        // The common case first, without building the set: the running address space uses it.
+        if list.iter().any(|&h| self.reaches_current(h)) {
+            return false;
+        }
         let mut owners = BTreeSet::new();
         for &h in list {
             self.owning_keys(h, &mut owners);
