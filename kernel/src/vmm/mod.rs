@@ -416,6 +416,10 @@ impl Vm {
         match result {
             Ok(handled) => {
                 self.last_trap = match self.trace_text.take() {
+                    // A coalesced pair ran more than the instruction disassembled: say so.
+                    Some(text) if handled.name.contains('+') => TrapName::Disassembled(
+                        alloc::format!("{text} (coalesced: {})", handled.name),
+                    ),
                     Some(text) => TrapName::Disassembled(text),
                     None => TrapName::Instruction(handled.name),
                 };
