@@ -20,7 +20,7 @@ use shadow_mmu::shadow::View;
 use shadow_mmu::{GuestVirtAddr, HostMemory, HostPhysAddr};
 use vmm_core::accounting::TrapKind;
 use vmm_core::cpu::shadow_gdt::RealSelectors;
-use vmm_core::cpu::Fault;
+use vmm_core::cpu::{Effects, Fault};
 
 impl Vm {
     /// After a forwarded SYSCALL or SYSENTER: when the guest's handler begins with SWAPGS, run it in this
@@ -55,6 +55,26 @@ impl Vm {
             &mut bytes,
         );
         Some(bytes)
+    }
+}
+
+impl Vm {
+    /// An INVLPG of an address no shadow maps (the common case of a guest that invalidates a
+    /// page it has not touched since) changes nothing: its effect is dropped here, so the lane
+    /// can return at once (shadow-mmu `invlpg_is_noop`).
+    fn skip_noop_invlpg(&mut self) {
+        let effects = self.cpu.take_effects();
+        let only_invlpg = Effects {
+            invlpg: effects.invlpg,
+            ..Effects::default()
+        } == effects;
+        let noop = match effects.invlpg.and_then(GuestVirtAddr::new) {
+            Some(gva) if only_invlpg => self.mmu.invlpg_is_noop(gva),
+            _ => false,
+        };
+        if !noop {
+            self.cpu.note(|e| *e = effects);
+        }
     }
 }
 
@@ -95,6 +115,9 @@ impl Vm {
             return None;
         };
         let kind = TrapKind::Instruction(name);
+        if result.is_ok() {
+            self.skip_noop_invlpg();
+        }
         match result {
             Ok(()) if self.nothing_pending() && self.bus.exit_requested().is_none() => {
                 // Neither CS/SS nor a data segment changed: the real ones stay.

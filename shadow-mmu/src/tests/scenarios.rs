@@ -854,3 +854,25 @@ fn a_leaf_table_is_unsynced_by_a_store_and_resynced_by_a_cr3_load() {
         m.audit().unwrap();
     }
 }
+
+/// INVLPG of an address no shadow maps changes nothing (`invlpg_is_noop`), and of one it maps
+/// does; after the INVLPG, a second one is a no-op.
+#[test]
+fn invlpg_is_a_noop_exactly_where_no_shadow_maps_the_address() {
+    for policy in [Policy::Flush, Policy::Cached] {
+        let mut m = mmu(policy, 64, CR3);
+        let va = 0x40_0000u64;
+        map_4k(&mut m, T, va, 0x20_0000, P | RW | US, P | RW | US);
+        assert!(m.invlpg_is_noop(gva(va)), "nothing filled yet");
+        assert_eq!(
+            m.handle_page_fault(View::Kernel, gva(va), hw(false, false)),
+            FaultOutcome::Filled
+        );
+        assert!(!m.invlpg_is_noop(gva(va)));
+        assert!(m.invlpg_is_noop(gva(va + 0x1000)), "a neighbour never filled");
+        m.invlpg(gva(va));
+        assert!(m.invlpg_is_noop(gva(va)));
+        assert!(m.invlpg_is_noop(gva(VMM_RANGE_START)));
+        m.audit().unwrap();
+    }
+}
