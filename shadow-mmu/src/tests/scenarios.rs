@@ -869,7 +869,10 @@ fn invlpg_is_a_noop_exactly_where_no_shadow_maps_the_address() {
             FaultOutcome::Filled
         );
         assert!(!m.invlpg_is_noop(gva(va)));
-        assert!(m.invlpg_is_noop(gva(va + 0x1000)), "a neighbour never filled");
+        assert!(
+            m.invlpg_is_noop(gva(va + 0x1000)),
+            "a neighbour never filled"
+        );
         m.invlpg(gva(va));
         assert!(m.invlpg_is_noop(gva(va)));
         assert!(m.invlpg_is_noop(gva(VMM_RANGE_START)));
