@@ -332,6 +332,9 @@ pub struct VCpu {
     /// which is the reference behaviour.
     pub fast_paths: bool,
     effects: Effects,
+    /// Whether `effects` holds anything: kept with every write to it, so that the check on
+    /// every trap is one load (comparing the whole record cost ~18 instructions under icount).
+    effects_pending: bool,
 }
 
 impl VCpu {
@@ -377,6 +380,7 @@ impl VCpu {
             max_phys_bits: shadow_mmu::PagingMode::ENTRY.max_phys_bits,
             fast_paths: false,
             effects: Effects::default(),
+            effects_pending: false,
         }
     }
 
@@ -409,6 +413,7 @@ impl VCpu {
             )
         {
             self.effects.segment_bases = true;
+            self.effects_pending = true;
         }
     }
 
@@ -435,6 +440,7 @@ impl VCpu {
         if self.seg[s as usize].cache.base != base {
             self.seg[s as usize].cache.base = base;
             self.effects.segment_bases = true;
+            self.effects_pending = true;
         }
     }
 
@@ -504,6 +510,7 @@ impl VCpu {
         if self.cpl != cpl {
             self.cpl = cpl;
             self.effects.privilege = true;
+            self.effects_pending = true;
         }
     }
 
@@ -529,16 +536,18 @@ impl VCpu {
     /// Records effects for the caller.
     pub fn note(&mut self, f: impl FnOnce(&mut Effects)) {
         f(&mut self.effects);
+        self.effects_pending = !self.effects.is_empty();
     }
 
     /// Whether effects are waiting for the caller (without taking them).
     #[inline]
     pub fn has_effects(&self) -> bool {
-        !self.effects.is_empty()
+        self.effects_pending
     }
 
     /// What the caller must apply since the last call; clears the record.
     pub fn take_effects(&mut self) -> Effects {
+        self.effects_pending = false;
         core::mem::take(&mut self.effects)
     }
 
