@@ -37,7 +37,7 @@ options:
   --trace            the VMM prints one line per trap (host option trace=1000)
   --timeout S        stop QEMU after S seconds (default 120); a timeout exits with status 2
   --append "k=v ..." extra host command-line options (timer_hz=, mem=, trace=, shadow=,
-                     emulator_fill=, profile=, fastpath=, unsync=, shadow_share=,
+                     emulator_fill=, profile=, fastpath=, unsync=, shadow_share=, prefetch=,
                      watchdog=, debug=, mode=)
   --no-build         do not run cargo build first (the tests build once, then use this)
   -- words...        everything after -- is passed to the guest's command line

@@ -23,6 +23,7 @@ ablations=(
     "unsync=off"
     "shadow_share=off"
     "emulator_fill=off"
+    "prefetch=on"
     "fastpath=off unsync=off shadow_share=off emulator_fill=off"
 )
 words=()

@@ -136,3 +136,10 @@ fn selftest_matches_native_without_shared_shadow_tables() {
     // `shadow_share=off`: every address space builds its own shadow tables.
     assert_equivalent_with(&["selftest"], "cached shadow_share=off");
 }
+
+#[test]
+fn selftest_matches_native_with_prefetch_on() {
+    // `prefetch=on` (off by default): fills shadow the accessed neighbours too.
+    assert_equivalent_with(&["selftest"], "cached prefetch=on");
+    assert_equivalent_with(&["selftest"], "flush prefetch=on");
+}

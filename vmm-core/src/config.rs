@@ -62,6 +62,11 @@ pub struct HostConfig<'a> {
     /// (shadow-mmu `set_sharing`: the kernel half is built once); off gives each its own, the
     /// reference path.
     pub shadow_share: bool,
+    /// Whether a shadow fill also shadows the accessed neighbours of its leaf (shadow-mmu
+    /// `set_prefetch`). Off by default: measured with the bench it does not pay for this guest
+    /// (a fresh page's entry has A = 0, so nothing qualifies, and the look costs every fill;
+    /// docs/benchmarks.md); off is also the reference path.
+    pub prefetch: bool,
     /// Stop the guest when it has made no progress (no trap other than timer ticks) for this many
     /// timer ticks (0 = never).
     pub watchdog_ticks: u64,
@@ -90,6 +95,7 @@ impl Default for HostConfig<'_> {
             fastpath: true,
             unsync: true,
             shadow_share: true,
+            prefetch: false,
             watchdog_ticks: 10_000,
             debug: DebugAction::None,
             // The VMM's job: run the guest module (after the host's own self-checks).
@@ -102,7 +108,7 @@ impl Default for HostConfig<'_> {
 /// The keys [`HostConfig::parse`] accepts, with their syntax, for error messages and docs.
 pub const VALID_KEYS: &str =
     "timer_hz=<19..10000> mem=<4..3072 MiB> trace=<N> shadow=flush|cached \
-emulator_fill=on|off profile=phases|off fastpath=on|off unsync=on|off shadow_share=on|off watchdog=<ticks, 0=off> debug=none|panic mode=selfcheck|guest";
+emulator_fill=on|off profile=phases|off fastpath=on|off unsync=on|off shadow_share=on|off prefetch=on|off watchdog=<ticks, 0=off> debug=none|panic mode=selfcheck|guest";
 
 /// Why a host command line was rejected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -173,6 +179,13 @@ impl<'a> HostConfig<'a> {
                 }
                 "emulator_fill" => {
                     config.emulator_fill = match value {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(bad),
+                    }
+                }
+                "prefetch" => {
+                    config.prefetch = match value {
                         "on" => true,
                         "off" => false,
                         _ => return Err(bad),
@@ -270,7 +283,7 @@ mod tests {
     #[test]
     fn every_key_parses() {
         let c = HostConfig::parse(
-            "trace=5 shadow=cached emulator_fill=off profile=phases fastpath=off unsync=off shadow_share=off debug=panic watchdog=0 mode=guest",
+            "trace=5 shadow=cached emulator_fill=off profile=phases fastpath=off unsync=off shadow_share=off prefetch=on debug=panic watchdog=0 mode=guest",
             false,
         )
         .unwrap();
@@ -282,6 +295,7 @@ mod tests {
         assert!(!c.fastpath);
         assert!(!c.unsync);
         assert!(!c.shadow_share);
+        assert!(c.prefetch);
         assert_eq!(c.debug, DebugAction::Panic);
         assert_eq!(c.watchdog_ticks, 0);
     }
@@ -317,6 +331,7 @@ mod tests {
             "fastpath=1",
             "unsync=",
             "shadow_share=yes",
+            "prefetch=2",
             "profile=all",
             "debug=oops",
         ] {

@@ -58,6 +58,7 @@ pub(super) fn load(config: &HostConfig<'_>, module: &Module) -> (Mmu, EntryState
     mmu.set_emulator_fill(config.emulator_fill);
     mmu.set_unsync(config.unsync);
     mmu.set_sharing(config.shadow_share);
+    mmu.set_prefetch(config.prefetch);
     let entry = loader::load_guest(
         &mut LoadTarget { mmu: &mut mmu },
         image,

@@ -65,8 +65,8 @@ pub(super) fn report(vm: &mut Vm) {
         || stats.shared_links > 0
     {
         crate::serial::write_line(format_args!(
-            "[vmm] shadow-mmu: page-table writes emulated={} tables unshadowed={} address spaces released={} full flushes={} tables unsynced={} resynced={} shared links={}",
-            stats.page_table_writes, stats.unshadowed_tables, stats.released_address_spaces, stats.flushes, stats.unsyncs, stats.resyncs, stats.shared_links
+            "[vmm] shadow-mmu: page-table writes emulated={} tables unshadowed={} address spaces released={} full flushes={} tables unsynced={} resynced={} shared links={} prefetched={}",
+            stats.page_table_writes, stats.unshadowed_tables, stats.released_address_spaces, stats.flushes, stats.unsyncs, stats.resyncs, stats.shared_links, stats.prefetched
         ));
     }
     let unknown = alloc::format!("{}", vm.bus.unknown_ports());

@@ -41,7 +41,7 @@ fn fault_kind(hw: PageFaultErrorCode) -> AccessKind {
 /// The shadow leaf for the guest translation `t` on host frame `frame`: always present, U = 1
 /// (the guest really runs at CPL 3) and A = 1; R/W (with D) only when `writable`; the guest's XD,
 /// PWT, PCD and PAT; guest G remembered in a software bit, never as G (§4.10.2.4).
-fn leaf_entry(frame: HostPhysAddr, t: &Translation, writable: bool) -> u64 {
+pub(super) fn leaf_entry(frame: HostPhysAddr, t: &Translation, writable: bool) -> u64 {
     let mut v = frame.as_u64()
         | PteFlags::PRESENT.bits()
         | PteFlags::USER_SUPERVISOR.bits()
@@ -185,6 +185,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
             self.stats.dirty_upgrades += 1;
         } else {
             self.stats.fills += 1;
+            self.prefetch_around(view, gva, t, table);
         }
         Ok(FaultOutcome::Filled)
     }
@@ -273,7 +274,13 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
     /// Writes the shadow leaf `v` at `at` (mapping guest frame `gfn`) and returns the old one.
     /// Keeps the cached policy's index of writable leaves, and asks for a real TLB flush unless
     /// the new leaf only adds R/W and D to the old one (that #PF itself flushed the real TLB).
-    fn write_leaf(&mut self, at: HostPhysAddr, v: u64, gfn: u64, writable: bool) -> PageTableEntry {
+    pub(super) fn write_leaf(
+        &mut self,
+        at: HostPhysAddr,
+        v: u64,
+        gfn: u64,
+        writable: bool,
+    ) -> PageTableEntry {
         let old = PageTableEntry(self.mem.read_u64(at));
         self.forget_leaf(at, old);
         let upgrade = old.0 | PteFlags::READ_WRITE.bits() | PteFlags::DIRTY.bits();

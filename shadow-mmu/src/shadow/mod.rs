@@ -9,6 +9,7 @@
 //! | `write_protect` | cached policy: write-protected guest tables, zaps, write flooding |
 //! | `unsync` | cached policy: leaf tables left writable until the guest's next CR3 load |
 //! | `sharing` | cached policy: shadow tables shared between address spaces (the kernel half) |
+//! | `prefetch` | the accessed neighbours of a filled leaf shadowed with it |
 //! | `invalidate` | INVLPG, full flushes and zapping shadow entries (§4.10.4) |
 //! | `roots` | root pairs per guest CR3, the page pool and its quota, LRU reclaim |
 //! | `linear` | the emulator's linear reads / writes / translations, the shadow hit path |
@@ -67,6 +68,7 @@ mod fill;
 mod invalidate;
 mod linear;
 mod outcome;
+mod prefetch;
 mod roots;
 mod sharing;
 mod unsync;
@@ -177,6 +179,8 @@ pub struct Stats {
     pub unsyncs: u64,
     /// Shadow tables linked into another address space instead of built again (`set_sharing`).
     pub shared_links: u64,
+    /// Neighbouring leaves shadowed along with a fill (`set_prefetch`).
+    pub prefetched: u64,
     /// Unsynced tables brought back in line (at CR3 loads, or before being mirrored higher).
     pub resyncs: u64,
     /// CR3 loads whose guest PML4 maps the VMM's slot (never honoured).
@@ -235,6 +239,8 @@ pub struct ShadowMmu<M, A> {
     sharing: bool,
     /// Cached policy: the shared shadow table of each role (`sharing.rs`).
     by_role: FastMap<sharing::Role, u64>,
+    /// Whether a fill also shadows the accessed neighbours of its leaf (`prefetch.rs`).
+    prefetch: bool,
 }
 
 /// A hash map with a fixed, fast hasher (rustc's Fx): deterministic, and no random state to
@@ -296,6 +302,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
             lookup_cache: linear::LookupCache::default(),
             sharing: false,
             by_role: FastMap::default(),
+            prefetch: false,
             stats: Stats::default(),
         };
         mmu.current_key = mmu.cr3_key(config.guest_cr3);

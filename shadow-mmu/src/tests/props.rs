@@ -320,7 +320,7 @@ fn play(m: &mut Mmu, view: View, gva: GuestVirtAddr, kind: AccessKind) {
 }
 
 fn run(policy: Policy, quota: usize, initial: Vec<(u8, u8, u8)>, steps: Vec<Step>) {
-    run_with(policy, false, false, quota, initial, steps)
+    run_with(policy, false, false, false, quota, initial, steps)
 }
 
 /// `unsync`: leaf tables may be unsynced (`ShadowMmu::set_unsync`); a PTE write to one is then
@@ -330,6 +330,7 @@ fn run_with(
     policy: Policy,
     unsync: bool,
     sharing: bool,
+    prefetch: bool,
     quota: usize,
     initial: Vec<(u8, u8, u8)>,
     steps: Vec<Step>,
@@ -341,6 +342,7 @@ fn run_with(
     let mut m = mmu_with(policy, quota, PML4S[0], mode, usize::MAX);
     m.set_unsync(unsync);
     m.set_sharing(sharing);
+    m.set_prefetch(prefetch);
     let slots = slots();
     for (&(level, at), &(kind, target, flags)) in slots.iter().zip(initial.iter()) {
         poke(&mut m, at, entry(level, kind, target, flags));
@@ -450,7 +452,7 @@ proptest! {
         init in initial(),
         steps in proptest::collection::vec(step(), 1..100),
     ) {
-        run_with(Policy::Cached, true, false, quota, init, steps);
+        run_with(Policy::Cached, true, false, false, quota, init, steps);
     }
 
     #[test]
@@ -460,7 +462,20 @@ proptest! {
         steps in proptest::collection::vec(step(), 1..100),
         unsync in any::<bool>(),
     ) {
-        run_with(Policy::Cached, unsync, true, quota, init, steps);
+        run_with(Policy::Cached, unsync, true, false, quota, init, steps);
+    }
+
+    #[test]
+    fn with_prefetch_on_fill_shadow_never_exceeds_guest(
+        quota in MIN_SHADOW_QUOTA..40usize,
+        init in initial(),
+        steps in proptest::collection::vec(step(), 1..100),
+        cached in any::<bool>(),
+        unsync in any::<bool>(),
+        sharing in any::<bool>(),
+    ) {
+        let policy = if cached { Policy::Cached } else { Policy::Flush };
+        run_with(policy, unsync, sharing, true, quota, init, steps);
     }
 
     #[test]

@@ -879,3 +879,57 @@ fn invlpg_is_a_noop_exactly_where_no_shadow_maps_the_address() {
         m.audit().unwrap();
     }
 }
+
+/// Prefetch on fill: the accessed neighbours of a filled leaf are shadowed with it (read-only
+/// without D), the never-accessed ones are not and keep A = 0, and nothing is prefetched with
+/// the switch off.
+#[test]
+fn prefetch_shadows_only_accessed_neighbours_and_sets_no_guest_bit() {
+    for on in [false, true] {
+        let mut m = mmu(Policy::Cached, 64, CR3);
+        m.set_prefetch(on);
+        let base = 0x40_0000u64;
+        // Four neighbours in one guest page table: accessed, accessed and dirty, never
+        // accessed, accessed but supervisor-only (not for the user view).
+        map_4k(&mut m, T, base, 0x20_0000, P | RW | US, P | RW | US | A);
+        map_4k(
+            &mut m,
+            T,
+            base + 0x1000,
+            0x20_1000,
+            P | RW | US,
+            P | RW | US | A | D,
+        );
+        map_4k(
+            &mut m,
+            T,
+            base + 0x2000,
+            0x20_2000,
+            P | RW | US,
+            P | RW | US,
+        );
+        map_4k(&mut m, T, base + 0x3000, 0x20_3000, P | RW | US, P | RW | A);
+        for f in [0x20_0000u64, 0x20_1000, 0x20_2000, 0x20_3000] {
+            poke(&mut m, f, 1); // back the frames (a prefetch allocates none)
+        }
+        let pte = |va: u64| T[3] + ((va >> 12) & 0x1FF) * 8;
+        // The fault on the first page, in the user view.
+        assert_eq!(
+            m.handle_page_fault(View::User, gva(base), hw(false, false)),
+            FaultOutcome::Filled
+        );
+        let user = |m: &Mmu, va: u64| m.shadow_lookup(View::User, gva(va));
+        assert_eq!(user(&m, base + 0x1000).is_some(), on, "accessed and dirty");
+        if on {
+            assert!(user(&m, base + 0x1000).unwrap().writable, "D set: writable");
+        }
+        assert!(user(&m, base + 0x2000).is_none(), "never accessed");
+        assert_eq!(peek(&m, pte(base + 0x2000)) & A, 0, "its A bit untouched");
+        assert!(
+            user(&m, base + 0x3000).is_none(),
+            "supervisor page in the user view"
+        );
+        assert_eq!(m.stats().prefetched, u64::from(on));
+        m.audit().unwrap();
+    }
+}
