@@ -6,7 +6,8 @@
 //! `shadow_mmu::ShadowMmu` owns guest-physical memory (P2M) and the shadow page tables and
 //! decides every guest page fault. This module is the one dispatcher (`handle_guest_trap`, whose
 //! `route` is a single `match` on the trap); its helpers, in the order a trap meets them:
-//! `registers.rs` (frame into the vCPU and back), `page_fault.rs`, `exit.rs` (effects,
+//! `registers.rs` (frame into the vCPU and back), `fast_path.rs` (the fast lane for the hottest
+//! #GPs, and what coalescing needs fetched), `page_fault.rs`, `exit.rs` (effects,
 //! injection, shadow descriptor table), `instrument.rs` (phase clock, trace, bench
 //! attribution). The machine as the libraries see it is `host.rs`; `cli_sti_stub.rs` is the
 //! CLI/STI stub's state, `data_segments.rs` the guest's DS/ES/FS/GS, `load.rs` the loading,
