@@ -137,6 +137,15 @@ impl fmt::Display for ConfigError<'_> {
     }
 }
 
+/// `on` or `off`, the value of every switch.
+fn on_off(value: &str) -> Option<bool> {
+    match value {
+        "on" => Some(true),
+        "off" => Some(false),
+        _ => None,
+    }
+}
+
 fn parse_in_range<'a>(
     key: &'a str,
     value: &'a str,
@@ -177,41 +186,11 @@ impl<'a> HostConfig<'a> {
                         _ => return Err(bad),
                     }
                 }
-                "emulator_fill" => {
-                    config.emulator_fill = match value {
-                        "on" => true,
-                        "off" => false,
-                        _ => return Err(bad),
-                    }
-                }
-                "prefetch" => {
-                    config.prefetch = match value {
-                        "on" => true,
-                        "off" => false,
-                        _ => return Err(bad),
-                    }
-                }
-                "shadow_share" => {
-                    config.shadow_share = match value {
-                        "on" => true,
-                        "off" => false,
-                        _ => return Err(bad),
-                    }
-                }
-                "unsync" => {
-                    config.unsync = match value {
-                        "on" => true,
-                        "off" => false,
-                        _ => return Err(bad),
-                    }
-                }
-                "fastpath" => {
-                    config.fastpath = match value {
-                        "on" => true,
-                        "off" => false,
-                        _ => return Err(bad),
-                    }
-                }
+                "emulator_fill" => config.emulator_fill = on_off(value).ok_or(bad)?,
+                "prefetch" => config.prefetch = on_off(value).ok_or(bad)?,
+                "shadow_share" => config.shadow_share = on_off(value).ok_or(bad)?,
+                "unsync" => config.unsync = on_off(value).ok_or(bad)?,
+                "fastpath" => config.fastpath = on_off(value).ok_or(bad)?,
                 "profile" => {
                     config.profile_phases = match value {
                         "phases" => true,

@@ -44,9 +44,7 @@ use vmm_core::accounting::{Accounting, Phase, SyscallKind, TrapKind};
 use vmm_core::config::HostConfig;
 use vmm_core::cpu::shadow_gdt::ShadowGdt;
 use vmm_core::cpu::state::rflags;
-use vmm_core::cpu::{
-    handle_instruction, syscall, Cause, CpuStop, Event, EventKind, Outcome, TableRegister, VCpu,
-};
+use vmm_core::cpu::{syscall, Cause, CpuStop, Event, EventKind, Outcome, TableRegister, VCpu};
 use vmm_core::devices::bus::PortBus;
 
 /// The guest's shadow MMU on this machine's memory.
@@ -395,25 +393,16 @@ impl Vm {
         }
         let mut mem = host::GuestAccess::new(&mut self.mmu, self.view);
         let mut mark = |phase| clock.mark(phase);
-        let result = match self.prefetched.take() {
-            Some(code) => vmm_core::cpu::emulate::handle_prefetched_instruction(
-                &mut self.cpu,
-                &mut mem,
-                &mut self.bus,
-                &RealCpu,
-                cause,
-                &mut mark,
-                &code,
-            ),
-            None => handle_instruction(
-                &mut self.cpu,
-                &mut mem,
-                &mut self.bus,
-                &RealCpu,
-                cause,
-                &mut mark,
-            ),
-        };
+        let code = self.prefetched.take();
+        let result = vmm_core::cpu::emulate::handle_instruction_from(
+            &mut self.cpu,
+            &mut mem,
+            &mut self.bus,
+            &RealCpu,
+            cause,
+            &mut mark,
+            code.as_ref(),
+        );
         match result {
             Ok(handled) => {
                 self.last_trap = match self.trace_text.take() {

@@ -133,30 +133,14 @@ where
     M: GuestMemory + ?Sized,
     P: PortIo + ?Sized,
 {
-    handle(cpu, mem, ports, cpuid, cause, mark, None)
+    handle_instruction_from(cpu, mem, ports, cpuid, cause, mark, None)
 }
 
-/// [`handle_instruction`] for an instruction whose first 8 bytes the caller has already read
-/// from RIP's page with the rights of the fetch (the kernel's fast lane reads them for every
-/// #GP): they stand for the fetch's first bytes; the rest, if the decoder needs it, is fetched
-/// as usual.
-pub fn handle_prefetched_instruction<M, P>(
-    cpu: &mut VCpu,
-    mem: &mut M,
-    ports: &mut P,
-    cpuid: &dyn HostCpu,
-    cause: Cause,
-    mark: &mut dyn FnMut(Phase),
-    code: &[u8; 8],
-) -> Result<Handled, CpuStop>
-where
-    M: GuestMemory + ?Sized,
-    P: PortIo + ?Sized,
-{
-    handle(cpu, mem, ports, cpuid, cause, mark, Some(code))
-}
-
-fn handle<M, P>(
+/// [`handle_instruction`], where the caller may already hold the first 8 bytes at RIP, read
+/// from RIP's page with the rights of the fetch (`code`; the kernel's fast lane reads them for
+/// every #GP): they stand for the fetch's first bytes, and the rest, if the decoder needs it,
+/// is fetched as usual. `None` fetches them all.
+pub fn handle_instruction_from<M, P>(
     cpu: &mut VCpu,
     mem: &mut M,
     ports: &mut P,
