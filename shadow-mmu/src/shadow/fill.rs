@@ -164,7 +164,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         };
         let mut protected = self.is_write_protected_gpa(t.gpa);
         if access.kind == AccessKind::Write && protected && self.try_unsync(t.gpa.frame_number()) {
-            // A leaf table: the store runs natively from now on (`unsync.rs`).
+            // Not a root: the store runs natively from now on (`unsync.rs`).
             protected = false;
         }
         if access.kind == AccessKind::Write && protected && self.write_flooded(t) {

@@ -7,7 +7,7 @@
 //! |---|---|
 //! | `fill` | the #PF decision: fill / reflect / page-table write / stop (§4.6-§4.8) |
 //! | `write_protect` | cached policy: write-protected guest tables, zaps, write flooding |
-//! | `unsync` | cached policy: leaf tables left writable until the guest's next CR3 load |
+//! | `unsync` | cached policy: guest tables (not roots) left writable until the next CR3 load |
 //! | `sharing` | cached policy: shadow tables shared between address spaces (the kernel half) |
 //! | `prefetch` | the accessed neighbours of a filled leaf shadowed with it |
 //! | `invalidate` | INVLPG, full flushes and zapping shadow entries (§4.10.4) |
@@ -175,7 +175,7 @@ pub struct Stats {
     pub released_address_spaces: u64,
     /// Guest tables unshadowed after a flood of writes ([`ShadowMmu::unshadow_guest_table`]).
     pub unshadowed_tables: u64,
-    /// Guest leaf tables unsynced instead of emulating a store to them (`set_unsync`).
+    /// Guest tables unsynced instead of emulating a store to them (`set_unsync`).
     pub unsyncs: u64,
     /// Shadow tables linked into another address space instead of built again (`set_sharing`).
     pub shared_links: u64,
@@ -225,9 +225,9 @@ pub struct ShadowMmu<M, A> {
     write_flood: Option<(u64, u32)>,
     /// Whether an emulator read that missed the shadow fills it (`set_emulator_fill`).
     emulator_fill: bool,
-    /// Cached policy: whether leaf tables may be unsynced (`set_unsync`, `unsync.rs`).
+    /// Cached policy: whether guest tables may be unsynced (`set_unsync`, `unsync.rs`).
     unsync_enabled: bool,
-    /// Cached policy: the guest leaf tables (frame numbers) left writable to the guest until
+    /// Cached policy: the guest tables (frame numbers) left writable to the guest until
     /// the next CR3 load (`unsync.rs`).
     unsync: BTreeSet<u64>,
     /// Moves on at every change of a shadow entry or of the current roots: what

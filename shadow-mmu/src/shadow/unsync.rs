@@ -1,28 +1,33 @@
-//! Cached policy: unsynced leaf page tables (KVM's "unsync" shadow pages). A guest page table
-//! that only shadow page tables (level 1) mirror may be left writable to the guest: its stores
-//! then run natively instead of trapping, and the shadow of it may fall behind it — exactly as a
-//! TLB may hold a translation the guest has since changed.
+//! Cached policy: unsynced guest page tables (KVM's "unsync" shadow pages, extended from leaf
+//! tables to directories). A guest page table that only non-root shadow tables mirror may be
+//! left writable to the guest: its stores then run natively instead of trapping, and the
+//! shadow of it may fall behind it — exactly as a TLB and the paging-structure caches may hold
+//! translations the guest has since changed.
 //!
 //! Why that is still the CPU's behaviour (SDM Vol. 3 §4.10.4): a guest that changes a present
 //! entry must invalidate it (INVLPG, or a CR3 load) before it can rely on the change, and the
-//! VMM resynchronises there — INVLPG zaps the address's shadow entries ([`ShadowMmu::invlpg`]),
-//! and every CR3 load resyncs every unsynced table (zaps all the shadow entries that mirror it,
-//! and write-protects it again). A not-present → present store needs no invalidation on the
-//! CPU, and none here: the shadow has no entry for it, so the next access faults and the fill
-//! walks the guest's table as it is now. That store is the one a demand-paging guest kernel
-//! makes on every page fault, and the reason for this module.
+//! VMM catches up there. Every CR3 load resyncs every unsynced table (zaps all the shadow
+//! entries that mirror it, freeing what hangs below a directory's, and write-protects it
+//! again). INVLPG zaps the address's leaf ([`ShadowMmu::invlpg`]); the next access then walks
+//! the guest's tables as they are, and a shadow directory entry that no longer mirrors the
+//! guest's (another table below it, other rights above it) is replaced on the way (`fill.rs`,
+//! `shadow_child`). A not-present → present store needs no invalidation on the CPU, and none
+//! here: the shadow has no entry for it, so the next access faults and fills from the guest's
+//! table as it is now. That store is the one a demand-paging guest kernel makes on every page
+//! fault; a process's teardown makes the present → not-present ones, in its page tables and
+//! directories, right before its CR3 is loaded no more.
 //!
-//! Only leaf tables are unsynced: a change to a directory entry reshapes the shadow below it.
-//! When a table that is unsynced is about to be mirrored at another level (the guest reuses the
-//! frame as a directory), it is resynced first. The host option `unsync=off` keeps every
-//! shadowed table write-protected (the reference path).
+//! Roots are never unsynced: a root is the address space (keyed by the guest CR3). When a table
+//! that is unsynced is about to be mirrored by a root (the guest reuses the frame as a PML4), it
+//! is resynced first. The host option `unsync=off` keeps every shadowed table write-protected
+//! (the reference path).
 
 use crate::machine::{FrameAllocator, HostMemory};
 
 use super::{Policy, ShadowMmu};
 
 impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
-    /// Turns unsynced leaf tables on or off (the host option `unsync=`); off resyncs every
+    /// Turns unsynced tables on or off (the host option `unsync=`); off resyncs every
     /// table now.
     pub fn set_unsync(&mut self, on: bool) {
         self.unsync_enabled = on;
@@ -37,8 +42,8 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
     }
 
     /// A guest store faulted on the write-protected guest table `gfn`: unsync it instead of
-    /// emulating the store, when unsync is on and only leaf shadow tables mirror it. True when
-    /// it did (the store may then run natively).
+    /// emulating the store, when unsync is on and no root mirrors it. True when it did (the
+    /// store may then run natively).
     pub(super) fn try_unsync(&mut self, gfn: u64) -> bool {
         if !self.unsync_enabled || self.policy != Policy::Cached {
             return false;
@@ -46,10 +51,10 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         let Some(list) = self.shadowed.get(&gfn) else {
             return false;
         };
-        let only_leaf_tables = list
+        let no_root = list
             .iter()
-            .all(|h| self.pages.get(h).is_some_and(|p| p.level == 1 && !p.large));
-        if !only_leaf_tables {
+            .all(|h| self.pages.get(h).is_some_and(|p| p.level < 4 && !p.large));
+        if !no_root {
             return false;
         }
         self.unsync.insert(gfn);

@@ -131,17 +131,17 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         if self.policy != Policy::Cached {
             return;
         }
-        let leaf_table = match self.pages.get_mut(&hpa) {
+        let below_root = match self.pages.get_mut(&hpa) {
             // Once per page: a root is offered again on every fill (`shadow_path`).
             Some(page) if page.registered => return,
             Some(page) => {
                 page.registered = true;
-                page.level == 1 && !page.large
+                page.level < 4 && !page.large
             }
             None => false,
         };
-        if !leaf_table && self.is_unsync(gfn) {
-            // Only leaf tables stay unsynced (`unsync.rs`).
+        if !below_root && self.is_unsync(gfn) {
+            // A root never mirrors an unsynced table (`unsync.rs`).
             self.resync(gfn);
         }
         let list = self.shadowed.entry(gfn).or_default();

@@ -323,7 +323,7 @@ fn run(policy: Policy, quota: usize, initial: Vec<(u8, u8, u8)>, steps: Vec<Step
     run_with(policy, false, false, false, quota, initial, steps)
 }
 
-/// `unsync`: leaf tables may be unsynced (`ShadowMmu::set_unsync`); a PTE write to one is then
+/// `unsync`: guest tables may be unsynced (`ShadowMmu::set_unsync`); a write to one is then
 /// a native store nobody is told about, and the guest keeps its side of the TLB contract by
 /// invalidating what it changed, as on the CPU.
 fn run_with(

@@ -933,3 +933,68 @@ fn prefetch_shadows_only_accessed_neighbours_and_sets_no_guest_bit() {
         m.audit().unwrap();
     }
 }
+
+/// Unsynced directories: a store to a shadowed page directory unsyncs it too. A directory
+/// entry the guest then clears natively (a process's teardown) keeps the old subtree until the
+/// guest's CR3 load, as the paging-structure caches may; one it points at another page table,
+/// followed by INVLPG of an address, is replaced on that address's next fill.
+#[test]
+fn a_directory_is_unsynced_and_its_entries_catch_up_at_invlpg_and_cr3_loads() {
+    let mut m = mmu(Policy::Cached, 64, CR3);
+    m.set_unsync(true);
+    let (a, window) = (0x40_0000u64, 0x60_0000u64);
+    map_4k(&mut m, T, a, 0x20_0000, P | RW | US, P | RW | US);
+    // The guest's window on its page directory T[2], through another page table.
+    map_4k(
+        &mut m,
+        [T[0], T[1], T[2], 0x14000],
+        window,
+        T[2],
+        P | RW | US,
+        P | RW | US,
+    );
+    let access = |m: &mut Mmu, va: u64, write: bool| {
+        let present = m.shadow_lookup(View::Kernel, gva(va)).is_some();
+        m.handle_page_fault(View::Kernel, gva(va), hw(write, present))
+    };
+    assert_eq!(access(&mut m, a, false), FaultOutcome::Filled);
+    assert_eq!(access(&mut m, window, false), FaultOutcome::Filled);
+    // The first store to the directory unsyncs it.
+    assert_eq!(access(&mut m, window, true), FaultOutcome::Filled);
+    assert!(
+        m.is_unsync(T[2] / 4096),
+        "a directory, not a root: unsynced"
+    );
+    m.audit().unwrap();
+    let pde = T[2] + ((a >> 21) & 0x1FF) * 8;
+    let store = |m: &mut Mmu, at: u64, v: u64| {
+        m.write_guest_phys_natively(GuestPhysAddr::new(at), &v.to_le_bytes())
+            .unwrap()
+    };
+    // The directory entry now points at another page table mapping A elsewhere; INVLPG(A).
+    let new_pte = 0x15000 + ((a >> 12) & 0x1FF) * 8;
+    poke(&mut m, new_pte, 0x21_0000 | P | RW | US);
+    store(&mut m, pde, 0x15000 | P | RW | US);
+    m.invlpg(gva(a));
+    assert_eq!(access(&mut m, a, false), FaultOutcome::Filled);
+    assert_eq!(
+        m.shadow_lookup(View::Kernel, gva(a)).unwrap().frame,
+        frame_of(&m, 0x21_0000),
+        "the fill walked the new page table"
+    );
+    m.audit().unwrap();
+    // Teardown: the entry cleared natively; the old translation may stay until the CR3 load.
+    store(&mut m, pde, 0);
+    assert!(
+        m.shadow_lookup(View::Kernel, gva(a)).is_some(),
+        "stale until the CR3 load"
+    );
+    m.load_cr3(CR3).unwrap();
+    assert!(!m.is_unsync(T[2] / 4096));
+    assert!(
+        m.shadow_lookup(View::Kernel, gva(a)).is_none(),
+        "resynced at the CR3 load"
+    );
+    assert!(matches!(access(&mut m, a, false), FaultOutcome::Reflect(_)));
+    m.audit().unwrap();
+}
