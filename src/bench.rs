@@ -31,7 +31,7 @@ impl BenchRow {
 /// What the VMM counted for one op.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OpTraps {
-    /// Traps taken during the op (plus the few of printing its result line).
+    /// Traps taken during the op and its setup (not the printing of any line).
     pub traps: u64,
     /// Instructions the VMM's trap handler spent on them (its own rdtsc checkpoints).
     pub vmm_cost: u64,

@@ -21,6 +21,9 @@ pub struct GuestConsole {
     pub bytes: u64,
     /// Guest lines printed so far.
     pub lines: u64,
+    /// Guest lines begun so far (their first byte received): the benchmark harness ends an op's
+    /// window there, so the traps of printing its result line are not the op's.
+    pub lines_begun: u64,
     /// The op names of `bench,<op>,...` lines not yet taken by the VMM (the benchmark harness
     /// attributes the traps since the previous guest line to that op).
     bench_ops: Vec<String>,
@@ -34,6 +37,7 @@ impl GuestConsole {
             len: 0,
             bytes: 0,
             lines: 0,
+            lines_begun: 0,
             bench_ops: Vec::new(),
         }
     }
@@ -72,6 +76,9 @@ impl ConsoleSink for GuestConsole {
             _ => {
                 if self.len == LINE_MAX {
                     self.flush();
+                }
+                if self.len == 0 {
+                    self.lines_begun += 1;
                 }
                 self.line[self.len] = byte;
                 self.len += 1;

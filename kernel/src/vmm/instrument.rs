@@ -170,20 +170,54 @@ impl Vm {
     }
 
     /// The benchmark harness: the guest prints `bench,<op>,...` right after each op, so the
-    /// traps (and their cost) between its previous console line and that one belong to the op,
-    /// plus the few traps of printing one line. Reported as `bench-traps` lines at exit.
-    fn note_guest_lines(&mut self) {
-        let lines = self.bus.com1().sink().lines;
-        if lines == self.bench_mark.0 {
+    /// traps (and their cost) between the end of its previous console line and the first byte
+    /// of that one belong to the op — its setup, its loop, the formatting of its result, not the
+    /// printing of any line. Reported as `bench-traps` lines at exit.
+    pub(super) fn note_guest_lines(&mut self) {
+        let sink = self.bus.com1().sink();
+        let (lines, begun) = (sink.lines, sink.lines_begun);
+        let mark = self.bench_mark;
+        if lines == mark.lines && begun == mark.begun {
             return;
         }
         let totals = self.accounting.totals();
         let (cli, sti, fast_cost) = cli_sti_stub::counts();
-        let (count, cost) = (totals.count() + cli + sti, totals.total() + fast_cost);
-        for op in self.bus.com1_mut().sink_mut().take_bench_ops() {
-            self.bench_traps
-                .push((op, count - self.bench_mark.1, cost - self.bench_mark.2));
+        let now = (totals.count() + cli + sti, totals.total() + fast_cost);
+        // A line begun in this trap: the op before it ended here (a line printed whole in one
+        // trap, REP OUTSB, ends its op here too).
+        let line_start = if begun != mark.begun {
+            now
+        } else {
+            mark.line_start
+        };
+        if lines != mark.lines {
+            for op in self.bus.com1_mut().sink_mut().take_bench_ops() {
+                self.bench_traps.push((
+                    op,
+                    line_start.0 - mark.line_end.0,
+                    line_start.1 - mark.line_end.1,
+                ));
+            }
         }
-        self.bench_mark = (lines, count, cost);
+        self.bench_mark = BenchMark {
+            lines,
+            begun,
+            line_start,
+            line_end: if lines != mark.lines {
+                now
+            } else {
+                mark.line_end
+            },
+        };
     }
+}
+
+/// Where the benchmark harness stands in the guest's console output: the lines ended and
+/// begun so far, and the (trap count, cost) when the current line began and the last one ended.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct BenchMark {
+    lines: u64,
+    begun: u64,
+    line_start: (u64, u64),
+    line_end: (u64, u64),
 }

@@ -87,9 +87,8 @@ struct Vm {
     /// What the real CPU holds for the guest (`VCpu::real_controls`); `None` before the first
     /// entry.
     real_controls: Option<vmm_core::cpu::state::RealControls>,
-    /// Trap count and cost at the guest's last console line, and per benchmark op the traps
-    /// and VMM cost since the line before its `bench,` line (see `note_guest_lines`).
-    bench_mark: (u64, u64, u64),
+    /// Where the benchmark harness stands in the guest's console output (`note_guest_lines`).
+    bench_mark: instrument::BenchMark,
     bench_traps: alloc::vec::Vec<(alloc::string::String, u64, u64)>,
     /// The trap fast paths are on (host option `fastpath=`, `fast_path.rs`).
     fastpath: bool,
@@ -147,7 +146,7 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
         injected: None,
         unshadowed_for: None,
         real_controls: None,
-        bench_mark: (0, 0, 0),
+        bench_mark: instrument::BenchMark::default(),
         bench_traps: alloc::vec::Vec::new(),
         fastpath: config.fastpath,
         prefetched: None,
