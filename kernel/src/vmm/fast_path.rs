@@ -17,11 +17,10 @@
 use super::registers::vcpu_to_frame;
 use super::{cli_sti_stub, host, instrument, Action, StopWhy, Vm};
 use crate::trap::{vector, TrapFrame};
-use shadow_mmu::shadow::View;
-use shadow_mmu::{GuestVirtAddr, HostMemory, HostPhysAddr};
+use shadow_mmu::{AccessKind, GuestVirtAddr, Privilege};
 use vmm_core::accounting::TrapKind;
 use vmm_core::cpu::shadow_gdt::RealSelectors;
-use vmm_core::cpu::{Effects, Fault};
+use vmm_core::cpu::Fault;
 
 /// What the fast lane did with a trap.
 pub(super) enum Lane {
@@ -94,29 +93,7 @@ impl Vm {
     /// each under icount.
     #[inline(never)]
     fn apply_lane_effects(&mut self) -> Result<(), StopWhy> {
-        self.skip_noop_invlpg();
-        if self.cpu.has_effects() {
-            self.apply_effects()?;
-        }
-        Ok(())
-    }
-
-    /// An INVLPG of an address no shadow maps (the common case of a guest that invalidates a
-    /// page it has not touched since) changes nothing: its effect is dropped here, so the lane
-    /// can return at once (shadow-mmu `invlpg_is_noop`).
-    fn skip_noop_invlpg(&mut self) {
-        let effects = self.cpu.take_effects();
-        let only_invlpg = Effects {
-            invlpg: effects.invlpg,
-            ..Effects::default()
-        } == effects;
-        let noop = match effects.invlpg.and_then(GuestVirtAddr::new) {
-            Some(gva) if only_invlpg => self.mmu.invlpg_is_noop(gva),
-            _ => false,
-        };
-        if !noop {
-            self.cpu.note(|e| *e = effects);
-        }
+        self.apply_effects()
     }
 
     /// After a forwarded SYSCALL or SYSENTER: when the guest's handler begins with SWAPGS, run it in this
@@ -131,25 +108,18 @@ impl Vm {
     }
 
     /// The `N` bytes of guest code at `rip` as the guest kernel would fetch them: only when the
-    /// kernel view's shadow maps them, executable, within one page. The shadow is what the real
-    /// CPU would translate through (it is filled only from the guest's own tables, with their
-    /// rights, and zapped when they change), so a hit here is a fetch the CPU would make; a miss
-    /// (not filled yet, execute-disabled, across a page) just means no coalescing this time.
+    /// kernel view's shadow maps them, executable, within one page (shadow-mmu
+    /// `read_through_shadow`). The shadow is what the real CPU would translate through (filled
+    /// only from the guest's own tables, with their rights, and zapped when they change), so a
+    /// hit is a fetch the CPU would make; a miss just means no coalescing this time.
     fn kernel_code_bytes<const N: usize>(&self, rip: u64) -> Option<[u8; N]> {
-        let gva = GuestVirtAddr::new(rip)?;
-        let offset = gva.page_offset();
-        if offset + N as u64 > 0x1000 {
-            return None;
-        }
-        let mapping = self.mmu.shadow_lookup(View::Kernel, gva)?;
-        if mapping.execute_disable {
-            return None;
-        }
         let mut bytes = [0u8; N];
-        self.mmu.host_memory().read_bytes(
-            HostPhysAddr::new(mapping.frame.as_u64() + offset),
+        let fetched = self.mmu.read_through_shadow(
+            GuestVirtAddr::new(rip)?,
             &mut bytes,
+            AccessKind::Fetch,
+            Privilege::Supervisor,
         );
-        Some(bytes)
+        fetched.then_some(bytes)
     }
 }

@@ -23,34 +23,6 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         }
     }
 
-    /// Whether `invlpg(gva)` would change nothing: neither view's shadow maps `gva` (no leaf, no
-    /// table holding pieces of a guest large page on its path). Then the real TLB holds no
-    /// translation for it either (every shadow entry removed asked for a real flush), and the
-    /// caller may skip the invalidation altogether.
-    pub fn invlpg_is_noop(&self, gva: GuestVirtAddr) -> bool {
-        let Some(pair) = self.roots.get(&self.current_key) else {
-            return true;
-        };
-        [pair.kernel, pair.user].iter().all(|root| {
-            let mut table = root.as_u64();
-            for level in (1..=4u8).rev() {
-                let idx = gva.table_index(level);
-                if is_vmm_slot(level, idx) {
-                    return true;
-                }
-                let e = self.shadow_entry(table, idx);
-                if !e.is_present() {
-                    return true;
-                }
-                if level == 1 || self.pages.get(&e.addr()).is_some_and(|p| p.large) {
-                    return false;
-                }
-                table = e.addr();
-            }
-            true
-        })
-    }
-
     /// Drops every shadow entry of every address space (CR4.PGE toggles, INVPCID all-context,
     /// mode changes). The current roots stay and are refilled on demand.
     pub fn flush_all(&mut self) {

@@ -279,7 +279,29 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         (done == len).then_some(pieces)
     }
 
+    /// Reads `buf.len()` bytes at `gva` only where the shadow of the view that stands for
+    /// `privilege` already maps them for `kind` (inside one page): what the real CPU would read
+    /// or fetch through the shadow, without a guest walk and without setting any guest bit.
+    /// False (nothing read) on a miss.
+    pub fn read_through_shadow(
+        &self,
+        gva: GuestVirtAddr,
+        buf: &mut [u8],
+        kind: AccessKind,
+        privilege: Privilege,
+    ) -> bool {
+        let in_page = !buf.is_empty() && gva.page_offset() + buf.len() as u64 <= PAGE_SIZE;
+        match self.shadow_hit_in_page(gva, kind, privilege) {
+            Some(hpa) if in_page => {
+                self.mem.read_bytes(hpa, buf);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// `shadow_hit` for an access that stays inside `gva`'s page: the host address of `gva`.
+    #[inline]
     fn shadow_hit_in_page(
         &self,
         gva: GuestVirtAddr,

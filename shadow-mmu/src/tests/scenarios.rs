@@ -855,34 +855,6 @@ fn a_leaf_table_is_unsynced_by_a_store_and_resynced_by_a_cr3_load() {
     }
 }
 
-/// INVLPG of an address no shadow maps changes nothing (`invlpg_is_noop`), and of one it maps
-/// does; after the INVLPG, a second one is a no-op.
-#[test]
-fn invlpg_is_a_noop_exactly_where_no_shadow_maps_the_address() {
-    for policy in [Policy::Flush, Policy::Cached] {
-        let mut m = mmu(policy, 64, CR3);
-        let va = 0x40_0000u64;
-        map_4k(&mut m, T, va, 0x20_0000, P | RW | US, P | RW | US);
-        assert!(m.invlpg_is_noop(gva(va)), "nothing filled yet");
-        assert_eq!(
-            m.handle_page_fault(View::Kernel, gva(va), hw(false, false)),
-            FaultOutcome::Filled
-        );
-        assert!(!m.invlpg_is_noop(gva(va)));
-        assert!(
-            m.invlpg_is_noop(gva(va + 0x1000)),
-            "a neighbour never filled"
-        );
-        m.invlpg(gva(va));
-        assert!(m.invlpg_is_noop(gva(va)));
-        assert!(m.invlpg_is_noop(gva(VMM_RANGE_START)));
-        m.audit().unwrap();
-    }
-}
-
-/// Prefetch on fill: the accessed neighbours of a filled leaf are shadowed with it (read-only
-/// without D), the never-accessed ones are not and keep A = 0, and nothing is prefetched with
-/// the switch off.
 #[test]
 fn prefetch_shadows_only_accessed_neighbours_and_sets_no_guest_bit() {
     for on in [false, true] {
@@ -997,4 +969,35 @@ fn a_directory_is_unsynced_and_its_entries_catch_up_at_invlpg_and_cr3_loads() {
     );
     assert!(matches!(access(&mut m, a, false), FaultOutcome::Reflect(_)));
     m.audit().unwrap();
+}
+
+/// `read_through_shadow` reads only what the shadow maps for the access, inside one page, and
+/// walks nothing (no guest bit set, nothing filled).
+#[test]
+fn read_through_shadow_reads_only_what_the_shadow_maps() {
+    let mut m = mmu(Policy::Cached, 64, CR3);
+    let va = 0x40_0000u64;
+    map_4k(&mut m, T, va, 0x20_0000, P | RW | US, P | RW | US | A);
+    poke(&mut m, 0x20_0010, 0x0807_0605_0403_0201);
+    let sup = Privilege::Supervisor;
+    let mut b = [0u8; 3];
+    assert!(
+        !m.read_through_shadow(gva(va + 0x10), &mut b, AccessKind::Fetch, sup),
+        "not filled"
+    );
+    assert_eq!(m.stats().fills, 0);
+    assert_eq!(
+        m.handle_page_fault(View::Kernel, gva(va), hw(false, false)),
+        FaultOutcome::Filled
+    );
+    assert!(m.read_through_shadow(gva(va + 0x10), &mut b, AccessKind::Fetch, sup));
+    assert_eq!(b, [1, 2, 3]);
+    assert!(
+        !m.read_through_shadow(gva(va + 0xFFE), &mut b, AccessKind::Read, sup),
+        "across a page"
+    );
+    assert!(
+        !m.read_through_shadow(gva(va + 0x10), &mut b, AccessKind::Write, sup),
+        "read-only until D"
+    );
 }
