@@ -845,3 +845,11 @@ fn a_fault_in_the_second_instruction_of_a_coalesced_pair_is_at_that_instruction(
         assert_eq!(fault, sysretq, "{}", run.serial);
     }
 }
+
+/// `--trace` says when one trap ran a coalesced pair (the disassembly shows its first
+/// instruction only).
+#[test]
+fn the_trace_names_a_coalesced_pair() {
+    let run = vmm_guest_with("swapgs-sysretq-fault", "trace=1000", &[]);
+    run.expect_line("swapgs (coalesced: SWAPGS+SYSRETQ) -> fault injected");
+}
