@@ -30,7 +30,8 @@ options:
                      bench/results.png, prints the tables (words after -- go to the guest's bench)
   --trap-cost C      with --bench: cycles of one trap round trip for the modelled column (700)
   --guest PATH       run this guest ELF instead of the built guest-kernel
-  --mem MiB          guest RAM in MiB, 4..3072 (default 32)
+  --mem MiB          guest RAM in MiB, 4..3072 (default 32); QEMU gets 96 MiB more for the
+                     VMM (with --native, 1 MiB more for the firmware's tables)
   --icount           deterministic instruction counting (-icount shift=0,sleep=off): the guest's
                      rdtsc then counts retired instructions
   --gdb              QEMU waits for gdb on localhost:1234 (prints the gdb command to use)
@@ -38,7 +39,11 @@ options:
   --timeout S        stop QEMU after S seconds (default 120); a timeout exits with status 2
   --append "k=v ..." extra host command-line options (timer_hz=, mem=, trace=, shadow=,
                      emulator_fill=, profile=, fastpath=, unsync=, shadow_share=, prefetch=,
-                     watchdog=, debug=, mode=)
+                     watchdog=, debug=, mode=; values and defaults in README.md, "Options");
+                     a bad one is refused with the valid ones listed. mem=N overrides --mem
+                     for the host only (QEMU keeps --mem's size; a note says so);
+                     debug=panic is a test hook: the host panics on purpose right after
+                     reading its command line, to exercise the panic path (exit status 3)
   --no-build         do not run cargo build first (the tests build once, then use this)
   -- words...        everything after -- is passed to the guest's command line
 
@@ -139,13 +144,34 @@ if [ "$native" = 1 ]; then
         echo "    (docs/guest-contract.md, \"The image\"; under the VMM, without --native, it needs none)" >&2
         exit 2
     fi
-    qemu+=(-m "$mem" -kernel "$guest" -append "${guest_words[*]:-}")
+    # The firmware (SeaBIOS) keeps the top 132 KiB of RAM for its tables and the Multiboot
+    # loader's mem_upper leaves them out, so QEMU gets one MiB more than --mem: the guest then
+    # sees at least --mem MiB natively too (--mem 32: 32 MiB + 892 KiB), as under the VMM.
+    qemu+=(-m "$((mem + 1))" -kernel "$guest" -append "${guest_words[*]:-}")
     symbols="$guest"
 else
     [ -f "$kernel" ] || die_usage "host kernel '$kernel' not found (build failed?)"
-    host_cmdline="mem=$mem"
+    # The host learns the guest's RAM from mem=; an --append mem= would silently override --mem
+    # (QEMU is still sized from --mem), so it wins only with a note saying so. The tests use it
+    # to give the host a size the machine cannot hold.
+    append_mem=""
+    read -ra append_words <<<"$append"
+    for word in "${append_words[@]}"; do
+        case "$word" in
+            --) break ;;
+            mem=*) append_mem=${word#mem=} ;;
+        esac
+    done
+    if [ -n "$append_mem" ]; then
+        echo "run-qemu.sh: note: --append mem=$append_mem overrides --mem $mem for the host;" \
+            "QEMU still gets --mem + 96 MiB ($((mem + 96)) MiB). Use --mem alone to size both." >&2
+        host_cmdline=""
+    else
+        host_cmdline="mem=$mem"
+    fi
     [ "$trace" = 1 ] && host_cmdline+=" trace=1000"
     [ -n "$append" ] && host_cmdline+=" $append"
+    host_cmdline=${host_cmdline# }
     [ ${#guest_words[@]} -gt 0 ] && host_cmdline+=" -- ${guest_words[*]}"
     # QEMU RAM: the guest's plus room for the host kernel, shadow page tables and heap.
     qemu+=(-m "$((mem + 96))" -kernel "$kernel" -append "$host_cmdline")

@@ -61,6 +61,19 @@ fn guest_ram_larger_than_the_machine_is_an_error() {
     let run = boot(&["--timeout", "60", "--mem", "32", "--append", "mem=1024"]);
     run.expect_status(2);
     run.expect_line("[vmm] error: memory map too small");
+    // The --append mem= wins for the host, and the script says so instead of hiding it.
+    assert!(
+        run.stderr.contains(
+            "note: --append mem=1024 overrides --mem 32 for the host; QEMU still gets --mem + 96 MiB (128 MiB)"
+        ),
+        "{run}"
+    );
+    run.expect_line("[vmm] command line: ");
+    assert!(
+        run.lines()
+            .any(|l| l.starts_with("[vmm] command line: ") && l.ends_with("kernel mem=1024")),
+        "the host must get the one mem= only\n{run}"
+    );
 }
 
 #[test]
@@ -94,17 +107,26 @@ fn help_exits_0() {
     let run = run_script(&["--help"]);
     assert_eq!(run.status, 0, "{run}");
     assert!(run.serial.contains("--icount"), "{run}");
+    // The ranges and the test hook are in the help, not only in the README.
+    assert!(run.serial.contains("guest RAM in MiB, 4..3072"), "{run}");
+    assert!(run.serial.contains("debug=panic is a test hook"), "{run}");
+    assert!(run.serial.contains("mem=N overrides --mem"), "{run}");
 }
 
 #[test]
 fn script_options_that_cannot_apply_are_refused_with_the_reason() {
     // --trace and --append configure the VMM, which --native does not run.
-    let run = run_script(&["--native", "--trace"]);
-    assert_eq!(run.status, 2, "{run}");
-    assert!(
-        run.stderr.contains("--native runs the guest with no VMM"),
-        "{run}"
-    );
+    for args in [
+        &["--native", "--trace"][..],
+        &["--native", "--append", "trace=5"],
+    ] {
+        let run = run_script(args);
+        assert_eq!(run.status, 2, "{args:?}\n{run}");
+        assert!(
+            run.stderr.contains("--native runs the guest with no VMM"),
+            "{args:?}\n{run}"
+        );
+    }
     // A directory is not a guest image.
     let run = run_script(&["--guest", "docs"]);
     assert_eq!(run.status, 2, "{run}");

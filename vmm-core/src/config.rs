@@ -108,7 +108,7 @@ impl Default for HostConfig<'_> {
 /// The keys [`HostConfig::parse`] accepts, with their syntax, for error messages and docs.
 pub const VALID_KEYS: &str =
     "timer_hz=<19..10000> mem=<4..3072 MiB> trace=<N> shadow=flush|cached \
-emulator_fill=on|off profile=phases|off fastpath=on|off unsync=on|off shadow_share=on|off prefetch=on|off watchdog=<ticks, 0=off> debug=none|panic mode=selfcheck|guest";
+emulator_fill=on|off profile=phases|off fastpath=on|off unsync=on|off shadow_share=on|off prefetch=on|off watchdog=<ticks, 0=off> debug=none|panic(test hook: forced host panic) mode=selfcheck|guest";
 
 /// Why a host command line was rejected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -51,16 +51,35 @@ fn overlaps(a_start: u64, a_len: u64, b_start: u64, b_len: u64) -> bool {
 /// Parses and validates a guest ELF for a guest with `ram_bytes` of RAM.
 pub fn parse_guest(image: &[u8], ram_bytes: u64) -> Result<GuestImage, LoadError> {
     let file = ElfBytes::<AnyEndian>::minimal_parse(image).map_err(|e| {
-        LoadError::NotElf(match e {
-            elf::ParseError::BadMagic(_) => "bad magic (expected 0x7f 'E' 'L' 'F')",
-            elf::ParseError::UnsupportedElfClass(_) => "unsupported ELF class",
-            elf::ParseError::UnsupportedElfEndianness(_) => "unsupported byte order",
-            elf::ParseError::UnsupportedVersion(_) => "unsupported ELF version",
-            elf::ParseError::SliceReadError(_) | elf::ParseError::TryFromSliceError(_) => {
-                "truncated headers"
+        // The crate reads the header tables too: with PN_XNUM it looks for the real count in
+        // section header 0, so a bad one fails here. Name the escape value, the real cause.
+        if raw_e_phnum(image) == Some(PN_XNUM) {
+            return LoadError::WrongKind(PN_XNUM_UNSUPPORTED);
+        }
+        match e {
+            elf::ParseError::BadMagic(_) => {
+                LoadError::NotElf("bad magic (expected 0x7f 'E' 'L' 'F')")
             }
-            _ => "malformed headers",
-        })
+            elf::ParseError::UnsupportedElfClass(_) => LoadError::NotElf("unsupported ELF class"),
+            elf::ParseError::UnsupportedElfEndianness(_) => {
+                LoadError::NotElf("unsupported byte order")
+            }
+            elf::ParseError::UnsupportedVersion(_) => LoadError::NotElf("unsupported ELF version"),
+            _ if image.len() < ELF64_EHDR_SIZE => {
+                LoadError::NotElf("truncated: shorter than an ELF-64 header")
+            }
+            elf::ParseError::BadEntsize(_) => LoadError::BadHeaderTable(
+                "e_phentsize or e_shentsize is not the ELF-64 entry size (56 or 64 bytes)",
+            ),
+            elf::ParseError::SliceReadError(_)
+            | elf::ParseError::TryFromSliceError(_)
+            | elf::ParseError::IntegerOverflow
+            | elf::ParseError::BadOffset(_) => LoadError::BadHeaderTable(
+                "the program header table (e_phoff, e_phnum x e_phentsize) or the section \
+                 header table (e_shoff, e_shnum x e_shentsize) reaches past the end of the file",
+            ),
+            _ => LoadError::BadHeaderTable("malformed program or section header table"),
+        }
     })?;
     check_header(&file.ehdr)?;
     let table = file
@@ -96,6 +115,21 @@ pub fn parse_guest(image: &[u8], ram_bytes: u64) -> Result<GuestImage, LoadError
 /// `e_phnum`'s escape value: more program headers than fit in 16 bits.
 const PN_XNUM: u16 = 0xFFFF;
 
+/// Why an image with `e_phnum` = [`PN_XNUM`] is refused.
+const PN_XNUM_UNSUPPORTED: &str =
+    "e_phnum is PN_XNUM (0xffff): extended program-header numbering is not supported";
+
+/// Size of the ELF-64 file header; `e_phnum` is at offset 56 in it.
+const ELF64_EHDR_SIZE: usize = 64;
+
+/// `e_phnum` read straight from the bytes of an ELF-64 little-endian header, for error
+/// messages when the header tables cannot be parsed.
+fn raw_e_phnum(image: &[u8]) -> Option<u16> {
+    let is_elf64_le = image.get(..6) == Some(&[0x7F, b'E', b'L', b'F', 2, 1]);
+    let bytes = image.get(56..58)?;
+    is_elf64_le.then(|| u16::from_le_bytes([bytes[0], bytes[1]]))
+}
+
 /// The ELF header must describe a 64-bit little-endian x86-64 executable.
 fn check_header(ehdr: &FileHeader<AnyEndian>) -> Result<(), LoadError> {
     if ehdr.class != Class::ELF64 {
@@ -112,9 +146,7 @@ fn check_header(ehdr: &FileHeader<AnyEndian>) -> Result<(), LoadError> {
     }
     if ehdr.e_phnum == PN_XNUM {
         // The real count would be in section header 0's sh_info (ELF gABI, "Extended numbering").
-        return Err(LoadError::WrongKind(
-            "e_phnum is PN_XNUM (0xffff): extended program-header numbering is not supported",
-        ));
+        return Err(LoadError::WrongKind(PN_XNUM_UNSUPPORTED));
     }
     Ok(())
 }

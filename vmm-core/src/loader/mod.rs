@@ -48,6 +48,9 @@ pub enum LoadError {
     NotElf(&'static str),
     /// An ELF file, but not a 64-bit little-endian x86-64 executable.
     WrongKind(&'static str),
+    /// An ELF header, but its program or section header table cannot be read (outside the
+    /// file, wrong entry size).
+    BadHeaderTable(&'static str),
     /// The image has no `PT_LOAD` segment.
     NoLoadSegments,
     /// A segment's file bytes lie outside the file, or `p_filesz > p_memsz`.
@@ -91,6 +94,7 @@ impl fmt::Display for LoadError {
         match self {
             Self::NotElf(why) => write!(f, "not an ELF file: {why}"),
             Self::WrongKind(why) => write!(f, "not a 64-bit x86-64 ELF executable: {why}"),
+            Self::BadHeaderTable(why) => write!(f, "bad ELF header table: {why}"),
             Self::NoLoadSegments => write!(f, "the ELF file has no PT_LOAD segment"),
             Self::BadSegment { index } => {
                 write!(f, "program header {index}: file bytes outside the file or p_filesz > p_memsz")

@@ -131,6 +131,42 @@ fn not_elf_and_wrong_kind_are_named() {
         parse_guest(&img, 32 * MIB),
         Err(LoadError::WrongKind(why)) if why.contains("PN_XNUM")
     ));
+    // ... also when section header 0, where the real count would be, is outside the file.
+    img[40..48].copy_from_slice(&0x10_0000u64.to_le_bytes()); // e_shoff
+    assert!(matches!(
+        parse_guest(&img, 32 * MIB),
+        Err(LoadError::WrongKind(why)) if why.contains("PN_XNUM")
+    ));
+}
+
+#[test]
+fn a_bad_program_header_table_is_named() {
+    let table_error = |img: &[u8]| match parse_guest(img, 32 * MIB) {
+        Err(LoadError::BadHeaderTable(why)) => why,
+        other => panic!("expected BadHeaderTable, got {other:?}"),
+    };
+    // The table reaches past the end of the file: through e_phnum or e_phoff.
+    let mut img = simple_image();
+    img[56..58].copy_from_slice(&0x100u16.to_le_bytes());
+    assert!(table_error(&img).contains("program header table (e_phoff, e_phnum"));
+    let mut img = simple_image();
+    img[32..40].copy_from_slice(&0x10_0000u64.to_le_bytes());
+    assert!(table_error(&img).contains("reaches past the end of the file"));
+    // A program header that is not the ELF-64 size.
+    let mut img = simple_image();
+    img[54..56].copy_from_slice(&40u16.to_le_bytes());
+    assert!(table_error(&img).contains("e_phentsize"));
+    // No program header at all is what it says.
+    let mut img = simple_image();
+    img[56..58].copy_from_slice(&0u16.to_le_bytes());
+    assert_eq!(parse_guest(&img, 32 * MIB), Err(LoadError::NoLoadSegments));
+    // Shorter than the ELF-64 header is not an ELF file.
+    assert_eq!(
+        parse_guest(&simple_image()[..40], 32 * MIB),
+        Err(LoadError::NotElf(
+            "truncated: shorter than an ELF-64 header"
+        ))
+    );
 }
 
 #[test]
