@@ -35,15 +35,20 @@ options:
   --icount           deterministic instruction counting (-icount shift=0,sleep=off): the guest's
                      rdtsc then counts retired instructions
   --gdb              QEMU waits for gdb on localhost:1234 (prints the gdb command to use)
-  --trace            the VMM prints one line per trap (host option trace=1000)
+  --trace[=KINDS]    the VMM prints one line per trap, the first 1000 (host option trace=1000);
+                     KINDS, comma-separated, keeps only these (host option trace_kinds=):
+                       pf cr3 syscall io irq exception insn (docs/debugging.md);
+                     start later with --append "trace_skip=N" (pass over N traps of those kinds)
+                     or "trace_from=TEXT" (from the guest's first console line containing TEXT)
   --timeout S        stop QEMU after S seconds (default 120); a timeout exits with status 2
-  --append "k=v ..." extra host command-line options (timer_hz=, mem=, trace=, shadow=,
-                     emulator_fill=, profile=, fastpath=, unsync=, shadow_share=, prefetch=,
-                     watchdog=, debug=, mode=; values and defaults in README.md, "Options");
-                     a bad one is refused with the valid ones listed. mem=N overrides --mem
-                     for the host only (QEMU keeps --mem's size; a note says so);
-                     debug=panic is a test hook: the host panics on purpose right after
-                     reading its command line, to exercise the panic path (exit status 3)
+  --append "k=v ..." extra host command-line options (timer_hz=, mem=, trace=, trace_kinds=,
+                     trace_skip=, trace_from=, shadow=, emulator_fill=, profile=, fastpath=,
+                     unsync=, shadow_share=, prefetch=, watchdog=, debug=, mode=; values and
+                     defaults in README.md, "Options"); a bad one is refused with the valid
+                     ones listed. mem=N overrides --mem for the host only (QEMU keeps
+                     --mem's size; a note says so); debug=panic is a test hook: the host
+                     panics on purpose right after reading its command line, to exercise the
+                     panic path (exit status 3)
   --no-build         do not run cargo build first (the tests build once, then use this)
   -- words...        everything after -- is passed to the guest's command line
 
@@ -58,7 +63,7 @@ die_usage() {
     exit 2
 }
 
-native=0 bench=0 trap_cost=700 guest="" mem=32 icount=0 gdb=0 trace=0 timeout_s=120 append="" build=1
+native=0 bench=0 trap_cost=700 guest="" mem=32 icount=0 gdb=0 trace=0 trace_kinds="" timeout_s=120 append="" build=1
 guest_words=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -71,6 +76,9 @@ while [ $# -gt 0 ]; do
         --icount) icount=1 ;;
         --gdb) gdb=1 ;;
         --trace) trace=1 ;;
+        # The kernel checks the names (an unknown one is a configuration error listing them).
+        --trace=*) trace=1; trace_kinds=${1#--trace=}
+            [ -n "$trace_kinds" ] || die_usage "--trace= needs trace kinds: pf cr3 syscall io irq exception insn" ;;
         --timeout) [ $# -ge 2 ] || die_usage "--timeout needs seconds"; timeout_s=$2; shift ;;
         --append) [ $# -ge 2 ] || die_usage "--append needs a string"; append=$2; shift ;;
         --no-build) build=0 ;;
@@ -170,6 +178,7 @@ else
         host_cmdline="mem=$mem"
     fi
     [ "$trace" = 1 ] && host_cmdline+=" trace=1000"
+    [ -n "$trace_kinds" ] && host_cmdline+=" trace_kinds=$trace_kinds"
     [ -n "$append" ] && host_cmdline+=" $append"
     host_cmdline=${host_cmdline# }
     [ ${#guest_words[@]} -gt 0 ] && host_cmdline+=" -- ${guest_words[*]}"

@@ -34,10 +34,10 @@ fn the_guest_is_loaded_and_entered_at_ring3_on_shadow_page_tables() {
     // The first instruction fetch at Ring 3 faults on the empty shadow (I/D = 1, U/S = 1) and is
     // filled from the guest's boot page tables.
     run.expect_line(
-        "[vmm] trace: rip=0x200000 #PF page fault error=0x14 cr2=0x200000 -> shadow fill",
+        "[vmm] trace: rip=0x200000 #PF page fault error=0x14 (not-present read user fetch) cr2=0x200000 -> shadow fill",
     );
     // The end of the trace says so.
-    run.expect_line("[vmm] trace: the last line the host option trace= asked for");
+    run.expect_line("[vmm] trace: limit reached: 8 lines (host option trace=8;");
 }
 
 #[test]

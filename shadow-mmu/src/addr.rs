@@ -194,9 +194,48 @@ bitflags::bitflags! {
     }
 }
 
+/// The error code in words, as `--trace` shows it: `not-present read user fetch`. P, W/R and
+/// U/S are always named (their 0 means something too); the other bits only when set.
+impl fmt::Display for PageFaultErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let pick = |flag, set, clear| if self.contains(flag) { set } else { clear };
+        write!(
+            f,
+            "{} {} {}",
+            pick(Self::PRESENT, "protection", "not-present"),
+            pick(Self::WRITE, "write", "read"),
+            pick(Self::USER, "user", "supervisor"),
+        )?;
+        for (flag, name) in [
+            (Self::RESERVED_BIT, "reserved-bit"),
+            (Self::INSTRUCTION_FETCH, "fetch"),
+            (Self::PROTECTION_KEY, "protection-key"),
+            (Self::SHADOW_STACK, "shadow-stack"),
+        ] {
+            if self.contains(flag) {
+                write!(f, " {name}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::string::ToString;
+
+    #[test]
+    fn error_codes_in_words() {
+        let code = |bits| PageFaultErrorCode::from_bits_truncate(bits).to_string();
+        assert_eq!(code(0x14), "not-present read user fetch");
+        assert_eq!(code(0x7), "protection write user");
+        assert_eq!(code(0x0), "not-present read supervisor");
+        assert_eq!(
+            code(0x69),
+            "protection read supervisor reserved-bit protection-key shadow-stack"
+        );
+    }
 
     #[test]
     fn canonical_boundaries() {

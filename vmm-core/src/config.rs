@@ -4,6 +4,7 @@
 //! host-tested. An unknown key or a bad value is an error that names every valid key, because the
 //! person who typed it is reading the serial console and has nothing else to go on.
 
+use crate::trace::{TraceConfig, TraceKind, TraceKinds};
 use core::fmt;
 
 /// How shadow page tables are kept across guest CR3 loads (see shadow-mmu).
@@ -40,8 +41,9 @@ pub struct HostConfig<'a> {
     pub timer_hz: u32,
     /// Guest RAM in MiB.
     pub guest_mem_mib: u32,
-    /// Print one line per trap for the first N traps (0 = off).
-    pub trace: u64,
+    /// The trap trace: how many lines, of which kinds, from where (`trace=`, `trace_kinds=`,
+    /// `trace_skip=`, `trace_from=`; see [`crate::trace`]).
+    pub trace: TraceConfig<'a>,
     /// Shadow page-table policy.
     pub shadow: ShadowPolicy,
     /// Whether an emulator read that misses the shadow fills it (shadow-mmu
@@ -83,7 +85,7 @@ impl Default for HostConfig<'_> {
         Self {
             timer_hz: 1000,
             guest_mem_mib: 32,
-            trace: 0,
+            trace: TraceConfig::OFF,
             // Chosen from the trap-cost experiment (docs/benchmarks.md): cached shadows make
             // context switches ~7x cheaper (no rebuild on every CR3 load) and cost about the
             // same as flush for the self-test's process churn.
@@ -107,7 +109,8 @@ impl Default for HostConfig<'_> {
 
 /// The keys [`HostConfig::parse`] accepts, with their syntax, for error messages and docs.
 pub const VALID_KEYS: &str =
-    "timer_hz=<19..10000> mem=<4..3072 MiB> trace=<N> shadow=flush|cached \
+    "timer_hz=<19..10000> mem=<4..3072 MiB> trace=<N> trace_kinds=<kind,...|all> \
+trace_skip=<N> trace_from=<guest console text> shadow=flush|cached \
 emulator_fill=on|off profile=phases|off fastpath=on|off unsync=on|off shadow_share=on|off prefetch=on|off watchdog=<ticks, 0=off> debug=none|panic(test hook: forced host panic) mode=selfcheck|guest";
 
 /// Why a host command line was rejected.
@@ -124,6 +127,8 @@ pub enum ConfigError<'a> {
         /// The value given.
         value: &'a str,
     },
+    /// A name in `trace_kinds=` that is not a trace kind (empty if the list has an empty item).
+    UnknownTraceKind(&'a str),
 }
 
 impl fmt::Display for ConfigError<'_> {
@@ -132,6 +137,16 @@ impl fmt::Display for ConfigError<'_> {
             Self::NotKeyValue(w) => write!(f, "'{w}' is not key=value"),
             Self::UnknownKey(k) => write!(f, "unknown key '{k}'"),
             Self::BadValue { key, value } => write!(f, "bad value '{value}' for '{key}'"),
+            Self::UnknownTraceKind(name) => {
+                write!(
+                    f,
+                    "unknown trace kind '{name}' in trace_kinds=; trace kinds:"
+                )?;
+                for kind in TraceKind::ALL {
+                    write!(f, " {}", kind.name())?;
+                }
+                write!(f, " (or all)")
+            }
         }?;
         write!(f, "; valid keys: {VALID_KEYS}")
     }
@@ -169,6 +184,7 @@ impl<'a> HostConfig<'a> {
         if skip_image_path {
             words.next();
         }
+        let mut trace_limit = None;
         for word in words {
             let (key, value) = word.split_once('=').ok_or(ConfigError::NotKeyValue(word))?;
             let bad = ConfigError::BadValue { key, value };
@@ -177,7 +193,15 @@ impl<'a> HostConfig<'a> {
                 // rate it can tick at (a lower one would silently become ~18.2 Hz).
                 "timer_hz" => config.timer_hz = parse_in_range(key, value, 19, 10_000)? as u32,
                 "mem" => config.guest_mem_mib = parse_in_range(key, value, 4, 3072)? as u32,
-                "trace" => config.trace = parse_in_range(key, value, 0, u64::MAX)?,
+                "trace" => trace_limit = Some(parse_in_range(key, value, 0, u64::MAX)?),
+                "trace_kinds" => {
+                    config.trace.kinds =
+                        TraceKinds::parse(value).map_err(ConfigError::UnknownTraceKind)?
+                }
+                "trace_skip" => config.trace.skip = parse_in_range(key, value, 0, u64::MAX)?,
+                // A word of the command line: the marker cannot hold a space.
+                "trace_from" if !value.is_empty() => config.trace.from = Some(value),
+                "trace_from" => return Err(bad),
                 "watchdog" => config.watchdog_ticks = parse_in_range(key, value, 0, u64::MAX)?,
                 "shadow" => {
                     config.shadow = match value {
@@ -215,6 +239,14 @@ impl<'a> HostConfig<'a> {
                 _ => return Err(ConfigError::UnknownKey(key)),
             }
         }
+        // Choosing what to trace turns the trace on, at the limit of `--trace` unless `trace=`
+        // says otherwise (an explicit `trace=0` keeps it off).
+        let chosen = config.trace != TraceConfig::OFF;
+        config.trace.limit = match trace_limit {
+            Some(limit) => limit,
+            None if chosen => TraceConfig::DEFAULT_LIMIT,
+            None => 0,
+        };
         Ok(config)
     }
 }
@@ -267,7 +299,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.mode, RunMode::Guest);
-        assert_eq!(c.trace, 5);
+        assert_eq!(c.trace.limit, 5);
+        assert_eq!(c.trace.kinds, TraceKinds::ALL);
         assert_eq!(c.shadow, ShadowPolicy::Cached);
         assert!(!c.emulator_fill);
         assert!(c.profile_phases);
@@ -325,6 +358,56 @@ mod tests {
         assert_eq!(
             HostConfig::parse("justaword", false),
             Err(ConfigError::NotKeyValue("justaword"))
+        );
+    }
+
+    #[test]
+    fn trace_options_choose_kinds_and_a_start() {
+        let c = HostConfig::parse(
+            "trace_kinds=syscall,cr3,pf trace_skip=7 trace_from=hello:",
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            c.trace,
+            TraceConfig {
+                limit: TraceConfig::DEFAULT_LIMIT,
+                kinds: TraceKinds::parse("pf,cr3,syscall").unwrap(),
+                skip: 7,
+                from: Some("hello:"),
+            },
+            "choosing what to trace turns it on at the default limit"
+        );
+        let c = HostConfig::parse("trace_kinds=io trace=3", false).unwrap();
+        assert_eq!(c.trace.limit, 3);
+        let c = HostConfig::parse("trace_kinds=io trace=0", false).unwrap();
+        assert_eq!(c.trace.limit, 0, "an explicit trace=0 stays off");
+        assert_eq!(HostConfig::parse("", false).unwrap().trace.limit, 0);
+        for line in ["trace_skip=x", "trace_from=", "trace=-1"] {
+            assert!(
+                matches!(
+                    HostConfig::parse(line, false),
+                    Err(ConfigError::BadValue { .. })
+                ),
+                "{line}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_unknown_trace_kind_names_the_kinds() {
+        let e = HostConfig::parse("trace_kinds=pf,serial", false).unwrap_err();
+        assert_eq!(e, ConfigError::UnknownTraceKind("serial"));
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with(
+                "unknown trace kind 'serial' in trace_kinds=; trace kinds: pf cr3 syscall io irq exception insn (or all)"
+            ),
+            "{msg}"
+        );
+        assert_eq!(
+            HostConfig::parse("trace_kinds=", false).unwrap_err(),
+            ConfigError::UnknownTraceKind("")
         );
     }
 

@@ -23,3 +23,4 @@ pub mod cpu;
 pub mod devices;
 pub mod io;
 pub mod loader;
+pub mod trace;

@@ -27,6 +27,10 @@ pub struct GuestConsole {
     /// The op names of `bench,<op>,...` lines not yet taken by the VMM (the benchmark harness
     /// attributes the traps since the previous guest line to that op).
     bench_ops: Vec<String>,
+    /// The text whose first line starts the trace (host option `trace_from=`).
+    pub marker: Option<String>,
+    /// A guest line has contained `marker`.
+    pub marker_seen: bool,
 }
 
 impl GuestConsole {
@@ -39,6 +43,16 @@ impl GuestConsole {
             lines: 0,
             lines_begun: 0,
             bench_ops: Vec::new(),
+            marker: None,
+            marker_seen: false,
+        }
+    }
+
+    /// An empty console that notes the first line containing `marker` (if any).
+    pub fn watching_for(marker: Option<&str>) -> Self {
+        Self {
+            marker: marker.map(String::from),
+            ..Self::new()
         }
     }
 
@@ -56,6 +70,9 @@ impl GuestConsole {
         let body = text.strip_prefix(PREFIX).unwrap_or(text);
         let shown = core::str::from_utf8(body).unwrap_or("<guest output is not UTF-8>");
         crate::serial::write_line(format_args!("[guest] {shown}"));
+        if let Some(marker) = &self.marker {
+            self.marker_seen |= shown.contains(marker.as_str());
+        }
         if let Some(op) = shown
             .strip_prefix("bench,")
             .and_then(|rest| rest.split(',').next())

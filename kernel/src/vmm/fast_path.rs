@@ -39,7 +39,7 @@ impl Vm {
     pub(super) fn fast_lane(&mut self, frame: &mut TrapFrame) -> Option<Lane> {
         self.prefetched = None;
         if !self.fastpath
-            || self.trace_left > 0
+            || self.tracer.on()
             || self.stepped
             || instrument::splitting_by_phase()
             || frame.vector != vector::GENERAL_PROTECTION

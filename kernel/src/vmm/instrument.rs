@@ -9,6 +9,7 @@ use super::{cli_sti_stub, Action, Vm};
 use crate::trap::{self, vector};
 use core::sync::atomic::{AtomicBool, Ordering};
 use vmm_core::accounting::{Phase, TrapKind};
+use vmm_core::trace::TraceKind;
 
 /// The time-stamp counter (under `--icount`, retired instructions).
 pub(super) fn rdtsc() -> u64 {
@@ -97,10 +98,12 @@ impl PhaseClock {
 pub(super) enum TrapName {
     /// A vector and its error code.
     Vector(u64, u64),
-    /// A #PF: its error code and the faulting linear address (CR2).
+    /// A #PF: its error code and the faulting linear address (CR2); for a page-table write the
+    /// VMM emulated, the store.
     PageFault {
         error: u64,
         cr2: u64,
+        store: Option<alloc::boxed::Box<TrapName>>,
     },
     Instruction(&'static str),
     /// An instruction as `--trace` shows it.
@@ -113,11 +116,18 @@ impl core::fmt::Display for TrapName {
             TrapName::Vector(vector::SYSCALL, _) => write!(f, "SYSCALL"),
             TrapName::Vector(vector::SYSENTER, _) => write!(f, "SYSENTER"),
             TrapName::Vector(v, e) => write!(f, "{} error={e:#x}", trap::vector_name(*v)),
-            TrapName::PageFault { error, cr2 } => write!(
-                f,
-                "{} error={error:#x} cr2={cr2:#x}",
-                trap::vector_name(vector::PAGE_FAULT)
-            ),
+            TrapName::PageFault { error, cr2, store } => {
+                write!(
+                    f,
+                    "{} error={error:#x} ({}) cr2={cr2:#x}",
+                    trap::vector_name(vector::PAGE_FAULT),
+                    shadow_mmu::PageFaultErrorCode::from_bits_truncate(*error as u32)
+                )?;
+                match store {
+                    Some(store) => write!(f, ", page-table write {store}"),
+                    None => Ok(()),
+                }
+            }
             TrapName::Instruction(name) => write!(f, "{name}"),
             TrapName::Disassembled(text) => write!(f, "{text}"),
         }
@@ -139,14 +149,25 @@ impl Vm {
             self.accounting.record(kind, clock.total());
         }
         self.note_guest_lines();
+        self.trace(kind, trap_rip, action);
+    }
+
+    /// The trap's `--trace` line, if the trace takes it; then whether the guest line that starts
+    /// the trace (`trace_from=`) has appeared (the trap that printed it is not traced).
+    fn trace(&mut self, kind: TrapKind, trap_rip: u64, action: &Action) {
         let injected = self.injected.take();
-        if self.trace_left > 0
-            && (!matches!(action, Action::Resume("host IRQ")) || injected.is_some())
-        {
-            self.trace_left -= 1;
-            if self.trace_left == 0 {
+        // A host IRQ that made no virtual interrupt deliverable is the host's own business.
+        let host_only = matches!(action, Action::Resume("host IRQ")) && injected.is_none();
+        let line = match host_only {
+            true => None,
+            false => self.tracer.step(TraceKind::of(&kind), injected.is_some()),
+        };
+        if let Some(line) = line {
+            if line.starts {
                 crate::serial::write_line(format_args!(
-                    "[vmm] trace: the last line the host option trace= asked for; no more trace lines"
+                    "[vmm] trace: {} traps of the kinds {} skipped (trace_skip=); from here on, every one",
+                    self.tracer.skip(),
+                    self.tracer.kinds()
                 ));
             }
             match injected {
@@ -159,6 +180,21 @@ impl Vm {
                     self.last_trap
                 )),
             }
+            if line.last {
+                let limit = self.tracer.limit();
+                crate::serial::write_line(format_args!(
+                    "[vmm] trace: limit reached: {limit} lines (host option trace={limit}; --append trace=N for more); no more trace lines"
+                ));
+            }
+        }
+        let console = self.bus.com1().sink();
+        if self.tracer.waiting_for_marker() && console.marker_seen {
+            self.tracer.marker_seen();
+            crate::serial::write_line(format_args!(
+                "[vmm] trace: the guest printed '{}' (trace_from=): tracing traps of the kinds {} from here",
+                console.marker.as_deref().unwrap_or_default(),
+                self.tracer.kinds()
+            ));
         }
     }
 

@@ -46,6 +46,7 @@ use vmm_core::cpu::shadow_gdt::ShadowGdt;
 use vmm_core::cpu::state::rflags;
 use vmm_core::cpu::{syscall, Cause, CpuStop, Event, EventKind, Outcome, TableRegister, VCpu};
 use vmm_core::devices::bus::PortBus;
+use vmm_core::trace::Tracer;
 
 /// The guest's shadow MMU on this machine's memory.
 pub type Mmu = ShadowMmu<DirectMap, HostFrames>;
@@ -65,15 +66,16 @@ struct Vm {
     bus: PortBus<GuestConsole, HostClock>,
     /// Counts and costs of every trap, printed when the guest ends.
     accounting: Accounting,
-    /// Traps still to print one line each for (host option `trace=N`).
-    trace_left: u64,
+    /// Which traps get a `--trace` line, and how many are left (host options `trace=`,
+    /// `trace_kinds=`, `trace_skip=`, `trace_from=`).
+    tracer: Tracer,
     /// The no-progress watchdog: stops a guest that stays within a few bytes of code with
     /// unchanged registers, or with its interrupts off and nothing else happening, for
     /// `watchdog=` host ticks (`watchdog.rs`).
     watchdog: Watchdog,
     /// The current trap, for the trace line.
     last_trap: TrapName,
-    /// The instruction being emulated, disassembled while `--trace` lines remain.
+    /// The instruction being emulated, disassembled while `--trace` may print it.
     trace_text: Option<alloc::string::String>,
     /// The real TF is set to end an interrupt shadow (see `inject_and_apply`).
     single_step: bool,
@@ -135,9 +137,9 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
         gdt: ShadowGdt::new(),
         data_segments: DataSegments::new(),
         view: View::Kernel,
-        bus: PortBus::new(GuestConsole::new(), HostClock),
+        bus: PortBus::new(GuestConsole::watching_for(config.trace.from), HostClock),
         accounting: Accounting::new(),
-        trace_left: config.trace,
+        tracer: Tracer::new(&config.trace),
         watchdog: Watchdog::new(config.watchdog_ticks),
         last_trap: TrapName::Instruction("entry"),
         trace_text: None,
@@ -384,7 +386,7 @@ impl Vm {
 
     /// Emulates the instruction at the guest's RIP.
     fn emulate(&mut self, cause: Cause, clock: &mut PhaseClock) -> (Action, TrapKind) {
-        if self.trace_left > 0 {
+        if self.tracer.printing() {
             let mut mem = host::GuestAccess::new(&mut self.mmu, self.view);
             self.trace_text = vmm_core::cpu::emulate::fetch(&self.cpu, &mut mem)
                 .map(|ins| vmm_core::cpu::emulate::disassemble(&ins))
@@ -393,6 +395,7 @@ impl Vm {
         let mut mem = host::GuestAccess::new(&mut self.mmu, self.view);
         let mut mark = |phase| clock.mark(phase);
         let code = self.prefetched.take();
+        let page_table_write = cause == Cause::PageTableWrite;
         let result = vmm_core::cpu::emulate::handle_instruction_from(
             &mut self.cpu,
             &mut mem,
@@ -404,7 +407,7 @@ impl Vm {
         );
         match result {
             Ok(handled) => {
-                self.last_trap = match self.trace_text.take() {
+                let name = match self.trace_text.take() {
                     // A coalesced pair ran more than the instruction disassembled: say so.
                     Some(text) if handled.name.contains('+') => TrapName::Disassembled(
                         alloc::format!("{text} (coalesced: {})", handled.name),
@@ -412,6 +415,13 @@ impl Vm {
                     Some(text) => TrapName::Disassembled(text),
                     None => TrapName::Instruction(handled.name),
                 };
+                // A page-table write is still the #PF it came as, with the store it emulated.
+                match &mut self.last_trap {
+                    TrapName::PageFault { store, .. } if page_table_write => {
+                        *store = Some(alloc::boxed::Box::new(name))
+                    }
+                    _ => self.last_trap = name,
+                }
                 match handled.outcome {
                     // The guest's own fault (a user program's CLI, a bad pointer): counted as the
                     // exception it is, not as an emulated instruction.

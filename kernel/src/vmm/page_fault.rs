@@ -24,6 +24,7 @@ impl Vm {
         self.last_trap = TrapName::PageFault {
             error: frame.error_code,
             cr2,
+            store: None,
         };
         let Some(gva) = GuestVirtAddr::new(cr2) else {
             return (

@@ -24,6 +24,12 @@ fn print_lines(text: &str) {
 /// The end-of-run report: trap table, shadow-mmu statistics, unknown ports.
 pub(super) fn report(vm: &mut Vm) {
     vm.bus.com1_mut().sink_mut().flush();
+    if vm.tracer.waiting_for_marker() {
+        crate::serial::write_line(format_args!(
+            "[vmm] trace: no guest line contained '{}' (trace_from=), so nothing was traced",
+            vm.bus.com1().sink().marker.as_deref().unwrap_or_default()
+        ));
+    }
     let mut table = alloc::string::String::new();
     let _ = vm.accounting.write_table(&mut table);
     crate::serial::write_line(format_args!(
