@@ -32,8 +32,10 @@ options:
   --guest PATH       run this guest ELF instead of the built guest-kernel
   --mem MiB          guest RAM in MiB, 4..3072 (default 32); QEMU gets 96 MiB more for the
                      VMM (with --native, 1 MiB more for the firmware's tables)
-  --icount           deterministic instruction counting (-icount shift=0,sleep=off): the guest's
-                     rdtsc then counts retired instructions
+  --icount           deterministic instruction counting (-icount shift=0,sleep=off): rdtsc
+                     then counts retired instructions (host option icount=on: the VMM's report
+                     says instructions); without it, cycle figures follow the host's clock
+                     and differ by up to 25x between runs
   --gdb              QEMU waits for gdb on localhost:1234 (prints the gdb command to use)
   --trace[=KINDS]    the VMM prints one line per trap, the first 1000 (host option trace=1000);
                      KINDS, comma-separated, keeps only these (host option trace_kinds=):
@@ -43,17 +45,17 @@ options:
   --timeout S        stop QEMU after S seconds (default 120); a timeout exits with status 2
   --append "k=v ..." extra host command-line options (timer_hz=, mem=, trace=, trace_kinds=,
                      trace_skip=, trace_from=, shadow=, emulator_fill=, profile=, fastpath=,
-                     unsync=, shadow_share=, prefetch=, watchdog=, debug=, mode=; values and
-                     defaults in README.md, "Options"); a bad one is refused with the valid
-                     ones listed. mem=N overrides --mem for the host only (QEMU keeps
-                     --mem's size; a note says so); debug=panic is a test hook: the host
-                     panics on purpose right after reading its command line, to exercise the
-                     panic path (exit status 3)
+                     unsync=, shadow_share=, prefetch=, icount=, watchdog=, debug=, mode=;
+                     values and defaults in README.md, "Options"); a bad one is refused with
+                     the valid ones listed. mem=N overrides --mem for the host only (QEMU
+                     keeps --mem's size; a note says so); debug=panic is a test hook: the
+                     host panics on purpose right after reading its command line, to
+                     exercise the panic path (exit status 3)
   --no-build         do not run cargo build first (the tests build once, then use this)
   -- words...        everything after -- is passed to the guest's command line
 
 exit status: 0 guest success, 1 guest failure, 3 host panic, 4 guest stopped by the VMM,
-             2 anything else (bad usage, configuration error, timeout)
+             2 anything else (bad usage, configuration error, timeout, a reset)
 EOF
 }
 
@@ -179,6 +181,8 @@ else
     fi
     [ "$trace" = 1 ] && host_cmdline+=" trace=1000"
     [ -n "$trace_kinds" ] && host_cmdline+=" trace_kinds=$trace_kinds"
+    # The host cannot see QEMU's -icount; told, its report labels costs as instructions.
+    [ "$icount" = 1 ] && host_cmdline+=" icount=on"
     [ -n "$append" ] && host_cmdline+=" $append"
     host_cmdline=${host_cmdline# }
     [ ${#guest_words[@]} -gt 0 ] && host_cmdline+=" -- ${guest_words[*]}"
@@ -211,6 +215,8 @@ case $status in
     37) exit 3 ;;   # 0x12 host panic
     39) exit 4 ;;   # 0x13 guest stopped by the VMM
     41) exit 2 ;;   # 0x14 configuration error (the kernel printed why)
+    # With -no-reboot a reset ends QEMU with status 0 and no exit code from the kernel.
+    0) echo "run-qemu.sh: the machine reset without an exit code (a triple fault?)" >&2; exit 2 ;;
     124) echo "run-qemu.sh: timed out after ${timeout_s}s" >&2; exit 2 ;;
     *) echo "run-qemu.sh: QEMU exited with status $status" >&2; exit 2 ;;
 esac

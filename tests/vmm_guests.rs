@@ -92,6 +92,15 @@ fn a_triple_fault_stops_the_guest() {
         "triple fault (vector 13 while delivering #DF)",
     );
     run.expect_line("[guest] triple-fault: executing ud2 with no IDT");
+    // Natively the CPU resets the machine, and run-qemu.sh says that is what happened.
+    let run = native_guest("triple-fault", &[]);
+    run.expect_status(2);
+    run.expect_line("[guest] triple-fault: executing ud2 with no IDT");
+    assert!(
+        run.stderr
+            .contains("the machine reset without an exit code (a triple fault?)"),
+        "{run}"
+    );
 }
 
 #[test]
@@ -788,9 +797,41 @@ fn the_per_phase_split_is_a_host_option() {
     let run = run_guest(&test_guest("hello"), "profile=phases");
     run.expect_status(0);
     run.expect_line(
-        "[vmm] the same traps by phase (entry stub, decode, emulate, shadow-mmu, injection, exit):",
+        "[vmm] the same traps by phase (entry stub, decode, emulate, shadow-mmu, injection, exit; cycles):",
     );
     run.expect_line("[vmm] insn OUT ");
+}
+
+#[test]
+fn the_report_names_the_unit_of_its_costs() {
+    // Without --icount the costs are TSC cycles that change from run to run, and the report
+    // says so next to them; with --icount they are instruction counts, and it says that.
+    let guest = test_guest("pushf-after-sti");
+    let run = run_guest(&guest, "profile=phases");
+    run.expect_status(0);
+    run.expect_line(
+        "[vmm] traps (cost in TSC cycles; under QEMU without --icount they follow the host's clock and differ by up to 25x between runs, so compare the counts):",
+    );
+    run.expect_line("[vmm] CLI/STI stub (not in the tables): CLI 4, STI 1, ");
+    run.expect_line(" cycles in all, mean ");
+    run.expect_line("injection, exit; cycles):");
+    let run = boot(&[
+        "--icount",
+        "--timeout",
+        "60",
+        "--guest",
+        &guest,
+        "--append",
+        "profile=phases",
+    ]);
+    run.expect_status(0);
+    run.expect_line("[vmm] traps (cost in retired instructions: QEMU's -icount makes the TSC count them, the same in every run):");
+    run.expect_line(" instructions in all, mean ");
+    run.expect_line("injection, exit; instructions):");
+    assert!(
+        !run.has_line("cycles"),
+        "nothing may say cycles under --icount\n{run}"
+    );
 }
 
 // ---- every optimisation off (`fastpath=off unsync=off shadow_share=off emulator_fill=off`): the reference path,

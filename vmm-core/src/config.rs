@@ -69,6 +69,10 @@ pub struct HostConfig<'a> {
     /// (a fresh page's entry has A = 0, so nothing qualifies, and the look costs every fill;
     /// docs/benchmarks.md); off is also the reference path.
     pub prefetch: bool,
+    /// Whether QEMU runs with `-icount` (run-qemu.sh `--icount` says so): the TSC then counts
+    /// retired instructions, so the exit report labels its costs as instructions, not cycles.
+    /// It changes nothing else; the host cannot tell by itself.
+    pub icount: bool,
     /// Stop the guest when it has made no progress (no trap other than timer ticks) for this many
     /// timer ticks (0 = never).
     pub watchdog_ticks: u64,
@@ -98,6 +102,7 @@ impl Default for HostConfig<'_> {
             unsync: true,
             shadow_share: true,
             prefetch: false,
+            icount: false,
             watchdog_ticks: 10_000,
             debug: DebugAction::None,
             // The VMM's job: run the guest module (after the host's own self-checks).
@@ -111,7 +116,7 @@ impl Default for HostConfig<'_> {
 pub const VALID_KEYS: &str =
     "timer_hz=<19..10000> mem=<4..3072 MiB> trace=<N> trace_kinds=<kind,...|all> \
 trace_skip=<N> trace_from=<guest console text> shadow=flush|cached \
-emulator_fill=on|off profile=phases|off fastpath=on|off unsync=on|off shadow_share=on|off prefetch=on|off watchdog=<ticks, 0=off> debug=none|panic(test hook: forced host panic) mode=selfcheck|guest";
+emulator_fill=on|off profile=phases|off fastpath=on|off unsync=on|off shadow_share=on|off prefetch=on|off icount=on|off watchdog=<ticks, 0=off> debug=none|panic(test hook: forced host panic) mode=selfcheck|guest";
 
 /// Why a host command line was rejected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -212,6 +217,7 @@ impl<'a> HostConfig<'a> {
                 }
                 "emulator_fill" => config.emulator_fill = on_off(value).ok_or(bad)?,
                 "prefetch" => config.prefetch = on_off(value).ok_or(bad)?,
+                "icount" => config.icount = on_off(value).ok_or(bad)?,
                 "shadow_share" => config.shadow_share = on_off(value).ok_or(bad)?,
                 "unsync" => config.unsync = on_off(value).ok_or(bad)?,
                 "fastpath" => config.fastpath = on_off(value).ok_or(bad)?,
@@ -294,7 +300,7 @@ mod tests {
     #[test]
     fn every_key_parses() {
         let c = HostConfig::parse(
-            "trace=5 shadow=cached emulator_fill=off profile=phases fastpath=off unsync=off shadow_share=off prefetch=on debug=panic watchdog=0 mode=guest",
+            "trace=5 shadow=cached emulator_fill=off profile=phases fastpath=off unsync=off shadow_share=off prefetch=on icount=on debug=panic watchdog=0 mode=guest",
             false,
         )
         .unwrap();
@@ -308,6 +314,7 @@ mod tests {
         assert!(!c.unsync);
         assert!(!c.shadow_share);
         assert!(c.prefetch);
+        assert!(c.icount);
         assert_eq!(c.debug, DebugAction::Panic);
         assert_eq!(c.watchdog_ticks, 0);
     }
@@ -344,6 +351,7 @@ mod tests {
             "unsync=",
             "shadow_share=yes",
             "prefetch=2",
+            "icount=yes",
             "profile=all",
             "debug=oops",
         ] {

@@ -94,6 +94,9 @@ struct Vm {
     bench_traps: alloc::vec::Vec<(alloc::string::String, u64, u64)>,
     /// The trap fast paths are on (host option `fastpath=`, `fast_path.rs`).
     fastpath: bool,
+    /// QEMU runs with `-icount` (host option `icount=on`): the TSC counts instructions, and
+    /// the report says so.
+    icount: bool,
     /// The first 8 bytes at the trapping RIP, when the fast lane read them and left the trap to
     /// the dispatcher (`emulate` then does not fetch them again); reset at every trap.
     prefetched: Option<[u8; 8]>,
@@ -151,6 +154,7 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
         bench_mark: instrument::BenchMark::default(),
         bench_traps: alloc::vec::Vec::new(),
         fastpath: config.fastpath,
+        icount: config.icount,
         prefetched: None,
     };
     // The first entry is a made-up return from a trap, built like every other return.

@@ -32,21 +32,33 @@ pub(super) fn report(vm: &mut Vm) {
     }
     let mut table = alloc::string::String::new();
     let _ = vm.accounting.write_table(&mut table);
-    crate::serial::write_line(format_args!(
-        "[vmm] traps (cost in TSC cycles, which vary from run to run; under --icount, retired instructions, which do not):"
-    ));
+    // Every cost is a TSC difference. Without -icount, QEMU's TSC follows the host's clock, so
+    // the same run costs up to 25x more or less from one run to the next; with it, the TSC
+    // counts retired instructions. The host cannot tell which: run-qemu.sh --icount says so.
+    let (unit, meaning) = if vm.icount {
+        (
+            "instructions",
+            "retired instructions: QEMU's -icount makes the TSC count them, the same in every run",
+        )
+    } else {
+        (
+            "cycles",
+            "TSC cycles; under QEMU without --icount they follow the host's clock and differ by up to 25x between runs, so compare the counts",
+        )
+    };
+    crate::serial::write_line(format_args!("[vmm] traps (cost in {meaning}):"));
     print_lines(&table);
     let (cli, sti, fast_cost) = cli_sti_stub::counts();
     if let Some(mean) = fast_cost.checked_div(cli + sti) {
         crate::serial::write_line(format_args!(
-            "[vmm] CLI/STI stub (not in the tables): CLI {cli}, STI {sti}, {fast_cost} cycles in all, mean {mean}"
+            "[vmm] CLI/STI stub (not in the tables): CLI {cli}, STI {sti}, {fast_cost} {unit} in all, mean {mean}"
         ));
     }
     let mut phases = alloc::string::String::new();
     let _ = vm.accounting.write_phase_table(&mut phases);
     if !phases.is_empty() {
         crate::serial::write_line(format_args!(
-            "[vmm] the same traps by phase (entry stub, decode, emulate, shadow-mmu, injection, exit):"
+            "[vmm] the same traps by phase (entry stub, decode, emulate, shadow-mmu, injection, exit; {unit}):"
         ));
         print_lines(&phases);
     }
