@@ -66,6 +66,12 @@ trap_common:
     call trap_dispatch
 .global trap_exit
 trap_exit:
+    /* The trap's cost ends here (RAX/RDX are restored below); the instructions after this
+     * stamp and before trap_entry_tsc's are a fixed count (kernel/src/vmm/instrument.rs). */
+    rdtsc
+    shl $32, %rdx
+    or %rdx, %rax
+    mov %rax, trap_exit_tsc(%rip)
     popq %r15
     popq %r14
     popq %r13
@@ -148,6 +154,10 @@ syscall_saved_rsp:
 /* TSC when trap_common had saved the registers of the last trap. */
 .global trap_entry_tsc
 trap_entry_tsc:
+    .quad 0
+/* TSC when the last trap began to restore the registers on its way out. */
+.global trap_exit_tsc
+trap_exit_tsc:
     .quad 0
 /* The trap stack: TSS.RSP0 and IA32_SYSENTER_ESP point at its top. */
 .balign 4096

@@ -19,13 +19,14 @@ use super::{cli_sti_stub, host, instrument, Action, StopWhy, Vm};
 use crate::trap::{vector, TrapFrame};
 use shadow_mmu::{AccessKind, GuestVirtAddr, Privilege};
 use vmm_core::accounting::TrapKind;
+use vmm_core::cpu::emulate::LaneInstruction;
 use vmm_core::cpu::shadow_gdt::RealSelectors;
 use vmm_core::cpu::Fault;
 
 /// What the fast lane did with a trap.
 pub(super) enum Lane {
     /// Handled, the frame written: the guest resumes at once.
-    Done(TrapKind),
+    Done(LaneInstruction),
     /// Executed, but the rest of the trap (delivering its fault, applying its effects, an
     /// injection, the exit request) takes the dispatcher's way back.
     Rest(Action, TrapKind),
@@ -48,7 +49,7 @@ impl Vm {
             return None;
         }
         let bytes = host::guest_code_bytes(frame.rip)?;
-        let Some((name, result)) = vmm_core::cpu::emulate::execute_prefetched(
+        let Some((lane, result)) = vmm_core::cpu::emulate::execute_prefetched(
             &mut self.cpu,
             &mut host::GuestAccess::new(&mut self.mmu, self.view),
             &mut self.bus,
@@ -58,7 +59,7 @@ impl Vm {
             self.prefetched = Some(bytes);
             return None;
         };
-        let kind = TrapKind::Instruction(name);
+        let kind = TrapKind::Instruction(lane.name());
         if result.is_ok() && self.cpu.has_effects() {
             if let Err(why) = self.apply_lane_effects() {
                 return Some(Lane::Rest(Action::Stop(why), kind));
@@ -74,7 +75,7 @@ impl Vm {
                 vcpu_to_frame(&self.cpu, frame, selectors, false);
                 self.cpu.resumed();
                 cli_sti_stub::publish(&self.cpu, false, false);
-                Some(Lane::Done(kind))
+                Some(Lane::Done(lane))
             }
             Ok(()) => Some(Lane::Rest(Action::Resume("emulated"), kind)),
             Err(Fault::Raise(event)) => {

@@ -9,6 +9,7 @@ use super::{cli_sti_stub, Action, Vm};
 use crate::trap::{self, vector};
 use core::sync::atomic::{AtomicBool, Ordering};
 use vmm_core::accounting::{Phase, TrapKind};
+use vmm_core::cpu::emulate::LaneInstruction;
 use vmm_core::trace::TraceKind;
 
 /// The time-stamp counter (under `--icount`, retired instructions).
@@ -20,6 +21,42 @@ pub(super) fn rdtsc() -> u64 {
 extern "C" {
     /// Written by `trap_common` (asm/trap_entry.S) once it has saved the guest's registers.
     static trap_entry_tsc: u64;
+    /// Written by `trap_exit` (asm/trap_entry.S) before it restores them.
+    static trap_exit_tsc: u64;
+}
+
+/// Instructions of one trap outside its two stamps (`trap_entry_tsc`, `trap_exit_tsc`), by the
+/// way it came in; counted from the listings in asm/trap_entry.S and asm/cli_sti_stub.S, and
+/// checked against the guest's own count by the bench (docs/benchmarks.md, "Every
+/// instruction"). Under `--icount` each is one unit; without it, about one cycle each.
+fn unstamped_instructions(vector: u64, error_code: u64, cli_sti_stub_on: bool) -> u64 {
+    // Before the entry stamp: the 15 register pushes of trap_common and the way to it.
+    const PUSHES: u64 = 15;
+    // After the exit stamp: rdtsc, shl, or, mov, 15 pops, add, iretq.
+    const EXIT: u64 = 20;
+    let way_in = match vector {
+        // mov, lea, seven pushes, jmp (syscall_entry).
+        vector::SYSCALL => 10,
+        // Seven pushes, jmp (sysenter_entry).
+        vector::SYSENTER => 8,
+        // The vector stub (push, jmp), then cli_sti_stub: its three tests (6); with it on,
+        // three pushes, its stamp and RIP check (7), the fetch and the CLI/STI compares (5), and
+        // the bail (4). An STI it leaves because an interrupt is pending takes 2 more.
+        vector::GENERAL_PROTECTION if error_code == 0 && cli_sti_stub_on => 2 + 6 + 3 + 7 + 5 + 4,
+        vector::GENERAL_PROTECTION if error_code == 0 => 2 + 6,
+        vector::GENERAL_PROTECTION => 2 + 4,
+        // The CPU pushed an error code: push vector, jmp.
+        v if u8::try_from(v)
+            .ok()
+            .and_then(vmm_core::cpu::exception::exception)
+            .is_some_and(|e| e.error_code) =>
+        {
+            2
+        }
+        // push 0, push vector, jmp.
+        _ => 3,
+    };
+    way_in + PUSHES + EXIT
 }
 
 /// Whether traps are split by phase (host option `profile=phases`).
@@ -36,22 +73,28 @@ pub(super) fn split_by_phase(on: bool) {
     SPLIT_BY_PHASE.store(on, Ordering::Relaxed);
 }
 
-/// Times one trap from the entry stub's stamp (`trap_entry_tsc`) to its exit; with the split on,
-/// each `mark` also charges the cycles since the previous one to the phase that just ended.
+/// Times one trap from the entry stub's stamp (`trap_entry_tsc`) to the exit stub's
+/// (`trap_exit_tsc`), plus the fixed instructions outside them, so the trap table shows every
+/// instruction a trap costs. The exit stamp is only written after the dispatcher has returned,
+/// so a trap is booked when the next one begins (`Vm::book_last_trap`). With the split on, each
+/// `mark` also charges the cycles since the previous one to the phase that just ended.
 pub(super) struct PhaseClock {
     entered: u64,
     last: u64,
     skipped: u64,
+    unstamped: u64,
     split: bool,
     /// Cycles charged to each phase so far (all zero without the split).
     pub(super) phases: [u64; Phase::COUNT],
 }
 
 impl PhaseClock {
-    /// Starts at the dispatcher; what the entry stub spent since `trap_entry_tsc` is "entry".
-    pub(super) fn start() -> Self {
+    /// Starts at the dispatcher for a trap through `vector`; what the entry stub spent since
+    /// `trap_entry_tsc` is "entry".
+    pub(super) fn start(vector: u64, error_code: u64) -> Self {
         // SAFETY: a plain read of a quadword only trap_common writes, with interrupts off.
         let entered = unsafe { core::ptr::addr_of!(trap_entry_tsc).read_volatile() };
+        let unstamped = unstamped_instructions(vector, error_code, cli_sti_stub::enabled());
         let split = SPLIT_BY_PHASE.load(Ordering::Relaxed);
         let mut phases = [0; Phase::COUNT];
         let mut last = entered;
@@ -63,6 +106,7 @@ impl PhaseClock {
             entered,
             last,
             skipped: 0,
+            unstamped,
             split,
             phases,
         }
@@ -86,12 +130,27 @@ impl PhaseClock {
         self.skipped = self.skipped.wrapping_add(cycles);
     }
 
-    /// The trap's whole cost so far, idle time left out.
-    fn total(&self) -> u64 {
-        rdtsc()
-            .wrapping_sub(self.entered)
+    /// The trap's whole cost, its exit stamp `left` (idle time left out); with the split, the
+    /// phases completed: the way back after the last mark is "exit", and the fixed instructions
+    /// outside the stamps are charged to "entry" and "exit".
+    fn finish(&mut self, left: u64) -> u64 {
+        if self.split {
+            let exit = left.saturating_sub(self.last);
+            self.phases[Phase::Exit as usize] += exit;
+            self.phases[Phase::EntryStub as usize] += self.unstamped;
+        }
+        left.wrapping_sub(self.entered)
             .saturating_sub(self.skipped)
+            .saturating_add(self.unstamped)
     }
+}
+
+/// What a trap is booked as, once its cost is known.
+pub(super) enum Booked {
+    /// A row of the trap table by kind.
+    Kind(TrapKind),
+    /// A fast-lane instruction's row (`Vm::lane_rows`).
+    Lane(LaneInstruction),
 }
 
 /// What the trace and the trap table call a trap.
@@ -135,20 +194,19 @@ impl core::fmt::Display for TrapName {
 }
 
 impl Vm {
-    /// After a trap: its cost by phase, the benchmark attribution, the trace line.
+    /// After a trap: the trace line now; its cost (and with it the benchmark attribution) when
+    /// it has left (`book_last_trap`), or now if the run ends with it.
     pub(super) fn account(
         &mut self,
         kind: TrapKind,
         trap_rip: u64,
         action: &Action,
-        clock: &PhaseClock,
+        clock: PhaseClock,
     ) {
-        if clock.split {
-            self.accounting.record_phases(kind, &clock.phases);
-        } else {
-            self.accounting.record(kind, clock.total());
+        self.unbooked = Some((Booked::Kind(kind), clock));
+        if !matches!(action, Action::Resume(_)) {
+            self.book_last_trap(rdtsc());
         }
-        self.note_guest_lines();
         self.trace(kind, trap_rip, action);
     }
 
@@ -198,11 +256,39 @@ impl Vm {
         }
     }
 
-    /// After a trap the fast lane finished: its cost, and the benchmark attribution (no trace:
-    /// the lane is off while trace lines remain).
-    pub(super) fn account_fast_lane(&mut self, kind: TrapKind, clock: &PhaseClock) {
-        self.accounting.record(kind, clock.total());
+    /// After a trap the fast lane finished (no trace: the lane is off while trace lines
+    /// remain): booked when it has left.
+    pub(super) fn account_fast_lane(&mut self, lane: LaneInstruction, clock: PhaseClock) {
+        self.unbooked = Some((Booked::Lane(lane), clock));
+    }
+
+    /// Books the last trap, which left at `left` (the exit stamp, or now when the run ends):
+    /// its cost in the trap table, then the benchmark attribution. Called when the next trap
+    /// begins — nothing the guest ran in between changed the console, which only traps do.
+    pub(super) fn book_last_trap(&mut self, left: u64) {
+        let Some((booked, mut clock)) = self.unbooked.take() else {
+            return;
+        };
+        let cost = clock.finish(left);
+        match booked {
+            Booked::Kind(kind) if clock.split => self.accounting.record_phases(kind, &clock.phases),
+            Booked::Kind(kind) => self.accounting.record(kind, cost),
+            Booked::Lane(lane) => {
+                if let Some(row) = self.lane_rows.get_mut(lane.index()) {
+                    self.accounting.record_in(row, cost);
+                }
+            }
+        }
         self.note_guest_lines();
+    }
+
+    /// `book_last_trap` at the start of a trap: the last one left at its exit stamp.
+    pub(super) fn book_trap_before(&mut self) {
+        if self.unbooked.is_some() {
+            // SAFETY: a plain read of a quadword only trap_exit writes, with interrupts off.
+            let left = unsafe { core::ptr::addr_of!(trap_exit_tsc).read_volatile() };
+            self.book_last_trap(left);
+        }
     }
 
     /// The benchmark harness: the guest prints `bench,<op>,...` right after each op, so the

@@ -40,7 +40,7 @@ use data_segments::DataSegments;
 use host::{DirectMap, HostClock, HostFrames, RealCpu};
 use shadow_mmu::shadow::{ShadowMmu, StopReason, View};
 use spin::Mutex;
-use vmm_core::accounting::{Accounting, Phase, SyscallKind, TrapKind};
+use vmm_core::accounting::{Accounting, KindRow, Phase, SyscallKind, TrapKind};
 use vmm_core::config::HostConfig;
 use vmm_core::cpu::shadow_gdt::ShadowGdt;
 use vmm_core::cpu::state::rflags;
@@ -66,6 +66,8 @@ struct Vm {
     bus: PortBus<GuestConsole, HostClock>,
     /// Counts and costs of every trap, printed when the guest ends.
     accounting: Accounting,
+    /// The trap-table row of each fast-lane instruction, by `LaneInstruction::index`.
+    lane_rows: [KindRow; vmm_core::cpu::emulate::LaneInstruction::ALL.len()],
     /// Which traps get a `--trace` line, and how many are left (host options `trace=`,
     /// `trace_kinds=`, `trace_skip=`, `trace_from=`).
     tracer: Tracer,
@@ -100,6 +102,8 @@ struct Vm {
     /// The first 8 bytes at the trapping RIP, when the fast lane read them and left the trap to
     /// the dispatcher (`emulate` then does not fetch them again); reset at every trap.
     prefetched: Option<[u8; 8]>,
+    /// The last trap and its clock, booked when the next one begins (`book_last_trap`).
+    unbooked: Option<(instrument::Booked, PhaseClock)>,
 }
 
 /// The VM, reached from the trap dispatcher. Only ever locked with interrupts disabled (in trap
@@ -153,9 +157,12 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
         real_controls: None,
         bench_mark: instrument::BenchMark::default(),
         bench_traps: alloc::vec::Vec::new(),
+        lane_rows: vmm_core::cpu::emulate::LaneInstruction::ALL
+            .map(|lane| KindRow::new(TrapKind::Instruction(lane.name()))),
         fastpath: config.fastpath,
         icount: config.icount,
         prefetched: None,
+        unbooked: None,
     };
     // The first entry is a made-up return from a trap, built like every other return.
     let mut frame = TrapFrame::default();
@@ -184,12 +191,13 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
 /// vCPU (`registers.rs`), one `route`, the way back (`exit.rs`), one line of instrumentation
 /// (`instrument.rs`), and the end of the run if the guest exited or must stop.
 pub fn handle_guest_trap(frame: &mut TrapFrame) {
-    let mut clock = PhaseClock::start();
+    let mut clock = PhaseClock::start(frame.vector, frame.error_code);
     let mut guard = VM.lock();
     let Some(vm) = guard.as_mut() else {
         drop(guard);
         stop_without_vm(frame)
     };
+    vm.book_trap_before();
     if frame.interrupted_vm86() {
         let vm = guard.take();
         drop(guard);
@@ -209,9 +217,9 @@ pub fn handle_guest_trap(frame: &mut TrapFrame) {
         None
     };
     let (action, kind) = match lane {
-        Some(Lane::Done(kind)) => {
+        Some(Lane::Done(lane)) => {
             vm.watchdog.trap(trap_rip);
-            vm.account_fast_lane(kind, &clock);
+            vm.account_fast_lane(lane, clock);
             return;
         }
         Some(Lane::Rest(action, kind)) => (action, kind),
@@ -226,7 +234,7 @@ pub fn handle_guest_trap(frame: &mut TrapFrame) {
     }
     let action = vm.leave(frame, action, &mut clock);
     clock.mark(Phase::Exit);
-    vm.account(kind, trap_rip, &action, &clock);
+    vm.account(kind, trap_rip, &action, clock);
     match action {
         Action::Resume(_) => {}
         Action::Exit(code) => {

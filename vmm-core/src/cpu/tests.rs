@@ -2339,9 +2339,11 @@ proptest! {
                 prop_assert_eq!(observable(&lane), before);
                 lane.run()
             }
-            Some((name, Ok(()))) => Ok(Handled { mnemonic: None, name, outcome: Outcome::Emulated }),
-            Some((name, Err(Fault::Raise(event)))) => deliver(&mut lane.cpu, &mut lane.mem, event)
-                .map(|e| Handled { mnemonic: None, name, outcome: Outcome::Delivered(e) }),
+            Some((lane_insn, Ok(()))) => {
+                Ok(Handled { mnemonic: None, name: lane_insn.name(), outcome: Outcome::Emulated })
+            }
+            Some((lane_insn, Err(Fault::Raise(event)))) => deliver(&mut lane.cpu, &mut lane.mem, event)
+                .map(|e| Handled { mnemonic: None, name: lane_insn.name(), outcome: Outcome::Delivered(e) }),
             Some((_, Err(Fault::Stop(stop)))) => Err(stop),
         };
         match (&expected, &got) {

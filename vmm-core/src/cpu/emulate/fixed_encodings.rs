@@ -191,24 +191,101 @@ where
     }
 }
 
-/// Whether the kernel's fast lane takes `op` (`super::execute_prefetched`): instructions that
+/// An instruction the kernel's fast lane runs (`super::execute_prefetched`), as a small number:
+/// the kernel books each in its own accounting row (`accounting::KindRow`), found by this index
+/// rather than by a lookup per trap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LaneInstruction {
+    /// IN from a port.
+    In,
+    /// OUT to a port.
+    Out,
+    /// RDMSR.
+    Rdmsr,
+    /// WRMSR.
+    Wrmsr,
+    /// MOV CR0, r64.
+    MovToCr0,
+    /// MOV CR3, r64: the guest's address-space switch.
+    MovToCr3,
+    /// MOV CR4, r64.
+    MovToCr4,
+    /// MOV CR8, r64 (the TPR).
+    MovToCr8,
+    /// MOV to CR2 (the other control registers fault before they get here).
+    MovToOtherCr,
+    /// MOV r64, CRn.
+    MovFromCr,
+    /// INVLPG [r64].
+    Invlpg,
+}
+
+impl LaneInstruction {
+    /// Every lane instruction, in index order.
+    pub const ALL: [LaneInstruction; 11] = [
+        Self::In,
+        Self::Out,
+        Self::Rdmsr,
+        Self::Wrmsr,
+        Self::MovToCr0,
+        Self::MovToCr3,
+        Self::MovToCr4,
+        Self::MovToCr8,
+        Self::MovToOtherCr,
+        Self::MovFromCr,
+        Self::Invlpg,
+    ];
+
+    /// Its trap-table name: the one the decoded path gives the same instruction, so both
+    /// paths book into one row.
+    pub fn name(self) -> &'static str {
+        use super::names::{mnemonic_name, mov_cr_name};
+        match self {
+            Self::In => mnemonic_name(Mnemonic::In),
+            Self::Out => mnemonic_name(Mnemonic::Out),
+            Self::Rdmsr => mnemonic_name(Mnemonic::Rdmsr),
+            Self::Wrmsr => mnemonic_name(Mnemonic::Wrmsr),
+            Self::MovToCr0 => mov_cr_name(true, Register::CR0),
+            Self::MovToCr3 => mov_cr_name(true, Register::CR3),
+            Self::MovToCr4 => mov_cr_name(true, Register::CR4),
+            Self::MovToCr8 => mov_cr_name(true, Register::CR8),
+            Self::MovToOtherCr => mov_cr_name(true, Register::CR2),
+            Self::MovFromCr => mov_cr_name(false, Register::CR0),
+            Self::Invlpg => mnemonic_name(Mnemonic::Invlpg),
+        }
+    }
+
+    /// Its place in [`LaneInstruction::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The fast-lane instruction `op` is, if the kernel's fast lane takes it: instructions that
 /// neither load a segment, transfer control nor touch guest memory, so the lane's exit can keep
 /// the real CS/SS and the data segments as they are.
-pub(super) fn in_fast_lane(op: FixedEncoding) -> bool {
-    matches!(
-        op,
-        FixedEncoding::In(..)
-            | FixedEncoding::Out(..)
-            | FixedEncoding::Rdmsr
-            | FixedEncoding::Wrmsr
-            | FixedEncoding::MovCr { .. }
-            | FixedEncoding::Invlpg { .. }
-    )
+pub(super) fn lane_instruction(op: FixedEncoding) -> Option<LaneInstruction> {
+    Some(match op {
+        FixedEncoding::In(..) => LaneInstruction::In,
+        FixedEncoding::Out(..) => LaneInstruction::Out,
+        FixedEncoding::Rdmsr => LaneInstruction::Rdmsr,
+        FixedEncoding::Wrmsr => LaneInstruction::Wrmsr,
+        FixedEncoding::MovCr { to_cr: false, .. } => LaneInstruction::MovFromCr,
+        FixedEncoding::MovCr { cr, .. } => match cr {
+            Register::CR0 => LaneInstruction::MovToCr0,
+            Register::CR3 => LaneInstruction::MovToCr3,
+            Register::CR4 => LaneInstruction::MovToCr4,
+            Register::CR8 => LaneInstruction::MovToCr8,
+            _ => LaneInstruction::MovToOtherCr,
+        },
+        FixedEncoding::Invlpg { .. } => LaneInstruction::Invlpg,
+        _ => return None,
+    })
 }
 
 /// A quick look at the first bytes, before `fixed_encoding`: false for every instruction the
 /// fast lane does not take (SWAPGS, IRETQ, SYSRETQ, CLI/STI, ... go to the dispatcher without
-/// paying for the full match twice). True for all it takes (`in_fast_lane`); the match decides.
+/// paying for the full match twice). True for all it takes (`lane_instruction`); the match decides.
 pub(super) fn may_be_in_fast_lane(b: &[u8; 8]) -> bool {
     let rest = match b[0] {
         0x40..=0x4F => &b[1..],
@@ -237,6 +314,18 @@ pub(super) fn fixed_name(op: FixedEncoding, mnemonic: Mnemonic) -> &'static str 
 mod tests {
     use super::*;
     use iced_x86::{Code, Decoder, DecoderOptions};
+
+    /// `ALL` lists every lane instruction at its own index, each with its own name.
+    #[test]
+    fn lane_instructions_are_indexed_in_order() {
+        for (i, lane) in LaneInstruction::ALL.iter().enumerate() {
+            assert_eq!(lane.index(), i);
+        }
+        let mut names: std::vec::Vec<_> = LaneInstruction::ALL.iter().map(|l| l.name()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), LaneInstruction::ALL.len());
+    }
 
     /// Every MOV CRn and INVLPG [reg] encoding the fixed path builds is the instruction the
     /// decoder decodes from the same bytes (same code, registers, memory base, length); the
@@ -323,8 +412,8 @@ mod tests {
                     let eight = [first, second, third, 0x0F, 0x07, 0x90, 0x90, 0x90];
                     let mut b = [0x90u8; MAX_INSTRUCTION_LEN];
                     b[..8].copy_from_slice(&eight);
-                    let taken =
-                        fixed_encoding(&cpu, &b, 8).is_some_and(|(op, ..)| in_fast_lane(op));
+                    let taken = fixed_encoding(&cpu, &b, 8)
+                        .is_some_and(|(op, ..)| lane_instruction(op).is_some());
                     if taken {
                         seen += 1;
                         assert!(may_be_in_fast_lane(&eight), "{eight:02x?} filtered out");

@@ -31,6 +31,7 @@ mod segment_loads;
 mod system;
 mod transfers;
 
+pub use fixed_encodings::LaneInstruction;
 pub use names::{disassemble, trap_name};
 
 use super::cpuid::HostCpu;
@@ -230,15 +231,15 @@ pub fn pushf_in_interrupt_shadow<M: GuestMemory + ?Sized>(cpu: &mut VCpu, mem: &
 /// one the lane takes — IN/OUT, RDMSR/WRMSR, MOV to/from CRn or INVLPG, at virtual CPL 0, with
 /// no single-step and no interrupt shadow — executed by the same handlers and ended by the same
 /// rules as [`handle_instruction`] (RF cleared at its start, RIP, the canonical check at its
-/// end). `None`: not one of them, and nothing changed. Otherwise its trap-table name and
-/// whether it retired; `Err(fault)`: it raised `fault` (the vCPU as at the fault, RIP on the
+/// end). `None`: not one of them, and nothing changed. Otherwise which one it was (its
+/// trap-table name is [`LaneInstruction::name`]) and whether it retired; `Err(fault)`: it raised `fault` (the vCPU as at the fault, RIP on the
 /// instruction), for the caller to deliver as [`handle_instruction`] would.
 pub fn execute_prefetched<M, P>(
     cpu: &mut VCpu,
     mem: &mut M,
     ports: &mut P,
     bytes: &[u8; 8],
-) -> Option<(&'static str, Result<(), Fault>)>
+) -> Option<(LaneInstruction, Result<(), Fault>)>
 where
     M: GuestMemory + ?Sized,
     P: PortIo + ?Sized,
@@ -253,16 +254,14 @@ where
     }
     let mut b = [0u8; MAX_INSTRUCTION_LEN];
     b[..bytes.len()].copy_from_slice(bytes);
-    let (op, len, mnemonic) = fixed_encoding(cpu, &b, bytes.len())?;
-    if !fixed_encodings::in_fast_lane(op) {
-        return None;
-    }
+    let (op, len, _) = fixed_encoding(cpu, &b, bytes.len())?;
+    let lane = fixed_encodings::lane_instruction(op)?;
     cpu.rflags &= !rflags::RF;
     let next = cpu.rip.wrapping_add(len);
     let result = execute_fixed(cpu, mem, ports, op, len as u8, next)
         .and_then(|flow| retire(cpu, flow, next, None))
         .map(|_| ());
-    Some((fixed_name(op, mnemonic), result))
+    Some((lane, result))
 }
 
 /// Fetches, decodes and executes one instruction without delivering what it raises.
