@@ -5,6 +5,7 @@
 #   ./run-qemu.sh --native        the guest kernel alone on bare QEMU, no VMM
 #   ./run-qemu.sh -- bench        words after -- are the guest's own command line
 #   ./run-qemu.sh --bench         the trap-cost experiment (bench/run.sh): CSV, table, chart
+#   ./run-qemu.sh --lab N         grade teaching lab N (src/bin/grade.rs, docs/labs/README.md)
 #
 # Exit status: 0 guest success, 1 guest failure, 3 host panic, 4 guest stopped by the VMM,
 # 2 anything else (bad usage, configuration error, timeout, QEMU failure).
@@ -30,6 +31,7 @@ options:
                      bench/results.png, prints the tables (words after -- go to the guest's bench)
   --trap-cost C      with --bench: cycles of one trap round trip for the modelled column (700)
   --guest PATH       run this guest ELF instead of the built guest-kernel
+  --kernel PATH      boot this host kernel (VMM) image instead of the built one
   --mem MiB          guest RAM in MiB, 4..3072 (default 32); QEMU gets 96 MiB more for the
                      VMM (with --native, 1 MiB more for the firmware's tables)
   --icount           deterministic instruction counting (-icount shift=0,sleep=off): rdtsc
@@ -52,6 +54,10 @@ options:
                      host panics on purpose right after reading its command line, to
                      exercise the panic path (exit status 3)
   --no-build         do not run cargo build first (the tests build once, then use this)
+  --lab N            grade teaching lab N: build the VMM with your code (labs/labN_*.rs),
+                     run the lab's checks, print one line per check and a score; exit status
+                     0 only when all pass (docs/labs/README.md; an unknown N lists the labs)
+  --reference        with --lab: run the same checks against the reference implementation
   -- words...        everything after -- is passed to the guest's command line
 
 exit status: 0 guest success, 1 guest failure, 3 host panic, 4 guest stopped by the VMM,
@@ -65,15 +71,23 @@ die_usage() {
     exit 2
 }
 
-native=0 bench=0 trap_cost=700 guest="" mem=32 icount=0 gdb=0 trace=0 trace_kinds="" timeout_s=120 append="" build=1
+native=0 bench=0 trap_cost=700 guest="" kernel="" mem=32 icount=0 gdb=0 trace=0 trace_kinds="" timeout_s=120 append="" build=1
+lab="" reference=0 other_options=0
 guest_words=()
 while [ $# -gt 0 ]; do
+    case "$1" in
+        --lab|--reference) ;;
+        *) other_options=1 ;;
+    esac
     case "$1" in
         --help|-h) usage; exit 0 ;;
         --native) native=1 ;;
         --bench) bench=1 ;;
         --trap-cost) [ $# -ge 2 ] || die_usage "--trap-cost needs a number"; trap_cost=$2; shift ;;
         --guest) [ $# -ge 2 ] || die_usage "--guest needs a path"; guest=$2; shift ;;
+        --kernel) [ $# -ge 2 ] || die_usage "--kernel needs a path"; kernel=$2; shift ;;
+        --lab) [ $# -ge 2 ] || die_usage "--lab needs a lab number"; lab=$2; shift ;;
+        --reference) reference=1 ;;
         --mem) [ $# -ge 2 ] || die_usage "--mem needs a size in MiB"; mem=$2; shift ;;
         --icount) icount=1 ;;
         --gdb) gdb=1 ;;
@@ -90,6 +104,15 @@ while [ $# -gt 0 ]; do
     shift
 done
 
+if [ -n "$lab" ]; then
+    [ "$other_options" = 0 ] || die_usage "--lab takes no other option than --reference"
+    # The grader builds what it grades and boots QEMU through this script (--no-build).
+    grade_args=("$lab")
+    [ "$reference" = 0 ] || grade_args+=(--reference)
+    exec cargo run --quiet --manifest-path "$ROOT/Cargo.toml" --bin grade -- "${grade_args[@]}"
+fi
+[ "$reference" = 0 ] || die_usage "--reference goes with --lab N"
+
 [[ "$mem" =~ ^[0-9]+$ ]] && [ "$mem" -ge 4 ] && [ "$mem" -le 3072 ] \
     || die_usage "--mem must be a number of MiB between 4 and 3072, not '$mem'"
 [[ "$timeout_s" =~ ^[0-9]+$ ]] && [ "$timeout_s" -ge 1 ] \
@@ -103,6 +126,12 @@ if [ -n "$guest" ] && [ -d "$guest" ]; then
 fi
 if [ -n "$guest" ] && [ ! -f "$guest" ]; then
     die_usage "--guest: no such file '$guest'"
+fi
+if [ -n "$kernel" ] && [ ! -f "$kernel" ]; then
+    die_usage "--kernel: no such file '$kernel'"
+fi
+if [ "$native" = 1 ] && [ -n "$kernel" ]; then
+    die_usage "--kernel is the VMM's image; --native runs the guest with no VMM"
 fi
 if [ "$native" = 1 ] && { [ "$trace" = 1 ] || [ -n "$append" ]; }; then
     die_usage "--trace and --append configure the VMM; --native runs the guest with no VMM"
@@ -133,7 +162,7 @@ if [ "$build" = 1 ]; then
         -p kernel -p guest-kernel -p test-guests) || { echo "run-qemu.sh: build failed" >&2; exit 2; }
 fi
 
-kernel="$BIN_DIR/kernel"
+[ -n "$kernel" ] || kernel="$BIN_DIR/kernel"
 guest_kernel="$BIN_DIR/guest-kernel"
 [ -n "$guest" ] || guest="$guest_kernel"
 

@@ -7,6 +7,7 @@
 //! runs `run-qemu.sh --no-build`.
 
 pub mod bench;
+pub mod labs;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -89,47 +90,66 @@ pub fn qemu_missing() -> Option<String> {
     })
 }
 
+/// The packages of the normal bare-metal build (run-qemu.sh builds the same).
+pub const IMAGE_PACKAGES: &[&str] = &["-p", "kernel", "-p", "guest-kernel", "-p", "test-guests"];
+
+/// `cargo build --release --target x86_64-unknown-none --target-dir <target_dir> <args>`, after
+/// making sure the pinned toolchain has that target (as run-qemu.sh does: an installed toolchain
+/// may lack it). `Err` holds cargo's messages.
+pub fn build_bare_metal(target_dir: &Path, args: &[&str]) -> Result<(), String> {
+    let installed = Command::new("rustup")
+        .current_dir(root())
+        .args(["target", "list", "--installed"])
+        .output();
+    if let Ok(out) = installed {
+        if !String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.trim() == "x86_64-unknown-none")
+        {
+            let _ = Command::new("rustup")
+                .current_dir(root())
+                .args(["target", "add", "x86_64-unknown-none"])
+                .status();
+        }
+    }
+    let out = cargo()
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "x86_64-unknown-none",
+            "--target-dir",
+        ])
+        .arg(target_dir)
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// A `cargo` command in the workspace root (the cargo that runs us, if any).
+pub fn cargo() -> Command {
+    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    command.current_dir(root());
+    command
+}
+
+/// Builds both kernels and the test guests once per process (the normal build, into
+/// `target/qemu`); `Err` holds cargo's messages.
+pub fn try_build_images() -> Result<(), String> {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| build_bare_metal(&root().join("target/qemu"), IMAGE_PACKAGES))
+        .clone()
+}
+
 /// Builds both kernels once per test process; panics with cargo's output if that fails.
 pub fn build_images() {
-    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
-    let result = BUILT.get_or_init(|| {
-        // As run-qemu.sh does: an installed toolchain may lack the bare-metal target.
-        let installed = Command::new("rustup")
-            .current_dir(root())
-            .args(["target", "list", "--installed"])
-            .output();
-        if let Ok(out) = installed {
-            if !String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .any(|l| l.trim() == "x86_64-unknown-none")
-            {
-                let _ = Command::new("rustup")
-                    .current_dir(root())
-                    .args(["target", "add", "x86_64-unknown-none"])
-                    .status();
-            }
-        }
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let out = Command::new(cargo)
-            .current_dir(root())
-            .args([
-                "build",
-                "--release",
-                "--target",
-                "x86_64-unknown-none",
-                "--target-dir",
-            ])
-            .arg(root().join("target/qemu"))
-            .args(["-p", "kernel", "-p", "guest-kernel", "-p", "test-guests"])
-            .output()
-            .map_err(|e| format!("cannot run cargo: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
-    });
-    if let Err(why) = result {
+    if let Err(why) = try_build_images() {
         panic!("building the kernels failed:\n{why}");
     }
 }

@@ -22,5 +22,6 @@ pub mod config;
 pub mod cpu;
 pub mod devices;
 pub mod io;
+mod labs;
 pub mod loader;
 pub mod trace;

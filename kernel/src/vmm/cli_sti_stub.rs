@@ -37,9 +37,14 @@ pub fn absorb(cpu: &mut VCpu) {
 /// At trap exit: the vCPU's IF, whether a virtual interrupt is pending (then STI must take the
 /// slow path to be injected), and whether the stub may run at all: only where CLI/STI are
 /// allowed (virtual CPL <= IOPL) and nobody single-steps (our interrupt window, or the guest's
-/// own TF, whose #DB the stub would swallow).
+/// own TF, whose #DB the stub would swallow). Never in a VMM built for lab 2
+/// (docs/labs/lab2-virtual-if.md): the stub is a second CLI/STI, so every CLI/STI must reach the
+/// student's in vmm-core.
 pub fn publish(cpu: &VCpu, pending: bool, single_step: bool) {
-    let allowed = cpu.may_toggle_interrupts() && !single_step && cpu.rflags & rflags::TF == 0;
+    let allowed = !cfg!(feature = "lab2")
+        && cpu.may_toggle_interrupts()
+        && !single_step
+        && cpu.rflags & rflags::TF == 0;
     let vif = core::ptr::addr_of_mut!(cli_sti_vif);
     let pending_ptr = core::ptr::addr_of_mut!(cli_sti_pending);
     let enabled = core::ptr::addr_of_mut!(cli_sti_enabled);

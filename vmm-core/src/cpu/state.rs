@@ -560,7 +560,15 @@ impl VCpu {
 
     /// The RFLAGS value the guest must really run with: its arithmetic flags, IF = 1 (the host
     /// keeps its interrupts), IOPL = 0 (so CLI/STI/IN/OUT/HLT trap).
+    #[cfg(not(feature = "lab2"))]
     pub fn real_rflags(&self) -> u64 {
         (self.rflags & rflags::HARDWARE_OWNED) | rflags::IF | rflags::FIXED
+    }
+
+    /// Lab 2 (docs/labs/lab2-virtual-if.md): the student's real RFLAGS
+    /// (labs/lab2_virtual_if.rs).
+    #[cfg(feature = "lab2")]
+    pub fn real_rflags(&self) -> u64 {
+        crate::labs::lab2::real_rflags(self)
     }
 }

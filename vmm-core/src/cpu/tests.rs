@@ -286,6 +286,22 @@ fn cli_is_allowed_in_user_mode_when_iopl_is_3() {
 }
 
 #[test]
+fn sti_in_guest_user_mode_is_gp_and_leaves_if_alone() {
+    let mut r = Rig::user();
+    r.cpu.rflags &= !rflags::IF;
+    r.raises(&[0xFB], 13, Some(0));
+    assert_eq!(
+        r.stack(3) & rflags::IF,
+        0,
+        "the pushed RFLAGS still has IF = 0"
+    );
+    assert_eq!(
+        r.cpu.interrupt_shadow, None,
+        "no shadow from an STI that faulted"
+    );
+}
+
+#[test]
 fn sti_sets_if_and_a_one_instruction_shadow_only_when_if_was_clear() {
     let mut r = Rig::kernel();
     r.ok(&[0xFB, 0x90]);
@@ -914,6 +930,41 @@ fn iretq_in_user_mode_cannot_change_if_or_iopl() {
     r.run().unwrap();
     assert!(r.cpu.interrupts_enabled(), "IF kept: CPL > IOPL");
     assert_eq!(r.cpu.iopl(), 0, "IOPL kept: CPL > 0");
+}
+
+#[test]
+fn iretq_in_user_mode_with_iopl_3_loads_if_but_not_iopl() {
+    let mut r = Rig::user();
+    r.mem.map(DATA, 0x1000, RW_USER);
+    r.cpu.rflags |= rflags::IOPL;
+    push_iret_frame(&mut r, UCODE + 0x10, UCODE_SEL, 0x2, USTACK_TOP, UDATA);
+    r.code(&[0x48, 0xCF]);
+    r.run().unwrap();
+    assert!(!r.cpu.interrupts_enabled(), "IF loaded: CPL <= IOPL");
+    assert_eq!(r.cpu.iopl(), 3, "IOPL kept: CPL > 0");
+}
+
+#[test]
+fn iretq_in_the_kernel_loads_if_and_iopl_but_no_reserved_bit() {
+    let mut r = Rig::kernel();
+    r.cpu.rflags |= rflags::IF;
+    // IF = 0, IOPL = 2, DF, and reserved bits 3, 5, 15 and 22..63 set in the image.
+    let image = 0x2 | (2 << 12) | rflags::DF | 1 << 3 | 1 << 5 | 1 << 15 | !0u64 << 22;
+    push_iret_frame(
+        &mut r,
+        CODE + 0x100,
+        KCODE,
+        image,
+        KSTACK_TOP - 0x100,
+        KDATA,
+    );
+    r.code(&[0x48, 0xCF]);
+    r.run().unwrap();
+    assert!(!r.cpu.interrupts_enabled(), "IF loaded at CPL 0");
+    assert_eq!(r.cpu.iopl(), 2, "IOPL loaded at CPL 0");
+    assert_ne!(r.cpu.rflags & rflags::DF, 0);
+    assert_eq!(r.cpu.rflags & !rflags::DEFINED, 0, "reserved bits stay 0");
+    assert_ne!(r.cpu.rflags & rflags::FIXED, 0, "bit 1 stays 1");
 }
 
 #[test]
@@ -1562,6 +1613,27 @@ fn real_rflags_keep_arithmetic_flags_but_force_if_and_iopl_0() {
     assert_eq!(cpu.real_rflags(), 0x202 | rflags::ZF | rflags::CF);
 }
 
+proptest! {
+    /// Whatever the guest did to its virtual RFLAGS, it really runs with IF = 1 (the host keeps
+    /// its timer) and IOPL = 0 (CLI, STI, IN, OUT and HLT trap), none of the virtual-only bits
+    /// (NT, RF, VM, VIF, VIP), and its own arithmetic flags, TF, DF, AC and ID.
+    #[test]
+    fn real_rflags_never_give_the_guest_the_machine(virtual_flags in any::<u64>()) {
+        let mut cpu = Rig::kernel().cpu;
+        cpu.rflags = (virtual_flags & rflags::DEFINED) | rflags::FIXED;
+        let real = cpu.real_rflags();
+        prop_assert_eq!(real & rflags::IF, rflags::IF);
+        prop_assert_eq!(real & rflags::IOPL, 0);
+        prop_assert_eq!(
+            real & (rflags::NT | rflags::RF | rflags::VM | rflags::VIF | rflags::VIP),
+            0
+        );
+        prop_assert_eq!(real & rflags::HARDWARE_OWNED, cpu.rflags & rflags::HARDWARE_OWNED);
+        prop_assert_eq!(real & !rflags::DEFINED, 0);
+        prop_assert_eq!(real & rflags::FIXED, rflags::FIXED);
+    }
+}
+
 // ---- properties ----
 
 fn arbitrary_state() -> impl Strategy<Value = (Vec<u8>, u8, u64, [u64; 4], bool)> {
@@ -1852,6 +1924,22 @@ fn pushf_in_an_interrupt_shadow_is_pushed_with_the_virtual_flags_and_no_tf() {
     r.code(&[0x90]);
     assert!(!emulate::pushf_in_interrupt_shadow(&mut r.cpu, &mut r.mem));
     assert_eq!(r.cpu.rip, CODE);
+}
+
+#[test]
+fn pushf_in_a_mov_ss_shadow_pushes_if_0_and_never_rf() {
+    // After MOV SS the shadow covers the next instruction whatever IF is; an IRET may have
+    // left RF = 1 in the virtual RFLAGS.
+    let mut r = Rig::kernel();
+    r.cpu.rflags = rflags::FIXED | rflags::RF | rflags::CF | rflags::IOPL;
+    r.cpu.interrupt_shadow = Some(CODE);
+    r.code(&[0x9C]);
+    assert!(emulate::pushf_in_interrupt_shadow(&mut r.cpu, &mut r.mem));
+    assert_eq!(
+        r.stack(0),
+        rflags::FIXED | rflags::CF | rflags::IOPL,
+        "IF = 0 as it is; RF never pushed as 1"
+    );
 }
 
 #[test]

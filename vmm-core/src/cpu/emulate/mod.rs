@@ -106,7 +106,7 @@ pub struct Handled {
 
 /// The control flow an executed instruction leaves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Flow {
+pub(crate) enum Flow {
     /// Continue at the next instruction.
     Next,
     /// RIP was set by the instruction.
@@ -204,7 +204,7 @@ pub fn single_step_trap<M: GuestMemory + ?Sized>(
 /// Executes PUSHF when it is the instruction in an STI/MOV SS interrupt shadow, so that the VMM
 /// need not single-step it to open the interrupt window: single-stepping sets the real TF, and
 /// PUSHF would push it, so the guest would see (and later POPF) a TF it never set. The image is
-/// the virtual RFLAGS with VM and RF clear (SDM Vol. 2B "PUSHF"). Returns whether it did; a
+/// the virtual RFLAGS with VM and RF clear ([`pushf_image`]). Returns whether it did; a
 /// PUSHF whose push would fault is left to the CPU.
 pub fn pushf_in_interrupt_shadow<M: GuestMemory + ?Sized>(cpu: &mut VCpu, mem: &mut M) -> bool {
     let Ok(ins) = fetch(cpu, mem) else {
@@ -215,7 +215,7 @@ pub fn pushf_in_interrupt_shadow<M: GuestMemory + ?Sized>(cpu: &mut VCpu, mem: &
         Code::Pushfw => 2,
         _ => return false,
     };
-    let image = cpu.rflags & !(rflags::VM | rflags::RF);
+    let image = pushf_image(cpu.rflags);
     let rsp = cpu.reg(Gpr::Rsp).wrapping_sub(size as u64);
     if write_value(mem, rsp, size, image, cpu.privilege(), true).is_err() {
         return false;
@@ -224,6 +224,18 @@ pub fn pushf_in_interrupt_shadow<M: GuestMemory + ?Sized>(cpu: &mut VCpu, mem: &
     cpu.rip = ins.next_ip();
     cpu.interrupt_shadow = None;
     true
+}
+
+// Lab 2 (docs/labs/lab2-virtual-if.md): built with the feature `lab2`, the student's PUSHF
+// image (labs/lab2_virtual_if.rs) stands in for the one below.
+#[cfg(feature = "lab2")]
+use crate::labs::lab2::pushf_image;
+
+/// The RFLAGS image PUSHF pushes, given the virtual RFLAGS: the flags as they are, with VM and
+/// RF read as 0 (SDM Vol. 2B "PUSHF/PUSHFD/PUSHFQ").
+#[cfg(not(feature = "lab2"))]
+fn pushf_image(rflags: u64) -> u64 {
+    rflags & !(rflags::VM | rflags::RF)
 }
 
 /// The fast lane (host option `fastpath=`; the kernel's `vmm/fast_path.rs`): the instruction at

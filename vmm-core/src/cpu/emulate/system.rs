@@ -105,8 +105,14 @@ fn check_umip(cpu: &VCpu) -> Result<(), Fault> {
     }
 }
 
+// Lab 2 (docs/labs/lab2-virtual-if.md): built with the feature `lab2`, the student's CLI/STI
+// (labs/lab2_virtual_if.rs) stands in for the one below.
+#[cfg(feature = "lab2")]
+pub(super) use crate::labs::lab2::cli_sti;
+
 /// CLI/STI at CPL > IOPL fault (CR4.PVI is not offered); STI that sets IF opens a
 /// one-instruction interrupt shadow (SDM Vol. 3 §6.8.3).
+#[cfg(not(feature = "lab2"))]
 pub(super) fn cli_sti(cpu: &mut VCpu, sti: bool, next: u64) -> Result<Flow, Fault> {
     if !cpu.may_toggle_interrupts() {
         return Err(Event::gp(0).into());

@@ -1,0 +1,115 @@
+//! The labs and what each one checks: the rubric. To add a lab, add an entry here, its student
+//! file under `labs/`, its swap points and its document (docs/labs/README.md, "Adding a lab").
+
+use super::{exited_with, printed, Boot, HostTests, Image, Lab};
+use crate::Run;
+
+/// Every lab, by number.
+pub const LABS: &[Lab] = &[LAB2];
+
+/// The host kernel built with the student's code (`target/lab`), or the normal one.
+const GRADED_KERNEL: Image = Image::Graded {
+    student: "kernel",
+    reference: "kernel",
+};
+
+/// Lab 2: the virtual interrupt flag.
+const LAB2: Lab = Lab {
+    number: 2,
+    title: "the virtual interrupt flag",
+    doc: "docs/labs/lab2-virtual-if.md",
+    student_file: "labs/lab2_virtual_if.rs",
+    build: &["-p", "kernel", "--features", "kernel/lab2"],
+    kernel: GRADED_KERNEL,
+    host_tests: Some(HostTests {
+        package: "vmm-core",
+        feature: "lab2",
+        module: "cpu::tests",
+        tests: &[
+            "real_rflags_keep_arithmetic_flags_but_force_if_and_iopl_0",
+            "real_rflags_never_give_the_guest_the_machine",
+            "cli_at_cpl0_clears_the_virtual_if_and_retires",
+            "cli_in_guest_user_mode_is_a_gp_delivered_on_the_tss_stack",
+            "cli_is_allowed_in_user_mode_when_iopl_is_3",
+            "sti_in_guest_user_mode_is_gp_and_leaves_if_alone",
+            "sti_sets_if_and_a_one_instruction_shadow_only_when_if_was_clear",
+            "sti_then_hlt_never_loses_the_wakeup",
+            "pushf_in_an_interrupt_shadow_is_pushed_with_the_virtual_flags_and_no_tf",
+            "pushf_in_a_mov_ss_shadow_pushes_if_0_and_never_rf",
+            "iretq_to_user_mode_switches_privilege_and_loads_the_popped_state",
+            "iretq_in_the_kernel_loads_if_and_iopl_but_no_reserved_bit",
+            "iretq_in_user_mode_cannot_change_if_or_iopl",
+            "iretq_in_user_mode_with_iopl_3_loads_if_but_not_iopl",
+            "a_16_bit_iret_keeps_the_rflags_bits_above_the_popped_word",
+        ],
+    }),
+    boots: &[
+        Boot {
+            name: "cli-hlt: after CLI the guest cannot be woken",
+            guest: Image::Normal("cli-hlt"),
+            args: &[],
+            timeout_s: 30,
+            expect: lab2_cli_hlt,
+        },
+        Boot {
+            name: "pushf-after-sti: STI's shadow and PUSHF's image",
+            guest: Image::Normal("pushf-after-sti"),
+            args: &[],
+            timeout_s: 30,
+            expect: lab2_pushf_after_sti,
+        },
+        Boot {
+            name: "user-mode-low-selectors: CLI in user mode is #GP(0)",
+            guest: Image::Normal("user-mode-low-selectors"),
+            args: &[],
+            timeout_s: 30,
+            expect: lab2_user_mode,
+        },
+        Boot {
+            name: "guest-kernel: the self-test",
+            guest: Image::Normal("guest-kernel"),
+            args: &[],
+            timeout_s: 120,
+            expect: lab2_selftest,
+        },
+    ],
+};
+
+fn lab2_cli_hlt(run: &Run) -> Result<(), String> {
+    exited_with(run, 4)?;
+    printed(run, &["[vmm] guest stopped: guest halted forever"])
+}
+
+fn lab2_pushf_after_sti(run: &Run) -> Result<(), String> {
+    printed(
+        run,
+        &[
+            "no-irq: pushed rflags=0x212 TF=0 IF=1 #DB=0 irqs=0 -> ok",
+            "irq-pending: pushed rflags=0x212 TF=0 IF=1 #DB=0 irqs=",
+            "first irq after pushfq -> ok",
+        ],
+    )?;
+    exited_with(run, 0)
+}
+
+fn lab2_user_mode(run: &Run) -> Result<(), String> {
+    printed(
+        run,
+        &["phase cli: vector=13 error=0x0", "5 phases, 0 wrong"],
+    )?;
+    exited_with(run, 0)
+}
+
+fn lab2_selftest(run: &Run) -> Result<(), String> {
+    printed(
+        run,
+        &[
+            "check irq-held-while-cli: ok",
+            "check preemption: ok",
+            "check kill-cli: ok",
+            "selftest: ",
+        ],
+    )?;
+    printed(run, &[", 0 failed"])?;
+    exited_with(run, 0)
+}

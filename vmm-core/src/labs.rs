@@ -1,0 +1,10 @@
+//! The teaching labs' student code (docs/labs/README.md). Built with the cargo feature `labN`,
+//! the student's file `labs/labN_*.rs` (at the repository root) is compiled in here as
+//! `labs::labN`, and each swap point — a reference function marked "Lab N" where it is defined —
+//! is replaced by the student's function of the same name and signature. Without a lab feature
+//! this module is empty: the normal build never sees student code.
+
+/// Lab 2, the virtual interrupt flag: CLI/STI, the real RFLAGS, PUSHF's image, IRET's RFLAGS.
+#[cfg(feature = "lab2")]
+#[path = "../../labs/lab2_virtual_if.rs"]
+pub(crate) mod lab2;
