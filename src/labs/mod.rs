@@ -365,39 +365,39 @@ pub fn parse_test_output(stdout: &str) -> BTreeMap<String, Result<(), String>> {
             results.insert(path.to_string(), Err("failed".to_string()));
         }
     }
-    // The failures' messages: the lines after "panicked at <where>:" up to the "note:" line.
-    let mut lines = stdout.lines();
-    while let Some(line) = lines.next() {
-        let Some(path) = line
-            .strip_prefix("---- ")
-            .and_then(|l| l.strip_suffix(" stdout ----"))
-        else {
-            continue;
+    // The failures' messages: in each `---- <path> stdout ----` section, the lines after
+    // "panicked at <where>:" up to the "note:" line (or the next section).
+    let mut section: Option<(&str, &str, Vec<&str>)> = None;
+    let mut finish = |section: Option<(&str, &str, Vec<&str>)>| {
+        let Some((path, place, message)) = section else {
+            return;
         };
-        let mut message = Vec::new();
-        let mut place = "";
-        for line in lines.by_ref() {
-            if line.starts_with("note: ")
-                || line.starts_with("---- ")
-                || line == "failures:"
-                || line == "stack backtrace:"
-            {
-                break;
-            }
-            if let Some(at) = line.split_once("panicked at ").map(|(_, at)| at) {
-                place = at.trim_end_matches(':');
-            } else if !place.is_empty() && !line.trim().is_empty() {
-                message.push(line.trim());
-            }
-        }
-        if let Some(result) = results.get_mut(path) {
+        if let Some(result @ Err(_)) = results.get_mut(path) {
             let mut why = message.join("; ");
             if !place.is_empty() {
                 why = format!("{why} at {}", repository_path(place));
             }
             *result = Err(shorten(&why, 240));
         }
+    };
+    for line in stdout.lines() {
+        if let Some(path) = line
+            .strip_prefix("---- ")
+            .and_then(|l| l.strip_suffix(" stdout ----"))
+        {
+            finish(section.take());
+            section = Some((path, "", Vec::new()));
+        } else if line.starts_with("note: ") || line == "failures:" || line == "stack backtrace:" {
+            finish(section.take());
+        } else if let Some((_, place, message)) = section.as_mut() {
+            if let Some((_, at)) = line.split_once("panicked at ") {
+                *place = at.trim_end_matches(':');
+            } else if !place.is_empty() && !line.trim().is_empty() {
+                message.push(line.trim());
+            }
+        }
     }
+    finish(section);
     results
 }
 
@@ -508,10 +508,11 @@ mod tests {
     use super::*;
 
     const LIBTEST: &str = "
-running 3 tests
+running 4 tests
 test cpu::tests::a ... ok
 test cpu::tests::b ... FAILED
 test cpu::tests::c ... FAILED
+test cpu::tests::d ... FAILED
 
 failures:
 
@@ -528,18 +529,26 @@ assertion `left == right` failed: IF kept
   left: 512
  right: 0
 
+---- cpu::tests::d stdout ----
+
+thread 'cpu::tests::d' (4242) panicked at vmm-core/src/cpu/tests.rs:309:5:
+assertion `left == right` failed
+  left: None
+ right: Some(4097)
+
 
 failures:
     cpu::tests::b
     cpu::tests::c
+    cpu::tests::d
 
-test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 240 filtered out
+test result: FAILED. 1 passed; 3 failed; 0 ignored; 0 measured; 240 filtered out
 ";
 
     #[test]
     fn libtest_output_gives_each_test_and_its_panic_message() {
         let results = parse_test_output(LIBTEST);
-        assert_eq!(results.len(), 3);
+        assert_eq!(results.len(), 4);
         assert_eq!(results["cpu::tests::a"], Ok(()));
         assert_eq!(
             results["cpu::tests::b"],
@@ -552,6 +561,11 @@ test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 240 filtered out
         assert_eq!(
             results["cpu::tests::c"],
             Err("assertion `left == right` failed: IF kept; left: 512; right: 0 at vmm-core/src/cpu/tests.rs:250:5".into())
+        );
+        // The "note:" line comes after the first failure only.
+        assert_eq!(
+            results["cpu::tests::d"],
+            Err("assertion `left == right` failed; left: None; right: Some(4097) at vmm-core/src/cpu/tests.rs:309:5".into())
         );
     }
 
