@@ -499,7 +499,7 @@ pub fn exited_with(run: &Run, status: i32) -> Result<(), String> {
 pub fn printed(run: &Run, needles: &[&str]) -> Result<(), String> {
     match needles.iter().find(|n| !run.has_line(n)) {
         None => Ok(()),
-        Some(missing) => Err(format!("no line says '{missing}' ({})", outcome(run))),
+        Some(missing) => Err(format!("{}; no line says '{missing}'", outcome(run))),
     }
 }
 
