@@ -13,6 +13,8 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 TARGET=x86_64-unknown-none
+# The kernels' build: optimised (with debug info) by default; --debug-build sets these again.
+PROFILE=release
 TARGET_DIR="$ROOT/target/qemu"
 BIN_DIR="$TARGET_DIR/$TARGET/release"
 
@@ -38,13 +40,18 @@ options:
                      then counts retired instructions (host option icount=on: the VMM's report
                      says instructions); without it, cycle figures follow the host's clock
                      and differ by up to 25x between runs
-  --gdb              QEMU waits for gdb on localhost:1234 (prints the gdb command to use)
+  --gdb              QEMU waits for gdb on localhost:1234 and prints the gdb command to use
+                     (both kernels' symbols); no timeout unless --timeout is given
+                     (docs/debugging.md walks through one trap)
+  --debug-build      build the VMM unoptimised, with debug assertions and full debug info, into
+                     target/qemu-debug (the guests stay optimised); for stepping with --gdb
   --trace[=KINDS]    the VMM prints one line per trap, the first 1000 (host option trace=1000);
                      KINDS, comma-separated, keeps only these (host option trace_kinds=):
                        pf cr3 syscall io irq exception insn (docs/debugging.md);
                      start later with --append "trace_skip=N" (pass over N traps of those kinds)
                      or "trace_from=TEXT" (from the guest's first console line containing TEXT)
-  --timeout S        stop QEMU after S seconds (default 120); a timeout exits with status 2
+  --timeout S        stop QEMU after S seconds (default 120, none with --gdb); a timeout exits
+                     with status 2
   --append "k=v ..." extra host command-line options (timer_hz=, mem=, trace=, trace_kinds=,
                      trace_skip=, trace_from=, shadow=, emulator_fill=, profile=, fastpath=,
                      unsync=, shadow_share=, prefetch=, icount=, watchdog=, debug=, mode=;
@@ -71,7 +78,7 @@ die_usage() {
     exit 2
 }
 
-native=0 bench=0 trap_cost=700 guest="" kernel="" mem=32 icount=0 gdb=0 trace=0 trace_kinds="" timeout_s=120 append="" build=1
+native=0 bench=0 trap_cost=700 guest="" kernel="" mem=32 icount=0 gdb=0 debug_build=0 trace=0 trace_kinds="" timeout_s=120 timeout_given=0 append="" build=1
 lab="" reference=0 other_options=0
 guest_words=()
 while [ $# -gt 0 ]; do
@@ -91,11 +98,12 @@ while [ $# -gt 0 ]; do
         --mem) [ $# -ge 2 ] || die_usage "--mem needs a size in MiB"; mem=$2; shift ;;
         --icount) icount=1 ;;
         --gdb) gdb=1 ;;
+        --debug-build) debug_build=1 ;;
         --trace) trace=1 ;;
         # The kernel checks the names (an unknown one is a configuration error listing them).
         --trace=*) trace=1; trace_kinds=${1#--trace=}
             [ -n "$trace_kinds" ] || die_usage "--trace= needs trace kinds: pf cr3 syscall io irq exception insn" ;;
-        --timeout) [ $# -ge 2 ] || die_usage "--timeout needs seconds"; timeout_s=$2; shift ;;
+        --timeout) [ $# -ge 2 ] || die_usage "--timeout needs seconds"; timeout_s=$2; timeout_given=1; shift ;;
         --append) [ $# -ge 2 ] || die_usage "--append needs a string"; append=$2; shift ;;
         --no-build) build=0 ;;
         --) shift; guest_words=("$@"); break ;;
@@ -118,6 +126,12 @@ fi
 [[ "$timeout_s" =~ ^[0-9]+$ ]] && [ "$timeout_s" -ge 1 ] \
     || die_usage "--timeout must be a positive number of seconds, not '$timeout_s'"
 [[ "$trap_cost" =~ ^[0-9]+$ ]] || die_usage "--trap-cost must be a whole number of cycles, not '$trap_cost'"
+if [ "$debug_build" = 1 ]; then
+    [ "$bench" = 0 ] || die_usage "--bench measures the optimised VMM; it cannot take --debug-build"
+    PROFILE=kernel-debug    # Cargo.toml, [profile.kernel-debug]
+    TARGET_DIR="$ROOT/target/qemu-debug"
+    BIN_DIR="$TARGET_DIR/$TARGET/$PROFILE"
+fi
 if [ "$bench" = 1 ]; then
     exec "$ROOT/bench/run.sh" --trap-cost "$trap_cost" "${guest_words[@]}"
 fi
@@ -158,7 +172,7 @@ if [ "$build" = 1 ]; then
         (cd "$ROOT" && rustup target add "$TARGET") >&2 || { echo "run-qemu.sh: cannot add $TARGET" >&2; exit 2; }
     fi
     # A separate target directory, so this nested cargo never waits on an outer one's lock.
-    (cd "$ROOT" && cargo build --quiet --release --target "$TARGET" --target-dir "$TARGET_DIR" \
+    (cd "$ROOT" && cargo build --quiet --profile "$PROFILE" --target "$TARGET" --target-dir "$TARGET_DIR" \
         -p kernel -p guest-kernel -p test-guests) || { echo "run-qemu.sh: build failed" >&2; exit 2; }
 fi
 
@@ -227,9 +241,18 @@ fi
 
 if [ "$gdb" = 1 ]; then
     qemu+=(-s -S)
+    # Both symbol files: the VMM's and the guest's (their own names do not collide, and their
+    # addresses do not overlap: the VMM lives in the top 2 GiB, slot 511).
+    gdb_command="gdb -q $symbols"
+    # (add-symbol-file asks "(y or n)" unless confirmations are off.)
+    [ "$native" = 1 ] \
+        || gdb_command+=" -ex 'set confirm off' -ex 'add-symbol-file $guest' -ex 'set confirm on'"
     echo "run-qemu.sh: QEMU waits for gdb on localhost:1234; in another terminal run:" >&2
-    echo "    gdb $symbols -ex 'target remote localhost:1234'" >&2
-    [ "$native" = 1 ] || echo "    (guest symbols: add-symbol-file $guest)" >&2
+    echo "    $gdb_command -ex 'target remote localhost:1234'" >&2
+    if [ "$timeout_given" = 0 ]; then
+        echo "run-qemu.sh: no timeout while debugging (--timeout S sets one)" >&2
+        timeout_s=0     # timeout(1): a duration of 0 disables it
+    fi
 fi
 
 set +e

@@ -48,7 +48,7 @@ const CMDLINE_MAX: usize = 512;
 
 /// Called by `guest_entry` (e_entry) on kinit's stack with RDI = the BootInfo.
 #[no_mangle]
-extern "C" fn kernel_main(info: *const BootInfo) -> ! {
+extern "C" fn guest_main(info: *const BootInfo) -> ! {
     serial::init();
     // SAFETY: the entry contract puts an identity-mapped BootInfo at RDI.
     let info = unsafe { info.read() };

@@ -113,7 +113,7 @@ fn kernel_stack_top(slot: usize) -> u64 {
 
 extern "C" {
     fn switch_context(save: *mut u64, next_rsp: u64);
-    fn trap_return();
+    fn guest_trap_return();
 }
 
 /// Timer ticks since the timer started.
@@ -337,8 +337,8 @@ pub fn spawn(program: u64, arg: u64) -> Result<u64, SpawnError> {
         }
     };
 
-    // The first kernel stack: a TrapFrame that `trap_return` turns into an `iretq` to the
-    // program's entry at CPL 3 (RDI = arg), below it the return address into trap_return and
+    // The first kernel stack: a TrapFrame that `guest_trap_return` turns into an `iretq` to the
+    // program's entry at CPL 3 (RDI = arg), below it the return address into guest_trap_return and
     // the six callee-saved registers switch_context pops.
     let top = kernel_stack_top(slot);
     let frame_at = top - size_of::<TrapFrame>() as u64;
@@ -358,7 +358,7 @@ pub fn spawn(program: u64, arg: u64) -> Result<u64, SpawnError> {
     // SAFETY: the TrapFrame occupies [frame_at, top), the top of that stack.
     unsafe { (frame_at as *mut TrapFrame).write(frame) };
     // SAFETY: the word just below the frame, still inside the stack.
-    unsafe { ((frame_at - 8) as *mut u64).write(trap_return as *const () as u64) };
+    unsafe { ((frame_at - 8) as *mut u64).write(guest_trap_return as *const () as u64) };
     // SAFETY: the six words below that, [saved_rsp, frame_at - 8), still inside the stack.
     unsafe { core::ptr::write_bytes(saved_rsp as *mut u64, 0, 6) };
     TABLE.with(|t| {

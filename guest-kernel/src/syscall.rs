@@ -57,8 +57,8 @@ pub fn count(path: Path) -> u64 {
 }
 
 extern "C" {
-    fn syscall_entry();
-    fn sysenter_entry();
+    fn guest_syscall_entry();
+    fn guest_sysenter_entry();
 }
 
 /// RFLAGS bits SYSCALL clears: TF, IF, DF, NT, AC.
@@ -87,8 +87,8 @@ pub fn init() {
             (layout.sysret_base as u64) << 48 | (layout.kernel_code as u64) << 32,
         )
     };
-    // SAFETY: SYSCALL's entry is the `syscall_entry` stub.
-    unsafe { arch::wrmsr(msr::LSTAR, syscall_entry as *const () as u64) };
+    // SAFETY: SYSCALL's entry is the `guest_syscall_entry` stub.
+    unsafe { arch::wrmsr(msr::LSTAR, guest_syscall_entry as *const () as u64) };
     // SAFETY: SYSCALL clears TF, IF, DF, NT and AC, so the stub starts with interrupts off.
     unsafe { arch::wrmsr(msr::FMASK, FMASK) };
     // SAFETY: sets only SCE (SYSCALL/SYSRET enable), with LSTAR, STAR and FMASK now set; the
@@ -96,9 +96,9 @@ pub fn init() {
     unsafe { arch::wrmsr(msr::EFER, arch::rdmsr(msr::EFER) | msr::EFER_SCE) };
     // SAFETY: the layout's SYSENTER code selector (see above).
     unsafe { arch::wrmsr(msr::SYSENTER_CS, layout.sysenter_cs as u64) };
-    // SAFETY: SYSENTER's entry is the `sysenter_entry` stub (SYSENTER_ESP is set per process by
+    // SAFETY: SYSENTER's entry is the `guest_sysenter_entry` stub (SYSENTER_ESP is set per process by
     // `set_kernel_stack` before any user code runs).
-    unsafe { arch::wrmsr(msr::SYSENTER_EIP, sysenter_entry as *const () as u64) };
+    unsafe { arch::wrmsr(msr::SYSENTER_EIP, guest_sysenter_entry as *const () as u64) };
 }
 
 /// Points SYSCALL (per-CPU block) and SYSENTER (IA32_SYSENTER_ESP) at a process's kernel stack.

@@ -133,7 +133,7 @@ pub fn init() {
         limit: (256 * 16 - 1) as u16,
         base: IDT.0.get() as u64,
     };
-    // SAFETY: every gate points at a stub that saves the frame and calls trap_dispatch.
+    // SAFETY: every gate points at a stub that saves the frame and calls guest_trap_dispatch.
     unsafe { arch::lidt(&idtr) };
 }
 
@@ -170,7 +170,7 @@ fn fixup_for(rip: u64) -> Option<u64> {
 
 /// Called by every interrupt-gate stub with the saved frame.
 #[no_mangle]
-extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
+extern "C" fn guest_trap_dispatch(frame: &mut TrapFrame) {
     let vector = frame.vector;
     COUNTS[vector as usize & 0xFF].fetch_add(1, Ordering::Relaxed);
     match vector {

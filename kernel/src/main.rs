@@ -39,7 +39,7 @@ core::arch::global_asm!(include_str!("asm/fixups.S"), options(att_syntax));
 /// The Rust entry point, called by `boot64_continue` on the higher-half kernel stack with the
 /// physical address of the Multiboot information.
 #[no_mangle]
-extern "C" fn kernel_main(multiboot_info: u64) -> ! {
+extern "C" fn host_main(multiboot_info: u64) -> ! {
     serial::init();
     log::info!(
         "trap-and-emulate VMM host kernel {}",

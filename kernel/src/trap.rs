@@ -295,11 +295,12 @@ pub unsafe fn copy_or_fault(dst: *mut u8, src: *const u8, len: usize) -> bool {
 fn in_sysenter_entry(rip: u64) -> bool {
     extern "C" {
         static sysenter_entry: u8;
-        static sysenter_entry_end: u8;
+        static sysenter_entry_len: u64;
     }
     let start = core::ptr::addr_of!(sysenter_entry) as u64;
-    let end = core::ptr::addr_of!(sysenter_entry_end) as u64;
-    (start..end).contains(&rip)
+    // SAFETY: a constant quadword in .rodata (asm/trap_entry.S).
+    let len = unsafe { core::ptr::addr_of!(sysenter_entry_len).read() };
+    (start..start + len).contains(&rip)
 }
 
 /// RDMSR that returns `None` instead of faulting when the MSR does not exist.

@@ -7,14 +7,14 @@
 /*
  * e_entry: the one entry both the native path and the VMM's loader use. It relies on the
  * contract only: RDI = BootInfo, interrupts off, long mode. It moves to the kernel's own stack (so
- * that the boot area may be anywhere) and calls kernel_main(boot_info).
+ * that the boot area may be anywhere) and calls guest_main(boot_info).
  */
 .section .text.guest_entry, "ax"
 .global guest_entry
 guest_entry:
     lea kinit_stack_top(%rip), %rsp
     xor %ebp, %ebp
-    call kernel_main
+    call guest_main
     ud2
 
 /*

@@ -64,20 +64,20 @@ trap_vectors:
     pushq $0
     .endif
     pushq $vec
-    jmp trap_common
+    jmp guest_trap_common
     .set vec, vec + 1
 .endr
 
-trap_common:
+guest_trap_common:
     testb $3, 24(%rsp)          /* CS of the interrupted code: from Ring 3? */
     jz 1f
     swapgs
 1:  PUSH_GPRS
     cld
     mov %rsp, %rdi
-    call trap_dispatch
-.global trap_return
-trap_return:
+    call guest_trap_dispatch
+.global guest_trap_return
+guest_trap_return:
     POP_GPRS
     add $16, %rsp               /* vector and error code */
     testb $3, 8(%rsp)           /* CS of the code returned to: Ring 3? */
@@ -88,8 +88,8 @@ trap_return:
 /* SYSCALL (SDM vol. 2B "SYSCALL"): RCX = return RIP, R11 = RFLAGS, RSP still the user's, IF
  * cleared by IA32_FMASK. Build a TrapFrame on the kernel stack named in the per-CPU block and
  * leave with SYSRETQ. */
-.global syscall_entry
-syscall_entry:
+.global guest_syscall_entry
+guest_syscall_entry:
     swapgs
     mov %rsp, %gs:8
     mov %gs:16, %rsp
@@ -118,8 +118,8 @@ syscall_entry:
  * In a layout where SYSEXIT cannot produce the user code selector (gdt=low: it would need
  * SYSENTER_CS = 0), gdt_sysenter_ret_iretq is set and the same frame is left with iretq: the
  * registers are then exactly what SYSEXIT would leave (RCX = RSP, RDX = RIP, RFLAGS 0x202). */
-.global sysenter_entry
-sysenter_entry:
+.global guest_sysenter_entry
+guest_sysenter_entry:
     swapgs
     pushq gdt_sel_sysenter_ret_ss(%rip) /* (SYSENTER_CS + 40) | 3, or user data for iretq */
     pushq %rcx
@@ -146,7 +146,7 @@ sysenter_entry:
 
 /* switch_context(save: *mut u64, next_rsp: u64): save the callee-saved registers on this kernel
  * stack, store RSP in *save, and continue on the other stack where it last called this (or, for a
- * new process, at trap_return with its first TrapFrame above). */
+ * new process, at guest_trap_return with its first TrapFrame above). */
 .global switch_context
 switch_context:
     pushq %rbp

@@ -16,6 +16,8 @@
  * (`kernel/src/vmm/cli_sti_stub.rs`) reads these back into the vCPU at every trap and writes them at
  * every exit, and counts what happened here.
  */
+/* Global, as trap_common is, so that a debugger can break here and names the address so. */
+.global cli_sti_stub
 cli_sti_stub:
     /* [rsp] vector, 8 error code, 16 RIP, 24 CS, 32 RFLAGS, 40 RSP, 48 SS */
     testb $3, 24(%rsp)

@@ -1,14 +1,14 @@
 /*
  * The host-specific end of the boot trampoline (boot/src/multiboot32.S jumps here in long mode,
  * still on the identity-mapped boot stack): switch to the higher-half kernel stack and call
- * `kernel_main(multiboot_info_phys)`, which never returns.
+ * `host_main(multiboot_info_phys)`, which never returns.
  */
 .section .boot.text, "ax"
 .code64
 .global boot64_continue
 boot64_continue:
     movabs $kernel_stack_top, %rsp
-    movabs $kernel_main, %rax
+    movabs $host_main, %rax
     call *%rax
 1:  hlt
     jmp 1b

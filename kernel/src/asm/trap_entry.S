@@ -37,9 +37,9 @@ trap_stubs:
     .endif
     .set trap_vector, trap_vector + 1
 .endr
-.global trap_stubs_end
-trap_stubs_end:
 
+/* Global, as cli_sti_stub is, so that a debugger can break here and names the address so. */
+.global trap_common
 trap_common:
     pushq %rax
     pushq %rbx
@@ -144,8 +144,15 @@ sysenter_entry:
     pushq $0
     pushq $257
     jmp trap_common
-.global sysenter_entry_end
-sysenter_entry_end:
+/* The stub's length, for `in_sysenter_entry` (kernel/src/trap.rs); a length, not an end label,
+ * so that no symbol shares its address with the code after it (a debugger would show that one). */
+.Lsysenter_entry_end:
+.section .rodata
+.balign 8
+.global sysenter_entry_len
+sysenter_entry_len:
+    .quad .Lsysenter_entry_end - sysenter_entry
+.section .text
 
 .section .bss
 .balign 16

@@ -134,7 +134,7 @@ impl Page {
     }
 }
 
-/// The registers a trap saved, as `trap_common` pushed them, then the vector, the error code (0
+/// The registers a trap saved, as `guest_trap_common` pushed them, then the vector, the error code (0
 /// when the CPU pushes none) and the CPU's own frame. Writing to it changes where and how the
 /// `iretq` resumes.
 #[repr(C)]
@@ -189,8 +189,8 @@ core::arch::global_asm!(
     r#"
 .section .text
 .balign 16
-.global trap_stubs
-trap_stubs:
+.global guest_trap_stubs
+guest_trap_stubs:
 .set trap_vector, 0
 .rept 256
     .balign 16
@@ -199,10 +199,10 @@ trap_stubs:
     pushq $0
     .endif
     pushq $trap_vector
-    jmp trap_common
+    jmp guest_trap_common
     .set trap_vector, trap_vector + 1
 .endr
-trap_common:
+guest_trap_common:
     push %rax
     push %rbx
     push %rcx
@@ -289,9 +289,9 @@ static mut IDT: Idt = Idt([0; 512]);
 /// code selector, DPL and IST index.
 pub fn set_gate(vector: u8, selector: u16, dpl: u64, ist: u64) {
     extern "C" {
-        static trap_stubs: u8;
+        static guest_trap_stubs: u8;
     }
-    let h = core::ptr::addr_of!(trap_stubs) as u64 + 16 * u64::from(vector);
+    let h = core::ptr::addr_of!(guest_trap_stubs) as u64 + 16 * u64::from(vector);
     let v = usize::from(vector);
     let idt = core::ptr::addr_of_mut!(IDT);
     // SAFETY: single-threaded guest; the table is only read by the CPU.

@@ -64,13 +64,13 @@ user_sysenter_insn:
     sysenter
     ud2
 .section .text
-.global syscall_entry
-syscall_entry:
+.global guest_syscall_entry
+guest_syscall_entry:
     lea rsp, [rip + ENTRY_STACK + 8192]
     call after_syscall
     ud2
-.global sysenter_entry
-sysenter_entry:
+.global guest_sysenter_entry
+guest_sysenter_entry:
     lea rsp, [rip + ENTRY_STACK + 8192]
     call after_sysenter
     ud2
@@ -82,8 +82,8 @@ extern "C" {
     fn user_sysenter();
     static user_syscall_insn: u8;
     static user_sysenter_insn: u8;
-    fn syscall_entry();
-    fn sysenter_entry();
+    fn guest_syscall_entry();
+    fn guest_sysenter_entry();
 }
 
 fn handler(frame: &mut Frame) {
@@ -140,7 +140,7 @@ extern "C" fn after_syscall() -> ! {
     let ok = check(
         "syscall",
         core::ptr::addr_of!(user_syscall_insn) as u64,
-        syscall_entry as *const () as u64,
+        guest_syscall_entry as *const () as u64,
     );
     // SAFETY: single-threaded guest.
     unsafe { SYSCALL_OK = ok };
@@ -152,7 +152,7 @@ extern "C" fn after_sysenter() -> ! {
     let ok = check(
         "sysenter",
         core::ptr::addr_of!(user_sysenter_insn) as u64,
-        sysenter_entry as *const () as u64,
+        guest_sysenter_entry as *const () as u64,
     );
     // SAFETY: single-threaded guest.
     let both = ok && unsafe { SYSCALL_OK };
@@ -172,14 +172,14 @@ extern "C" fn _start() -> ! {
     LAYOUT.load(core::ptr::addr_of!(RSP0_STACK) as u64 + 8192, handler);
     wrmsr(0xC000_0080, rdmsr(0xC000_0080) | 1); // EFER.SCE
     wrmsr(0xC000_0081, (0x23u64 << 48) | (u64::from(KCS) << 32)); // STAR
-    wrmsr(0xC000_0082, syscall_entry as *const () as u64); // LSTAR
+    wrmsr(0xC000_0082, guest_syscall_entry as *const () as u64); // LSTAR
     wrmsr(0xC000_0084, 0); // FMASK: TF stays set
     wrmsr(0x174, u64::from(KCS)); // SYSENTER_CS
     wrmsr(0x175, core::ptr::addr_of!(ENTRY_STACK) as u64 + 8192); // SYSENTER_ESP
-    wrmsr(0x176, sysenter_entry as *const () as u64); // SYSENTER_EIP
+    wrmsr(0x176, guest_sysenter_entry as *const () as u64); // SYSENTER_EIP
     println(format_args!(
         "tf-syscall-sysenter: LSTAR={:#x} SYSENTER_EIP={:#x}, user CS {UCS:#x}, kernel CS {KCS:#x}",
-        syscall_entry as *const () as u64, sysenter_entry as *const () as u64
+        guest_syscall_entry as *const () as u64, guest_sysenter_entry as *const () as u64
     ));
     enter_user(user_syscall as *const () as u64)
 }
