@@ -6,6 +6,7 @@
 #   ./run-qemu.sh -- bench        words after -- are the guest's own command line
 #   ./run-qemu.sh --bench         the trap-cost experiment (bench/run.sh): CSV, table, chart
 #   ./run-qemu.sh --lab N         grade teaching lab N (src/bin/grade.rs, docs/labs/README.md)
+#   ./run-qemu.sh --iso           target/trapvmm.iso (GRUB, the VMM, the guest), booted from CD
 #
 # Exit status: 0 guest success, 1 guest failure, 3 host panic, 4 guest stopped by the VMM,
 # 2 anything else (bad usage, configuration error, timeout, QEMU failure).
@@ -60,6 +61,12 @@ options:
                      keeps --mem's size; a note says so); debug=panic is a test hook: the
                      host panics on purpose right after reading its command line, to
                      exercise the panic path (exit status 3)
+  --iso              write target/trapvmm.iso, a BIOS-bootable CD image: GRUB boots the VMM
+                     with the guest (--guest) as its Multiboot module and the host command line
+                     this run would use (mem=32 by default; --mem, --trace, --append and the
+                     guest words go into the GRUB entry), then boot it in QEMU from the CD.
+                     Needs grub-mkrescue (Debian: grub-pc-bin, xorriso, mtools; installed with
+                     apt-get when missing and run as root). The VMM prints on COM1 only
   --no-build         do not run cargo build first (the tests build once, then use this)
   --lab N            grade teaching lab N: build the VMM with your code (labs/labN_*.rs),
                      run the lab's checks, print one line per check and a score; exit status
@@ -78,7 +85,7 @@ die_usage() {
     exit 2
 }
 
-native=0 bench=0 trap_cost=700 guest="" kernel="" mem=32 icount=0 gdb=0 debug_build=0 trace=0 trace_kinds="" timeout_s=120 timeout_given=0 append="" build=1
+native=0 iso=0 bench=0 trap_cost=700 guest="" kernel="" mem=32 icount=0 gdb=0 debug_build=0 trace=0 trace_kinds="" timeout_s=120 timeout_given=0 append="" build=1
 lab="" reference=0 other_options=0
 guest_words=()
 while [ $# -gt 0 ]; do
@@ -89,6 +96,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --help|-h) usage; exit 0 ;;
         --native) native=1 ;;
+        --iso) iso=1 ;;
         --bench) bench=1 ;;
         --trap-cost) [ $# -ge 2 ] || die_usage "--trap-cost needs a number"; trap_cost=$2; shift ;;
         --guest) [ $# -ge 2 ] || die_usage "--guest needs a path"; guest=$2; shift ;;
@@ -132,6 +140,12 @@ if [ "$debug_build" = 1 ]; then
     TARGET_DIR="$ROOT/target/qemu-debug"
     BIN_DIR="$TARGET_DIR/$TARGET/$PROFILE"
 fi
+if [ "$iso" = 1 ]; then
+    [ "$native" = 0 ] || die_usage "--iso holds the VMM; --native boots the guest with no VMM"
+    [ "$bench" = 0 ] || die_usage "--iso and --bench are separate runs"
+    # icount=on would label the costs as instructions on every machine the ISO boots.
+    [ "$icount" = 0 ] || die_usage "--icount is a QEMU setting; the ISO boots on machines without it"
+fi
 if [ "$bench" = 1 ]; then
     exec "$ROOT/bench/run.sh" --trap-cost "$trap_cost" "${guest_words[@]}"
 fi
@@ -151,16 +165,37 @@ if [ "$native" = 1 ] && { [ "$trace" = 1 ] || [ -n "$append" ]; }; then
     die_usage "--trace and --append configure the VMM; --native runs the guest with no VMM"
 fi
 
-if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
+# apt_install WHAT PACKAGE...: WHAT is missing; install the Debian packages with apt-get when
+# run as root, otherwise say how and exit 2.
+apt_install() {
+    local what=$1
+    shift
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "run-qemu.sh: qemu-system-x86_64 is missing; installing qemu-system-x86 with apt-get" >&2
-        apt-get update -qq >&2
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-system-x86 >&2
+        echo "run-qemu.sh: $what is missing; installing $* with apt-get" >&2
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"; } >&2 \
+            || { echo "run-qemu.sh: apt-get could not install $*" >&2; exit 2; }
     else
-        echo "run-qemu.sh: qemu-system-x86_64 is missing; install it with:" >&2
-        echo "    sudo apt-get install -y qemu-system-x86" >&2
+        echo "run-qemu.sh: $what is missing; install it with:" >&2
+        echo "    sudo apt-get install -y $*" >&2
         exit 2
     fi
+}
+
+if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
+    apt_install qemu-system-x86_64 qemu-system-x86
+fi
+
+# grub-mkrescue (grub-common) makes the ISO from GRUB's BIOS modules (grub-pc-bin) with xorriso;
+# mtools' mformat writes the image's FAT part.
+GRUB_BIOS_DIR=/usr/lib/grub/i386-pc
+iso_tools_present() {
+    command -v grub-mkrescue >/dev/null 2>&1 && [ -f "$GRUB_BIOS_DIR/cdboot.img" ] \
+        && command -v xorriso >/dev/null 2>&1 && command -v mformat >/dev/null 2>&1
+}
+if [ "$iso" = 1 ] && ! iso_tools_present; then
+    apt_install "grub-mkrescue with GRUB's BIOS modules" grub-pc-bin xorriso mtools
+    iso_tools_present \
+        || { echo "run-qemu.sh: grub-mkrescue, $GRUB_BIOS_DIR, xorriso or mformat still missing" >&2; exit 2; }
 fi
 
 if [ "$build" = 1 ]; then
@@ -175,6 +210,41 @@ if [ "$build" = 1 ]; then
     (cd "$ROOT" && cargo build --quiet --profile "$PROFILE" --target "$TARGET" --target-dir "$TARGET_DIR" \
         -p kernel -p guest-kernel -p test-guests) || { echo "run-qemu.sh: build failed" >&2; exit 2; }
 fi
+
+# grub_quote WORD: WORD as one single-quoted word of a GRUB script (sh rules: ' becomes '\'').
+grub_quote() {
+    local q="'\\''"
+    printf "'%s'" "${1//\'/$q}"
+}
+
+# make_iso ISO KERNEL GUEST CMDLINE: a BIOS-bootable CD image whose GRUB boots KERNEL (the VMM)
+# by Multiboot with CMDLINE and GUEST as its module, as QEMU's -kernel/-append/-initrd do.
+make_iso() {
+    local iso=$1 kernel=$2 guest=$3 cmdline=$4 dir name word args="" log
+    local -a words
+    dir=$(mktemp -d)
+    mkdir -p "$dir/boot/grub"
+    cp "$kernel" "$dir/boot/trapvmm"
+    name=$(basename "$guest")
+    cp "$guest" "$dir/boot/$name"
+    read -ra words <<<"$cmdline"
+    for word in "${words[@]}"; do args+=" $(grub_quote "$word")"; done
+    cat >"$dir/boot/grub/grub.cfg" <<GRUB_CFG
+# Written by run-qemu.sh --iso. The words after the kernel's path are the host command line
+# (GRUB 2 passes them without the path); the module is the guest, named by its string, as
+# QEMU's -initrd names it. The VMM prints on COM1 only.
+set timeout=2
+menuentry $(grub_quote "trapvmm: the trap-and-emulate VMM running $name") {
+    multiboot /boot/trapvmm$args
+    module $(grub_quote "/boot/$name") $(grub_quote "/boot/$name")
+}
+GRUB_CFG
+    log=$(grub-mkrescue -o "$iso.tmp" "$dir" 2>&1) \
+        || { echo "run-qemu.sh: grub-mkrescue failed:" >&2; echo "$log" >&2; rm -rf "$dir"; exit 2; }
+    rm -rf "$dir"
+    mv "$iso.tmp" "$iso"
+    echo "run-qemu.sh: wrote $iso (GRUB entry: multiboot /boot/trapvmm$args)" >&2
+}
 
 [ -n "$kernel" ] || kernel="$BIN_DIR/kernel"
 guest_kernel="$BIN_DIR/guest-kernel"
@@ -230,11 +300,17 @@ else
     host_cmdline=${host_cmdline# }
     [ ${#guest_words[@]} -gt 0 ] && host_cmdline+=" -- ${guest_words[*]}"
     # QEMU RAM: the guest's plus room for the host kernel, shadow page tables and heap.
-    qemu+=(-m "$((mem + 96))" -kernel "$kernel" -append "$host_cmdline")
-    if [ -f "$guest" ]; then
-        # QEMU splits -initrd at commas: a path with a comma cannot be a module.
-        [[ "$guest" != *,* ]] || die_usage "--guest: the path must not contain a comma"
-        qemu+=(-initrd "$guest")
+    qemu+=(-m "$((mem + 96))")
+    if [ "$iso" = 1 ]; then
+        make_iso "$ROOT/target/trapvmm.iso" "$kernel" "$guest" "$host_cmdline"
+        qemu+=(-cdrom "$ROOT/target/trapvmm.iso")
+    else
+        qemu+=(-kernel "$kernel" -append "$host_cmdline")
+        if [ -f "$guest" ]; then
+            # QEMU splits -initrd at commas: a path with a comma cannot be a module.
+            [[ "$guest" != *,* ]] || die_usage "--guest: the path must not contain a comma"
+            qemu+=(-initrd "$guest")
+        fi
     fi
     symbols="$kernel"
 fi

@@ -179,15 +179,18 @@ fn parse_in_range<'a>(
 }
 
 impl<'a> HostConfig<'a> {
-    /// Parses the host command line. Multiboot loaders (QEMU, GRUB) put the kernel's own path
-    /// first; pass `skip_image_path = true` to drop that first word.
+    /// Parses the host command line. A Multiboot command line may start with the kernel's own
+    /// path: QEMU's loader (and GRUB Legacy) put it first, GRUB 2 does not. With
+    /// `skip_image_path = true` a first word that is a path (it starts with `/` or is not
+    /// `key=value`) is dropped; any later word must be `key=value`.
     pub fn parse(cmdline: &'a str, skip_image_path: bool) -> Result<Self, ConfigError<'a>> {
         let mut config = Self::default();
         let (host_part, guest_part) = split_guest_words(cmdline);
         config.guest_cmdline = guest_part;
-        let mut words = host_part.split_ascii_whitespace();
+        let mut words = host_part.split_ascii_whitespace().peekable();
         if skip_image_path {
-            words.next();
+            // The image path names the kernel and configures nothing.
+            let _ = words.next_if(|w| w.starts_with('/') || !w.contains('='));
         }
         let mut trace_limit = None;
         for word in words {
@@ -286,6 +289,29 @@ mod tests {
             RunMode::Guest,
             "the VMM runs its guest unless told otherwise"
         );
+    }
+
+    #[test]
+    fn only_a_path_is_skipped_as_the_image_path() {
+        // GRUB 2 passes the options alone: the first one is not a path and counts.
+        let c = HostConfig::parse("mem=64 timer_hz=250 -- bench", true).unwrap();
+        assert_eq!((c.guest_mem_mib, c.timer_hz), (64, 250));
+        assert_eq!(c.guest_cmdline, "bench");
+        // QEMU's path may hold a '=': a leading '/' still makes it the path.
+        let c = HostConfig::parse("/a=b/kernel mem=64", true).unwrap();
+        assert_eq!(c.guest_mem_mib, 64);
+        // Only the first word can be the path.
+        assert_eq!(
+            HostConfig::parse("/boot/trapvmm mem=64 /boot/trapvmm", true),
+            Err(ConfigError::NotKeyValue("/boot/trapvmm"))
+        );
+        // Without skip_image_path nothing is dropped.
+        assert_eq!(
+            HostConfig::parse("kernel mem=64", false),
+            Err(ConfigError::NotKeyValue("kernel"))
+        );
+        let c = HostConfig::parse("/boot/trapvmm", true).unwrap();
+        assert_eq!(c, HostConfig::default());
     }
 
     #[test]
