@@ -264,7 +264,7 @@ if [ "$native" = 1 ]; then
     # first 8 KiB; without one it fails with a raw "PVH ELF Note" error, so say what is wrong.
     if ! head -c 8192 "$guest" | od -An -tx1 -v | tr -d ' \n' | grep -q "02b0ad1b"; then
         echo "run-qemu.sh: '$guest' has no Multiboot 1 header in its first 8 KiB, so it cannot boot natively" >&2
-        echo "    (docs/guest-contract.md, \"The image\"; under the VMM, without --native, it needs none)" >&2
+        echo "    (docs/writing-a-guest.md, \"The image\"; under the VMM, without --native, it needs none)" >&2
         exit 2
     fi
     # The firmware (SeaBIOS) keeps the top 132 KiB of RAM for its tables and the Multiboot

@@ -78,6 +78,12 @@ macro_rules! lab {
 }
 
 lab!(
+    1,
+    lab1_the_reference_passes_its_grader,
+    lab1_the_skeleton_fails_its_grader
+);
+
+lab!(
     2,
     lab2_the_reference_passes_its_grader,
     lab2_the_skeleton_fails_its_grader

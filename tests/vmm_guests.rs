@@ -86,6 +86,30 @@ fn a_guest_that_says_hello_through_the_virtual_uart_exits_with_its_own_code() {
 }
 
 #[test]
+fn the_guest_template_runs_under_the_vmm_and_natively() {
+    let expected = [
+        "[guest] template: 32 MiB of RAM, command line 'a b'",
+        "[guest] template: hello; the VMM's range starts at 0xffffff8000000000",
+    ];
+    for run in [
+        boot(&["--guest", &test_guest("template"), "--", "a", "b"]),
+        boot(&[
+            "--native",
+            "--guest",
+            &test_guest("template"),
+            "--",
+            "a",
+            "b",
+        ]),
+    ] {
+        run.expect_status(0);
+        for line in expected {
+            run.expect_line(line);
+        }
+    }
+}
+
+#[test]
 fn a_triple_fault_stops_the_guest() {
     let run = hostile(
         "triple-fault",

@@ -26,7 +26,7 @@ pub struct PagingMode {
 }
 
 impl PagingMode {
-    /// The guest entry state of docs/guest-contract.md (CR0.WP = 1, EFER.NXE = 1, CR4.PGE = 0)
+    /// The guest entry state of docs/writing-a-guest.md (CR0.WP = 1, EFER.NXE = 1, CR4.PGE = 0)
     /// with MAXPHYADDR 40, QEMU's default for its TCG CPUs.
     pub const ENTRY: PagingMode = PagingMode {
         cr0_wp: true,

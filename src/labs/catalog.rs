@@ -1,11 +1,106 @@
 //! The labs and what each one checks: the rubric. To add a lab, add an entry here, its student
 //! file under `labs/`, its swap points and its document (docs/labs/README.md, "Adding a lab").
 
-use super::{exited_with, printed, Boot, HostTests, Image, Lab};
+use super::{exited_with, printed, Boot, BootCheck, HostTests, Image, Lab};
 use crate::Run;
 
 /// Every lab, by number.
-pub const LABS: &[Lab] = &[LAB2];
+pub const LABS: &[Lab] = &[LAB1, LAB2];
+
+/// Lab 1: your first guest.
+const LAB1: Lab = Lab {
+    number: 1,
+    title: "your first guest",
+    doc: "docs/labs/lab1-first-guest.md",
+    student_file: "labs/lab1_first_guest.rs",
+    build: &["-p", "test-guests", "--features", "test-guests/lab1"],
+    kernel: Image::Normal("kernel"),
+    host_tests: None,
+    boots: &[Boot {
+        guest: Image::Graded {
+            student: "lab1-first-guest",
+            reference: "lab1-reference",
+        },
+        args: &["--trace=insn,cr3,pf"],
+        timeout_s: 30,
+        checks: &[
+            BootCheck {
+                name: "it exits with success",
+                expect: |run| exited_with(run, 0),
+            },
+            BootCheck {
+                name: "it prints CR0, CR3 and CR4 as the entry contract sets them",
+                expect: |run| printed(run, &["lab1: cr0=0x80010033 cr3=0x16000 cr4=0x20"]),
+            },
+            BootCheck {
+                name: "MOV from CR0, CR3 and CR4 trapped and were emulated",
+                expect: |run| {
+                    traced(
+                        run,
+                        &[",cr0 -> emulated", ",cr3 -> emulated", ",cr4 -> emulated"],
+                    )
+                },
+            },
+            BootCheck {
+                name: "RDMSR trapped and read the virtual IA32_EFER",
+                expect: |run| {
+                    traced(run, &["rdmsr -> emulated"])?;
+                    printed(run, &["lab1: efer=0xd00"])
+                },
+            },
+            BootCheck {
+                name: "MOV to CR3 trapped: the shadow root switch",
+                expect: |run| {
+                    traced(run, &["mov cr3,"])?;
+                    printed(run, &["lab1: cr3 reloaded"])
+                },
+            },
+            BootCheck {
+                name: "CLI and STI trapped into the CLI/STI stub (not traced)",
+                expect: lab1_cli_sti,
+            },
+            BootCheck {
+                name: "the #PF at 0x40000000 was reflected to its handler",
+                expect: |run| {
+                    traced(run, &["cr2=0x40000000 -> #PF reflected"])?;
+                    printed(run, &["lab1: page fault at 0x40000000 error=0x0"])
+                },
+            },
+        ],
+    }],
+};
+
+/// `Ok` when some `--trace` line contains each of `needles`.
+fn traced(run: &Run, needles: &[&str]) -> Result<(), String> {
+    match needles.iter().find(|n| {
+        !run.lines()
+            .any(|l| l.starts_with("[vmm] trace: ") && l.contains(*n))
+    }) {
+        None => Ok(()),
+        Some(missing) => Err(format!("no trace line says '{missing}'")),
+    }
+}
+
+/// The exit report counts the CLIs and STIs the CLI/STI stub handled: at least one of each.
+fn lab1_cli_sti(run: &Run) -> Result<(), String> {
+    printed(run, &["lab1: interrupts off and on"])?;
+    let stub = run
+        .lines()
+        .find_map(|l| l.split_once("CLI/STI stub (not in the tables): "))
+        .map(|(_, counts)| counts)
+        .ok_or("no CLI/STI stub line in the exit report")?;
+    let count = |name: &str| {
+        stub.split(", ")
+            .find_map(|part| part.strip_prefix(name))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    if count("CLI ") >= 1 && count("STI ") >= 1 {
+        Ok(())
+    } else {
+        Err(format!("the stub saw {stub}"))
+    }
+}
 
 /// The host kernel built with the student's code (`target/lab`), or the normal one.
 const GRADED_KERNEL: Image = Image::Graded {
@@ -45,32 +140,40 @@ const LAB2: Lab = Lab {
     }),
     boots: &[
         Boot {
-            name: "cli-hlt: after CLI the guest cannot be woken",
             guest: Image::Normal("cli-hlt"),
             args: &[],
             timeout_s: 30,
-            expect: lab2_cli_hlt,
+            checks: &[BootCheck {
+                name: "after CLI the guest cannot be woken",
+                expect: lab2_cli_hlt,
+            }],
         },
         Boot {
-            name: "pushf-after-sti: STI's shadow and PUSHF's image",
             guest: Image::Normal("pushf-after-sti"),
             args: &[],
             timeout_s: 30,
-            expect: lab2_pushf_after_sti,
+            checks: &[BootCheck {
+                name: "STI's shadow and PUSHF's image",
+                expect: lab2_pushf_after_sti,
+            }],
         },
         Boot {
-            name: "user-mode-low-selectors: CLI in user mode is #GP(0)",
             guest: Image::Normal("user-mode-low-selectors"),
             args: &[],
             timeout_s: 30,
-            expect: lab2_user_mode,
+            checks: &[BootCheck {
+                name: "CLI in user mode is #GP(0)",
+                expect: lab2_user_mode,
+            }],
         },
         Boot {
-            name: "guest-kernel: the self-test",
             guest: Image::Normal("guest-kernel"),
             args: &[],
             timeout_s: 120,
-            expect: lab2_selftest,
+            checks: &[BootCheck {
+                name: "the self-test",
+                expect: lab2_selftest,
+            }],
         },
     ],
 };

@@ -79,16 +79,32 @@ pub struct HostTests {
 /// One QEMU boot and what it must show.
 #[derive(Debug)]
 pub struct Boot {
-    /// The check's name.
-    pub name: &'static str,
     /// The guest image.
     pub guest: Image,
-    /// More run-qemu.sh arguments (`--append ...`, `-- guest words`).
+    /// More run-qemu.sh arguments (`--trace=...`, `--append ...`, `-- guest words`).
     pub args: &'static [&'static str],
     /// Seconds before QEMU is stopped.
     pub timeout_s: u32,
+    /// What the run must show, each one check.
+    pub checks: &'static [BootCheck],
+}
+
+/// One thing a boot must show.
+#[derive(Debug)]
+pub struct BootCheck {
+    /// The check's name.
+    pub name: &'static str,
     /// Reads the run: `Err` says what is wrong.
     pub expect: fn(&Run) -> Result<(), String>,
+}
+
+impl Image {
+    /// Its name in the check lines (the student's name of a graded image).
+    fn name(self) -> &'static str {
+        match self {
+            Image::Normal(name) | Image::Graded { student: name, .. } => name,
+        }
+    }
 }
 
 /// Whose code is graded.
@@ -195,12 +211,18 @@ pub fn grade(lab: &Lab, code: Code, progress: &mut dyn FnMut(&Check)) -> Report 
         }
     }
     for boot in lab.boots {
-        let name = format!("boot: {}", boot.name);
-        let result = match &images {
+        let run = match &images {
             Ok(images) => run_boot(boot, images),
             Err(_) => Err("not run: the build failed".to_string()),
         };
-        done(Check::new(name, result), &mut checks);
+        for check in boot.checks {
+            let name = format!("boot {}: {}", boot.guest.name(), check.name);
+            let result = match &run {
+                Ok(run) => (check.expect)(run),
+                Err(why) => Err(why.clone()),
+            };
+            done(Check::new(name, result), &mut checks);
+        }
     }
     Report { checks }
 }
@@ -420,8 +442,8 @@ fn shorten(text: &str, max: usize) -> String {
     }
 }
 
-/// Boots the lab's kernel with the boot's guest through run-qemu.sh and reads the run.
-fn run_boot(boot: &Boot, images: &Images) -> Result<(), String> {
+/// Boots the lab's kernel with the boot's guest through run-qemu.sh.
+fn run_boot(boot: &Boot, images: &Images) -> Result<Run, String> {
     if let Some(why) = crate::qemu_missing() {
         return Err(why);
     }
@@ -438,8 +460,7 @@ fn run_boot(boot: &Boot, images: &Images) -> Result<(), String> {
     ];
     args.extend(boot.args.iter().map(|a| a.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let run = crate::run_script(&args);
-    (boot.expect)(&run)
+    Ok(crate::run_script(&args))
 }
 
 /// How a run ended, in one line: the exit status and the line that explains it.
@@ -499,6 +520,7 @@ pub fn exited_with(run: &Run, status: i32) -> Result<(), String> {
 pub fn printed(run: &Run, needles: &[&str]) -> Result<(), String> {
     match needles.iter().find(|n| !run.has_line(n)) {
         None => Ok(()),
+        Some(missing) if run.status == 0 => Err(format!("no line says '{missing}'")),
         Some(missing) => Err(format!("{}; no line says '{missing}'", outcome(run))),
     }
 }

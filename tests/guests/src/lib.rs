@@ -88,6 +88,14 @@ pub fn println(args: fmt::Arguments<'_>) {
     let _ = Serial.write_str("\n");
 }
 
+/// `println!("format", args...)`: one `[guest] ...` line, as [`println()`](fn@println) prints.
+#[macro_export]
+macro_rules! println {
+    ($($arg:tt)*) => {
+        $crate::println(format_args!($($arg)*))
+    };
+}
+
 /// Leaves through isa-debug-exit (0x10 success, 0x11 failure).
 pub fn exit(code: u32) -> ! {
     outl(boot::EXIT_PORT, code);

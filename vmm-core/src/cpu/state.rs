@@ -338,7 +338,7 @@ pub struct VCpu {
 }
 
 impl VCpu {
-    /// The entry state of docs/guest-contract.md: long mode, CPL 0, IF = 0, paging on, IDTR
+    /// The entry state of docs/writing-a-guest.md: long mode, CPL 0, IF = 0, paging on, IDTR
     /// limit 0, the boot GDT's selectors 0x08 (code) and 0x10 (data) loaded.
     pub fn at_entry(rip: u64, rsp: u64, rdi: u64, cr3: u64, gdtr: TableRegister) -> Self {
         let code = Descriptor::from_raw(boot::BOOT_GDT[1]);

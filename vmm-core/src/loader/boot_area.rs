@@ -5,7 +5,7 @@
 //!
 //! Article challenge "内存虚拟化": these are the *guest's* page tables, in guest memory, which the
 //! shadow MMU then walks like any others; the entry state they lead to is the contract of
-//! `boot` (docs/guest-contract.md, "The state at `e_entry`").
+//! `boot` (docs/writing-a-guest.md, "The state at `e_entry`").
 
 use super::elf_image::GuestImage;
 use super::{GuestPhysWrite, LoadError};

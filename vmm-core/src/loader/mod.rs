@@ -1,7 +1,7 @@
 //! The guest loader: validates a guest ELF and builds the guest entry state in guest memory.
 //!
 //! Any guest that keeps the entry contract of `boot` (see `boot/src/lib.rs` and
-//! docs/guest-contract.md, "The state at `e_entry`") can be run, so the image is untrusted
+//! docs/writing-a-guest.md, "The state at `e_entry`") can be run, so the image is untrusted
 //! input: every field is checked and every failure is a [`LoadError`] that names the problem,
 //! never a panic.
 //!
