@@ -2,11 +2,12 @@
 # The trap-cost experiment (docs/benchmarks.md): the guest's `bench` mode natively and under the
 # VMM with both shadow policies, all under `-icount shift=0,sleep=off` (the TSC counts retired
 # instructions, so every number is deterministic), then the judged policy again once per
-# ablation (host switches changed from their defaults, to measure what the defaults buy). Writes bench/results.csv,
-# bench/ablation.csv, their run metadata bench/results.meta, and bench/results.png, and prints
-# the markdown tables. Run it as `./run-qemu.sh --bench`.
+# ablation (host switches changed from their defaults, to measure what the defaults buy). Writes
+# bench/results.csv and bench/ablation.csv (each starting with `# ` lines: the run metadata and
+# the units), the metadata again as bench/results.meta, and bench/results.png, and prints the
+# markdown tables. Run it as `./run-qemu.sh --bench`.
 #
-#   bench/run.sh [--trap-cost C] [guest bench words, e.g. iters=1000]
+#   bench/run.sh [--trap-cost C] [guest bench words: iters=N (default 1000), op=NAME]
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -36,7 +37,8 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-[ ${#words[@]} -gt 0 ] || words=(iters=1000)
+# The iterations are always named, so that the metadata says them.
+[[ " ${words[*]-} " == *" iters="* ]] || words=(iters=1000 "${words[@]}")
 
 mkdir -p "$LOGS"
 cd "$ROOT"
@@ -69,11 +71,6 @@ for options in "${ablations[@]}"; do
     ablation_args+=(--ablation "$options" "$LOGS/$name.log")
 done
 
-cargo run --quiet --release --bin bench-report -- \
-    "$LOGS/native.log" "$LOGS/vmm-flush.log" "$LOGS/vmm-cached.log" \
-    --judged "$judged" --trap-cost "$trap_cost" --csv "$OUT/results.csv" \
-    "${ablation_args[@]}" --ablation-csv "$OUT/ablation.csv"
-
 # The -icount setting as run-qemu.sh passes it to QEMU (its one `qemu+=(-icount ...)` line).
 icount=$(sed -n 's/^ *qemu+=(-icount \(.*\))$/\1/p' "$ROOT/run-qemu.sh")
 [ -n "$icount" ] || { echo "bench/run.sh: cannot find run-qemu.sh's -icount setting" >&2; icount=unknown; }
@@ -87,8 +84,13 @@ icount=$(sed -n 's/^ *qemu+=(-icount \(.*\))$/\1/p' "$ROOT/run-qemu.sh")
     echo "judged=$judged"
     echo "ablations=$(IFS=';'; echo "${ablations[*]}")"
     echo "date_utc=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "units=instructions per op under -icount shift=0"
+    echo "units=instructions per op under -icount shift=0 (each CSV's '# units:' line names every column's)"
 } > "$OUT/results.meta"
+
+cargo run --quiet --release --bin bench-report -- \
+    "$LOGS/native.log" "$LOGS/vmm-flush.log" "$LOGS/vmm-cached.log" \
+    --judged "$judged" --trap-cost "$trap_cost" --csv "$OUT/results.csv" --meta "$OUT/results.meta" \
+    "${ablation_args[@]}" --ablation-csv "$OUT/ablation.csv"
 
 if ! command -v gnuplot >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -97,7 +99,8 @@ if ! command -v gnuplot >/dev/null 2>&1; then
     fi
 fi
 if command -v gnuplot >/dev/null 2>&1; then
-    gnuplot -e "csv='$OUT/results.csv'; png='$OUT/results.png'" "$OUT/plot.gp"
+    gnuplot -e "csv='$OUT/results.csv'; png='$OUT/results.png'; trap_cost=$trap_cost; judged='$judged'" \
+        "$OUT/plot.gp"
     echo "bench/run.sh: wrote $OUT/results.csv, $OUT/ablation.csv, $OUT/results.meta and $OUT/results.png" >&2
 else
     echo "bench/run.sh: wrote $OUT/results.csv, $OUT/ablation.csv and $OUT/results.meta (no gnuplot: install gnuplot-nox for the chart)" >&2

@@ -134,6 +134,18 @@ impl Target {
         }
     }
 
+    /// The most the judged VMM column may be for an op whose native cost is `native` (for a
+    /// modelled target, the most the modelled cycles may be): the target's line in the chart.
+    /// A trap bound is not in it (the target column says it).
+    fn limit(&self, native: f64) -> f64 {
+        match *self {
+            Target::ExtraAtMost(extra) | Target::ExtraAndTrapsAtMost { extra, .. } => {
+                native + extra
+            }
+            Target::RatioAtMost(ratio) | Target::ModelledRatioAtMost(ratio) => native * ratio,
+        }
+    }
+
     /// Whether the target holds for one op: `extra` instructions over native, `ratio` VMM over
     /// native, `traps` per op, `modelled_ratio` modelled cycles over native.
     fn met(&self, extra: f64, ratio: f64, traps: f64, modelled_ratio: f64) -> bool {
@@ -295,16 +307,49 @@ pub fn combine(
     Ok(out)
 }
 
-/// `bench/results.csv`: a header and one line per op.
-pub fn to_csv(rows: &[ResultRow]) -> String {
-    let mut s = String::from(
-        "op,iterations,native,vmm_flush,vmm_cached,ratio,traps_per_op,vmm_instructions_per_trap,modelled_cycles,target,target_met\n",
+/// What each column of `bench/results.csv` counts, for its header comment.
+pub const RESULT_UNITS: &str = "native, vmm_flush, vmm_cached: instructions per op (under -icount \
+shift=0 the TSC counts retired instructions); iterations: of the native run; ratio: the judged \
+VMM column over native; traps_per_op: traps per op under the judged policy; \
+vmm_instructions_per_trap: the VMM's own instructions per trap; modelled_cycles: cycles per op \
+= the judged VMM column + traps_per_op x trap_cost; target_limit: the most the judged VMM column \
+may be for the target to hold, in instructions per op (for a 'modelled' target: the most \
+modelled_cycles may be)";
+
+/// What each column of `bench/ablation.csv` counts, for its header comment.
+pub const ABLATION_UNITS: &str =
+    "every column but op: instructions per op under -icount shift=0, the judged policy with \
+the host options the column names (default: none changed)";
+
+/// A CSV's header comment: the run's metadata (`key=value` lines, as bench/results.meta has
+/// them) and the units, each line starting with `# ` (gnuplot, pandas' `comment='#'` and
+/// [`check_csv`] skip them).
+pub fn csv_comment(meta: &str, units: &str) -> String {
+    let mut s = String::new();
+    // The sidecar's one-line `units=` gives way to the CSV's own, which names every column.
+    let lines = meta.lines().map(str::trim);
+    for line in lines.filter(|l| !l.is_empty() && !l.starts_with("units=")) {
+        let _ = writeln!(s, "# {line}");
+    }
+    let _ = writeln!(s, "# units: {units}");
+    s
+}
+
+/// `bench/results.csv`: `comment` (from [`csv_comment`]), a header and one line per op.
+pub fn to_csv(rows: &[ResultRow], comment: &str) -> String {
+    let mut s = String::from(comment);
+    s.push_str(
+        "op,iterations,native,vmm_flush,vmm_cached,ratio,traps_per_op,vmm_instructions_per_trap,modelled_cycles,target,target_met,target_limit\n",
     );
     for r in rows {
         let (t, ok) = r.target_cells("no");
+        let limit = match &r.target {
+            Some((t, _)) => format!("{:.0}", t.limit(r.native)),
+            None => String::new(),
+        };
         let _ = writeln!(
             s,
-            "{},{},{:.1},{:.1},{:.1},{:.2},{:.2},{:.0},{:.0},{},{}",
+            "{},{},{:.1},{:.1},{:.1},{:.2},{:.2},{:.0},{:.0},{},{},{}",
             r.op,
             r.iterations,
             r.native,
@@ -315,7 +360,8 @@ pub fn to_csv(rows: &[ResultRow]) -> String {
             r.vmm_per_trap,
             r.modelled_cycles,
             t,
-            ok
+            ok,
+            limit
         );
     }
     s
@@ -402,10 +448,11 @@ pub fn ablate(default: &BenchRun, ablations: &[Ablation]) -> Result<Vec<Ablation
     Ok(out)
 }
 
-/// `bench/ablation.csv`: `op,default`, then one column per ablation named by its label; every
-/// value in instructions per op (the units are in `bench/results.meta`, as for results.csv).
-pub fn ablation_csv(ablations: &[Ablation], rows: &[AblationRow]) -> String {
-    let mut s = String::from("op,default");
+/// `bench/ablation.csv`: `comment` (from [`csv_comment`]), then `op,default` and one column per
+/// ablation named by its label; every value in instructions per op.
+pub fn ablation_csv(ablations: &[Ablation], rows: &[AblationRow], comment: &str) -> String {
+    let mut s = String::from(comment);
+    s.push_str("op,default");
     for a in ablations {
         s.push(',');
         s.push_str(&a.label);
@@ -450,10 +497,10 @@ pub fn ablation_markdown(judged: Judged, ablations: &[Ablation], rows: &[Ablatio
     s
 }
 
-/// Checks a CSV produced by [`to_csv`]: the header, and every line with the same number of
-/// fields, numbers where numbers belong.
+/// Checks a CSV produced by [`to_csv`]: the header comment skipped, the header, and every line
+/// with the same number of fields, numbers where numbers belong.
 pub fn check_csv(csv: &str) -> Result<usize, String> {
-    let mut lines = csv.lines();
+    let mut lines = csv.lines().skip_while(|l| l.starts_with('#'));
     let header = lines.next().ok_or("empty CSV")?;
     let columns = header.split(',').count();
     let mut n = 0;
@@ -515,8 +562,14 @@ mod tests {
         let compute = &rows[1];
         assert!((compute.ratio - 1.01).abs() < 1e-9);
         assert_eq!(compute.target, Some((Target::RatioAtMost(1.01), true)));
-        let csv = to_csv(&rows);
+        let meta = "commit=abc1234\nqemu=QEMU 7.2\nunits=instructions per op\n";
+        let comment = csv_comment(meta, RESULT_UNITS);
+        let csv = to_csv(&rows, &comment);
+        assert!(csv.starts_with("# commit=abc1234\n# qemu=QEMU 7.2\n# units: native, "));
         assert_eq!(check_csv(&csv), Ok(2));
+        // The target's limit: native + 80 for cli_sti, native × 1.01 for the compute loop.
+        assert!(csv.contains(",≤ 80 extra,no,82\n"), "{csv}");
+        assert!(csv.contains(",≤ 1.01×,yes,4\n"), "{csv}");
         assert!(to_markdown(&rows, Judged::Flush, 700.0).contains("| cli_sti | 2 | 1002 |"));
     }
 
@@ -559,7 +612,7 @@ mod tests {
                 false
             ))
         );
-        assert!(to_csv(&rows).contains(",≤ 300 extra and ≤ 3 traps,no\n"));
+        assert!(to_csv(&rows, "").contains(",≤ 300 extra and ≤ 3 traps,no,400\n"));
     }
 
     /// The cached run's VMM log again, with the fast paths off: cli_sti costs more.
@@ -587,10 +640,13 @@ mod tests {
                 ablated: vec![2004.0],
             }
         );
-        let csv = ablation_csv(&ablations, &rows);
+        let csv = ablation_csv(&ablations, &rows, &csv_comment("", ABLATION_UNITS));
         assert_eq!(
             csv,
-            "op,default,fastpath=off\ncli_sti,1002.0,2004.0\ncompute_loop_user,4.0,4.0\n"
+            format!(
+                "# units: {ABLATION_UNITS}\n\
+                 op,default,fastpath=off\ncli_sti,1002.0,2004.0\ncompute_loop_user,4.0,4.0\n"
+            )
         );
         assert_eq!(check_csv(&csv), Ok(2));
         let md = ablation_markdown(Judged::Cached, &ablations, &rows);

@@ -43,7 +43,7 @@ fn a_short_bench_under_icount_is_deterministic_and_its_csv_well_formed() {
     let flush = bench(&["--append", "shadow=flush"]);
     let runs = [&native, &flush, &first].map(|s| parse_run(s).expect("bench output"));
     let rows = combine(&runs[0], &runs[1], &runs[2], Judged::Cached, 700.0).expect("combine");
-    let csv = to_csv(&rows);
+    let csv = to_csv(&rows, "");
     assert_eq!(check_csv(&csv), Ok(rows.len()), "{csv}");
     assert!(rows.len() >= 14, "{csv}");
     // Every op that traps under the VMM costs more than natively; the compute loop does not trap.
@@ -63,7 +63,10 @@ fn a_short_bench_under_icount_is_deterministic_and_its_csv_well_formed() {
         run: parse_run(&second).expect("bench output"),
     }];
     let ablation = ablate(&runs[2], &same).expect("ablate");
-    assert_eq!(check_csv(&ablation_csv(&same, &ablation)), Ok(rows.len()));
+    assert_eq!(
+        check_csv(&ablation_csv(&same, &ablation, "")),
+        Ok(rows.len())
+    );
     assert!(ablation.iter().all(|r| r.ablated == [r.default]));
 }
 
@@ -103,4 +106,26 @@ fn the_trap_table_accounts_for_every_instruction_of_a_trap() {
         "the trap table booked {booked_for_loop} instructions for the {iters} RDMSR traps of the \
          loop, the guest counted {added_by_vmm} more than natively"
     );
+}
+
+/// `-- bench op=NAME` runs that op alone (under the VMM its traps are attributed to it as in a
+/// full run); an unknown NAME is an error that lists the ops.
+#[test]
+fn one_op_runs_alone_and_an_unknown_op_lists_them() {
+    let run = boot(&["--icount", "--", "bench", "op=invlpg", "iters=20"]);
+    run.expect_status(0);
+    let measured = measured(&run.serial);
+    assert_eq!(measured.len(), 2, "{run}");
+    assert!(measured[0].starts_with("[guest] bench,invlpg,20,"), "{run}");
+    assert!(
+        measured[1].starts_with("[vmm] bench-traps,invlpg,"),
+        "{run}"
+    );
+
+    let run = boot(&["--native", "--", "bench", "op=nope"]);
+    run.expect_status(1);
+    run.expect_line(
+        "[guest] error: unknown bench op in 'op=nope' (valid ops: cli_sti pushf_popf mov_cr3_same_value",
+    );
+    run.expect_line(" spawn_exit_wait compute_loop_user); valid modes:");
 }

@@ -1,4 +1,4 @@
-//! The guest command line: `[selftest|bench|probe] [hz=N] [iters=N] [fault=kernel]
+//! The guest command line: `[selftest|bench|probe] [hz=N] [iters=N] [op=NAME] [fault=kernel]
 //! [gdt=LAYOUT]`.
 
 use crate::gdt::{self, Layout};
@@ -6,7 +6,7 @@ use core::fmt;
 
 /// The one-line usage printed with every command-line error.
 pub const USAGE: &str =
-    "valid modes: selftest (default), bench, probe; valid options: hz=19..10000 (timer rate, default 100), iters=1..1000000 (bench iterations, default 1000), fault=kernel (fault in the kernel after boot, to show the fault report), gdt=sysret|linux|low|sparse (GDT selector layout, default sysret)";
+    "valid modes: selftest (default), bench, probe; valid options: hz=19..10000 (timer rate, default 100), iters=1..1000000 (bench iterations, default 1000), op=NAME (bench: only this operation), fault=kernel (fault in the kernel after boot, to show the fault report), gdt=sysret|linux|low|sparse (GDT selector layout, default sysret)";
 
 /// What the OS does after booting.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,6 +39,8 @@ pub struct Config {
     pub hz: u32,
     /// Iterations of each bench loop.
     pub iters: u64,
+    /// `op=NAME`: the bench runs only this op (an index into `bench::OPS`).
+    pub op: Option<usize>,
     /// `fault=kernel`: take a page fault in the kernel right after boot (the fault report and
     /// exit status 0x11 are then what the test sees).
     pub kernel_fault: bool,
@@ -57,6 +59,10 @@ pub enum Error<'a> {
     TwoModes(&'a str),
     /// `gdt=` with a name that is not a layout.
     UnknownLayout(&'a str),
+    /// `op=` with a name that is not a bench op.
+    UnknownOp(&'a str),
+    /// `op=` without the bench mode.
+    OpWithoutBench(&'a str),
 }
 
 impl fmt::Display for Error<'_> {
@@ -72,6 +78,12 @@ impl fmt::Display for Error<'_> {
                 }
                 write!(f, ")")
             }
+            Error::UnknownOp(w) => {
+                write!(f, "unknown bench op in '{w}' (valid ops: ")?;
+                crate::bench::write_op_names(f)?;
+                write!(f, ")")
+            }
+            Error::OpWithoutBench(w) => write!(f, "'{w}' is an option of the bench mode"),
         }
     }
 }
@@ -83,10 +95,12 @@ impl Config {
             mode: Mode::Selftest,
             hz: 100,
             iters: 1000,
+            op: None,
             kernel_fault: false,
             gdt: gdt::LAYOUTS[0],
         };
         let mut mode_seen = false;
+        let mut op_word = None;
         for word in cmdline.split_ascii_whitespace() {
             let mode = match word {
                 "selftest" => Some(Mode::Selftest),
@@ -117,6 +131,10 @@ impl Config {
                         .filter(|n| (1..=1_000_000).contains(n))
                         .ok_or(Error::BadValue(word))?
                 }
+                Some(("op", name)) => {
+                    config.op = Some(crate::bench::op_named(name).ok_or(Error::UnknownOp(word))?);
+                    op_word = Some(word);
+                }
                 Some(("fault", "kernel")) => config.kernel_fault = true,
                 Some(("fault", _)) => return Err(Error::BadValue(word)),
                 Some(("gdt", name)) => {
@@ -125,6 +143,9 @@ impl Config {
                 _ => return Err(Error::Unknown(word)),
             }
         }
-        Ok(config)
+        match op_word {
+            Some(word) if config.mode != Mode::Bench => Err(Error::OpWithoutBench(word)),
+            _ => Ok(config),
+        }
     }
 }

@@ -4,20 +4,23 @@
 //! (`fastpath=off`), to show what each default buys: a second table, and with `--ablation-csv`
 //! a CSV of op, default, one column per ablation.
 //!
+//! With `--meta FILE` (bench/results.meta, `key=value` lines) both CSVs start with that
+//! metadata and their units as `# ` comment lines.
+//!
 //! usage: bench-report NATIVE.log FLUSH.log CACHED.log --judged flush|cached --trap-cost C
-//!        --csv OUT [--ablation OPTIONS LOG]... [--ablation-csv OUT]
+//!        --csv OUT [--meta FILE] [--ablation OPTIONS LOG]... [--ablation-csv OUT]
 
 use std::process::ExitCode;
 use trapvmm::bench::{
-    ablate, ablation_csv, ablation_markdown, combine, parse_run, to_csv, to_markdown, Ablation,
-    BenchRun, Judged,
+    ablate, ablation_csv, ablation_markdown, combine, csv_comment, parse_run, to_csv, to_markdown,
+    Ablation, BenchRun, Judged, ABLATION_UNITS, RESULT_UNITS,
 };
 
 fn usage(why: &str) -> ExitCode {
     eprintln!("bench-report: {why}");
     eprintln!(
         "usage: bench-report NATIVE.log FLUSH.log CACHED.log --judged flush|cached --trap-cost C --csv OUT \
-         [--ablation OPTIONS LOG]... [--ablation-csv OUT]"
+         [--meta FILE] [--ablation OPTIONS LOG]... [--ablation-csv OUT]"
     );
     ExitCode::from(2)
 }
@@ -35,6 +38,7 @@ fn main() -> ExitCode {
     // (host options of the run, its log), in the order given: the table's column order.
     let mut ablation_logs: Vec<(String, String)> = Vec::new();
     let mut ablation_csv_path = None;
+    let mut meta = String::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -55,6 +59,11 @@ fn main() -> ExitCode {
             "--ablation" => match (it.next(), it.next()) {
                 (Some(options), Some(log)) => ablation_logs.push((options.clone(), log.clone())),
                 _ => return usage("--ablation needs the run's host options and its log"),
+            },
+            "--meta" => match it.next().map(std::fs::read_to_string) {
+                Some(Ok(text)) => meta = text,
+                Some(Err(e)) => return usage(&format!("cannot read the --meta file: {e}")),
+                None => return usage("--meta needs a path"),
             },
             "--ablation-csv" => match it.next() {
                 Some(p) => ablation_csv_path = Some(p.clone()),
@@ -95,12 +104,13 @@ fn main() -> ExitCode {
         Err(e) => return usage(&e),
     };
     if let Some(path) = csv_path {
-        if let Err(e) = std::fs::write(&path, to_csv(&rows)) {
+        if let Err(e) = std::fs::write(&path, to_csv(&rows, &csv_comment(&meta, RESULT_UNITS))) {
             return usage(&format!("cannot write {path}: {e}"));
         }
     }
     if let Some(path) = ablation_csv_path {
-        if let Err(e) = std::fs::write(&path, ablation_csv(&ablations, &ablation_rows)) {
+        let comment = csv_comment(&meta, ABLATION_UNITS);
+        if let Err(e) = std::fs::write(&path, ablation_csv(&ablations, &ablation_rows, &comment)) {
             return usage(&format!("cannot write {path}: {e}"));
         }
     }
