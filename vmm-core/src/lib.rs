@@ -24,4 +24,5 @@ pub mod devices;
 pub mod io;
 mod labs;
 pub mod loader;
+pub mod svm;
 pub mod trace;
