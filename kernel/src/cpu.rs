@@ -217,6 +217,14 @@ pub fn wait_for_interrupt() {
     unsafe { core::arch::asm!("sti; hlt; cli", options(nomem, nostack)) };
 }
 
+/// Lets a physical interrupt that is already waiting in (a `#VMEXIT` for INTR leaves it pending
+/// with the host's IF = 0) be taken now: one instruction with IF = 1. The handler runs on this
+/// stack (a host-context trap) before we return with IF = 0.
+pub fn take_pending_interrupts() {
+    // SAFETY: as in `wait_for_interrupt`: only IF changes, and it is 0 again on return.
+    unsafe { core::arch::asm!("sti; nop; cli", options(nomem, nostack)) };
+}
+
 /// MSR_PLATFORM_INFO (bit 31: CPUID faulting supported) and MSR_MISC_FEATURES_ENABLES (bit 0:
 /// CPUID at CPL > 0 raises #GP). Intel SDM Vol. 4, Table 2-12 ("CPUID faulting").
 const MSR_PLATFORM_INFO: u32 = 0xCE;

@@ -22,7 +22,7 @@ mod timer;
 mod trap;
 mod vmm;
 
-use vmm_core::config::{DebugAction, HostConfig, RunMode};
+use vmm_core::config::{Backend, DebugAction, HostConfig, RunMode};
 
 // The shared 32-bit Multiboot entry and long-mode trampoline, with the higher-half mapping the
 // host kernel is linked for, then the host's own continuation and the trap entry stubs.
@@ -35,6 +35,7 @@ core::arch::global_asm!(include_str!("asm/entry64.S"), options(att_syntax));
 core::arch::global_asm!(include_str!("asm/trap_entry.S"), options(att_syntax));
 core::arch::global_asm!(include_str!("asm/cli_sti_stub.S"), options(att_syntax));
 core::arch::global_asm!(include_str!("asm/fixups.S"), options(att_syntax));
+core::arch::global_asm!(include_str!("asm/svm_run.S"), options(att_syntax));
 
 /// The Rust entry point, called by `boot64_continue` on the higher-half kernel stack with the
 /// physical address of the Multiboot information.
@@ -81,7 +82,10 @@ extern "C" fn host_main(multiboot_info: u64) -> ! {
         exit::exit(boot::exit_code::FAILURE)
     }
     match (config.mode, boot.modules().next()) {
-        (RunMode::Guest, Some(module)) => vmm::run(&config, module),
+        (RunMode::Guest, Some(module)) => match config.backend {
+            Backend::Trap => vmm::run(&config, module),
+            Backend::Svm => vmm::run_svm(&config, module),
+        },
         (RunMode::Guest, None) => exit::config_error(format_args!(
             "mode=guest but no guest module was loaded (QEMU: -initrd guest.elf; run-qemu.sh does that)"
         )),

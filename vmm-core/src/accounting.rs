@@ -60,6 +60,9 @@ pub enum TrapKind {
     PageFault(PageFaultOutcome),
     /// Anything else the host wants in the table ("HLT idle", "triple fault").
     Other(&'static str),
+    /// A `#VMEXIT` of the hardware-assisted backend, by its exit code's name
+    /// (`svm::exit::ExitCode::name`).
+    VmExit(&'static str),
 }
 
 /// The SDM's mnemonic for exception `vector` (SDM vol. 3, table 6-1), if it has one.
@@ -86,6 +89,7 @@ impl fmt::Display for TrapKind {
             TrapKind::PageFault(PageFaultOutcome::EmulatedWrite) => f.write_str("#PF PT write"),
             TrapKind::PageFault(PageFaultOutcome::Stop) => f.write_str("#PF stop"),
             TrapKind::Other(name) => f.write_str(name),
+            TrapKind::VmExit(name) => write!(f, "exit {name}"),
         }
     }
 }
@@ -279,6 +283,7 @@ fn slot_hash(kind: &TrapKind) -> usize {
         }
         TrapKind::PageFault(o) => 5 + *o as usize * 17,
         TrapKind::Other(s) => 6 + name_hash(s) * 3,
+        TrapKind::VmExit(s) => 7 + name_hash(s) * 5,
     };
     h.wrapping_mul(0x9E37_79B9) >> 7
 }
@@ -289,7 +294,8 @@ fn slot_hash(kind: &TrapKind) -> usize {
 fn same_kind(a: &TrapKind, b: &TrapKind) -> bool {
     match (a, b) {
         (TrapKind::Instruction(x), TrapKind::Instruction(y))
-        | (TrapKind::Other(x), TrapKind::Other(y)) => core::ptr::eq(*x, *y) || x == y,
+        | (TrapKind::Other(x), TrapKind::Other(y))
+        | (TrapKind::VmExit(x), TrapKind::VmExit(y)) => core::ptr::eq(*x, *y) || x == y,
         _ => a == b,
     }
 }

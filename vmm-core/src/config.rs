@@ -16,6 +16,15 @@ pub enum ShadowPolicy {
     Cached,
 }
 
+/// How the guest is run (docs/hardware-assist.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// Trap-and-emulate: the guest kernel at real Ring 3, shadow page tables.
+    Trap,
+    /// AMD SVM with nested paging: the guest at its own Ring 0 under VMRUN (`crate::svm`).
+    Svm,
+}
+
 /// What the host does after its boot self-checks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RunMode {
@@ -80,6 +89,8 @@ pub struct HostConfig<'a> {
     pub debug: DebugAction,
     /// Whether to run the guest after the self-checks.
     pub mode: RunMode,
+    /// Trap-and-emulate or hardware-assisted (`backend=`).
+    pub backend: Backend,
     /// The guest's command line: everything after `--`, as typed.
     pub guest_cmdline: &'a str,
 }
@@ -107,6 +118,7 @@ impl Default for HostConfig<'_> {
             debug: DebugAction::None,
             // The VMM's job: run the guest module (after the host's own self-checks).
             mode: RunMode::Guest,
+            backend: Backend::Trap,
             guest_cmdline: "",
         }
     }
@@ -116,7 +128,7 @@ impl Default for HostConfig<'_> {
 pub const VALID_KEYS: &str =
     "timer_hz=<19..10000> mem=<4..3072 MiB> trace=<N> trace_kinds=<kind,...|all> \
 trace_skip=<N> trace_from=<guest console text> shadow=flush|cached \
-emulator_fill=on|off profile=phases|off fastpath=on|off unsync=on|off shadow_share=on|off prefetch=on|off icount=on|off watchdog=<ticks, 0=off> debug=none|panic(test hook: forced host panic) mode=selfcheck|guest";
+emulator_fill=on|off profile=phases|off fastpath=on|off unsync=on|off shadow_share=on|off prefetch=on|off icount=on|off watchdog=<ticks, 0=off> debug=none|panic(test hook: forced host panic) mode=selfcheck|guest backend=trap|svm";
 
 /// Why a host command line was rejected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -231,6 +243,13 @@ impl<'a> HostConfig<'a> {
                         _ => return Err(bad),
                     }
                 }
+                "backend" => {
+                    config.backend = match value {
+                        "trap" => Backend::Trap,
+                        "svm" => Backend::Svm,
+                        _ => return Err(bad),
+                    }
+                }
                 "mode" => {
                     config.mode = match value {
                         "selfcheck" => RunMode::SelfCheck,
@@ -312,6 +331,21 @@ mod tests {
         );
         let c = HostConfig::parse("/boot/trapvmm", true).unwrap();
         assert_eq!(c, HostConfig::default());
+    }
+
+    #[test]
+    fn backends() {
+        assert_eq!(HostConfig::default().backend, Backend::Trap);
+        let c = HostConfig::parse("backend=svm", false).unwrap();
+        assert_eq!(c.backend, Backend::Svm);
+        assert_eq!(
+            HostConfig::parse("backend=vmx", false),
+            Err(ConfigError::BadValue {
+                key: "backend",
+                value: "vmx"
+            })
+        );
+        assert!(VALID_KEYS.contains("backend=trap|svm"));
     }
 
     #[test]

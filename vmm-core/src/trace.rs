@@ -77,7 +77,10 @@ impl TraceKind {
             {
                 TraceKind::Syscall
             }
-            TrapKind::Instruction(_) | TrapKind::Other(_) => TraceKind::Insn,
+            TrapKind::VmExit("NPF") => TraceKind::PageFault,
+            TrapKind::VmExit("IOIO") => TraceKind::Io,
+            TrapKind::VmExit("INTR" | "VINTR") => TraceKind::Irq,
+            TrapKind::Instruction(_) | TrapKind::Other(_) | TrapKind::VmExit(_) => TraceKind::Insn,
         }
     }
 

@@ -58,22 +58,7 @@ impl Vm {
 
     /// Feeds host serial input and the host clock to the virtual devices.
     pub(super) fn poll_devices(&mut self) {
-        // Also poll the UART: an edge-triggered IRQ 4 is lost for good if input was already
-        // pending when the PIC was initialised (the line never drops, so it never rises again).
-        crate::serial::handle_rx_irq();
-        // Only as fast as the virtual UART can receive (as QEMU paces its own serial input),
-        // and a new burst only once the guest has drained the last one: bytes wait in the
-        // host's ring until the guest has set up its UART, and every burst raises a fresh edge
-        // on the (edge-triggered) IRQ 4 line, even for a driver that reads a bounded number of
-        // bytes per interrupt.
-        let drained = self.bus.com1().rx_len() == 0;
-        while drained && self.bus.com1().can_receive() {
-            let Some(byte) = crate::serial::take_rx() else {
-                break;
-            };
-            self.bus.enqueue_rx(byte);
-        }
-        self.bus.poll_timer();
+        poll_devices(&mut self.bus);
     }
     /// On the way back: apply what the trapping instruction changed (a new CR3, a new view)
     /// *before* an interrupt is delivered — the interrupt comes after the instruction retired,
@@ -269,4 +254,25 @@ impl Vm {
         // SAFETY: every shadow root maps the VMM's slot like the host root (see `run`).
         unsafe { x86::controlregs::cr3_write(self.mmu.current_root(self.view).as_u64()) };
     }
+}
+
+/// Serial input into the virtual UART, and the virtual timer's edges: what the host's own
+/// interrupts brought, for either backend.
+pub(super) fn poll_devices(bus: &mut super::GuestBus) {
+    // Also poll the UART: an edge-triggered IRQ 4 is lost for good if input was already
+    // pending when the PIC was initialised (the line never drops, so it never rises again).
+    crate::serial::handle_rx_irq();
+    // Only as fast as the virtual UART can receive (as QEMU paces its own serial input),
+    // and a new burst only once the guest has drained the last one: bytes wait in the
+    // host's ring until the guest has set up its UART, and every burst raises a fresh edge
+    // on the (edge-triggered) IRQ 4 line, even for a driver that reads a bounded number of
+    // bytes per interrupt.
+    let drained = bus.com1().rx_len() == 0;
+    while drained && bus.com1().can_receive() {
+        let Some(byte) = crate::serial::take_rx() else {
+            break;
+        };
+        bus.enqueue_rx(byte);
+    }
+    bus.poll_timer();
 }

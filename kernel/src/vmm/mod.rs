@@ -25,11 +25,13 @@ mod load;
 mod page_fault;
 mod registers;
 mod report;
+mod svm;
 mod watchdog;
 
 use fast_path::Lane;
 use instrument::{PhaseClock, TrapName};
 use report::{report, stop_guest, stop_without_vm};
+pub use svm::run as run_svm;
 use watchdog::Watchdog;
 
 use crate::gdt;
@@ -63,7 +65,7 @@ struct Vm {
     /// Which shadow view is loaded: the kernel view while the guest is at virtual CPL 0.
     view: View,
     /// The guest's port bus: virtual PIC pair, PIT, COM1 (into the console), debug exit.
-    bus: PortBus<GuestConsole, HostClock>,
+    bus: GuestBus,
     /// Counts and costs of every trap, printed when the guest ends.
     accounting: Accounting,
     /// The trap-table row of each fast-lane instruction, by `LaneInstruction::index`.
@@ -105,6 +107,10 @@ struct Vm {
     /// The last trap and its clock, booked when the next one begins (`book_last_trap`).
     unbooked: Option<(instrument::Booked, PhaseClock)>,
 }
+
+/// The guest's port bus: virtual PIC pair, PIT, COM1 (into the console), debug exit; the same
+/// under both backends.
+type GuestBus = PortBus<GuestConsole, HostClock>;
 
 /// The VM, reached from the trap dispatcher. Only ever locked with interrupts disabled (in trap
 /// context, or before the guest is first entered), so the lock is never contended.

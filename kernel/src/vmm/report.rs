@@ -15,9 +15,27 @@ pub(super) fn stop_without_vm(frame: &TrapFrame) -> ! {
 }
 
 /// Prints a multi-line text (a table) as `[vmm] ` lines.
-fn print_lines(text: &str) {
+pub(super) fn print_lines(text: &str) {
     for line in text.lines() {
         crate::serial::write_line(format_args!("[vmm] {line}"));
+    }
+}
+
+/// What the tables' costs are: (unit, what it means). Every cost is a TSC difference. Without
+/// -icount, QEMU's TSC follows the host's clock, so the same run costs up to 25x more or less
+/// from one run to the next; with it, the TSC counts retired instructions. The host cannot tell
+/// which: run-qemu.sh --icount says so (host option `icount=on`).
+pub(super) fn cost_unit(icount: bool) -> (&'static str, &'static str) {
+    if icount {
+        (
+            "instructions",
+            "retired instructions: QEMU's -icount makes the TSC count them, the same in every run",
+        )
+    } else {
+        (
+            "cycles",
+            "TSC cycles; under QEMU without --icount they follow the host's clock and differ by up to 25x between runs, so compare the counts",
+        )
     }
 }
 
@@ -32,20 +50,7 @@ pub(super) fn report(vm: &mut Vm) {
     }
     let mut table = alloc::string::String::new();
     let _ = vm.accounting.write_table(&mut table);
-    // Every cost is a TSC difference. Without -icount, QEMU's TSC follows the host's clock, so
-    // the same run costs up to 25x more or less from one run to the next; with it, the TSC
-    // counts retired instructions. The host cannot tell which: run-qemu.sh --icount says so.
-    let (unit, meaning) = if vm.icount {
-        (
-            "instructions",
-            "retired instructions: QEMU's -icount makes the TSC count them, the same in every run",
-        )
-    } else {
-        (
-            "cycles",
-            "TSC cycles; under QEMU without --icount they follow the host's clock and differ by up to 25x between runs, so compare the counts",
-        )
-    };
+    let (unit, meaning) = cost_unit(vm.icount);
     crate::serial::write_line(format_args!("[vmm] traps (cost in {meaning}):"));
     print_lines(&table);
     let (cli, sti, fast_cost) = cli_sti_stub::counts();

@@ -58,7 +58,8 @@ impl ExitCode {
             0x7F => Self::Shutdown,
             0x76 | 0x80..=0x8B => Self::Refused(code as u16),
             0x400 => Self::NestedPageFault,
-            u64::MAX => Self::Invalid,
+            // -1, which QEMU stores as a 32-bit value.
+            u64::MAX | 0xFFFF_FFFF => Self::Invalid,
             _ => Self::Other(code),
         }
     }
@@ -149,6 +150,7 @@ mod tests {
         assert_eq!(ExitCode::decode(0x80), ExitCode::Refused(0x80));
         assert_eq!(ExitCode::decode(0x400), ExitCode::NestedPageFault);
         assert_eq!(ExitCode::decode(u64::MAX), ExitCode::Invalid);
+        assert_eq!(ExitCode::decode(0xFFFF_FFFF), ExitCode::Invalid);
         assert_eq!(ExitCode::decode(0x99), ExitCode::Other(0x99));
     }
 

@@ -422,6 +422,7 @@ impl SvmGuest {
     /// Before VMRUN: the virtual PIC's interrupt goes in now if the guest can take it, or the
     /// interrupt window is opened for it. Returns the vector injected, if any.
     pub fn prepare_entry(&mut self, vmcb: &mut Vmcb<'_>, pic: &mut PicPair) -> Option<u8> {
+        clear_cs_d_in_64_bit_code(vmcb);
         let already = vmcb.event_injection() & 1 << 31 != 0;
         let guest_if = vmcb.get(SavedRegister::Rflags) & rflags::IF != 0;
         match interrupt_window(
@@ -448,6 +449,22 @@ impl SvmGuest {
                 None
             }
         }
+    }
+}
+
+/// CS.D is ignored in 64-bit code (CS.L = 1; SDM vol. 3 §5.2.1), but VMRUN refuses a guest
+/// state with both set (APM vol. 2 §15.5.1, "CS.L and CS.D both set" in long mode). QEMU's
+/// SYSEXIT to 64-bit code loads CS with both, so a guest that just returned to user mode with
+/// SYSEXITQ would be refused at its next VMRUN: the D bit goes, which the guest cannot see (its
+/// descriptor in memory is unchanged; only the hidden part of CS is).
+fn clear_cs_d_in_64_bit_code(vmcb: &mut Vmcb<'_>) {
+    const L: u16 = 1 << 9;
+    const D: u16 = 1 << 10;
+    let mut cs = vmcb.segment(SegmentRegister::Cs);
+    let long_mode = vmcb.get(SavedRegister::Efer) & efer::LMA != 0;
+    if long_mode && cs.attributes & (L | D) == L | D {
+        cs.attributes &= !D;
+        vmcb.set_segment(SegmentRegister::Cs, cs);
     }
 }
 

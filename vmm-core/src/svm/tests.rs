@@ -405,3 +405,20 @@ fn interrupts_are_injected_or_wait_for_the_window() {
     );
     assert_eq!(rig.vmcb().int_ctl() & int_ctl::V_IRQ, 0);
 }
+
+/// QEMU's SYSEXITQ leaves CS with L and D set, which VMRUN refuses: D goes before VMRUN.
+#[test]
+fn cs_d_is_cleared_in_64_bit_code() {
+    let mut rig = Rig::new();
+    let mut pic = PicPair::new();
+    let mut cs = rig.vmcb().segment(SegmentRegister::Cs);
+    cs.attributes = 0xEFB; // G, D, L, P, DPL 3, code: as QEMU's SYSEXITQ loads it
+    rig.vmcb().set_segment(SegmentRegister::Cs, cs);
+    rig.prepare(&mut pic);
+    assert_eq!(rig.vmcb().segment(SegmentRegister::Cs).attributes, 0xAFB);
+    // 32-bit code keeps its D.
+    cs.attributes = 0xCFB;
+    rig.vmcb().set_segment(SegmentRegister::Cs, cs);
+    rig.prepare(&mut pic);
+    assert_eq!(rig.vmcb().segment(SegmentRegister::Cs).attributes, 0xCFB);
+}
