@@ -257,9 +257,10 @@ pub struct Hole {
     pub why: String,
 }
 
-/// Parses the holes table of `docs/virtualization-holes.md`: rows `| name | line | why | how |`
-/// after the header row; the name is in backticks.
-pub fn parse_holes(markdown: &str) -> Vec<Hole> {
+/// Parses the holes table of `docs/virtualization-holes.md` for one backend (`trap` or `svm`):
+/// rows `| name | backends | line | why | how |` after the header row, the name in backticks,
+/// the backends a comma-separated list; only the rows whose list names `backend`.
+pub fn parse_holes(markdown: &str, backend: &str) -> Vec<Hole> {
     let mut holes = Vec::new();
     for line in markdown.lines() {
         let cells: Vec<&str> = line
@@ -268,16 +269,19 @@ pub fn parse_holes(markdown: &str) -> Vec<Hole> {
             .split('|')
             .map(str::trim)
             .collect();
-        if cells.len() < 4 || !line.trim_start().starts_with('|') {
+        if cells.len() < 5 || !line.trim_start().starts_with('|') {
             continue;
         }
         let name = cells[0].trim_matches('`');
         if name.is_empty() || name == "name" || name.starts_with('-') {
             continue;
         }
+        if !cells[1].split(',').any(|b| b.trim() == backend) {
+            continue;
+        }
         holes.push(Hole {
             name: name.to_string(),
-            why: cells[2].to_string(),
+            why: cells[3].to_string(),
         });
     }
     holes
@@ -343,14 +347,16 @@ mod tests {
 
     #[test]
     fn holes_table_is_parsed() {
-        let md = "intro\n\n| name | probe line | why | how to close |\n|---|---|---|---|\n| `cs_rpl` | `probe,cs_rpl,0` | ring aliasing | patch |\n";
+        let md = "intro\n\n| name | backends | probe line | why | how to close |\n|---|---|---|---|---|\n| `cs_rpl` | trap | `probe,cs_rpl,0` | ring aliasing | patch |\n| `cpuid` | svm, trap | `probe,cpuid,1` | signature | none |\n";
+        let hole = |name: &str, why: &str| Hole {
+            name: name.into(),
+            why: why.into(),
+        };
         assert_eq!(
-            parse_holes(md),
-            vec![Hole {
-                name: "cs_rpl".into(),
-                why: "ring aliasing".into()
-            }]
+            parse_holes(md, "trap"),
+            vec![hole("cs_rpl", "ring aliasing"), hole("cpuid", "signature")]
         );
+        assert_eq!(parse_holes(md, "svm"), vec![hole("cpuid", "signature")]);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use trapvmm::{boot, compare_observations, observations, parse_holes, repo_path, 
 fn holes() -> Vec<trapvmm::Hole> {
     let path = repo_path("docs/virtualization-holes.md");
     let text = std::fs::read_to_string(&path).expect("docs/virtualization-holes.md is missing");
-    let holes = parse_holes(&text);
+    let holes = parse_holes(&text, "trap");
     assert!(!holes.is_empty(), "no holes parsed from {}", path.display());
     holes
 }
