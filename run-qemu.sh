@@ -55,8 +55,10 @@ options:
                      with status 2
   --append "k=v ..." extra host command-line options (timer_hz=, mem=, trace=, trace_kinds=,
                      trace_skip=, trace_from=, shadow=, emulator_fill=, profile=, fastpath=,
-                     unsync=, shadow_share=, prefetch=, icount=, watchdog=, debug=, mode=;
-                     values and defaults in README.md, "Options"); a bad one is refused with
+                     unsync=, shadow_share=, prefetch=, icount=, watchdog=, debug=, mode=,
+                     backend=trap|svm: svm runs the guest under AMD SVM with nested paging,
+                     docs/hardware-assist.md; values and defaults in README.md, "Options");
+                     a bad one is refused with
                      the valid ones listed. mem=N overrides --mem for the host only (QEMU
                      keeps --mem's size; a note says so); debug=panic is a test hook: the
                      host panics on purpose right after reading its command line, to
