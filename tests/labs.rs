@@ -89,6 +89,12 @@ lab!(
     lab2_the_skeleton_fails_its_grader
 );
 
+lab!(
+    4,
+    lab4_the_reference_passes_its_grader,
+    lab4_the_skeleton_fails_its_grader
+);
+
 #[test]
 fn every_lab_is_tested_here() {
     let source = include_str!("labs.rs");

@@ -26,6 +26,7 @@ extern crate alloc;
 extern crate std;
 
 pub mod addr;
+mod labs;
 pub mod machine;
 pub mod p2m;
 pub mod pte;

@@ -27,6 +27,47 @@ pub(super) enum FillError {
     OutsideRam(GuestPhysAddr),
 }
 
+/// How the shadow serves an access the guest's own tables allow: the rights of its shadow leaf,
+/// and whether the access is a store the emulator must perform instead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct LeafRights {
+    /// The shadow leaf allows writes (R/W = 1, with D = 1).
+    pub(crate) writable: bool,
+    /// The access is a write to a guest page table the shadow keeps write-protected: the
+    /// emulator performs the store, so the shadow MMU sees it (a page-table write).
+    pub(crate) emulate_write: bool,
+}
+
+// Lab 4 (docs/labs/lab4-shadow-page-fault.md): built with the feature `lab4`, the student's
+// shadow leaf rights (labs/lab4_shadow_page_fault.rs) stand in for the ones below.
+#[cfg(feature = "lab4")]
+use crate::labs::lab4::leaf_rights;
+
+/// The shadow leaf for an access (`write` or not) in `view` through a guest walk whose entries
+/// all have R/W = 1 (`guest_writable`) and whose leaf has D = 1 (`guest_dirty`), to a guest page
+/// that is (`write_protected`) or is not a guest page table the cached policy write-protects:
+/// writable only where the guest allows the write at the view's privilege (a supervisor write
+/// ignores R/W while CR0.WP = 0, §4.6.1), once D is set (so the first write faults and the walk
+/// sets D, §4.8), and never on a write-protected page table, a write to which is emulated.
+#[cfg(not(feature = "lab4"))]
+fn leaf_rights(
+    view: View,
+    write: bool,
+    cr0_wp: bool,
+    guest_writable: bool,
+    guest_dirty: bool,
+    write_protected: bool,
+) -> LeafRights {
+    let guest_allows_write = match view {
+        View::Kernel => guest_writable || !cr0_wp,
+        View::User => guest_writable,
+    };
+    LeafRights {
+        writable: guest_allows_write && guest_dirty && !write_protected,
+        emulate_write: write && write_protected,
+    }
+}
+
 /// The kind of access a hardware #PF error code reports (§4.7: I/D, then W/R).
 fn fault_kind(hw: PageFaultErrorCode) -> AccessKind {
     if hw.contains(PageFaultErrorCode::INSTRUCTION_FETCH) {
@@ -157,11 +198,6 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
                 MemoryError::OutsideRam(_) => FillError::OutsideRam(t.gpa),
                 MemoryError::OutOfHostFrames => FillError::NoHostFrame,
             })?;
-        let guest_allows_write = match view {
-            // Supervisor writes ignore R/W while guest CR0.WP = 0 (§4.6.1).
-            View::Kernel => t.writable || !self.mode.cr0_wp,
-            View::User => t.writable,
-        };
         let mut protected = self.is_write_protected_gpa(t.gpa);
         if access.kind == AccessKind::Write && protected && self.try_unsync(t.gpa.frame_number()) {
             // Not a root: the store runs natively from now on (`unsync.rs`).
@@ -173,10 +209,18 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
             // over a read-only leaf cost the guest a second #PF for the same store).
             protected = false;
         }
-        let writable = guest_allows_write && t.dirty && !protected;
+        let rights = leaf_rights(
+            view,
+            access.kind == AccessKind::Write,
+            self.mode.cr0_wp,
+            t.writable,
+            t.dirty,
+            protected,
+        );
+        let writable = rights.writable;
         let at = slot(table, gva.table_index(1));
         let old = self.write_leaf(at, leaf_entry(frame, t, writable), gfn, writable);
-        if access.kind == AccessKind::Write && protected {
+        if rights.emulate_write {
             self.stats.page_table_writes += 1;
             return Ok(FaultOutcome::EmulatePageTableWrite { gpa: t.gpa });
         }

@@ -75,6 +75,9 @@ mod unsync;
 mod write_protect;
 
 pub use audit::AuditError;
+// For the student's `leaf_rights` of lab 4 (`crate::labs`).
+#[cfg(feature = "lab4")]
+pub(crate) use fill::LeafRights;
 pub use linear::ShadowMapping;
 pub use outcome::{ConfigError, FaultOutcome, StopReason, TranslateError};
 pub use write_protect::WRITE_FLOOD_THRESHOLD;
