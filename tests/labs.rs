@@ -90,6 +90,12 @@ lab!(
 );
 
 lab!(
+    3,
+    lab3_the_reference_passes_its_grader,
+    lab3_the_skeleton_fails_its_grader
+);
+
+lab!(
     4,
     lab4_the_reference_passes_its_grader,
     lab4_the_skeleton_fails_its_grader

@@ -5,7 +5,7 @@ use super::{exited_with, printed, Boot, BootCheck, HostTests, Image, Lab};
 use crate::Run;
 
 /// Every lab, by number.
-pub const LABS: &[Lab] = &[LAB1, LAB2, LAB4];
+pub const LABS: &[Lab] = &[LAB1, LAB2, LAB3, LAB4];
 
 /// Lab 1: your first guest.
 const LAB1: Lab = Lab {
@@ -226,6 +226,84 @@ fn selftest_passes(run: &Run, checks: &[&str]) -> Result<(), String> {
     }
     exited_with(run, 0)
 }
+
+/// Lab 3: MOV CR3 and the shadow root switch.
+const LAB3: Lab = Lab {
+    number: 3,
+    title: "MOV CR3 and the shadow root switch",
+    doc: "docs/labs/lab3-shadow-root-switch.md",
+    student_file: "labs/lab3_shadow_root_switch.rs",
+    build: &["-p", "kernel", "--features", "kernel/lab3"],
+    kernel: GRADED_KERNEL,
+    host_tests: Some(HostTests {
+        package: "shadow-mmu",
+        feature: "lab3",
+        module: "tests",
+        tests: &[
+            "scenarios::an_address_space_is_named_by_its_pml4_address_alone",
+            "exhaustive::walker_matches_reference_on_every_permutation",
+            "scenarios::new_rejects_a_tiny_quota_and_copies_the_vmm_slot_supervisor_only",
+            "scenarios::kernel_view_fill_then_dirty_upgrade",
+            "scenarios::cached_policy_keeps_shadows_per_cr3_and_zaps_exactly_on_pte_writes",
+            "scenarios::switching_back_to_an_address_space_finds_its_shadows_and_makes_it_most_recently_used",
+            "scenarios::a_root_switch_never_frees_the_roots_that_were_current",
+            "scenarios::a_root_switch_makes_remembered_shadow_lookups_stale",
+            "scenarios::quota_is_respected_by_reclaiming_least_recently_used_roots",
+        ],
+    }),
+    boots: &[
+        Boot {
+            guest: Image::Normal("interrupt-after-mov-cr3"),
+            args: &[],
+            timeout_s: 30,
+            checks: &[BootCheck {
+                name: "an interrupt right after MOV CR3 uses the new address space",
+                expect: |run| {
+                    printed(
+                        run,
+                        &["interrupt-after-mov-cr3: the interrupt after mov cr3 went through the new address space: ok"],
+                    )?;
+                    exited_with(run, 0)
+                },
+            }],
+        },
+        Boot {
+            guest: Image::Normal("garbage-cr3"),
+            args: &[],
+            timeout_s: 30,
+            checks: &[BootCheck {
+                name: "a CR3 beyond guest RAM is a clean stop",
+                expect: |run| {
+                    exited_with(run, 4)?;
+                    printed(
+                        run,
+                        &["[vmm] guest stopped: guest-physical address 0x70000000 is outside guest RAM"],
+                    )
+                },
+            }],
+        },
+        Boot {
+            guest: Image::Normal("guest-kernel"),
+            args: &[],
+            timeout_s: 120,
+            checks: &[BootCheck {
+                name: "the self-test",
+                expect: |run| {
+                    selftest_passes(
+                        run,
+                        &[
+                            "check cr3-isolation: ok",
+                            "check spawn-wait-from-user: ok",
+                            "check yield: ok",
+                            "check round-robin: ok",
+                            "check no-frame-leak: ok",
+                        ],
+                    )
+                },
+            }],
+        },
+    ],
+};
 
 /// Lab 4: the shadow page fault.
 const LAB4: Lab = Lab {

@@ -66,6 +66,11 @@ use crate::walk::{walk, Access, PagingMode, Privilege, Translation, WalkError};
 mod audit;
 mod fill;
 mod invalidate;
+/// Lab 3, the shadow root switch (docs/labs/lab3-shadow-root-switch.md): the student's file,
+/// here because it uses the shadow MMU's private state (see `crate::labs`).
+#[cfg(feature = "lab3")]
+#[path = "../../../labs/lab3_shadow_root_switch.rs"]
+pub(crate) mod lab3;
 mod linear;
 mod outcome;
 mod prefetch;
@@ -316,6 +321,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
     }
 
     /// The shadow root the kernel loads into the real CR3 while the guest runs in `view`.
+    #[cfg(not(feature = "lab3"))]
     pub fn current_root(&self, view: View) -> HostPhysAddr {
         match self.roots.get(&self.current_key) {
             Some(pair) => match view {
@@ -326,6 +332,13 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
             // guest must not run; nothing in this crate writes through this value.
             None => HostPhysAddr::new(0),
         }
+    }
+
+    /// Lab 3 (docs/labs/lab3-shadow-root-switch.md): the student's real CR3
+    /// (labs/lab3_shadow_root_switch.rs).
+    #[cfg(feature = "lab3")]
+    pub fn current_root(&self, view: View) -> HostPhysAddr {
+        lab3::current_root(self, view)
     }
 
     /// Whether a shadow entry was removed or downgraded since the last `take_tlb_flush`, without
@@ -469,17 +482,7 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
                     self.create_pair(key, live)
                 }
             }
-            Policy::Cached => {
-                let live = self.current_key;
-                self.current_key = key;
-                self.shadow_changed();
-                if self.roots.contains_key(&key) {
-                    self.touch(key);
-                    Ok(())
-                } else {
-                    self.create_pair(key, live)
-                }
-            }
+            Policy::Cached => switch_cached(self, key),
         }
     }
 
@@ -576,5 +579,31 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
                 "shadow-mmu: guest CR3 {key:#x} maps PML4 slot {VMM_PML4_SLOT} (the VMM's); ignored"
             );
         }
+    }
+}
+
+// Lab 3 (docs/labs/lab3-shadow-root-switch.md): built with the feature `lab3`, the student's
+// cached-policy root switch (labs/lab3_shadow_root_switch.rs) stands in for the one below.
+#[cfg(feature = "lab3")]
+use lab3::switch_cached;
+
+/// The cached policy's root switch to the address space whose PML4 is at `key`: its pair of
+/// roots becomes the current one, kept from its last use (a context switch back to a process
+/// finds its shadows as they were) or created empty; the lookup cache is stale from here on.
+/// Creating a pair may reclaim the least recently used ones, never the pair that may still be
+/// in the real CR3 (the one current until now: the CPU may be walking it, SDM Vol. 3 §4.10.4).
+#[cfg(not(feature = "lab3"))]
+fn switch_cached<M: HostMemory, A: FrameAllocator>(
+    mmu: &mut ShadowMmu<M, A>,
+    key: u64,
+) -> Result<(), StopReason> {
+    let live = mmu.current_key;
+    mmu.current_key = key;
+    mmu.shadow_changed();
+    if mmu.roots.contains_key(&key) {
+        mmu.touch(key);
+        Ok(())
+    } else {
+        mmu.create_pair(key, live)
     }
 }

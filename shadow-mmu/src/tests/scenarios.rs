@@ -412,6 +412,155 @@ fn cached_policy_keeps_shadows_per_cr3_and_zaps_exactly_on_pte_writes() {
 }
 
 #[test]
+fn an_address_space_is_named_by_its_pml4_address_alone() {
+    // CR3 bits 11:0 (PWT, PCD) and those from MAXPHYADDR up are not part of the address
+    // (SDM Vol. 3 §4.5, Table 4-12).
+    assert_eq!(crate::pte::cr3_pml4(CR3 | 0x18 | 0xFE7, 40), CR3);
+    assert_eq!(crate::pte::cr3_pml4(CR3 | 1 << 40 | 1 << 51, 40), CR3);
+    assert_eq!(crate::pte::cr3_pml4(CR3 | 1 << 40, 52), CR3 | 1 << 40);
+    let mut m = mmu(Policy::Cached, 64, CR3);
+    map_4k(&mut m, T, UVA, 0x20_0000, P | RW | US, P | RW | US | D);
+    assert_eq!(
+        m.handle_page_fault(View::User, gva(UVA), hw(false, false)),
+        FaultOutcome::Filled
+    );
+    let roots = [m.current_root(View::Kernel), m.current_root(View::User)];
+    // The same PML4 with PWT and PCD set is the same address space, its shadows kept.
+    m.load_cr3(CR3 | 0x18).unwrap();
+    assert_eq!(
+        [m.current_root(View::Kernel), m.current_root(View::User)],
+        roots
+    );
+    assert!(m.shadow_lookup(View::User, gva(UVA)).is_some());
+    m.audit().unwrap();
+}
+
+/// Address space `i` of the root-switch tests: its CR3, and the user page its four tables map
+/// at `UVA + i * 2 MiB`. Built before anything runs: a store to the tables of an address space
+/// that is not running drops its shadows (`write_protect.rs`).
+fn space(i: u64) -> (u64, u64, [u64; 4]) {
+    let cr3 = 0x100_000 + i * 0x10_000;
+    (
+        cr3,
+        UVA + i * 0x20_0000,
+        [cr3, cr3 + 0x1000, cr3 + 0x2000, cr3 + 0x3000],
+    )
+}
+
+/// An MMU with `spaces` address spaces built (`space`).
+fn mmu_with_spaces(quota: usize, spaces: u64) -> Mmu {
+    let mut m = mmu(Policy::Cached, quota, CR3);
+    for i in 0..spaces {
+        let (_, va, tables) = space(i);
+        map_4k(
+            &mut m,
+            tables,
+            va,
+            0x40_0000 + i * 0x1000,
+            P | RW | US,
+            P | RW | US,
+        );
+    }
+    m
+}
+
+/// Switches to address space `i` and makes the shadow map its page (2 roots and 3 tables).
+fn run_in(m: &mut Mmu, i: u64) {
+    let (cr3, va, _) = space(i);
+    m.load_cr3(cr3).unwrap();
+    if m.shadow_lookup(View::User, gva(va)).is_none() {
+        assert_eq!(
+            m.handle_page_fault(View::User, gva(va), hw(false, false)),
+            FaultOutcome::Filled
+        );
+    }
+}
+
+/// Whether the shadow of address space `i` still maps its page, once switched to.
+fn still_mapped(m: &mut Mmu, i: u64) -> bool {
+    let (cr3, va, _) = space(i);
+    m.load_cr3(cr3).unwrap();
+    m.shadow_lookup(View::User, gva(va)).is_some()
+}
+
+#[test]
+fn switching_back_to_an_address_space_finds_its_shadows_and_makes_it_most_recently_used() {
+    // Room for three address spaces of 5 shadow pages each.
+    let mut m = mmu_with_spaces(16, 5);
+    for i in 0..3 {
+        run_in(&mut m, i);
+    }
+    assert!(still_mapped(&mut m, 0), "kept while there is room");
+    // Two new address spaces: the least recently used ones go first (1, then 2), so 0, used
+    // after them, survives both.
+    run_in(&mut m, 3);
+    run_in(&mut m, 4);
+    assert!(m.stats().reclaims >= 2);
+    assert!(
+        still_mapped(&mut m, 0),
+        "the most recently used address space was reclaimed"
+    );
+    m.audit().unwrap();
+}
+
+#[test]
+fn a_root_switch_never_frees_the_roots_that_were_current() {
+    // The quota is full with address space 0 when the guest switches to 1: 1's roots must come
+    // from 0's subtrees, never from 0's roots, which are still in the real CR3 until the host
+    // reloads it (SDM Vol. 3 §4.10.4).
+    let mut m = mmu_with_spaces(MIN_SHADOW_QUOTA, 2);
+    let (cr3_a, va, tables) = space(0);
+    for i in 1..4 {
+        let pt = 0x180_000 + i * 0x1000;
+        let (at, tables) = (va + i * 0x20_0000, [tables[0], tables[1], tables[2], pt]);
+        map_4k(
+            &mut m,
+            tables,
+            at,
+            0x50_0000 + i * 0x1000,
+            P | RW | US,
+            P | RW | US,
+        );
+    }
+    m.load_cr3(cr3_a).unwrap();
+    for i in 0..4 {
+        let at = gva(va + i * 0x20_0000);
+        assert_eq!(
+            m.handle_page_fault(View::User, at, hw(false, false)),
+            FaultOutcome::Filled
+        );
+    }
+    assert_eq!(m.stats().shadow_pages, MIN_SHADOW_QUOTA);
+    let roots_a = [m.current_root(View::Kernel), m.current_root(View::User)];
+    m.load_cr3(space(1).0).unwrap();
+    let roots_b = [m.current_root(View::Kernel), m.current_root(View::User)];
+    assert!(
+        roots_b.iter().all(|r| !roots_a.contains(r)),
+        "1's roots {roots_b:?} reuse 0's {roots_a:?}"
+    );
+    m.load_cr3(cr3_a).unwrap();
+    assert_eq!(
+        [m.current_root(View::Kernel), m.current_root(View::User)],
+        roots_a,
+        "0's roots were freed"
+    );
+    m.audit().unwrap();
+}
+
+#[test]
+fn a_root_switch_makes_remembered_shadow_lookups_stale() {
+    let mut m = mmu_with_spaces(64, 2);
+    run_in(&mut m, 0);
+    run_in(&mut m, 1);
+    assert!(still_mapped(&mut m, 0));
+    // Address space 1 exists and does not map 0's page: what the lookup remembered from 0 is
+    // stale.
+    m.load_cr3(space(1).0).unwrap();
+    assert_eq!(m.shadow_lookup(View::User, gva(space(0).1)), None);
+    m.audit().unwrap();
+}
+
+#[test]
 fn quota_is_respected_by_reclaiming_least_recently_used_roots() {
     let mut m = mmu(Policy::Cached, MIN_SHADOW_QUOTA, CR3);
     for i in 0..12u64 {
