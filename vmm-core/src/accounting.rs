@@ -224,12 +224,13 @@ struct Entry {
 #[derive(Debug, Clone)]
 pub struct Accounting {
     entries: Vec<(TrapKind, Entry)>,
-    /// Hash slots: 0 = empty, else index + 1 into `entries`.
-    slots: [u16; SLOTS],
+    /// Hash slots: (the kind's `slot_key`, index + 1 into `entries`); index 0 = empty.
+    slots: [(u64, u16); SLOTS],
     phases_recorded: bool,
 }
 
-const SLOTS: usize = 128;
+const SLOT_BITS: u32 = 7;
+const SLOTS: usize = 1 << SLOT_BITS;
 
 /// A kind and where its row was last found in an [`Accounting`] table, for a caller that books
 /// the same kind on many traps ([`Accounting::record_in`]). Checked on every use, so a table
@@ -259,33 +260,31 @@ impl Default for Accounting {
     fn default() -> Self {
         Self {
             entries: Vec::new(),
-            slots: [0; SLOTS],
+            slots: [(0, 0); SLOTS],
             phases_recorded: false,
         }
     }
 }
 
-/// A cheap hash of a kind: its variant and its number, or the address of its name. Names are
-/// `&'static str` literals, so the address is stable for one literal; the same name at two
-/// addresses (two literals) hashes to two slots, which `index_of` points at the same entry.
-fn slot_hash(kind: &TrapKind) -> usize {
-    let name_hash = |s: &str| (s.as_ptr() as usize >> 3) ^ (s.len() << 5);
-    let h = match kind {
-        TrapKind::Instruction(s) => 1 + name_hash(s),
-        TrapKind::Exception(v) => 2 + usize::from(*v) * 5,
-        TrapKind::Irq(v) => 3 + usize::from(*v) * 11,
-        TrapKind::SystemCall(k) => {
-            4 + match k {
-                SyscallKind::Syscall => 13,
-                SyscallKind::Sysenter => 26,
-                SyscallKind::SoftwareInterrupt(v) => 39 + usize::from(*v) * 3,
-            }
-        }
-        TrapKind::PageFault(o) => 5 + *o as usize * 17,
-        TrapKind::Other(s) => 6 + name_hash(s) * 3,
-        TrapKind::VmExit(s) => 7 + name_hash(s) * 5,
-    };
-    h.wrapping_mul(0x9E37_79B9) >> 7
+/// A kind as one number, the slot table's key: its variant and its number, or the address of its
+/// name with the variant in bits 52 and up. Names are `&'static str` literals, so one literal
+/// has one address; the same name at two addresses (two literals) has two keys, which
+/// `index_of` points at the same entry. A name's key is at least 2^52 and a number's below
+/// 2^20, and two names of different variants would need addresses exactly 2^52 apart: keys
+/// are never shared.
+fn slot_key(kind: &TrapKind) -> u64 {
+    let name = |s: &str, variant: u64| s.as_ptr() as u64 ^ variant << 52;
+    match *kind {
+        TrapKind::Exception(v) => 0x1_0000 | u64::from(v),
+        TrapKind::Irq(v) => 0x2_0000 | u64::from(v),
+        TrapKind::SystemCall(SyscallKind::Syscall) => 0x3_0000,
+        TrapKind::SystemCall(SyscallKind::Sysenter) => 0x3_0001,
+        TrapKind::SystemCall(SyscallKind::SoftwareInterrupt(v)) => 0x3_0100 | u64::from(v),
+        TrapKind::PageFault(outcome) => 0x4_0000 | outcome as u64,
+        TrapKind::Instruction(s) => name(s, 1),
+        TrapKind::Other(s) => name(s, 2),
+        TrapKind::VmExit(s) => name(s, 3),
+    }
 }
 
 /// `a == b`, but names that are the same `&'static str` (the usual case: the emulator names an
@@ -314,11 +313,13 @@ impl Accounting {
 
     /// The index of `kind` in `entries`, added when new.
     fn index_of(&mut self, kind: TrapKind) -> usize {
-        let start = slot_hash(&kind);
+        let key = slot_key(&kind);
+        // Fibonacci hashing: the key's top bits, spread by the golden-ratio multiplier.
+        let start = (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - SLOT_BITS)) as usize;
         for probe in 0..SLOTS {
             let slot = (start + probe) % SLOTS;
             match self.slots[slot] {
-                0 => {
+                (_, 0) => {
                     // A kind seen before under another name address keeps its one entry.
                     let index = match self.entries.iter().position(|(k, _)| *k == kind) {
                         Some(index) => index,
@@ -327,19 +328,11 @@ impl Accounting {
                             self.entries.len() - 1
                         }
                     };
-                    self.slots[slot] = (index + 1) as u16;
+                    self.slots[slot] = (key, (index + 1) as u16);
                     return index;
                 }
-                n => {
-                    let index = usize::from(n) - 1;
-                    if self
-                        .entries
-                        .get(index)
-                        .is_some_and(|(k, _)| same_kind(k, &kind))
-                    {
-                        return index;
-                    }
-                }
+                (k, n) if k == key => return usize::from(n) - 1,
+                _ => {}
             }
         }
         // More kinds than slots (never in practice): a plain scan.
@@ -435,7 +428,7 @@ impl Accounting {
     /// Forgets everything (for a new measurement phase).
     pub fn clear(&mut self) {
         self.entries.clear();
-        self.slots = [0; SLOTS];
+        self.slots = [(0, 0); SLOTS];
         self.phases_recorded = false;
     }
 

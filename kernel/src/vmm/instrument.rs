@@ -45,14 +45,10 @@ fn unstamped_instructions(vector: u64, error_code: u64, cli_sti_stub_on: bool) -
         vector::GENERAL_PROTECTION if error_code == 0 && cli_sti_stub_on => 2 + 6 + 3 + 7 + 5 + 4,
         vector::GENERAL_PROTECTION if error_code == 0 => 2 + 6,
         vector::GENERAL_PROTECTION => 2 + 4,
-        // The CPU pushed an error code: push vector, jmp.
-        v if u8::try_from(v)
-            .ok()
-            .and_then(vmm_core::cpu::exception::exception)
-            .is_some_and(|e| e.error_code) =>
-        {
-            2
-        }
+        // The CPU pushed an error code (the stubs' list in asm/trap_entry.S, which the boot
+        // self-check `error-code-vectors` compares with vmm-core's exception table): push
+        // vector, jmp.
+        8 | 10..=14 | 17 | 21 | 29 | 30 => 2,
         // push 0, push vector, jmp.
         _ => 3,
     };
@@ -130,19 +126,43 @@ impl PhaseClock {
         self.skipped = self.skipped.wrapping_add(cycles);
     }
 
-    /// The trap's whole cost, its exit stamp `left` (idle time left out); with the split, the
-    /// phases completed: the way back after the last mark is "exit", and the fixed instructions
-    /// outside the stamps are charged to "entry" and "exit".
-    fn finish(&mut self, left: u64) -> u64 {
-        if self.split {
-            let exit = left.saturating_sub(self.last);
-            self.phases[Phase::Exit as usize] += exit;
-            self.phases[Phase::EntryStub as usize] += self.unstamped;
-        }
-        left.wrapping_sub(self.entered)
-            .saturating_sub(self.skipped)
-            .saturating_add(self.unstamped)
+    /// What its booking needs once the exit stamp `left` is known: the cost is `left - base`
+    /// (idle time left out, the fixed instructions outside the stamps in); with the split, the
+    /// phases so far, the last mark and the fixed instructions, which `Vm::book_last_trap`
+    /// completes. Kept small: it is stored at every trap.
+    fn into_unbooked(self, booked: Booked, split: &mut SplitPending) -> Unbooked {
+        let base = self
+            .entered
+            .wrapping_add(self.skipped)
+            .wrapping_sub(self.unstamped);
+        let booked = match booked {
+            Booked::Kind(kind) if self.split => {
+                *split = SplitPending {
+                    phases: self.phases,
+                    last: self.last,
+                    unstamped: self.unstamped,
+                };
+                Booked::Split(kind)
+            }
+            other => other,
+        };
+        Unbooked { booked, base }
     }
+}
+
+/// The last trap, booked when the next one begins (`Vm::book_last_trap`).
+pub(super) struct Unbooked {
+    booked: Booked,
+    /// Its cost is the exit stamp minus this.
+    base: u64,
+}
+
+/// The per-phase split of the last trap until it is booked (host option `profile=phases`).
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct SplitPending {
+    phases: [u64; Phase::COUNT],
+    last: u64,
+    unstamped: u64,
 }
 
 /// What a trap is booked as, once its cost is known.
@@ -151,6 +171,8 @@ pub(super) enum Booked {
     Kind(TrapKind),
     /// A fast-lane instruction's row (`Vm::lane_rows`).
     Lane(LaneInstruction),
+    /// A row by kind, with its phases in `Vm::split_pending`.
+    Split(TrapKind),
 }
 
 /// What the trace and the trap table call a trap.
@@ -203,11 +225,16 @@ impl Vm {
         action: &Action,
         clock: PhaseClock,
     ) {
-        self.unbooked = Some((Booked::Kind(kind), clock));
+        self.unbooked = Some(clock.into_unbooked(Booked::Kind(kind), &mut self.split_pending));
         if !matches!(action, Action::Resume(_)) {
             self.book_last_trap(rdtsc());
         }
-        self.trace(kind, trap_rip, action);
+        if self.tracer.on() {
+            self.trace(kind, trap_rip, action);
+        } else {
+            // Nothing to trace (the usual case): only the injected vector is consumed.
+            self.injected = None;
+        }
     }
 
     /// The trap's `--trace` line, if the trace takes it; then whether the guest line that starts
@@ -259,23 +286,33 @@ impl Vm {
     /// After a trap the fast lane finished (no trace: the lane is off while trace lines
     /// remain): booked when it has left.
     pub(super) fn account_fast_lane(&mut self, lane: LaneInstruction, clock: PhaseClock) {
-        self.unbooked = Some((Booked::Lane(lane), clock));
+        self.unbooked = Some(clock.into_unbooked(Booked::Lane(lane), &mut self.split_pending));
     }
 
     /// Books the last trap, which left at `left` (the exit stamp, or now when the run ends):
     /// its cost in the trap table, then the benchmark attribution. Called when the next trap
     /// begins — nothing the guest ran in between changed the console, which only traps do.
     pub(super) fn book_last_trap(&mut self, left: u64) {
-        let Some((booked, mut clock)) = self.unbooked.take() else {
+        let Some(Unbooked { booked, base }) = self.unbooked.take() else {
             return;
         };
-        let cost = clock.finish(left);
         match booked {
-            Booked::Kind(kind) if clock.split => self.accounting.record_phases(kind, &clock.phases),
-            Booked::Kind(kind) => self.accounting.record(kind, cost),
+            Booked::Kind(kind) => self.accounting.record(kind, left.wrapping_sub(base)),
+            Booked::Split(kind) => {
+                // The way back after the last mark is "exit"; the fixed instructions outside
+                // the stamps are charged to "entry" and "exit" (as entry, all of them).
+                let SplitPending {
+                    mut phases,
+                    last,
+                    unstamped,
+                } = self.split_pending;
+                phases[Phase::Exit as usize] += left.saturating_sub(last);
+                phases[Phase::EntryStub as usize] += unstamped;
+                self.accounting.record_phases(kind, &phases);
+            }
             Booked::Lane(lane) => {
                 if let Some(row) = self.lane_rows.get_mut(lane.index()) {
-                    self.accounting.record_in(row, cost);
+                    self.accounting.record_in(row, left.wrapping_sub(base));
                 }
             }
         }
@@ -291,20 +328,44 @@ impl Vm {
         }
     }
 
-    /// The benchmark harness: the guest prints `bench,<op>,...` right after each op, so the
-    /// traps (and their cost) between the end of its previous console line and the first byte
-    /// of that one belong to the op — its setup, its loop, the formatting of its result, not the
-    /// printing of any line. Reported as `bench-traps` lines at exit.
+    /// After a trap is booked: the benchmark attribution (`BenchAttribution`), with the
+    /// CLI/STI stub's traps counted in.
     pub(super) fn note_guest_lines(&mut self) {
-        let sink = self.bus.com1().sink();
-        let (lines, begun) = (sink.lines, sink.lines_begun);
-        let mark = self.bench_mark;
+        let accounting = &self.accounting;
+        self.bench.note(self.bus.com1_mut().sink_mut(), || {
+            let totals = accounting.totals();
+            let (cli, sti, fast_cost) = cli_sti_stub::counts();
+            (totals.count() + cli + sti, totals.total() + fast_cost)
+        });
+    }
+}
+
+/// The benchmark harness: the guest prints `bench,<op>,...` right after each op, so the traps
+/// (and their cost) between the end of its previous console line and the first byte of that one
+/// belong to the op — its setup, its loop, the formatting of its result, not the printing of any
+/// line. Reported as `bench-traps` lines at exit; the same for both backends (under
+/// `backend=svm` the "traps" are exits).
+#[derive(Debug, Default)]
+pub(super) struct BenchAttribution {
+    mark: BenchMark,
+    /// (op, traps, cost) for each `bench,` line so far.
+    ops: alloc::vec::Vec<(alloc::string::String, u64, u64)>,
+}
+
+impl BenchAttribution {
+    /// After a trap: `now` gives the (traps, cost) booked so far, asked only when a guest line
+    /// began or ended since the last call.
+    pub(super) fn note(
+        &mut self,
+        console: &mut super::console::GuestConsole,
+        now: impl FnOnce() -> (u64, u64),
+    ) {
+        let (lines, begun) = (console.lines, console.lines_begun);
+        let mark = self.mark;
         if lines == mark.lines && begun == mark.begun {
             return;
         }
-        let totals = self.accounting.totals();
-        let (cli, sti, fast_cost) = cli_sti_stub::counts();
-        let now = (totals.count() + cli + sti, totals.total() + fast_cost);
+        let now = now();
         // A line begun in this trap: the op before it ended here (a line printed whole in one
         // trap, REP OUTSB, ends its op here too).
         let line_start = if begun != mark.begun {
@@ -313,15 +374,15 @@ impl Vm {
             mark.line_start
         };
         if lines != mark.lines {
-            for op in self.bus.com1_mut().sink_mut().take_bench_ops() {
-                self.bench_traps.push((
+            for op in console.take_bench_ops() {
+                self.ops.push((
                     op,
                     line_start.0 - mark.line_end.0,
                     line_start.1 - mark.line_end.1,
                 ));
             }
         }
-        self.bench_mark = BenchMark {
+        self.mark = BenchMark {
             lines,
             begun,
             line_start,
@@ -332,12 +393,19 @@ impl Vm {
             },
         };
     }
+
+    /// The `bench-traps,<op>,<traps>,<cost>` lines of the exit report.
+    pub(super) fn report(&self) {
+        for (op, traps, cost) in &self.ops {
+            crate::serial::write_line(format_args!("[vmm] bench-traps,{op},{traps},{cost}"));
+        }
+    }
 }
 
 /// Where the benchmark harness stands in the guest's console output: the lines ended and
 /// begun so far, and the (trap count, cost) when the current line began and the last one ended.
 #[derive(Clone, Copy, Debug, Default)]
-pub(super) struct BenchMark {
+struct BenchMark {
     lines: u64,
     begun: u64,
     line_start: (u64, u64),

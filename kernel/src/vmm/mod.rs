@@ -94,8 +94,7 @@ struct Vm {
     /// entry.
     real_controls: Option<vmm_core::cpu::state::RealControls>,
     /// Where the benchmark harness stands in the guest's console output (`note_guest_lines`).
-    bench_mark: instrument::BenchMark,
-    bench_traps: alloc::vec::Vec<(alloc::string::String, u64, u64)>,
+    bench: instrument::BenchAttribution,
     /// The trap fast paths are on (host option `fastpath=`, `fast_path.rs`).
     fastpath: bool,
     /// QEMU runs with `-icount` (host option `icount=on`): the TSC counts instructions, and
@@ -105,7 +104,9 @@ struct Vm {
     /// the dispatcher (`emulate` then does not fetch them again); reset at every trap.
     prefetched: Option<[u8; 8]>,
     /// The last trap and its clock, booked when the next one begins (`book_last_trap`).
-    unbooked: Option<(instrument::Booked, PhaseClock)>,
+    unbooked: Option<instrument::Unbooked>,
+    /// The phases of the unbooked trap, with `profile=phases`.
+    split_pending: instrument::SplitPending,
 }
 
 /// The guest's port bus: virtual PIC pair, PIT, COM1 (into the console), debug exit; the same
@@ -161,14 +162,14 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
         injected: None,
         unshadowed_for: None,
         real_controls: None,
-        bench_mark: instrument::BenchMark::default(),
-        bench_traps: alloc::vec::Vec::new(),
+        bench: instrument::BenchAttribution::default(),
         lane_rows: vmm_core::cpu::emulate::LaneInstruction::ALL
             .map(|lane| KindRow::new(TrapKind::Instruction(lane.name()))),
         fastpath: config.fastpath,
         icount: config.icount,
         prefetched: None,
         unbooked: None,
+        split_pending: instrument::SplitPending::default(),
     };
     // The first entry is a made-up return from a trap, built like every other return.
     let mut frame = TrapFrame::default();

@@ -97,9 +97,7 @@ pub(super) fn report(vm: &mut Vm) {
         crate::serial::write_line(format_args!("[vmm] unknown ports:"));
         print_lines(&unknown);
     }
-    for (op, traps, cost) in &vm.bench_traps {
-        crate::serial::write_line(format_args!("[vmm] bench-traps,{op},{traps},{cost}"));
-    }
+    vm.bench.report();
     let (received, dropped) = crate::serial::rx_counts();
     if received > 0 {
         crate::serial::write_line(format_args!(

@@ -7,6 +7,7 @@
 use super::console::GuestConsole;
 use super::exit::poll_devices;
 use super::host::{DirectMap, HostClock, HostFrames, RealCpu};
+use super::instrument::BenchAttribution;
 use super::report::{cost_unit, print_lines};
 use super::watchdog::Watchdog;
 use super::{guest_exit_code, GuestBus};
@@ -234,6 +235,7 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
         trace_left: config.trace.limit,
         icount: config.icount,
         unbooked: None,
+        bench: BenchAttribution::default(),
     };
     loop {
         let mut vmcb = vmcb_at(guest_vmcb);
@@ -282,6 +284,8 @@ struct SvmHost {
     /// The last exit, when it came, and the idle time inside it: booked just before the next
     /// VMRUN, when its whole cost is known.
     unbooked: Option<(TrapKind, u64, u64)>,
+    /// Exits and their cost charged to the guest's benchmark ops.
+    bench: BenchAttribution,
 }
 
 impl SvmHost {
@@ -291,6 +295,11 @@ impl SvmHost {
             let now = super::instrument::rdtsc();
             let cost = now.wrapping_sub(came).saturating_sub(idle) + STUB_INSTRUCTIONS;
             self.accounting.record(kind, cost);
+            let accounting = &self.accounting;
+            self.bench.note(self.bus.com1_mut().sink_mut(), || {
+                let totals = accounting.totals();
+                (totals.count(), totals.total())
+            });
         }
     }
 
@@ -405,5 +414,6 @@ impl SvmHost {
             machine.npt.mapped(),
             machine.p2m.frames_used()
         ));
+        self.bench.report();
     }
 }
