@@ -64,6 +64,7 @@ run() {
 run native --native -- bench "${words[@]}"
 run vmm-flush --append shadow=flush -- bench "${words[@]}"
 run vmm-cached --append shadow=cached -- bench "${words[@]}"
+run vmm-svm --append backend=svm -- bench "${words[@]}"
 ablation_args=()
 for options in "${ablations[@]}"; do
     name="vmm-$judged-${options//[= ]/-}"
@@ -90,7 +91,8 @@ icount=$(sed -n 's/^ *qemu+=(-icount \(.*\))$/\1/p' "$ROOT/run-qemu.sh")
 cargo run --quiet --release --bin bench-report -- \
     "$LOGS/native.log" "$LOGS/vmm-flush.log" "$LOGS/vmm-cached.log" \
     --judged "$judged" --trap-cost "$trap_cost" --csv "$OUT/results.csv" --meta "$OUT/results.meta" \
-    "${ablation_args[@]}" --ablation-csv "$OUT/ablation.csv"
+    "${ablation_args[@]}" --ablation-csv "$OUT/ablation.csv" \
+    --svm "$LOGS/vmm-svm.log" --backends-csv "$OUT/backends.csv"
 
 if ! command -v gnuplot >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -101,7 +103,7 @@ fi
 if command -v gnuplot >/dev/null 2>&1; then
     gnuplot -e "csv='$OUT/results.csv'; png='$OUT/results.png'; trap_cost=$trap_cost; judged='$judged'" \
         "$OUT/plot.gp"
-    echo "bench/run.sh: wrote $OUT/results.csv, $OUT/ablation.csv, $OUT/results.meta and $OUT/results.png" >&2
+    echo "bench/run.sh: wrote $OUT/results.csv, $OUT/ablation.csv, $OUT/backends.csv, $OUT/results.meta and $OUT/results.png" >&2
 else
-    echo "bench/run.sh: wrote $OUT/results.csv, $OUT/ablation.csv and $OUT/results.meta (no gnuplot: install gnuplot-nox for the chart)" >&2
+    echo "bench/run.sh: wrote $OUT/results.csv, $OUT/ablation.csv, $OUT/backends.csv and $OUT/results.meta (no gnuplot: install gnuplot-nox for the chart)" >&2
 fi

@@ -396,6 +396,122 @@ pub fn to_markdown(rows: &[ResultRow], judged: Judged, trap_cost: f64) -> String
     s
 }
 
+/// The default exit round-trip cost (C) of the SVM modelled column: a VM exit and entry on
+/// Westmere, the newest figure of Agesen et al. (USENIX ATC'12: 3 963 cycles on Prescott, 761 on
+/// Westmere); the article's own (VM entry 2 409 cycles on the Pentium 4, 937 on Core) are in
+/// docs/hardware-assist.md.
+pub const DEFAULT_EXIT_COST: f64 = 761.0;
+
+/// One line of the backends table: the same op natively, under trap-and-emulate (the judged
+/// policy) and under SVM (`backend=svm`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BackendRow {
+    /// The op.
+    pub op: String,
+    /// Native instructions per op.
+    pub native: f64,
+    /// Trap-and-emulate, per op, and its traps per op.
+    pub trap: f64,
+    /// Traps per op under trap-and-emulate.
+    pub traps_per_op: f64,
+    /// SVM, per op.
+    pub svm: f64,
+    /// `#VMEXIT`s per op.
+    pub exits_per_op: f64,
+    /// trap + traps_per_op x C (trap round trip).
+    pub trap_modelled: f64,
+    /// svm + exits_per_op x C (exit round trip).
+    pub svm_modelled: f64,
+}
+
+/// Lays the SVM run beside the trap-and-emulate one. `trap_cost` and `exit_cost` are the C of
+/// each modelled column.
+pub fn compare_backends(
+    native: &BenchRun,
+    trap: &BenchRun,
+    svm: &BenchRun,
+    trap_cost: f64,
+    exit_cost: f64,
+) -> Result<Vec<BackendRow>, String> {
+    let per_op = |run: &BenchRun, op: &str, what: &str| -> Result<(f64, f64), String> {
+        let row = run
+            .row(op)
+            .ok_or_else(|| format!("{op}: missing from the {what} run"))?;
+        let traps = run.traps.get(op).map_or(0, |t| t.traps);
+        Ok((row.per_op(), traps as f64 / row.iterations.max(1) as f64))
+    };
+    native
+        .rows
+        .iter()
+        .map(|n| {
+            let (trap_per_op, traps_per_op) = per_op(trap, &n.op, "trap-and-emulate")?;
+            let (svm_per_op, exits_per_op) = per_op(svm, &n.op, "svm")?;
+            Ok(BackendRow {
+                op: n.op.clone(),
+                native: n.per_op(),
+                trap: trap_per_op,
+                traps_per_op,
+                svm: svm_per_op,
+                exits_per_op,
+                trap_modelled: trap_per_op + traps_per_op * trap_cost,
+                svm_modelled: svm_per_op + exits_per_op * exit_cost,
+            })
+        })
+        .collect()
+}
+
+/// What each column of `bench/backends.csv` counts, for its header comment.
+pub const BACKEND_UNITS: &str = "native, trap, svm: instructions per op under -icount shift=0 \
+(trap: trap-and-emulate, the judged policy; svm: backend=svm); traps_per_op, exits_per_op: traps \
+or #VMEXITs per op; trap_modelled, svm_modelled: cycles per op = the column + traps (exits) per \
+op x the trap (exit) round-trip cost";
+
+/// `bench/backends.csv`.
+pub fn backends_csv(rows: &[BackendRow], comment: &str) -> String {
+    let mut s = String::from(comment);
+    s.push_str("op,native,trap,traps_per_op,svm,exits_per_op,trap_modelled,svm_modelled\n");
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "{},{:.1},{:.1},{:.2},{:.1},{:.2},{:.0},{:.0}",
+            r.op,
+            r.native,
+            r.trap,
+            r.traps_per_op,
+            r.svm,
+            r.exits_per_op,
+            r.trap_modelled,
+            r.svm_modelled
+        );
+    }
+    s
+}
+
+/// The backends table printed by `./run-qemu.sh --bench`.
+pub fn backends_markdown(rows: &[BackendRow], trap_cost: f64, exit_cost: f64) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "| op | native | trap-and-emulate | traps/op | SVM | exits/op | modelled, trap (C={trap_cost:.0}) | modelled, SVM (C={exit_cost:.0}) |"
+    );
+    s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "| {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} | {:.0} |",
+            r.op,
+            r.native,
+            r.trap,
+            r.traps_per_op,
+            r.svm,
+            r.exits_per_op,
+            r.trap_modelled,
+            r.svm_modelled
+        );
+    }
+    s
+}
+
 /// One ablation run: the judged policy again, with some host switches changed from their
 /// defaults (`fastpath=off`), so the table can say what each default buys.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -7,20 +7,27 @@
 //! With `--meta FILE` (bench/results.meta, `key=value` lines) both CSVs start with that
 //! metadata and their units as `# ` comment lines.
 //!
+//! With `--svm LOG` (the same bench under `backend=svm`) a third table lays the two backends
+//! side by side, traps and exits per op with a modelled column each (`--exit-cost C`, default
+//! [`DEFAULT_EXIT_COST`]), and `--backends-csv OUT` writes it.
+//!
 //! usage: bench-report NATIVE.log FLUSH.log CACHED.log --judged flush|cached --trap-cost C
 //!        --csv OUT [--meta FILE] [--ablation OPTIONS LOG]... [--ablation-csv OUT]
+//!        [--svm LOG [--exit-cost C] [--backends-csv OUT]]
 
 use std::process::ExitCode;
 use trapvmm::bench::{
-    ablate, ablation_csv, ablation_markdown, combine, csv_comment, parse_run, to_csv, to_markdown,
-    Ablation, BenchRun, Judged, ABLATION_UNITS, RESULT_UNITS,
+    ablate, ablation_csv, ablation_markdown, backends_csv, backends_markdown, combine,
+    compare_backends, csv_comment, parse_run, to_csv, to_markdown, Ablation, BenchRun, Judged,
+    ABLATION_UNITS, BACKEND_UNITS, DEFAULT_EXIT_COST, RESULT_UNITS,
 };
 
 fn usage(why: &str) -> ExitCode {
     eprintln!("bench-report: {why}");
     eprintln!(
         "usage: bench-report NATIVE.log FLUSH.log CACHED.log --judged flush|cached --trap-cost C --csv OUT \
-         [--meta FILE] [--ablation OPTIONS LOG]... [--ablation-csv OUT]"
+         [--meta FILE] [--ablation OPTIONS LOG]... [--ablation-csv OUT] \
+         [--svm LOG [--exit-cost C] [--backends-csv OUT]]"
     );
     ExitCode::from(2)
 }
@@ -39,6 +46,7 @@ fn main() -> ExitCode {
     let mut ablation_logs: Vec<(String, String)> = Vec::new();
     let mut ablation_csv_path = None;
     let mut meta = String::new();
+    let (mut svm_log, mut exit_cost, mut backends_csv_path) = (None, DEFAULT_EXIT_COST, None);
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -68,6 +76,18 @@ fn main() -> ExitCode {
             "--ablation-csv" => match it.next() {
                 Some(p) => ablation_csv_path = Some(p.clone()),
                 None => return usage("--ablation-csv needs a path"),
+            },
+            "--svm" => match it.next() {
+                Some(p) => svm_log = Some(p.clone()),
+                None => return usage("--svm needs the backend=svm run's log"),
+            },
+            "--exit-cost" => match it.next().and_then(|v| v.parse::<f64>().ok()) {
+                Some(c) if c >= 0.0 => exit_cost = c,
+                _ => return usage("--exit-cost needs a non-negative number"),
+            },
+            "--backends-csv" => match it.next() {
+                Some(p) => backends_csv_path = Some(p.clone()),
+                None => return usage("--backends-csv needs a path"),
             },
             s if s.starts_with("--") => return usage(&format!("unknown option '{s}'")),
             file => files.push(file.to_string()),
@@ -120,6 +140,23 @@ fn main() -> ExitCode {
             "\n{}",
             ablation_markdown(judged, &ablations, &ablation_rows)
         );
+    }
+    if let Some(path) = svm_log {
+        let svm = match read_run(&path) {
+            Ok(run) => run,
+            Err(e) => return usage(&e),
+        };
+        let backends = match compare_backends(&runs[0], default, &svm, trap_cost, exit_cost) {
+            Ok(rows) => rows,
+            Err(e) => return usage(&e),
+        };
+        if let Some(out) = backends_csv_path {
+            let comment = csv_comment(&meta, BACKEND_UNITS);
+            if let Err(e) = std::fs::write(&out, backends_csv(&backends, &comment)) {
+                return usage(&format!("cannot write {out}: {e}"));
+            }
+        }
+        print!("\n{}", backends_markdown(&backends, trap_cost, exit_cost));
     }
     ExitCode::SUCCESS
 }
