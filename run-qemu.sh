@@ -252,8 +252,11 @@ GRUB_CFG
 guest_kernel="$BIN_DIR/guest-kernel"
 [ -n "$guest" ] || guest="$guest_kernel"
 
+# -cpu: QEMU's TCG "max" CPU with Intel's vendor string (the guest kernel uses SYSENTER in
+# 64-bit mode, which QEMU allows only for Intel) and, named so a QEMU that changes its defaults
+# fails loudly, AMD SVM with nested paging for backend=svm (docs/hardware-assist.md).
 qemu=(qemu-system-x86_64
-    -machine q35 -cpu max,vendor=GenuineIntel
+    -machine q35 -cpu max,vendor=GenuineIntel,svm=on,npt=on
     -serial stdio -display none -monitor none -no-reboot
     -device isa-debug-exit,iobase=0xf4,iosize=0x04)
 if [ "$icount" = 1 ]; then

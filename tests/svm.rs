@@ -195,3 +195,30 @@ fn random_code_under_svm_never_makes_the_host_panic() {
         }
     }
 }
+
+/// `--trace` under SVM: one line per exit, filtered by kind as under trap-and-emulate.
+#[test]
+fn the_trace_shows_exits_of_the_chosen_kinds() {
+    let guest = test_guest("hello");
+    let run = boot(&[
+        "--timeout",
+        "60",
+        "--guest",
+        &guest,
+        "--trace=pf",
+        "--append",
+        "backend=svm",
+    ]);
+    run.expect_status(0);
+    let lines: Vec<&str> = run
+        .serial
+        .lines()
+        .filter(|l| l.starts_with("[vmm] trace: rip="))
+        .collect();
+    assert!(!lines.is_empty(), "no trace lines:\n{run}");
+    assert!(
+        lines.iter().all(|l| l.contains(" exit NPF ")),
+        "a line of another kind:\n{}",
+        lines.join("\n")
+    );
+}

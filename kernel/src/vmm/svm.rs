@@ -23,6 +23,7 @@ use vmm_core::svm::intercept::{build_msrpm, intercept_all_ports, IOPM_SIZE, MSRP
 use vmm_core::svm::npt::NestedPageTables;
 use vmm_core::svm::vmcb::{SavedRegister, Vmcb, VMCB_SIZE};
 use vmm_core::svm::{ExitOutcome, GuestRegisters, SvmGuest, SvmMachine, SvmStop};
+use vmm_core::trace::{TraceKind, Tracer};
 
 extern "C" {
     /// One VMRUN (asm/svm_run.S).
@@ -232,7 +233,7 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
         bus: PortBus::new(GuestConsole::watching_for(config.trace.from), HostClock),
         accounting: Accounting::new(),
         watchdog: Watchdog::new(config.watchdog_ticks),
-        trace_left: config.trace.limit,
+        tracer: Tracer::new(&config.trace),
         icount: config.icount,
         unbooked: None,
         bench: BenchAttribution::default(),
@@ -250,7 +251,7 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
         let (info_1, info_2) = (vmcb.exit_info_1(), vmcb.exit_info_2());
         let (code, outcome) = guest.handle_exit(&mut vmcb, &mut host.bus, &mut machine);
         host.unbooked = Some((TrapKind::VmExit(code.name()), came, 0));
-        host.trace(rip, code.name(), info_1, info_2, outcome, injected);
+        host.trace(rip, code.name(), (info_1, info_2), outcome, injected);
         if let Some(code) = host.bus.exit_requested() {
             host.book_now();
             host.report(&machine);
@@ -279,7 +280,7 @@ struct SvmHost {
     bus: GuestBus,
     accounting: Accounting,
     watchdog: Watchdog,
-    trace_left: u64,
+    tracer: Tracer,
     icount: bool,
     /// The last exit, when it came, and the idle time inside it: booked just before the next
     /// VMRUN, when its whole cost is known.
@@ -370,30 +371,50 @@ impl SvmHost {
         }
     }
 
-    /// One `--trace` line per exit (the host's own interrupts only when they made the guest's).
+    /// One `--trace` line per exit, through the same tracer as trap-and-emulate (`trace=`,
+    /// `trace_kinds=`, `trace_skip=`, `trace_from=`; an exit's kind by `TraceKind::of`).
     fn trace(
         &mut self,
         rip: u64,
-        name: &str,
-        info_1: u64,
-        info_2: u64,
+        name: &'static str,
+        info: (u64, u64),
         outcome: ExitOutcome,
         injected: Option<u8>,
     ) {
-        if self.trace_left == 0 {
+        if !self.tracer.on() {
             return;
         }
-        self.trace_left -= 1;
-        let injected = match injected {
-            Some(vector) => alloc::format!(", interrupt {vector:#x} injected at entry"),
-            None => alloc::string::String::new(),
-        };
-        crate::serial::write_line(format_args!(
-            "[vmm] trace: rip={rip:#x} exit {name} info1={info_1:#x} info2={info_2:#x} -> {outcome:?}{injected}"
-        ));
-        if self.trace_left == 0 {
+        let kind = TraceKind::of(&TrapKind::VmExit(name));
+        if let Some(line) = self.tracer.step(kind, injected.is_some()) {
+            if line.starts {
+                crate::serial::write_line(format_args!(
+                    "[vmm] trace: {} exits of the kinds {} skipped (trace_skip=); from here on, every one",
+                    self.tracer.skip(),
+                    self.tracer.kinds()
+                ));
+            }
+            let injected = match injected {
+                Some(vector) => alloc::format!(", interrupt {vector:#x} injected at entry"),
+                None => alloc::string::String::new(),
+            };
             crate::serial::write_line(format_args!(
-                "[vmm] trace: limit reached (host option trace=N for more); no more trace lines"
+                "[vmm] trace: rip={rip:#x} exit {name} info1={:#x} info2={:#x} -> {outcome:?}{injected}",
+                info.0, info.1
+            ));
+            if line.last {
+                let limit = self.tracer.limit();
+                crate::serial::write_line(format_args!(
+                    "[vmm] trace: limit reached: {limit} lines (host option trace={limit}; --append trace=N for more); no more trace lines"
+                ));
+            }
+        }
+        let console = self.bus.com1().sink();
+        if self.tracer.waiting_for_marker() && console.marker_seen {
+            self.tracer.marker_seen();
+            crate::serial::write_line(format_args!(
+                "[vmm] trace: the guest printed '{}' (trace_from=): tracing exits of the kinds {} from here",
+                console.marker.as_deref().unwrap_or_default(),
+                self.tracer.kinds()
             ));
         }
     }
@@ -401,6 +422,12 @@ impl SvmHost {
     /// The end-of-run report: the exit table in the trap table's format, and the nested tables.
     fn report(&mut self, machine: &Machine) {
         self.bus.com1_mut().sink_mut().flush();
+        if self.tracer.waiting_for_marker() {
+            crate::serial::write_line(format_args!(
+                "[vmm] trace: no guest line contained '{}' (trace_from=), so nothing was traced",
+                self.bus.com1().sink().marker.as_deref().unwrap_or_default()
+            ));
+        }
         let (_, meaning) = cost_unit(self.icount);
         let mut table = alloc::string::String::new();
         let _ = self.accounting.write_table(&mut table);
