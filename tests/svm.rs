@@ -150,7 +150,7 @@ fn unknown_ports_and_msrs_and_rep_bombs_under_svm() {
 }
 
 /// Under SVM the VMM has no range in the guest's address space: the guest may map what
-/// trap-and-emulate reserves (docs/guest-contract.md), and its nested tables still reach only
+/// trap-and-emulate reserves (docs/writing-a-guest.md), and its nested tables still reach only
 /// its own frames.
 #[test]
 fn the_vmm_range_is_the_guests_own_under_svm() {

@@ -138,7 +138,7 @@ pub struct SvmGuest {
 }
 
 impl SvmGuest {
-    /// A guest about to enter at `entry` (docs/guest-contract.md).
+    /// A guest about to enter at `entry` (docs/writing-a-guest.md).
     pub fn new(entry: &EntryState) -> Self {
         let gdtr = TableRegister {
             base: entry.gdtr_base,
