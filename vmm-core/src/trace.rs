@@ -77,9 +77,11 @@ impl TraceKind {
             {
                 TraceKind::Syscall
             }
-            TrapKind::VmExit("NPF") => TraceKind::PageFault,
-            TrapKind::VmExit("IOIO") => TraceKind::Io,
-            TrapKind::VmExit("INTR" | "VINTR") => TraceKind::Irq,
+            TrapKind::VmExit(name) if name.starts_with("NPF ") => TraceKind::PageFault,
+            TrapKind::VmExit(name) if name.starts_with("IOIO ") => TraceKind::Io,
+            TrapKind::VmExit(name) if name.starts_with("INTR ") || name.starts_with("VINTR ") => {
+                TraceKind::Irq
+            }
             TrapKind::Instruction(_) | TrapKind::Other(_) | TrapKind::VmExit(_) => TraceKind::Insn,
         }
     }

@@ -64,24 +64,25 @@ impl ExitCode {
         }
     }
 
-    /// The exit table's name for this exit.
+    /// The exit table's name for this exit: the APM's name and its exit code (a range for the
+    /// codes that carry a number).
     pub fn name(self) -> &'static str {
         match self {
-            Self::CrRead(_) => "CR read",
-            Self::CrWrite(_) => "CR write",
-            Self::Exception(_) => "exception",
-            Self::Intr => "INTR",
-            Self::Nmi => "NMI",
-            Self::Vintr => "VINTR",
-            Self::Cpuid => "CPUID",
-            Self::Hlt => "HLT",
-            Self::Ioio => "IOIO",
-            Self::Msr => "MSR",
-            Self::TaskSwitch => "task switch",
-            Self::Shutdown => "SHUTDOWN",
-            Self::Refused(_) => "refused instruction",
-            Self::NestedPageFault => "NPF",
-            Self::Invalid => "INVALID",
+            Self::CrRead(_) => "CR read (0x00-0x0f)",
+            Self::CrWrite(_) => "CR write (0x10-0x1f)",
+            Self::Exception(_) => "exception (0x40-0x5f)",
+            Self::Intr => "INTR (0x60)",
+            Self::Nmi => "NMI (0x61)",
+            Self::Vintr => "VINTR (0x64)",
+            Self::Cpuid => "CPUID (0x72)",
+            Self::Hlt => "HLT (0x78)",
+            Self::Ioio => "IOIO (0x7b)",
+            Self::Msr => "MSR (0x7c)",
+            Self::TaskSwitch => "task switch (0x7d)",
+            Self::Shutdown => "SHUTDOWN (0x7f)",
+            Self::Refused(_) => "refused instruction (0x76, 0x80-0x8b)",
+            Self::NestedPageFault => "NPF (0x400)",
+            Self::Invalid => "INVALID (-1)",
             Self::Other(_) => "other",
         }
     }
@@ -152,6 +153,20 @@ mod tests {
         assert_eq!(ExitCode::decode(u64::MAX), ExitCode::Invalid);
         assert_eq!(ExitCode::decode(0xFFFF_FFFF), ExitCode::Invalid);
         assert_eq!(ExitCode::decode(0x99), ExitCode::Other(0x99));
+    }
+
+    /// `--trace=pf,io,irq` picks exits by these names.
+    #[test]
+    fn exit_names_have_trace_kinds() {
+        use crate::accounting::TrapKind;
+        use crate::trace::TraceKind;
+        let kind = |code: ExitCode| TraceKind::of(&TrapKind::VmExit(code.name()));
+        assert_eq!(kind(ExitCode::NestedPageFault), TraceKind::PageFault);
+        assert_eq!(kind(ExitCode::Ioio), TraceKind::Io);
+        assert_eq!(kind(ExitCode::Intr), TraceKind::Irq);
+        assert_eq!(kind(ExitCode::Vintr), TraceKind::Irq);
+        assert_eq!(kind(ExitCode::Hlt), TraceKind::Insn);
+        assert!(ExitCode::Ioio.name().contains("0x7b"));
     }
 
     /// `out dx, al` to 0x3F8; `rep insw` from 0x1F0 with 64-bit addresses; `in eax, 0x60`.

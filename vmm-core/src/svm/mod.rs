@@ -26,6 +26,7 @@ use crate::io::PortIo;
 use crate::loader::EntryState;
 use event::{int_ctl, interrupt_window, EventInjection, InterruptWindow};
 use exit::{ExitCode, IoExit};
+use iced_x86::{Code, Decoder, DecoderOptions, Register};
 use intercept::{Intercept, VMM_INTERCEPTS};
 use shadow_mmu::{walk, MemoryError, WalkError};
 use shadow_mmu::{Access, AccessKind, GuestPhysMemory, GuestVirtAddr, PagingMode, Privilege};
@@ -171,6 +172,8 @@ impl SvmGuest {
         vmcb.set_guest_asid(GUEST_ASID);
         vmcb.set_tlb_control(0);
         vmcb.set_int_ctl(int_ctl::V_INTR_MASKING);
+        // CR8 writes exit (`mov_to_cr8`: a QEMU 7.2 workaround); reads use V_TPR.
+        vmcb.set_cr_intercepts(0, 1 << 8);
         vmcb.enable_nested_paging(nested_root);
 
         let code = VmcbSegment::from_descriptor(boot::BOOT_CODE_SELECTOR, boot::BOOT_GDT[1]);
@@ -264,6 +267,7 @@ impl SvmGuest {
                     ExitOutcome::Halted
                 }
             }
+            ExitCode::CrWrite(8) => self.mov_to_cr8(vmcb, machine),
             ExitCode::Intr => ExitOutcome::HostInterrupt,
             ExitCode::Vintr => {
                 // The window is open: `prepare_entry` injects the PIC's interrupt now.
@@ -287,6 +291,77 @@ impl SvmGuest {
             _ => ExitOutcome::Stop(SvmStop::Unexpected(vmcb.exit_code())),
         };
         (code, outcome)
+    }
+
+    /// MOV CR8, r64 — intercepted only to keep QEMU 7.2 alive: its MOV CR8 under
+    /// `V_INTR_MASKING` raises the virtual-interrupt request from the vCPU thread without
+    /// the lock its interrupt path asserts, so a CR8 write while a V_IRQ is posted aborts
+    /// QEMU (`tcg_handle_interrupt: assertion failed`). The write goes to V_TPR as the CPU's
+    /// would (APM vol. 2 §15.21.4); bits 63:4 set are #GP(0) (SDM vol. 3 §10.8.6.1).
+    fn mov_to_cr8<M: SvmMachine + ?Sized>(
+        &mut self,
+        vmcb: &mut Vmcb<'_>,
+        machine: &mut M,
+    ) -> ExitOutcome {
+        let rip = vmcb.get(SavedRegister::Rip);
+        let mut bytes = [0u8; 15];
+        let mut fetched = 0;
+        let mut fault = None;
+        for (i, byte) in bytes.iter_mut().enumerate() {
+            let mut one = [0u8];
+            match read_code(vmcb, machine, rip.wrapping_add(i as u64), &mut one) {
+                Ok(()) => *byte = one[0],
+                Err(f) => {
+                    fault = Some(f);
+                    break;
+                }
+            }
+            fetched += 1;
+        }
+        let mut decoder = Decoder::with_ip(64, &bytes[..fetched], rip, DecoderOptions::NONE);
+        let ins = decoder.decode();
+        if ins.is_invalid() || ins.code() != Code::Mov_cr_r64 || ins.op0_register() != Register::CR8
+        {
+            return match fault {
+                Some(Fail::Fault(event)) => {
+                    inject(vmcb, event);
+                    ExitOutcome::Resume
+                }
+                Some(Fail::Stop(stop)) => ExitOutcome::Stop(stop),
+                None => ExitOutcome::Stop(SvmStop::Unexpected(vmcb.exit_code())),
+            };
+        }
+        let value = self.gpr(vmcb, ins.op1_register());
+        if value >> 4 != 0 {
+            inject(vmcb, EventInjection::exception(13, Some(0)));
+            return ExitOutcome::Resume;
+        }
+        let ctl = (vmcb.int_ctl() & !int_ctl::V_TPR_MASK) | value as u32;
+        vmcb.set_int_ctl(ctl);
+        skip(vmcb, ins.len() as u64)
+    }
+
+    /// A 64-bit general register of the guest, wherever it lives (RAX and RSP in the VMCB).
+    fn gpr(&self, vmcb: &Vmcb<'_>, register: Register) -> u64 {
+        let r = &self.regs;
+        match register.full_register() {
+            Register::RAX => vmcb.get(SavedRegister::Rax),
+            Register::RSP => vmcb.get(SavedRegister::Rsp),
+            Register::RBX => r.rbx,
+            Register::RCX => r.rcx,
+            Register::RDX => r.rdx,
+            Register::RSI => r.rsi,
+            Register::RDI => r.rdi,
+            Register::RBP => r.rbp,
+            Register::R8 => r.r8,
+            Register::R9 => r.r9,
+            Register::R10 => r.r10,
+            Register::R11 => r.r11,
+            Register::R12 => r.r12,
+            Register::R13 => r.r13,
+            Register::R14 => r.r14,
+            _ => r.r15,
+        }
     }
 
     /// RDMSR (`EXITINFO1` = 0) or WRMSR (1) of an MSR the guest does not own: against the same
@@ -577,6 +652,17 @@ fn read_linear<M: SvmMachine + ?Sized>(
         *byte = one[0];
     }
     Ok(())
+}
+
+/// One instruction byte at guest-linear `linear`, fetched as the CPU would (its execute rights).
+fn read_code<M: SvmMachine + ?Sized>(
+    vmcb: &mut Vmcb<'_>,
+    machine: &mut M,
+    linear: u64,
+    out: &mut [u8; 1],
+) -> Result<(), Fail> {
+    let gpa = translate(vmcb, machine, linear, AccessKind::Fetch)?;
+    machine.read_guest_phys(gpa, out).map_err(Fail::Stop)
 }
 
 fn write_linear<M: SvmMachine + ?Sized>(

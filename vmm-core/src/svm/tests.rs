@@ -422,3 +422,23 @@ fn cs_d_is_cleared_in_64_bit_code() {
     rig.prepare(&mut pic);
     assert_eq!(rig.vmcb().segment(SegmentRegister::Cs).attributes, 0xCFB);
 }
+
+/// MOV CR8 exits (a QEMU workaround) and lands in V_TPR; bits above 3 are #GP.
+#[test]
+fn mov_to_cr8_goes_to_v_tpr() {
+    let mut rig = Rig::new();
+    rig.without_paging();
+    // mov cr8, rbx (44 0F 22 C3) at RIP 0x8000, then mov cr8, rax (44 0F 22 C0).
+    rig.vmcb().set(SavedRegister::Rip, 0x8000);
+    rig.machine.ram[0x8000..0x8008]
+        .copy_from_slice(&[0x44, 0x0F, 0x22, 0xC3, 0x44, 0x0F, 0x22, 0xC0]);
+    rig.guest.regs.rbx = 9;
+    assert_eq!(rig.exit(0x18, 0, 0).1, ExitOutcome::Resume);
+    assert_eq!(rig.vmcb().int_ctl() & int_ctl::V_TPR_MASK, 9);
+    assert_eq!(rig.vmcb().get(SavedRegister::Rip), 0x8004);
+    rig.vmcb().set(SavedRegister::Rax, 0x10);
+    rig.exit(0x18, 0, 0);
+    assert_eq!(rig.injected(), Some(EventInjection::exception(13, Some(0))));
+    assert_eq!(rig.vmcb().get(SavedRegister::Rip), 0x8004);
+    assert_eq!(rig.vmcb().int_ctl() & int_ctl::V_TPR_MASK, 9);
+}
