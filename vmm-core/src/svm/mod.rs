@@ -305,18 +305,20 @@ impl SvmGuest {
     ) -> ExitOutcome {
         let rip = vmcb.get(SavedRegister::Rip);
         let mut bytes = [0u8; 15];
+        // The instruction's bytes, a page at a time (one walk each): the rest of RIP's page,
+        // then the next page only if the instruction may run into it.
         let mut fetched = 0;
         let mut fault = None;
-        for (i, byte) in bytes.iter_mut().enumerate() {
-            let mut one = [0u8];
-            match read_code(vmcb, machine, rip.wrapping_add(i as u64), &mut one) {
-                Ok(()) => *byte = one[0],
+        while fetched < bytes.len() {
+            let at = rip.wrapping_add(fetched as u64);
+            let in_page = (4096 - (at & 0xFFF) as usize).min(bytes.len() - fetched);
+            match read_code(vmcb, machine, at, &mut bytes[fetched..fetched + in_page]) {
+                Ok(()) => fetched += in_page,
                 Err(f) => {
                     fault = Some(f);
                     break;
                 }
             }
-            fetched += 1;
         }
         let mut decoder = Decoder::with_ip(64, &bytes[..fetched], rip, DecoderOptions::NONE);
         let ins = decoder.decode();
@@ -654,12 +656,13 @@ fn read_linear<M: SvmMachine + ?Sized>(
     Ok(())
 }
 
-/// One instruction byte at guest-linear `linear`, fetched as the CPU would (its execute rights).
+/// Instruction bytes at guest-linear `linear`, all on its page, fetched as the CPU would (with
+/// its execute rights).
 fn read_code<M: SvmMachine + ?Sized>(
     vmcb: &mut Vmcb<'_>,
     machine: &mut M,
     linear: u64,
-    out: &mut [u8; 1],
+    out: &mut [u8],
 ) -> Result<(), Fail> {
     let gpa = translate(vmcb, machine, linear, AccessKind::Fetch)?;
     machine.read_guest_phys(gpa, out).map_err(Fail::Stop)
