@@ -1706,19 +1706,55 @@ proptest! {
     }
 
     /// IRETQ from random frames: either a clean return, a delivered fault or a typed stop; a
-    /// non-canonical RIP is never loaded.
+    /// non-canonical RIP is never loaded. The interesting cases are drawn on purpose (a random
+    /// u64 is canonical once in 65 536 draws, a random selector rarely names the right
+    /// descriptors): canonical RIPs of both halves and the edges of the hole, and the kernel's
+    /// and the user's selectors; a frame with those returns to that RIP at the selector's RPL.
     #[test]
-    fn iretq_from_random_frames_never_loads_a_non_canonical_rip(frame in any::<[u64; 5]>(), cs in 0u16..0x48, ss in 0u16..0x48) {
+    fn iretq_from_random_frames_never_loads_a_non_canonical_rip(
+        rip in iret_rip(),
+        (cs, ss) in prop_oneof![
+            (Just(KCODE), Just(KDATA)),
+            (Just(UCODE_SEL), Just(UDATA)),
+            (0u16..0x48, 0u16..0x48),
+        ],
+        flags in any::<u64>(),
+        rsp in any::<u64>(),
+    ) {
         let mut r = Rig::kernel();
-        push_iret_frame(&mut r, frame[0], cs, frame[2], frame[3], ss);
+        push_iret_frame(&mut r, rip, cs, flags, rsp, ss);
         r.code(&[0x48, 0xCF]);
-        if let Ok(h) = r.run() {
+        let result = r.run();
+        if let Ok(h) = &result {
             prop_assert!(shadow_mmu::addr::is_canonical(r.cpu.rip));
             if h.outcome == Outcome::Emulated {
-                prop_assert_eq!(r.cpu.rip, frame[0]);
+                prop_assert_eq!(r.cpu.rip, rip);
             }
         }
+        let valid = [(KCODE, KDATA), (UCODE_SEL, UDATA)].contains(&(cs, ss));
+        if valid && shadow_mmu::addr::is_canonical(rip) {
+            prop_assert_eq!(result.map(|h| h.outcome), Ok(Outcome::Emulated));
+            prop_assert_eq!((r.cpu.rip, r.cpu.cpl), (rip, (cs & 3) as u8));
+        } else if valid {
+            prop_assert_eq!(r.cpu.cpl, 0, "a non-canonical RIP faults at the old privilege");
+        }
     }
+}
+
+/// RIPs for the IRETQ property: any u64, canonical addresses of either half, and the edges of
+/// the non-canonical hole.
+fn iret_rip() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        any::<u64>(),
+        0..=LAST_CANONICAL,
+        !LAST_CANONICAL..=u64::MAX,
+        prop::sample::select(std::vec![
+            LAST_CANONICAL,
+            LAST_CANONICAL + 1,
+            !LAST_CANONICAL - 1,
+            !LAST_CANONICAL,
+        ]),
+    ]
 }
 
 proptest! {
