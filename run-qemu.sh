@@ -29,9 +29,10 @@ options:
   --help             show this help and exit
   --native           boot the guest kernel itself on bare QEMU (no VMM)
   --bench            the trap-cost experiment: the guest's bench natively and under the VMM
-                     (both shadow policies, then the ablation runs) with --icount; writes
-                     bench/results.csv, bench/ablation.csv, bench/results.meta and
-                     bench/results.png, prints the tables (words after -- go to the guest's bench)
+                     (both shadow policies, the ablation runs, then backend=svm) with --icount;
+                     writes bench/results.csv, bench/ablation.csv, bench/backends.csv,
+                     bench/results.meta and bench/results.png, prints the tables (words after --
+                     go to the guest's bench)
   --trap-cost C      with --bench: cycles of one trap round trip for the modelled column (700)
   --guest PATH       run this guest ELF instead of the built guest-kernel
   --kernel PATH      boot this host kernel (VMM) image instead of the built one
