@@ -918,3 +918,101 @@ fn the_trace_names_a_coalesced_pair() {
     let run = vmm_guest_with("swapgs-sysretq-fault", "trace=1000", &[]);
     run.expect_line("swapgs (coalesced: SWAPGS+SYSRETQ) -> fault injected");
 }
+
+// ---- page-table attacks (docs/hostile-guests.md) ----
+
+/// The linear address `gpa-beyond-ram` reads, and the stop it gets under the VMM.
+const BEYOND_RAM_STOP: &str =
+    "guest-physical address 0x70000000 is outside guest RAM (linear 0x8000000000)";
+
+#[test]
+fn a_leaf_pte_beyond_guest_ram_stops_the_guest() {
+    let run = hostile("gpa-beyond-ram", BEYOND_RAM_STOP);
+    run.expect_line("[guest] gpa-beyond-ram: level 1 entry -> 0x70000000, reading 0x8000000000");
+    assert!(!run.has_line("no fault"), "{run}");
+}
+
+#[test]
+fn a_next_table_beyond_guest_ram_at_every_level_stops_the_guest() {
+    for level in ["level=2", "level=3", "level=4"] {
+        let run = vmm_guest("gpa-beyond-ram", &[level]);
+        run.expect_status(4);
+        run.expect_line(&format!("[vmm] guest stopped: {BEYOND_RAM_STOP}"));
+    }
+}
+
+#[test]
+fn a_leaf_beyond_ram_is_no_fault_natively() {
+    // A leaf: the read goes to memory nobody answers (QEMU reads zeros). (A next table there
+    // reads as zeros too, so natively those levels are a not-present #PF.)
+    let run = native_guest("gpa-beyond-ram", &["level=1"]);
+    run.expect_status(0);
+    run.expect_line("[guest] gpa-beyond-ram: level 1: no fault");
+}
+
+/// `reserved-bits`' cases and the linear address each reads (PML4 slot 2 + its index).
+const RESERVED_BITS_CASES: [(&str, u64); 6] = [
+    ("pml4e-bit51", 0x100_0000_0000),
+    ("pml4e-ps", 0x180_0000_0000),
+    ("pdpte-bit51", 0x200_0000_0000),
+    ("pde-bit51", 0x280_0000_0000),
+    ("pde-2m-bit13", 0x300_0000_0000),
+    ("pte-bit51", 0x380_0000_0000),
+];
+
+/// Every case's line with the read's and the write's #PF error codes.
+fn reserved_bits(run: &trapvmm::Run, read_error: u64, write_error: u64) {
+    run.expect_status(0);
+    for (case, va) in RESERVED_BITS_CASES {
+        run.expect_line(&format!(
+            "[guest] reserved-bits {case}: clean read no fault; \
+             read #PF vector=14 error={read_error:#x} at the instruction (1 trap) cr2={va:#x}; \
+             write #PF vector=14 error={write_error:#x} at the instruction (1 trap) cr2={va:#x}; \
+             cleared read no fault -> ok"
+        ));
+    }
+    run.expect_line("[guest] reserved-bits: 6 cases, 0 wrong");
+}
+
+#[test]
+fn a_reserved_bit_at_every_level_is_a_rsvd_page_fault_natively() {
+    // QEMU's TCG leaves P = 0 (0x8, 0xa); the CPU sets it (SDM Vol. 3 §4.7).
+    let run = native_guest("reserved-bits", &[]);
+    reserved_bits(&run, 0x8, 0xa);
+    run.expect_line("[guest] reserved-bits pte-bit51: quirk: QEMU's TCG leaves P = 0");
+}
+
+#[test]
+fn a_reserved_bit_at_every_level_is_the_guests_rsvd_page_fault_under_the_vmm() {
+    // The VMM walks the guest's tables itself and gives the CPU's error code: P = 1, RSVD = 1.
+    for policy in ["", "shadow=flush"] {
+        let run = vmm_guest_with("reserved-bits", policy, &[]);
+        reserved_bits(&run, 0x9, 0xb);
+        assert!(!run.has_line("quirk:"), "{run}");
+    }
+}
+
+#[test]
+fn hundreds_of_address_spaces_each_see_their_own_page_natively() {
+    cpu_correct(&native_guest("shadow-quota", &[]), SHADOW_QUOTA);
+}
+
+#[test]
+fn hundreds_of_address_spaces_overflow_the_shadow_quota_and_each_sees_its_own_page() {
+    for append in ["", ALL_OFF] {
+        let run = vmm_guest_with("shadow-quota", append, &[]);
+        cpu_correct(&run, SHADOW_QUOTA);
+        // 300 address spaces need at least 4 shadow pages each (a root and the private chain),
+        // more than the quota of 1024: the pool ran full, so shadows were reclaimed and refilled.
+        let used: usize = run
+            .lines()
+            .find_map(|l| l.split("shadow-pages=").nth(1))
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no shadow-pages=N/1024 in the report\n{run}"));
+        assert!(used > 1000 && run.has_line("/1024 p2m-frames="), "{run}");
+    }
+}
+
+const SHADOW_QUOTA: &[&str] =
+    &["[guest] shadow-quota: 300 address spaces, 2 passes: 1200 checks, 0 wrong"];
