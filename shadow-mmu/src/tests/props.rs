@@ -15,6 +15,10 @@
 //! it invalidates the addresses that entry maps. In the cached policy it does not, and the
 //! write-protection must keep the shadows exact on its own. Each test starts in one policy and
 //! switches at random points (`set_policy` at run time).
+//!
+//! CR4.PGE is drawn: with it on, the flush policy keeps the shadows of guest global pages across
+//! a CR3 load, and the guest keeps its side by invalidating a global translation the new address
+//! space does not share (§4.10.2.4).
 
 use proptest::prelude::*;
 use std::vec::Vec;
@@ -319,24 +323,45 @@ fn play(m: &mut Mmu, view: View, gva: GuestVirtAddr, kind: AccessKind) {
     }
 }
 
-fn run(policy: Policy, quota: usize, initial: Vec<(u8, u8, u8)>, steps: Vec<Step>) {
-    run_with(policy, false, false, false, quota, initial, steps)
+fn run(policy: Policy, pge: bool, quota: usize, initial: Vec<(u8, u8, u8)>, steps: Vec<Step>) {
+    let switches = Switches {
+        pge,
+        ..Switches::default()
+    };
+    run_with(policy, switches, quota, initial, steps)
 }
 
-/// `unsync`: guest tables may be unsynced (`ShadowMmu::set_unsync`); a write to one is then
-/// a native store nobody is told about, and the guest keeps its side of the TLB contract by
-/// invalidating what it changed, as on the CPU.
+/// The optional behaviours a run turns on.
+#[derive(Clone, Copy, Debug, Default)]
+struct Switches {
+    /// Guest tables may be unsynced (`ShadowMmu::set_unsync`); a write to one is then a native
+    /// store nobody is told about, and the guest keeps its side of the TLB contract by
+    /// invalidating what it changed, as on the CPU.
+    unsync: bool,
+    /// Address spaces share shadow tables (`ShadowMmu::set_sharing`).
+    sharing: bool,
+    /// Fills shadow the accessed neighbours too (`ShadowMmu::set_prefetch`).
+    prefetch: bool,
+    /// CR4.PGE = 1: in the flush policy, shadows of guest global pages survive a CR3 load
+    /// (§4.10.4.1).
+    pge: bool,
+}
+
 fn run_with(
     policy: Policy,
-    unsync: bool,
-    sharing: bool,
-    prefetch: bool,
+    switches: Switches,
     quota: usize,
     initial: Vec<(u8, u8, u8)>,
     steps: Vec<Step>,
 ) {
+    let Switches {
+        unsync,
+        sharing,
+        prefetch,
+        pge,
+    } = switches;
     let mode = PagingMode {
-        cr4_pge: false,
+        cr4_pge: pge,
         ..PagingMode::ENTRY
     };
     let mut m = mmu_with(policy, quota, PML4S[0], mode, usize::MAX);
@@ -397,7 +422,16 @@ fn run_with(
             }
             Step::Invlpg { addr } => m.invlpg(addrs[addr]),
             Step::LoadCr3 { which } => {
+                let globals = global_translations(&m);
                 m.load_cr3(PML4S[which]).unwrap();
+                // A guest keeps a global translation the same in every address space, or
+                // invalidates it when it is not (§4.10.2.4): the flush policy keeps the shadows
+                // of global pages across the load, as the TLB does.
+                for (gva, before) in globals {
+                    if translations(&m, gva) != before {
+                        m.invlpg(gva);
+                    }
+                }
                 stale = false;
             }
             Step::FlushAll => m.flush_all(),
@@ -430,6 +464,42 @@ fn run_with(
     assert!(alloc.live.is_empty(), "frames leaked");
 }
 
+/// What a walk of the guest's tables gives for one access: the guest-physical address, R/W,
+/// U/S, XD and D, or a fault.
+type Seen = Vec<Option<(u64, (bool, bool, bool, bool))>>;
+
+/// What the guest's tables give at `gva` for every access and privilege, without the addresses
+/// of the entries walked (they differ between address spaces that map a page alike).
+fn translations(m: &Mmu, gva: GuestVirtAddr) -> Seen {
+    let mut out = Vec::new();
+    for view in [View::Kernel, View::User] {
+        for kind in [AccessKind::Read, AccessKind::Write, AccessKind::Fetch] {
+            let t = pure_walk(m, gva, Access::new(kind, view.privilege()));
+            let seen = t.ok().map(|t| {
+                let rights = (t.writable, t.user, t.execute_disable, t.dirty);
+                (t.gpa.as_u64(), rights)
+            });
+            out.push(seen);
+        }
+    }
+    out
+}
+
+/// The test addresses the current address space maps with a global page (G = 1, CR4.PGE = 1),
+/// with their translations.
+fn global_translations(m: &Mmu) -> Vec<(GuestVirtAddr, Seen)> {
+    addresses()
+        .into_iter()
+        .filter(|&gva| {
+            [View::Kernel, View::User].iter().any(|v| {
+                pure_walk(m, gva, Access::new(AccessKind::Read, v.privilege()))
+                    .is_ok_and(|t| t.global)
+            })
+        })
+        .map(|gva| (gva, translations(m, gva)))
+        .collect()
+}
+
 fn initial() -> impl Strategy<Value = Vec<(u8, u8, u8)>> {
     proptest::collection::vec((any::<u8>(), any::<u8>(), any::<u8>()), 18)
 }
@@ -442,8 +512,9 @@ proptest! {
         quota in MIN_SHADOW_QUOTA..40usize,
         init in initial(),
         steps in proptest::collection::vec(step(), 1..100),
+        pge in any::<bool>(),
     ) {
-        run(Policy::Flush, quota, init, steps);
+        run(Policy::Flush, pge, quota, init, steps);
     }
 
     #[test]
@@ -451,8 +522,10 @@ proptest! {
         quota in MIN_SHADOW_QUOTA..40usize,
         init in initial(),
         steps in proptest::collection::vec(step(), 1..100),
+        pge in any::<bool>(),
     ) {
-        run_with(Policy::Cached, true, false, false, quota, init, steps);
+        let switches = Switches { unsync: true, pge, ..Switches::default() };
+        run_with(Policy::Cached, switches, quota, init, steps);
     }
 
     #[test]
@@ -460,9 +533,11 @@ proptest! {
         quota in MIN_SHADOW_QUOTA..40usize,
         init in initial(),
         steps in proptest::collection::vec(step(), 1..100),
+        pge in any::<bool>(),
         unsync in any::<bool>(),
     ) {
-        run_with(Policy::Cached, unsync, true, false, quota, init, steps);
+        let switches = Switches { unsync, sharing: true, pge, ..Switches::default() };
+        run_with(Policy::Cached, switches, quota, init, steps);
     }
 
     #[test]
@@ -470,12 +545,13 @@ proptest! {
         quota in MIN_SHADOW_QUOTA..40usize,
         init in initial(),
         steps in proptest::collection::vec(step(), 1..100),
+        pge in any::<bool>(),
         cached in any::<bool>(),
         unsync in any::<bool>(),
         sharing in any::<bool>(),
     ) {
         let policy = if cached { Policy::Cached } else { Policy::Flush };
-        run_with(policy, unsync, sharing, true, quota, init, steps);
+        run_with(policy, Switches { unsync, sharing, prefetch: true, pge }, quota, init, steps);
     }
 
     #[test]
@@ -483,7 +559,8 @@ proptest! {
         quota in MIN_SHADOW_QUOTA..40usize,
         init in initial(),
         steps in proptest::collection::vec(step(), 1..100),
+        pge in any::<bool>(),
     ) {
-        run(Policy::Cached, quota, init, steps);
+        run(Policy::Cached, pge, quota, init, steps);
     }
 }
