@@ -1031,3 +1031,29 @@ cpu_correct_natively_and_under_the_vmm!(
     port_and_msr_sweeps_read_or_gp_natively,
     port_and_msr_sweeps_read_or_gp_under_the_vmm
 );
+
+/// Every phase of `large-page-over-tables` as the CPU gives it.
+const LARGE_PAGE_OVER_TABLES: &[&str] = &[
+    "[guest] large-page-over-tables before: 8 reads through the tables, 0 wrong -> ok",
+    "[guest] large-page-over-tables pte: 8 reads through the tables, 0 wrong -> ok",
+    "[guest] large-page-over-tables pde: 8 reads through the tables, 0 wrong -> ok",
+    "[guest] large-page-over-tables own-pde-ro: read own PDE 0xc00083; store after clearing R/W: #PF vector=14 error=0x3 at the instruction (1 trap) cr2=0x8000210000; after setting it: no fault -> ok",
+];
+
+#[test]
+fn a_large_page_over_the_guests_own_tables_natively() {
+    cpu_correct(
+        &native_guest("large-page-over-tables", &[]),
+        LARGE_PAGE_OVER_TABLES,
+    );
+}
+
+#[test]
+fn a_large_page_over_the_guests_own_tables_under_the_vmm() {
+    for append in ["", "shadow=flush", ALL_OFF] {
+        cpu_correct(
+            &vmm_guest_with("large-page-over-tables", append, &[]),
+            LARGE_PAGE_OVER_TABLES,
+        );
+    }
+}
