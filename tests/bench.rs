@@ -47,15 +47,29 @@ fn a_short_bench_under_icount_is_deterministic_and_its_csv_well_formed() {
     let csv = to_csv(&rows, "");
     assert_eq!(check_csv(&csv), Ok(rows.len()), "{csv}");
     assert!(rows.len() >= 14, "{csv}");
-    // Every op that traps under the VMM costs more than natively; the compute loop does not trap.
+    // Each op's traps are its own (per-op attribution, not a running total) and the CLI/STI
+    // stub's traps are counted in: the trap count per iteration is what the op's loop body
+    // traps on, within half a trap (10 stray traps over 20 iterations: a timer tick, the
+    // setup and formatting around the loop).
+    for (op, traps_per_iteration) in [
+        ("cli_sti", 2.0),
+        ("pushf_popf", 0.0),
+        ("in_pic_imr", 1.0),
+        ("compute_loop_user", 0.0),
+    ] {
+        let r = rows.iter().find(|r| r.op == op).expect(op);
+        assert!(
+            r.traps_per_op >= traps_per_iteration && r.traps_per_op - traps_per_iteration <= 0.5,
+            "{op}: {} traps per op, expected {traps_per_iteration} (+ at most 0.5): {r:?}",
+            r.traps_per_op
+        );
+    }
+    // An op that traps under the VMM costs more than natively.
     let cli = rows
         .iter()
         .find(|r| r.op == "cli_sti")
         .expect("cli_sti row");
-    assert!(
-        cli.traps_per_op >= 2.0 && cli.judged > cli.native,
-        "{cli:?}"
-    );
+    assert!(cli.judged > cli.native, "{cli:?}");
 
     // The ablation table's CSV is well-formed too (the second identical run stands in for an
     // ablation run: no extra boot, and it must buy nothing).
