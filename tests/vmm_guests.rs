@@ -1079,3 +1079,13 @@ cpu_correct_natively_and_under_the_vmm!(
     bad_descriptor_loads_fault_with_the_selector_natively,
     bad_descriptor_loads_are_the_guests_faults_under_the_vmm
 );
+
+/// Under the VMM only: natively QEMU's TCG can starve the guest for good at this rate on a loaded
+/// host (the guest's module doc).
+#[test]
+fn a_timer_interrupt_storm_neither_starves_the_guest_nor_hangs_the_host_under_the_vmm() {
+    cpu_correct(
+        &vmm_guest("interrupt-storm", &[]),
+        &["[guest] interrupt-storm: 500 interrupts while halted; 1000000 loop iterations with the storm on -> ok"],
+    );
+}
