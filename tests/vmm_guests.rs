@@ -1089,3 +1089,23 @@ fn a_timer_interrupt_storm_neither_starves_the_guest_nor_hangs_the_host_under_th
         &["[guest] interrupt-storm: 500 interrupts while halted; 1000000 loop iterations with the storm on -> ok"],
     );
 }
+
+const SELF_MAP_RO_RW: &[&str] = &[
+    "[guest] self-map-ro-rw ro: own entry reads root|P; store to a PTE through it: #PF vector=14 error=0x3 at the instruction (1 trap) cr2=the PTE's self-map address; VA still maps page 0: true -> ok",
+    "[guest] self-map-ro-rw rw: store to a PTE through it: no fault; VA now maps page 1: true -> ok",
+];
+
+#[test]
+fn a_self_map_flipped_read_only_and_back_natively() {
+    cpu_correct(&native_guest("self-map-ro-rw", &[]), SELF_MAP_RO_RW);
+}
+
+#[test]
+fn a_self_map_flipped_read_only_and_back_under_the_vmm() {
+    for append in ["", "shadow=flush", ALL_OFF] {
+        cpu_correct(
+            &vmm_guest_with("self-map-ro-rw", append, &[]),
+            SELF_MAP_RO_RW,
+        );
+    }
+}
