@@ -1109,3 +1109,27 @@ fn a_self_map_flipped_read_only_and_back_under_the_vmm() {
         );
     }
 }
+
+#[test]
+fn touching_every_page_of_guest_ram_natively() {
+    let run = native_guest("memory-exhaustion", &[]);
+    run.expect_status(0);
+    run.expect_line("pages written and read back, 0 wrong");
+}
+
+#[test]
+fn touching_every_page_of_guest_ram_under_the_vmm() {
+    let run = vmm_guest("memory-exhaustion", &[]);
+    run.expect_status(0);
+    run.expect_line("[guest] memory-exhaustion: written up to 32 MiB");
+    run.expect_line("pages written and read back, 0 wrong");
+}
+
+#[test]
+fn more_guest_ram_than_the_host_can_back_is_refused_before_the_guest_runs() {
+    let run = vmm_guest_with("memory-exhaustion", "mem=512", &[]);
+    run.expect_status(2);
+    run.expect_line("[vmm] error: memory map too small: ");
+    run.expect_line("but the guest needs 512 MiB (mem=)");
+    assert!(!run.has_line("[guest]"), "{run}");
+}
