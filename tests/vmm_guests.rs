@@ -1133,3 +1133,16 @@ fn more_guest_ram_than_the_host_can_back_is_refused_before_the_guest_runs() {
     run.expect_line("but the guest needs 512 MiB (mem=)");
     assert!(!run.has_line("[guest]"), "{run}");
 }
+
+/// Under the VMM only: QEMU's TCG does not check SYSEXIT's RDX natively (the guest's module doc).
+#[test]
+fn sysexit_to_a_non_canonical_address_is_the_guest_kernels_gp_under_the_vmm() {
+    cpu_correct(
+        &vmm_guest("sysexit-noncanonical", &[]),
+        &[
+            "[guest] sysexit-noncanonical rdx=0x800000000000: #GP vector=13 error=0x0 at the instruction (1 trap) -> ok",
+            "[guest] sysexit-noncanonical rcx=0x800000000000: #GP vector=13 error=0x0 at the instruction (1 trap) -> ok",
+            "[guest] sysexit-noncanonical: 2 checks, 0 wrong",
+        ],
+    );
+}
