@@ -255,11 +255,16 @@ pub struct Hole {
     pub name: String,
     /// Why it differs (for messages).
     pub why: String,
+    /// The values the table documents, (native, under the VMM), when it gives both: a run
+    /// where the hole takes other values fails, so a hole cannot take any wrong value.
+    pub values: Option<(String, String)>,
 }
 
 /// Parses the holes table of `docs/virtualization-holes.md` for one backend (`trap` or `svm`):
 /// rows `| name | backends | line | why | how |` after the header row, the name in backticks,
-/// the backends a comma-separated list; only the rows whose list names `backend`.
+/// the backends a comma-separated list; only the rows whose list names `backend`. The line
+/// cell reads `` `probe,<name>,<vmm value>` (native `<value>`) `` (or a `check <name>: <value>`
+/// line): those are the hole's documented values.
 pub fn parse_holes(markdown: &str, backend: &str) -> Vec<Hole> {
     let mut holes = Vec::new();
     for line in markdown.lines() {
@@ -282,14 +287,30 @@ pub fn parse_holes(markdown: &str, backend: &str) -> Vec<Hole> {
         holes.push(Hole {
             name: name.to_string(),
             why: cells[3].to_string(),
+            values: documented_values(name, cells[2]),
         });
     }
     holes
 }
 
-/// Compares native and VMM observations. Every difference must be a listed hole, and every
-/// listed hole that appears in these runs must still differ (so the list stays true). Returns
-/// the problems, one line each.
+/// The (native, VMM) values of the holes table's line cell for the observation `name`:
+/// `` `probe,<name>,<vmm>` (native `<native>`) ``; `None` when the cell does not read so.
+fn documented_values(name: &str, cell: &str) -> Option<(String, String)> {
+    // The text between backticks: the line under the VMM first, then the native value.
+    let quoted: Vec<&str> = cell.split('`').skip(1).step_by(2).collect();
+    let [line, native, ..] = quoted[..] else {
+        return None;
+    };
+    let observed = observations(&format!("[guest] {line}"));
+    match &observed[..] {
+        [o] if o.name == name => Some((native.to_string(), o.value.clone())),
+        _ => None,
+    }
+}
+
+/// Compares native and VMM observations. Every difference must be a listed hole, with the
+/// values the list documents for it when it documents them, and every listed hole that appears
+/// in these runs must still differ (so the list stays true). Returns the problems, one line each.
 pub fn compare_observations(
     native: &[Observation],
     vmm: &[Observation],
@@ -309,7 +330,16 @@ pub fn compare_observations(
         let hole = holes.iter().find(|h| h.name == n.name);
         match (n.value == v.value, hole) {
             (true, None) => {}
-            (false, Some(_)) => {}
+            (false, Some(h)) => match &h.values {
+                Some((native, vmm)) if (native, vmm) != (&n.value, &v.value) => {
+                    problems.push(format!(
+                        "{}: native '{}' and under the VMM '{}', but docs/virtualization-holes.md \
+                         documents native '{native}' and '{vmm}' under the VMM",
+                        n.name, n.value, v.value
+                    ))
+                }
+                _ => {}
+            },
             (false, None) => problems.push(format!(
                 "{}: native '{}' but under the VMM '{}' (not a listed virtualization hole)",
                 n.name, n.value, v.value
@@ -347,16 +377,23 @@ mod tests {
 
     #[test]
     fn holes_table_is_parsed() {
-        let md = "intro\n\n| name | backends | probe line | why | how to close |\n|---|---|---|---|---|\n| `cs_rpl` | trap | `probe,cs_rpl,0` | ring aliasing | patch |\n| `cpuid` | svm, trap | `probe,cpuid,1` | signature | none |\n";
-        let hole = |name: &str, why: &str| Hole {
+        let md = "intro\n\n| name | backends | probe line | why | how to close |\n|---|---|---|---|---|\n| `cs_rpl` | trap | `probe,cs_rpl,3` (native `0`) | ring aliasing | patch |\n| `cpuid` | svm, trap | `probe,cpuid,1` | signature | none |\n";
+        let hole = |name: &str, why: &str, values: Option<(&str, &str)>| Hole {
             name: name.into(),
             why: why.into(),
+            values: values.map(|(n, v)| (n.into(), v.into())),
         };
         assert_eq!(
             parse_holes(md, "trap"),
-            vec![hole("cs_rpl", "ring aliasing"), hole("cpuid", "signature")]
+            vec![
+                hole("cs_rpl", "ring aliasing", Some(("0", "3"))),
+                hole("cpuid", "signature", None)
+            ]
         );
-        assert_eq!(parse_holes(md, "svm"), vec![hole("cpuid", "signature")]);
+        assert_eq!(
+            parse_holes(md, "svm"),
+            vec![hole("cpuid", "signature", None)]
+        );
     }
 
     #[test]
@@ -370,6 +407,7 @@ mod tests {
         let hole = |n: &str| Hole {
             name: n.into(),
             why: "w".into(),
+            values: None,
         };
         assert!(compare_observations(&native, &native, &[]).is_empty());
         let p = compare_observations(&native, &vmm, &[hole("cs_rpl")]);
@@ -381,6 +419,17 @@ mod tests {
         let stale = compare_observations(&native, &native, &[hole("cs_rpl")]);
         assert_eq!(stale.len(), 1);
         assert!(stale[0].contains("remove it"));
+        // A listed hole with documented values must take them.
+        let documented = |native: &str, vmm: &str| Hole {
+            values: Some((native.into(), vmm.into())),
+            ..hole("cs_rpl")
+        };
+        let both = |h: Hole| compare_observations(&native, &vmm, &[h, hole("cpuid_hv")]);
+        assert!(both(documented("0", "3")).is_empty());
+        let wrong = both(documented("0", "1"));
+        assert_eq!(wrong.len(), 1, "{wrong:?}");
+        assert!(wrong[0].contains("documents native '0' and '1' under the VMM"));
+        assert_eq!(both(documented("2", "3")).len(), 1);
         let shorter = observations("[guest] check timer: ok\n");
         assert_eq!(compare_observations(&native, &shorter, &[]).len(), 1);
     }

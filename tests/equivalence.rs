@@ -39,7 +39,14 @@ fn assert_equivalent(mode: &str, shadow: &str) {
 /// The guest's words `words` (its mode first) natively and under the VMM with `shadow`.
 fn assert_equivalent_with(words: &[&str], shadow: &str) {
     let mode = words[0];
-    let holes = holes();
+    let mut holes = holes();
+    if words.iter().any(|w| w.starts_with("gdt=")) {
+        // The table documents the values of the default layout: under another the selectors
+        // (`cs_selector`, `ss_selector`) differ natively too. Here only the names count.
+        for hole in &mut holes {
+            hole.values = None;
+        }
+    }
     let n = native(words);
     let v = under_vmm(words, shadow);
     if mode == "selftest" {
