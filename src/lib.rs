@@ -247,6 +247,39 @@ pub fn observations(serial: &str) -> Vec<Observation> {
     out
 }
 
+/// Every other line the guest prints: the `[guest]` lines that are neither a check nor a probe
+/// (what its user programs print, the kills they suffer with their fault and error code, the
+/// summary). The native run is deterministic, so the equivalence tests require these to be
+/// identical under the VMM, in order: no line of them is known to differ legitimately.
+pub fn other_guest_lines(serial: &str) -> Vec<String> {
+    serial
+        .lines()
+        .map(|line| line.trim_end_matches('\r'))
+        .filter(|line| line.starts_with("[guest] ") && observations(line).is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Compares the native run's [`other_guest_lines`] with the VMM's: the first difference, if
+/// any, as a problem line.
+pub fn compare_other_guest_lines(native: &[String], vmm: &[String]) -> Option<String> {
+    let differ = native.iter().zip(vmm).position(|(n, v)| n != v);
+    match differ {
+        Some(i) => Some(format!(
+            "guest line {} differs:\n  native: {}\n  vmm:    {}",
+            i + 1,
+            native[i],
+            vmm[i]
+        )),
+        None if native.len() != vmm.len() => Some(format!(
+            "the guest printed {} other lines natively but {} under the VMM",
+            native.len(),
+            vmm.len()
+        )),
+        None => None,
+    }
+}
+
 /// A known virtualization hole: an observation that differs between native and VMM runs, with
 /// the reason, from `docs/virtualization-holes.md`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -373,6 +406,21 @@ mod tests {
         assert_eq!(names, ["timer", "cs_rpl", "cpuid_hv"]);
         assert_eq!(obs[0].value, "ok");
         assert_eq!(obs[1].value, "0");
+    }
+
+    #[test]
+    fn other_guest_lines_are_compared_in_order() {
+        let native = format!("{NATIVE}[guest] pid 9 killed: page fault at 0x0 (error 0x15)\n");
+        let lines = other_guest_lines(&native);
+        assert_eq!(
+            lines,
+            ["[guest] pid 9 killed: page fault at 0x0 (error 0x15)"]
+        );
+        assert_eq!(compare_other_guest_lines(&lines, &lines), None);
+        let vmm = other_guest_lines(&native.replace("0x15", "0x5"));
+        let problem = compare_other_guest_lines(&lines, &vmm).unwrap();
+        assert!(problem.contains("(error 0x5)"), "{problem}");
+        assert!(compare_other_guest_lines(&lines, &[]).is_some());
     }
 
     #[test]

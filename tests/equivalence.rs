@@ -4,7 +4,10 @@
 //! `docs/virtualization-holes.md`. A difference not listed fails; a listed hole that no longer
 //! differs fails too, so the list stays true.
 
-use trapvmm::{boot, compare_observations, observations, parse_holes, repo_path, Run};
+use trapvmm::{
+    boot, compare_observations, compare_other_guest_lines, observations, other_guest_lines,
+    parse_holes, repo_path, Run,
+};
 
 fn holes() -> Vec<trapvmm::Hole> {
     let path = repo_path("docs/virtualization-holes.md");
@@ -56,7 +59,11 @@ fn assert_equivalent_with(words: &[&str], shadow: &str) {
     }
     let (no, vo) = (observations(&n.serial), observations(&v.serial));
     assert!(!no.is_empty(), "the native {mode} printed no observations");
-    let problems = compare_observations(&no, &vo, &holes);
+    let mut problems = compare_observations(&no, &vo, &holes);
+    problems.extend(compare_other_guest_lines(
+        &other_guest_lines(&n.serial),
+        &other_guest_lines(&v.serial),
+    ));
     assert!(
         problems.is_empty(),
         "{words:?} under shadow={shadow} differs from native:\n{}",

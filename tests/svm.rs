@@ -4,7 +4,10 @@
 //! print natively (the ring-aliasing holes of trap-and-emulate are gone); and the hostile guests
 //! end as the CPU would have them, or with a clean `[vmm]` stop — never a host panic.
 
-use trapvmm::{boot, compare_observations, observations, parse_holes, repo_path, test_guest, Run};
+use trapvmm::{
+    boot, compare_observations, compare_other_guest_lines, observations, other_guest_lines,
+    parse_holes, repo_path, test_guest, Run,
+};
 
 fn under_svm(extra: &[&str], words: &[&str]) -> Run {
     let mut args = vec!["--timeout", "300", "--append", "backend=svm"];
@@ -78,7 +81,11 @@ fn selftest_and_probe_match_native_under_svm_except_the_listed_holes() {
         svm.expect_status(0);
         let (n, s) = (observations(&native.serial), observations(&svm.serial));
         assert!(!n.is_empty(), "no native observations for {mode}");
-        let problems = compare_observations(&n, &s, &holes);
+        let mut problems = compare_observations(&n, &s, &holes);
+        problems.extend(compare_other_guest_lines(
+            &other_guest_lines(&native.serial),
+            &other_guest_lines(&svm.serial),
+        ));
         assert!(
             problems.is_empty(),
             "{mode} under svm differs from native:\n{}",
