@@ -1146,3 +1146,30 @@ fn sysexit_to_a_non_canonical_address_is_the_guest_kernels_gp_under_the_vmm() {
         ],
     );
 }
+
+/// `idt-gate-attacks`' probes whose answers QEMU's TCG shares with the CPU.
+const IDT_GATE_ATTACKS_COMMON: &[&str] = &[
+    "[guest] idt-gate-attacks int 0x83 (selector of a data segment): #GP vector=13 error=0x10 at the instruction (1 trap) -> ok",
+    "[guest] idt-gate-attacks int 0x84 (selector beyond the GDT limit): #GP vector=13 error=0x40 at the instruction (1 trap) -> ok",
+    "[guest] idt-gate-attacks int 0x85 (null selector): #GP vector=13 error=0x0 at the instruction (1 trap) -> ok",
+    "[guest] idt-gate-attacks: 5 checks, 0 wrong",
+];
+
+#[test]
+fn int_n_through_bad_gates_natively() {
+    let run = native_guest("idt-gate-attacks", &[]);
+    cpu_correct(&run, IDT_GATE_ATTACKS_COMMON);
+    // QEMU's TCG's error code (vector * 16 + 2), named by the guest.
+    run.expect_line("[guest] idt-gate-attacks int 0x81 (not present): #NP vector=11 error=0x812");
+    run.expect_line("[guest] idt-gate-attacks int 0x82 (a call gate): quirk: QEMU's TCG");
+}
+
+#[test]
+fn int_n_through_bad_gates_is_the_guests_fault_under_the_vmm() {
+    let run = vmm_guest("idt-gate-attacks", &[]);
+    cpu_correct(&run, IDT_GATE_ATTACKS_COMMON);
+    // The CPU's error code (vector * 8 + 2).
+    run.expect_line("[guest] idt-gate-attacks int 0x81 (not present): #NP vector=11 error=0x40a at the instruction (1 trap) -> ok");
+    run.expect_line("[guest] idt-gate-attacks int 0x82 (a call gate): #GP vector=13 error=0x412 at the instruction (1 trap) -> ok");
+    assert!(!run.has_line("quirk:"), "{run}");
+}
