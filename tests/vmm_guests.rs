@@ -51,6 +51,17 @@ fn a_guest_that_makes_no_progress_is_stopped_by_the_watchdog() {
     run.expect_line("[vmm] irq 0 ");
 }
 
+#[test]
+fn a_guest_halted_with_every_interrupt_masked_is_stopped_by_the_watchdog() {
+    let run = run_guest(&test_guest("sti-hlt-masked"), "watchdog=50");
+    run.expect_status(4);
+    run.expect_line("[guest] sti-hlt-masked: every IRQ masked, waiting with sti; hlt");
+    run.expect_line(
+        "[vmm] guest stopped: halted with interrupts enabled but no virtual interrupt for ",
+    );
+    run.expect_line(" host ticks (watchdog=)");
+}
+
 // ---- hostile guests: each ends with the fault the hardware would give, or a clean stop, the
 // host's report, and exit status 4. ----
 
