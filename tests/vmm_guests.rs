@@ -62,6 +62,18 @@ fn a_guest_halted_with_every_interrupt_masked_is_stopped_by_the_watchdog() {
     run.expect_line(" host ticks (watchdog=)");
 }
 
+/// The watchdog's interrupts-on path: with the guest's interrupts enabled only "stuck in a few
+/// bytes with the same registers" can stop it (the `spin` guest above has interrupts off, where
+/// the interrupts-disabled rule stops it as well).
+#[test]
+fn a_guest_spinning_with_interrupts_on_is_stopped_by_the_watchdog() {
+    let run = run_guest(&test_guest("spin-interrupts-on"), "watchdog=50");
+    run.expect_status(4);
+    run.expect_line(
+        "[vmm] guest stopped: no progress: 50 host timer ticks stuck in a few bytes of code",
+    );
+}
+
 // ---- hostile guests: each ends with the fault the hardware would give, or a clean stop, the
 // host's report, and exit status 4. ----
 
