@@ -101,6 +101,12 @@ lab!(
     lab4_the_skeleton_fails_its_grader
 );
 
+lab!(
+    5,
+    lab5_the_reference_passes_its_grader,
+    lab5_the_skeleton_fails_its_grader
+);
+
 #[test]
 fn every_lab_is_tested_here() {
     let source = include_str!("labs.rs");

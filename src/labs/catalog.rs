@@ -5,7 +5,7 @@ use super::{exited_with, printed, Boot, BootCheck, HostTests, Image, Lab};
 use crate::Run;
 
 /// Every lab, by number.
-pub const LABS: &[Lab] = &[LAB1, LAB2, LAB3, LAB4];
+pub const LABS: &[Lab] = &[LAB1, LAB2, LAB3, LAB4, LAB5];
 
 /// Lab 1: your first guest.
 const LAB1: Lab = Lab {
@@ -402,3 +402,87 @@ fn lab4_selftest(run: &Run) -> Result<(), String> {
         ],
     )
 }
+
+/// Lab 5: virtual interrupt injection.
+const LAB5: Lab = Lab {
+    number: 5,
+    title: "virtual interrupt injection",
+    doc: "docs/labs/lab5-virtual-interrupts.md",
+    student_file: "labs/lab5_virtual_interrupts.rs",
+    build: &["-p", "kernel", "--features", "kernel/lab5"],
+    kernel: GRADED_KERNEL,
+    host_tests: Some(HostTests {
+        package: "vmm-core",
+        feature: "lab5",
+        module: "",
+        tests: &[
+            "cpu::tests::the_injection_decision_on_every_state_of_if_the_shadow_hlt_and_the_pic",
+            "cpu::tests::no_interrupt_is_injected_while_if_is_clear",
+            "cpu::tests::the_shadow_ends_once_rip_moves_on",
+            "cpu::tests::sti_then_hlt_never_loses_the_wakeup",
+            "cpu::tests::hlt_with_interrupts_enabled_idles_until_one_is_pending",
+            "cpu::tests::hlt_with_interrupts_disabled_is_a_stop_not_a_hang",
+            "devices::pic::tests::the_priority_resolver_follows_the_datasheet_on_every_register_state",
+            "devices::pic::tests::fixed_priority_and_nesting",
+            "devices::pic::tests::a_masked_level_in_service_still_blocks_lower_requests",
+            "devices::pic::tests::a_level_in_service_blocks_a_new_request_on_the_same_line",
+            "devices::pic::tests::ocw1_masks_and_reads_back",
+            "devices::pic::tests::second_slave_request_waits_for_both_eois",
+        ],
+    }),
+    boots: &[
+        Boot {
+            guest: Image::Normal("cli-hlt"),
+            args: &[],
+            timeout_s: 30,
+            checks: &[BootCheck {
+                name: "CLI then HLT is a guest halted forever, not a hang",
+                expect: lab2_cli_hlt,
+            }],
+        },
+        Boot {
+            guest: Image::Normal("pushf-after-sti"),
+            args: &[],
+            timeout_s: 30,
+            checks: &[BootCheck {
+                name: "the interrupt pending at STI comes after the next instruction",
+                expect: lab2_pushf_after_sti,
+            }],
+        },
+        Boot {
+            guest: Image::Normal("interrupt-after-mov-cr3"),
+            args: &[],
+            timeout_s: 30,
+            checks: &[BootCheck {
+                name: "the interrupt held by STI's shadow, taken after MOV CR3",
+                expect: |run| {
+                    printed(
+                        run,
+                        &["interrupt-after-mov-cr3: the interrupt after mov cr3 went through the new address space: ok"],
+                    )?;
+                    exited_with(run, 0)
+                },
+            }],
+        },
+        Boot {
+            guest: Image::Normal("guest-kernel"),
+            args: &[],
+            timeout_s: 120,
+            checks: &[BootCheck {
+                name: "the self-test",
+                expect: |run| {
+                    selftest_passes(
+                        run,
+                        &[
+                            "check timer-ticks: ok",
+                            "check pic-imr: ok",
+                            "check irq-held-while-cli: ok",
+                            "check kernel-sleep: ok",
+                            "check preemption: ok",
+                        ],
+                    )
+                },
+            }],
+        },
+    ],
+};

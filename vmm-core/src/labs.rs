@@ -8,3 +8,8 @@
 #[cfg(feature = "lab2")]
 #[path = "../../labs/lab2_virtual_if.rs"]
 pub(crate) mod lab2;
+
+/// Lab 5, virtual interrupt injection: the injection decision and the 8259A's priority resolver.
+#[cfg(feature = "lab5")]
+#[path = "../../labs/lab5_virtual_interrupts.rs"]
+pub(crate) mod lab5;

@@ -387,6 +387,53 @@ fn no_interrupt_is_injected_while_if_is_clear() {
 }
 
 #[test]
+fn the_injection_decision_on_every_state_of_if_the_shadow_hlt_and_the_pic() {
+    use inject::{injection_decision, Decision};
+    /// Where the shadow is: none, covering the instruction at RIP, or left at an address RIP has
+    /// moved past.
+    #[derive(Clone, Copy, Debug)]
+    enum Shadow {
+        None,
+        AtRip,
+        Passed,
+    }
+    // IF, shadow, halted, INTR asserted -> what the CPU does at this instruction boundary.
+    let halted_forever = Err(CpuStop::HaltedForever);
+    #[rustfmt::skip]
+    let table = [
+        (false, Shadow::None,   false, false, Ok(Decision::Resume)),
+        (false, Shadow::None,   false, true,  Ok(Decision::Resume)),
+        (false, Shadow::AtRip,  false, true,  Ok(Decision::Resume)),
+        (false, Shadow::None,   true,  false, halted_forever),
+        (false, Shadow::None,   true,  true,  halted_forever),
+        (true,  Shadow::None,   false, false, Ok(Decision::Resume)),
+        (true,  Shadow::None,   false, true,  Ok(Decision::DeliverNow)),
+        (true,  Shadow::AtRip,  false, false, Ok(Decision::Resume)),
+        (true,  Shadow::AtRip,  false, true,  Ok(Decision::WindowNeeded)),
+        (true,  Shadow::Passed, false, true,  Ok(Decision::DeliverNow)),
+        (true,  Shadow::None,   true,  false, Ok(Decision::Idle)),
+        (true,  Shadow::None,   true,  true,  Ok(Decision::DeliverNow)),
+        (true,  Shadow::Passed, true,  true,  Ok(Decision::DeliverNow)),
+    ];
+    for (interrupts_enabled, shadow, halted, pending, want) in table {
+        let mut cpu = Rig::kernel().cpu;
+        cpu.set_interrupts_enabled(interrupts_enabled);
+        cpu.halted = halted;
+        cpu.interrupt_shadow = match shadow {
+            Shadow::None => None,
+            Shadow::AtRip => Some(cpu.rip),
+            Shadow::Passed => Some(cpu.rip - 1),
+        };
+        assert_eq!(
+            injection_decision(&cpu, pending),
+            want,
+            "IF={} shadow {shadow:?} halted={halted} pending={pending}",
+            u8::from(interrupts_enabled)
+        );
+    }
+}
+
+#[test]
 fn the_shadow_ends_once_rip_moves_on() {
     let mut r = Rig::kernel();
     r.ok(&[0xFB]);

@@ -205,38 +205,32 @@ impl Pic8259 {
         }
     }
 
-    /// Highest-priority unmasked request (fixed priority: IR0 highest).
-    fn highest_request(&self) -> Option<u8> {
-        lowest_set_bit(self.irr & !self.imr)
-    }
-
     /// Highest priority currently in service.
     fn highest_in_service(&self) -> Option<u8> {
         lowest_set_bit(self.isr)
     }
 
-    /// The INT output: an unmasked request of higher priority than everything in service
-    /// (datasheet, "Priority Resolver"). Held low between ICW1 and the last ICW: a chip being
-    /// initialised has no vector base to answer with yet.
-    pub fn int_output(&self) -> bool {
+    /// The request the priority resolver signals now, if any (see [`priority_resolver`]). None
+    /// between ICW1 and the last ICW: a chip being initialised has no vector base to answer
+    /// with yet.
+    fn signalled_request(&self) -> Option<u8> {
         if self.initialising() {
-            return false;
+            return None;
         }
-        match (self.highest_request(), self.highest_in_service()) {
-            (Some(request), Some(service)) => request < service,
-            (Some(_), None) => true,
-            (None, _) => false,
-        }
+        priority_resolver(self.irr, self.imr, self.isr)
+    }
+
+    /// The INT output: an unmasked request of higher priority than everything in service
+    /// (datasheet, "Priority Resolver"). Held low while the chip is being initialised.
+    pub fn int_output(&self) -> bool {
+        self.signalled_request().is_some()
     }
 
     /// The two INTA pulses: returns the IR line acknowledged, moving it from IRR to ISR (not into
     /// ISR with AEOI), or `None` when the request vanished (the caller reports the spurious IR7
     /// vector, and ISR is left alone, as the datasheet says).
     pub fn acknowledge_line(&mut self) -> Option<u8> {
-        if !self.int_output() {
-            return None;
-        }
-        let line = self.highest_request()?;
+        let line = self.signalled_request()?;
         let bit = line_bit(line);
         // Edge-triggered: the latch is consumed; a new request needs a new rising edge.
         self.irr &= !bit;
@@ -346,6 +340,29 @@ impl Pic8259 {
             };
         }
         self.poll = value & OCW3_POLL != 0;
+    }
+}
+
+// Lab 5 (docs/labs/lab5-virtual-interrupts.md): built with the feature `lab5`, the student's
+// priority resolver (labs/lab5_virtual_interrupts.rs) stands in for the one below.
+#[cfg(feature = "lab5")]
+pub use crate::labs::lab5::priority_resolver;
+
+/// The 8259A's priority resolver in fully nested mode (datasheet, "Priority Resolver" and
+/// "Fully Nested Mode"): the IR line the chip interrupts the CPU for, given its registers, or
+/// `None` when its INT output stays low.
+///
+/// Priorities are fixed, IR0 highest and IR7 lowest. A request counts only while its IMR bit
+/// is clear; it is signalled only when its priority is *strictly* above every level in
+/// service, whether or not that level is masked now (an in-service level blocks itself and
+/// everything below it until its EOI). Special mask mode, which would change that, is not
+/// modelled.
+#[cfg(not(feature = "lab5"))]
+pub fn priority_resolver(irr: u8, imr: u8, isr: u8) -> Option<u8> {
+    let request = lowest_set_bit(irr & !imr)?;
+    match lowest_set_bit(isr) {
+        Some(in_service) if in_service <= request => None,
+        _ => Some(request),
     }
 }
 
@@ -569,6 +586,78 @@ mod tests {
         pic.write_port(DATA_M, 0x00);
         pic.write_port(DATA_S, 0x00);
         pic
+    }
+
+    /// Highest-priority unmasked request (fixed priority: IR0 highest), whatever is in service.
+    fn highest_request(chip: &Pic8259) -> Option<u8> {
+        lowest_set_bit(chip.irr & !chip.imr)
+    }
+
+    /// The datasheet's priority resolver as a walk down the priorities, IR0 first: the first
+    /// level in service blocks itself and everything below it; the first unmasked request
+    /// above it wins.
+    fn resolve_by_walking_the_priorities(irr: u8, imr: u8, isr: u8) -> Option<u8> {
+        for level in 0..8u8 {
+            let bit = 1u8 << level;
+            if isr & bit != 0 {
+                return None;
+            }
+            if irr & bit != 0 && imr & bit == 0 {
+                return Some(level);
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn the_priority_resolver_follows_the_datasheet_on_every_register_state() {
+        for irr in 0..=u8::MAX {
+            for imr in 0..=u8::MAX {
+                for isr in 0..=u8::MAX {
+                    let got = priority_resolver(irr, imr, isr);
+                    let want = resolve_by_walking_the_priorities(irr, imr, isr);
+                    assert_eq!(
+                        got, want,
+                        "IRR={irr:#010b} IMR={imr:#010b} ISR={isr:#010b}: IR0 is the highest \
+                         priority, a masked request is not seen, and a level in service blocks \
+                         itself and all below it, masked or not"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_masked_level_in_service_still_blocks_lower_requests() {
+        let mut pic = init_pair(ICW4_8086);
+        pic.raise_irq(3);
+        assert_eq!(pic.acknowledge(), Some(0x23));
+        // The handler masks its own line before its EOI, as Linux's mask_and_ack does.
+        pic.write_port(DATA_M, 1 << 3);
+        pic.raise_irq(5);
+        assert!(
+            !pic.has_pending_interrupt(),
+            "IR3 in service blocks IR5 though IR3 is masked"
+        );
+        pic.raise_irq(1);
+        assert_eq!(pic.acknowledge(), Some(0x21), "IR1 is above IR3");
+        pic.write_port(CMD_M, SPECIFIC_EOI | 1);
+        pic.write_port(CMD_M, SPECIFIC_EOI | 3);
+        assert_eq!(pic.acknowledge(), Some(0x25));
+    }
+
+    #[test]
+    fn a_level_in_service_blocks_a_new_request_on_the_same_line() {
+        let mut pic = init_pair(ICW4_8086);
+        pic.pulse_irq(0);
+        assert_eq!(pic.acknowledge(), Some(0x20));
+        pic.pulse_irq(0); // the next timer tick, before the handler's EOI
+        assert!(
+            !pic.has_pending_interrupt(),
+            "IR0 in service: the new IR0 request waits for the EOI"
+        );
+        pic.write_port(CMD_M, EOI);
+        assert_eq!(pic.acknowledge(), Some(0x20));
     }
 
     #[test]
@@ -896,7 +985,7 @@ mod tests {
                             prop_assert_eq!(pic.master().isr(), master_before.isr());
                             continue;
                         }
-                        let line = master_before.highest_request().unwrap_or(8);
+                        let line = highest_request(&master_before).unwrap_or(8);
                         prop_assert!(line < 8);
                         // Never masked, and strictly above everything in service.
                         prop_assert_eq!(master_before.imr() & (1 << line), 0);
