@@ -107,6 +107,12 @@ lab!(
     lab5_the_skeleton_fails_its_grader
 );
 
+lab!(
+    6,
+    lab6_the_reference_passes_its_grader,
+    lab6_the_skeleton_fails_its_grader
+);
+
 #[test]
 fn every_lab_is_tested_here() {
     let source = include_str!("labs.rs");

@@ -5,7 +5,7 @@ use super::{exited_with, printed, Boot, BootCheck, HostTests, Image, Lab};
 use crate::Run;
 
 /// Every lab, by number.
-pub const LABS: &[Lab] = &[LAB1, LAB2, LAB3, LAB4, LAB5];
+pub const LABS: &[Lab] = &[LAB1, LAB2, LAB3, LAB4, LAB5, LAB6];
 
 /// Lab 1: your first guest.
 const LAB1: Lab = Lab {
@@ -486,3 +486,101 @@ const LAB5: Lab = Lab {
         },
     ],
 };
+
+/// Lab 6: system-call forwarding.
+const LAB6: Lab = Lab {
+    number: 6,
+    title: "system-call forwarding",
+    doc: "docs/labs/lab6-system-calls.md",
+    student_file: "labs/lab6_system_calls.rs",
+    build: &["-p", "kernel", "--features", "kernel/lab6"],
+    kernel: GRADED_KERNEL,
+    host_tests: Some(HostTests {
+        package: "vmm-core",
+        feature: "lab6",
+        module: "cpu::tests",
+        tests: &[
+            "syscall_is_forwarded_to_lstar_at_cpl0",
+            "syscall_saves_rflags_in_r11_and_clears_exactly_the_fmask_bits",
+            "syscall_takes_its_selectors_from_star_with_the_rpl_cleared",
+            "syscall_without_sce_at_the_real_entry_is_ud_at_the_instruction",
+            "sysretq_returns_to_64_bit_user_code",
+            "sysretq_loads_rflags_from_r11_without_rf_vm_or_reserved_bits",
+            "sysretq_to_a_non_canonical_rcx_faults_in_the_kernel_not_the_host",
+            "sysretq_in_user_mode_is_gp_and_without_sce_ud",
+            "sysret_faults_in_the_manuals_order_before_anything_changes",
+            "sysret_to_compatibility_mode_is_an_unsupported_stop",
+        ],
+    }),
+    boots: &[
+        Boot {
+            guest: Image::Normal("sysret-noncanonical"),
+            args: &[],
+            timeout_s: 30,
+            checks: &[BootCheck {
+                name: "SYSRETQ to a non-canonical RCX is the guest kernel's #GP(0)",
+                expect: |run| {
+                    printed(run, &["[guest] fault vector=13 error=0x0 rip=0x"])?;
+                    exited_with(run, 4)
+                },
+            }],
+        },
+        Boot {
+            guest: Image::Normal("swapgs-sysretq-fault"),
+            args: &[],
+            timeout_s: 30,
+            checks: &[BootCheck {
+                name: "the #GP is at the SYSRETQ, after the SWAPGS before it",
+                expect: lab6_fault_at_the_sysretq,
+            }],
+        },
+        Boot {
+            guest: Image::Normal("guest-kernel"),
+            args: &[],
+            timeout_s: 120,
+            checks: &[BootCheck {
+                name: "the self-test",
+                expect: |run| {
+                    selftest_passes(
+                        run,
+                        &[
+                            "check user-hello: ok",
+                            "check syscall-path: ok",
+                            "check exit-status: ok",
+                            "check spawn-wait-from-user: ok",
+                            "check yield: ok",
+                            "check swapgs-balanced: ok",
+                        ],
+                    )
+                },
+            }],
+        },
+    ],
+};
+
+/// The guest prints where its SYSRETQ is (`sysretq at 0x...`) and its #GP handler the RIP it
+/// got (`fault vector=13 error=0x0 rip=0x...`): the two must be the same address.
+fn lab6_fault_at_the_sysretq(run: &Run) -> Result<(), String> {
+    let address_after = |prefix: &str| {
+        run.lines().find_map(|l| {
+            let (_, rest) = l.split_once(prefix)?;
+            let hex: String = rest
+                .trim_start_matches("0x")
+                .chars()
+                .take_while(char::is_ascii_hexdigit)
+                .collect();
+            u64::from_str_radix(&hex, 16).ok()
+        })
+    };
+    let sysretq = address_after("sysretq at ")
+        .ok_or_else(|| format!("{}; no 'sysretq at' line", super::outcome(run)))?;
+    let fault = address_after("fault vector=13 error=0x0 rip=")
+        .ok_or_else(|| format!("{}; no #GP(0) reported", super::outcome(run)))?;
+    if fault != sysretq {
+        return Err(format!(
+            "the #GP(0) is at {fault:#x}, the SYSRETQ at {sysretq:#x}"
+        ));
+    }
+    // The guest's #GP handler halts with interrupts off.
+    exited_with(run, 4)
+}

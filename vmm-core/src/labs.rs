@@ -13,3 +13,8 @@ pub(crate) mod lab2;
 #[cfg(feature = "lab5")]
 #[path = "../../labs/lab5_virtual_interrupts.rs"]
 pub(crate) mod lab5;
+
+/// Lab 6, system-call forwarding: SYSCALL into the guest kernel, SYSRETQ and CVE-2012-0217.
+#[cfg(feature = "lab6")]
+#[path = "../../labs/lab6_system_calls.rs"]
+pub(crate) mod lab6;

@@ -26,7 +26,10 @@ fn flat(code: bool, dpl: u8) -> Descriptor {
     }
 }
 
-fn enter_kernel(cpu: &mut VCpu, cs: u16, rip: u64) {
+/// The switch to the kernel that SYSCALL and SYSENTER make without reading the GDT: CS ←
+/// `cs` (RPL cleared) and SS ← `cs` + 8 as flat 64-bit code and flat data of DPL 0, CPL 0, RIP ←
+/// `rip`; any interrupt shadow ends.
+pub(crate) fn enter_kernel(cpu: &mut VCpu, cs: u16, rip: u64) {
     cpu.set_segment(
         SegReg::Cs,
         Segment {
@@ -46,7 +49,10 @@ fn enter_kernel(cpu: &mut VCpu, cs: u16, rip: u64) {
     cpu.interrupt_shadow = None;
 }
 
-fn enter_user(cpu: &mut VCpu, cs: u16, ss: u16, rip: u64) {
+/// The switch to user mode that SYSRET and SYSEXIT make without reading the GDT: CS ← `cs` and
+/// SS ← `ss`, both with RPL 3, as flat 64-bit code and flat data of DPL 3, CPL 3, RIP ← `rip`;
+/// any interrupt shadow ends.
+pub(crate) fn enter_user(cpu: &mut VCpu, cs: u16, ss: u16, rip: u64) {
     cpu.set_segment(
         SegReg::Cs,
         Segment {
@@ -66,9 +72,15 @@ fn enter_user(cpu: &mut VCpu, cs: u16, ss: u16, rip: u64) {
     cpu.interrupt_shadow = None;
 }
 
+// Lab 6 (docs/labs/lab6-system-calls.md): built with the feature `lab6`, the student's SYSCALL
+// and SYSRET (labs/lab6_system_calls.rs) stand in for the two below.
+#[cfg(feature = "lab6")]
+pub use crate::labs::lab6::{syscall, sysret};
+
 /// SYSCALL with RIP already at the next instruction: RCX ← RIP, R11 ← RFLAGS, RFLAGS masked
 /// by IA32_FMASK, CS/SS from IA32_STAR[47:32], RIP ← IA32_LSTAR, CPL 0. #UD when EFER.SCE = 0
 /// (then RIP is moved back onto the 2-byte instruction, where the fault belongs).
+#[cfg(not(feature = "lab6"))]
 pub fn syscall(cpu: &mut VCpu) -> Result<(), Fault> {
     if cpu.efer & efer::SCE == 0 {
         cpu.rip = cpu.rip.wrapping_sub(2);
@@ -100,6 +112,7 @@ pub fn sysenter(cpu: &mut VCpu) -> Result<(), Fault> {
 /// SYSRET with operand size 64 (`rex_w`): back to 64-bit user code at RCX with RFLAGS from
 /// R11. Checks in the manual's order: #UD without EFER.SCE, #GP(0) at CPL ≠ 0, #GP(0) for a
 /// non-canonical RCX — raised at CPL 0, on the kernel's stack, as Intel CPUs do.
+#[cfg(not(feature = "lab6"))]
 pub fn sysret(cpu: &mut VCpu, rex_w: bool) -> Result<(), Fault> {
     if cpu.efer & efer::SCE == 0 {
         return Err(Event::ud().into());

@@ -1135,6 +1135,115 @@ fn sysretq_in_user_mode_is_gp_and_without_sce_ud() {
 }
 
 #[test]
+fn syscall_saves_rflags_in_r11_and_clears_exactly_the_fmask_bits() {
+    let mut r = Rig::user();
+    fast_syscall_msrs(&mut r);
+    r.cpu.msr.sfmask = rflags::IF | rflags::TF | rflags::AC;
+    let user_flags = rflags::FIXED | rflags::IF | rflags::DF | rflags::CF | rflags::AC;
+    r.cpu.rflags = user_flags;
+    r.cpu.rip = UCODE + 2;
+    syscall::syscall(&mut r.cpu).unwrap();
+    assert_eq!(
+        r.cpu.reg(Gpr::R11),
+        user_flags,
+        "R11 holds RFLAGS as it was"
+    );
+    assert_eq!(
+        r.cpu.rflags,
+        rflags::FIXED | rflags::DF | rflags::CF,
+        "only the FMASK bits are cleared"
+    );
+}
+
+#[test]
+fn syscall_takes_its_selectors_from_star_with_the_rpl_cleared() {
+    let mut r = Rig::user();
+    fast_syscall_msrs(&mut r);
+    // STAR[47:32] = 0x1B: RPL 3 in the MSR; SYSCALL loads CS with RPL 0 and SS = CS + 8.
+    r.cpu.msr.star = (0x30u64 << 48) | (0x1Bu64 << 32);
+    r.cpu.rip = UCODE + 2;
+    syscall::syscall(&mut r.cpu).unwrap();
+    assert_eq!(r.cpu.segment(SegReg::Cs).selector, 0x18);
+    assert_eq!(r.cpu.segment(SegReg::Ss).selector, 0x20);
+    assert_eq!(r.cpu.cpl, 0);
+}
+
+#[test]
+fn syscall_without_sce_at_the_real_entry_is_ud_at_the_instruction() {
+    let mut r = Rig::user();
+    fast_syscall_msrs(&mut r);
+    r.cpu.efer &= !efer::SCE;
+    r.cpu.rip = UCODE + 2; // the entry stub reports the address after SYSCALL
+    assert_eq!(syscall::syscall(&mut r.cpu), Err(Fault::Raise(Event::ud())));
+    assert_eq!(r.cpu.rip, UCODE, "the #UD belongs to the SYSCALL itself");
+    assert_eq!(r.cpu.cpl, 3);
+}
+
+#[test]
+fn sysretq_loads_rflags_from_r11_without_rf_vm_or_reserved_bits() {
+    let mut r = Rig::kernel();
+    fast_syscall_msrs(&mut r);
+    r.cpu.set_reg(Gpr::Rcx, UCODE + 0x40);
+    r.cpu.set_reg(Gpr::R11, u64::MAX);
+    r.ok(&[0x48, 0x0F, 0x07]);
+    assert_eq!(r.cpu.rflags, 0x3C_7FD7, "(R11 & 3C7FD7H) | 2");
+    let mut r = Rig::kernel();
+    fast_syscall_msrs(&mut r);
+    r.cpu.set_reg(Gpr::Rcx, UCODE + 0x40);
+    r.cpu.set_reg(Gpr::R11, 0);
+    r.ok(&[0x48, 0x0F, 0x07]);
+    assert_eq!(r.cpu.rflags, rflags::FIXED, "bit 1 is always set");
+}
+
+#[test]
+fn sysret_faults_in_the_manuals_order_before_anything_changes() {
+    let gp = Err(Fault::Raise(Event::gp(0)));
+    let ud = Err(Fault::Raise(Event::ud()));
+    let non_canonical = 0x0000_8000_0000_0000;
+    // (SCE, CPL, RCX) -> the fault: #UD first, then the CPL, then RCX.
+    let cases = [
+        (false, 3, non_canonical, ud),
+        (false, 0, non_canonical, ud),
+        (true, 3, non_canonical, gp),
+        (true, 3, UCODE, gp),
+        (true, 0, non_canonical, gp),
+        (true, 0, 0xFFFF_8000_0000_0000 - 1, gp),
+    ];
+    for (sce, cpl, rcx, want) in cases {
+        let mut r = if cpl == 0 { Rig::kernel() } else { Rig::user() };
+        fast_syscall_msrs(&mut r);
+        if !sce {
+            r.cpu.efer &= !efer::SCE;
+        }
+        r.cpu.set_reg(Gpr::Rcx, rcx);
+        r.cpu.set_reg(Gpr::R11, 0x202);
+        let before = format!("{:?}", r.cpu);
+        assert_eq!(
+            syscall::sysret(&mut r.cpu, true),
+            want,
+            "SCE={sce} CPL={cpl} RCX={rcx:#x}"
+        );
+        assert_eq!(
+            format!("{:?}", r.cpu),
+            before,
+            "SCE={sce} CPL={cpl} RCX={rcx:#x}: a faulting SYSRET changes nothing"
+        );
+    }
+}
+
+#[test]
+fn sysret_to_compatibility_mode_is_an_unsupported_stop() {
+    let mut r = Rig::kernel();
+    fast_syscall_msrs(&mut r);
+    r.cpu.set_reg(Gpr::Rcx, UCODE);
+    assert!(matches!(
+        syscall::sysret(&mut r.cpu, false),
+        Err(Fault::Stop(CpuStop::Unsupported(_)))
+    ));
+    assert_eq!(r.cpu.cpl, 0);
+}
+
+#[test]
 fn sysenter_and_sysexit_round_trip() {
     let mut r = Rig::user();
     fast_syscall_msrs(&mut r);
