@@ -113,6 +113,12 @@ lab!(
     lab6_the_skeleton_fails_its_grader
 );
 
+lab!(
+    7,
+    lab7_the_reference_passes_its_grader,
+    lab7_the_skeleton_fails_its_grader
+);
+
 #[test]
 fn every_lab_is_tested_here() {
     let source = include_str!("labs.rs");

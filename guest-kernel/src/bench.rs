@@ -150,6 +150,15 @@ pub const OPS: &[Op] = &[
         },
     },
     Op {
+        label: "mov cr8 (write)",
+        measure: |c| {
+            // The task priority the kernel runs at, written back: nothing changes.
+            let tpr = arch::cr8();
+            let total = time_kernel(c.iters, c.overhead, |_| arch::set_cr8(tpr));
+            Some((c.iters, total))
+        },
+    },
+    Op {
         label: "int3 (kernel trap round trip)",
         measure: |c| Some((c.iters, time_kernel(c.iters, c.overhead, |_| arch::int3()))),
     },
@@ -193,7 +202,16 @@ pub const OPS: &[Op] = &[
             Some((n, run_user(id::BENCH_COMPUTE, n)?))
         },
     },
+    // Lab 7 (docs/labs/lab7-measure-a-trap.md): built with the feature `lab7`, the student's
+    // operation comes last.
+    #[cfg(feature = "lab7")]
+    lab7::OP,
 ];
+
+/// Lab 7's student code: one more operation.
+#[cfg(feature = "lab7")]
+#[path = "../../labs/lab7_new_trap.rs"]
+mod lab7;
 
 /// The op whose CSV name is `name`, if any.
 pub fn op_named(name: &str) -> Option<usize> {
@@ -208,8 +226,26 @@ pub fn write_op_names(f: &mut impl core::fmt::Write) -> core::fmt::Result {
     Ok(())
 }
 
-/// Runs every op, or only `config.op`; false when one of them could not run.
+/// The first name two ops share, if any: `op=` and the CSV lines could not tell them apart.
+fn duplicate_name() -> Option<&'static str> {
+    OPS.iter().enumerate().find_map(|(i, op)| {
+        OPS[..i]
+            .iter()
+            .any(|earlier| slug(earlier.label).eq(slug(op.label)))
+            .then_some(op.label)
+    })
+}
+
+/// Runs every op, or only `config.op`; false when one of them could not run, or two ops have
+/// one name.
 pub fn run(config: &Config) -> bool {
+    if let Some(label) = duplicate_name() {
+        println!(
+            "bench: two ops are named {}: give each its own label",
+            Slug(label)
+        );
+        return false;
+    }
     let ctx = Ctx {
         iters: config.iters,
         overhead: time_kernel(config.iters, 0, |_| {}),

@@ -1,11 +1,11 @@
 //! The labs and what each one checks: the rubric. To add a lab, add an entry here, its student
 //! file under `labs/`, its swap points and its document (docs/labs/README.md, "Adding a lab").
 
-use super::{exited_with, printed, Boot, BootCheck, HostTests, Image, Lab};
+use super::{exited_with, lab7, printed, Boot, BootCheck, HostTests, Image, Lab, OwnChecks};
 use crate::Run;
 
 /// Every lab, by number.
-pub const LABS: &[Lab] = &[LAB1, LAB2, LAB3, LAB4, LAB5, LAB6];
+pub const LABS: &[Lab] = &[LAB1, LAB2, LAB3, LAB4, LAB5, LAB6, LAB7];
 
 /// Lab 1: your first guest.
 const LAB1: Lab = Lab {
@@ -68,6 +68,7 @@ const LAB1: Lab = Lab {
             },
         ],
     }],
+    own_checks: None,
 };
 
 /// `Ok` when some `--trace` line contains each of `needles`.
@@ -176,6 +177,7 @@ const LAB2: Lab = Lab {
             }],
         },
     ],
+    own_checks: None,
 };
 
 fn lab2_cli_hlt(run: &Run) -> Result<(), String> {
@@ -303,6 +305,7 @@ const LAB3: Lab = Lab {
             }],
         },
     ],
+    own_checks: None,
 };
 
 /// Lab 4: the shadow page fault.
@@ -385,6 +388,7 @@ const LAB4: Lab = Lab {
             }],
         },
     ],
+    own_checks: None,
 };
 
 fn lab4_selftest(run: &Run) -> Result<(), String> {
@@ -485,6 +489,23 @@ const LAB5: Lab = Lab {
             }],
         },
     ],
+    own_checks: None,
+};
+
+/// Lab 7: measure a new trap. Its checks are its own (`lab7`): a report against three runs.
+const LAB7: Lab = Lab {
+    number: 7,
+    title: "measure a new trap",
+    doc: "docs/labs/lab7-measure-a-trap.md",
+    student_file: "labs/lab7_new_trap.rs",
+    build: &["-p", "guest-kernel", "--features", "guest-kernel/lab7"],
+    kernel: Image::Normal("kernel"),
+    host_tests: None,
+    boots: &[],
+    own_checks: Some(OwnChecks {
+        images: &[lab7::GUEST],
+        run: lab7::checks,
+    }),
 };
 
 /// Lab 6: system-call forwarding.
@@ -556,6 +577,7 @@ const LAB6: Lab = Lab {
             }],
         },
     ],
+    own_checks: None,
 };
 
 /// The guest prints where its SYSRETQ is (`sysretq at 0x...`) and its #GP handler the RIP it

@@ -17,6 +17,7 @@
 //!   the student's code, without it for the reference.
 
 pub mod catalog;
+mod lab7;
 
 use crate::{root, try_build_images, Run};
 use std::collections::BTreeMap;
@@ -45,6 +46,19 @@ pub struct Lab {
     pub host_tests: Option<HostTests>,
     /// QEMU boots.
     pub boots: &'static [Boot],
+    /// Checks of the lab's own, after the boots, for what one boot cannot show (lab 7: a
+    /// report the student writes, against three runs of the student's code).
+    pub own_checks: Option<OwnChecks>,
+}
+
+/// A lab's own checks ([`Lab::own_checks`]).
+#[derive(Debug)]
+pub struct OwnChecks {
+    /// The graded images they boot, copied out of `target/lab` as the boots' images are.
+    pub images: &'static [Image],
+    /// Runs them for `code`, with the images once built (`None` when the build failed: each
+    /// check then says so). Always the same checks, by name, whatever happens.
+    pub run: fn(Code, Option<&Images>) -> Vec<Check>,
 }
 
 /// A bare-metal image a boot uses.
@@ -236,6 +250,11 @@ pub fn grade(lab: &Lab, code: Code, progress: &mut dyn FnMut(&Check)) -> Report 
             done(Check::new(name, result), &mut checks);
         }
     }
+    if let Some(own) = &lab.own_checks {
+        for check in (own.run)(code, images.as_ref().ok()) {
+            done(check, &mut checks);
+        }
+    }
     Report { checks }
 }
 
@@ -274,13 +293,15 @@ fn compiler_errors(messages: &str) -> Vec<String> {
 
 /// Where the images the boots use are, once built.
 #[derive(Debug)]
-struct Images {
+pub struct Images {
     kernel: PathBuf,
     graded_dir: Option<PathBuf>,
 }
 
 impl Images {
-    fn path(&self, image: Image) -> PathBuf {
+    /// The file of `image`: the student's build of a graded image when the student's code is
+    /// graded, the normal build's otherwise.
+    pub fn path(&self, image: Image) -> PathBuf {
         match (image, &self.graded_dir) {
             (Image::Normal(name), _)
             | (
@@ -321,10 +342,12 @@ fn build_student(lab: &Lab) -> Result<PathBuf, String> {
     let built = target_dir.join("x86_64-unknown-none/release");
     let graded = target_dir.join(format!("graded/lab{}", lab.number));
     std::fs::create_dir_all(&graded).map_err(|e| format!("{}: {e}", graded.display()))?;
+    let own_images = lab.own_checks.as_ref().map_or(&[][..], |own| own.images);
     let mut names: Vec<&str> = lab
         .boots
         .iter()
         .map(|b| b.guest)
+        .chain(own_images.iter().copied())
         .chain([lab.kernel])
         .filter_map(|image| match image {
             Image::Graded { student, .. } => Some(student),
@@ -455,23 +478,48 @@ fn shorten(text: &str, max: usize) -> String {
 
 /// Boots the lab's kernel with the boot's guest through run-qemu.sh.
 fn run_boot(boot: &Boot, images: &Images) -> Result<Run, String> {
-    if let Some(why) = crate::qemu_missing() {
-        return Err(why);
+    images.boot(Host::Vmm, boot.guest, boot.timeout_s, boot.args)
+}
+
+/// What a boot runs the guest on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Host {
+    /// The lab's kernel: the VMM (its `backend=` from the arguments).
+    Vmm,
+    /// Bare QEMU (`--native`).
+    Native,
+}
+
+impl Images {
+    /// Boots `guest` on `host` through run-qemu.sh with `args` after the image options.
+    pub fn boot(
+        &self,
+        host: Host,
+        guest: Image,
+        timeout_s: u32,
+        args: &[&str],
+    ) -> Result<Run, String> {
+        if let Some(why) = crate::qemu_missing() {
+            return Err(why);
+        }
+        let mut words = vec!["--no-build".to_string()];
+        match host {
+            Host::Vmm => words.extend([
+                "--kernel".to_string(),
+                self.kernel.to_string_lossy().into_owned(),
+            ]),
+            Host::Native => words.push("--native".to_string()),
+        }
+        words.extend([
+            "--guest".to_string(),
+            self.path(guest).to_string_lossy().into_owned(),
+            "--timeout".to_string(),
+            timeout_s.to_string(),
+        ]);
+        words.extend(args.iter().map(|a| a.to_string()));
+        let words: Vec<&str> = words.iter().map(String::as_str).collect();
+        Ok(crate::run_script(&words))
     }
-    let (kernel, guest) = (images.kernel.clone(), images.path(boot.guest));
-    let timeout = boot.timeout_s.to_string();
-    let mut args = vec![
-        "--no-build".to_string(),
-        "--kernel".to_string(),
-        kernel.to_string_lossy().into_owned(),
-        "--guest".to_string(),
-        guest.to_string_lossy().into_owned(),
-        "--timeout".to_string(),
-        timeout,
-    ];
-    args.extend(boot.args.iter().map(|a| a.to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Ok(crate::run_script(&args))
 }
 
 /// How a run ended, in one line: the exit status and the line that explains it.
