@@ -25,4 +25,6 @@ pub mod io;
 mod labs;
 pub mod loader;
 pub mod svm;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod trace;

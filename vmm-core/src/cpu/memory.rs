@@ -238,13 +238,14 @@ pub fn write_value<M: GuestMemory + ?Sized>(
 
 /// A flat, page-granular test memory: present pages with U/S, R/W and NX rights, checked the
 /// way the hardware checks them with CR0.WP = 1, so emulator tests see real #PF error codes.
-#[cfg(test)]
+/// For the unit tests and, with the feature `testing`, the fuzz targets (`crate::testing`).
+#[cfg(any(test, feature = "testing"))]
 #[allow(missing_docs)]
 pub mod flat {
     use super::*;
+    use alloc::collections::BTreeMap;
+    use alloc::vec::Vec;
     use shadow_mmu::{PageFault, PageFaultErrorCode};
-    use std::collections::BTreeMap;
-    use std::vec::Vec;
 
     /// Page rights.
     #[derive(Clone, Copy, Debug)]
@@ -286,7 +287,7 @@ pub mod flat {
             for page in first..=last {
                 self.pages
                     .entry(page)
-                    .or_insert_with(|| (rights, std::vec![0; 4096]))
+                    .or_insert_with(|| (rights, alloc::vec![0; 4096]))
                     .0 = rights;
             }
         }
