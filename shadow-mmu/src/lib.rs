@@ -33,6 +33,8 @@ pub mod pte;
 pub mod shadow;
 pub mod walk;
 
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 #[cfg(test)]
 mod tests;
 

@@ -508,8 +508,8 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
     }
 
     /// A guest store that runs natively (no trap, so nobody is notified): what the guest does to
-    /// an unsynced table. Tests only.
-    #[cfg(test)]
+    /// an unsynced table. Tests and fuzzing only.
+    #[cfg(any(test, feature = "testing"))]
     pub(crate) fn write_guest_phys_natively(
         &mut self,
         gpa: GuestPhysAddr,

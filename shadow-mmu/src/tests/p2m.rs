@@ -1,9 +1,9 @@
 //! P2M tests: first-touch allocation and zeroing, RAM bounds, accesses that cross frames.
 
-use super::fake::{FakeAllocator, FakeMemory};
 use crate::addr::{GuestPhysAddr, HostPhysAddr};
 use crate::machine::HostMemory;
 use crate::p2m::{GuestPhysMemory, GuestRam, MemoryError, P2m};
+use crate::testing::fake::{FakeAllocator, FakeMemory};
 
 #[test]
 fn frames_are_allocated_zeroed_on_first_touch_and_reused() {

@@ -1,12 +1,12 @@
 //! Scenario tests of the fault path, the views, invalidation and the two policies.
 
-use super::fake::*;
 use crate::addr::{GuestPhysAddr, GuestVirtAddr, HostPhysAddr, PageFaultErrorCode as E};
 use crate::machine::HostMemory;
 use crate::pte::entry_offset;
 use crate::shadow::{
     FaultOutcome, Policy, StopReason, View, MIN_SHADOW_QUOTA, VMM_PML4_SLOT, VMM_RANGE_START,
 };
+use crate::testing::fake::*;
 use crate::walk::{Access, AccessKind, PagingMode, Privilege};
 use crate::TranslateError;
 

@@ -1,8 +1,10 @@
 //! Vec-backed fakes of the machine traits, and a small builder of guest page tables.
+// The entry-bit constants are named as in the manual; each says itself what it is.
+#![allow(missing_docs)]
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::vec;
-use std::vec::Vec;
+use alloc::collections::{BTreeMap, BTreeSet};
+use alloc::vec;
+use alloc::vec::Vec;
 
 use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
 use crate::machine::{FrameAllocator, HostMemory};
