@@ -278,7 +278,12 @@ fn play(m: &mut Mmu, view: View, gva: GuestVirtAddr, kind: AccessKind) {
             Err(crate::WalkError::PageFault(pf)) => {
                 assert_eq!(outcome, FaultOutcome::Reflect(*pf))
             }
-            Err(other) => panic!("unexpected walk result {other:?}"),
+            // Its tables outside RAM: a stop, as anywhere else.
+            Err(WalkError::Memory(MemoryError::OutsideRam(gpa))) => assert!(matches!(
+                outcome,
+                FaultOutcome::Stop(StopReason::GpaOutsideRam { gpa: g, .. }) if g == *gpa
+            )),
+            Err(other) => panic!("unexpected walk result {other:?}, outcome {outcome:?}"),
         }
         return;
     }

@@ -170,6 +170,30 @@ fn execute_disable_is_kept_and_fetch_faults_report_i_d() {
     );
 }
 
+/// Found by the fuzz target `shadow_mmu` (fuzz/corpus/shadow_mmu/crash-vmm-slot-tables-outside-ram):
+/// the guest's entry for the VMM's PML4 slot names a PDPT beyond RAM. The MMU stops the guest
+/// for the GPA (as for a table beyond RAM anywhere else); the property model expected only a
+/// #PF or the VMM-range stop there and was widened. The MMU was right.
+#[test]
+fn a_guest_table_beyond_ram_under_the_vmm_slot_stops_for_the_gpa() {
+    let mut m = mmu(Policy::Cached, 64, CR3);
+    let vmm = gva(VMM_RANGE_START + 0x18);
+    poke(
+        &mut m,
+        CR3 + 8 * VMM_PML4_SLOT as u64,
+        (RAM + 0x1000) | P | RW | US,
+    );
+    m.load_cr3(CR3).unwrap();
+    assert_eq!(
+        m.handle_page_fault(View::Kernel, vmm, hw(false, false)),
+        FaultOutcome::Stop(StopReason::GpaOutsideRam {
+            gpa: GuestPhysAddr::new(RAM + 0x1000),
+            gva: Some(vmm)
+        })
+    );
+    m.audit().unwrap();
+}
+
 #[test]
 fn vmm_range_and_gpa_outside_ram_stop_the_guest() {
     let mut m = mmu(Policy::Flush, 64, CR3);

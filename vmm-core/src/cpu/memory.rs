@@ -283,7 +283,7 @@ pub mod flat {
     impl FlatMemory {
         pub fn map(&mut self, gva: u64, len: u64, rights: Rights) {
             let first = gva >> 12;
-            let last = (gva + len.max(1) - 1) >> 12;
+            let last = gva.saturating_add(len.max(1) - 1) >> 12;
             for page in first..=last {
                 self.pages
                     .entry(page)
@@ -294,7 +294,7 @@ pub mod flat {
 
         pub fn poke(&mut self, gva: u64, data: &[u8]) {
             for (i, b) in data.iter().enumerate() {
-                let a = gva + i as u64;
+                let a = gva.wrapping_add(i as u64);
                 let page = self
                     .pages
                     .get_mut(&(a >> 12))
@@ -306,7 +306,7 @@ pub mod flat {
         pub fn peek(&self, gva: u64, len: usize) -> Vec<u8> {
             (0..len as u64)
                 .map(|i| {
-                    let a = gva + i;
+                    let a = gva.wrapping_add(i);
                     self.pages
                         .get(&(a >> 12))
                         .map_or(0xEE, |p| p.1[(a & 0xFFF) as usize])
@@ -327,8 +327,10 @@ pub mod flat {
             privilege: Privilege,
         ) -> Result<(), TranslateError> {
             for i in 0..len as u64 {
+                // Off the top of the address space is not canonical either (as in the shadow
+                // MMU): the access does not wrap around to 0.
                 let a = gva.wrapping_add(i);
-                if !shadow_mmu::addr::is_canonical(a) {
+                if gva.checked_add(i).is_none() || !shadow_mmu::addr::is_canonical(a) {
                     return Err(TranslateError::NonCanonical(a));
                 }
                 if self.stop_pages.contains(&(a >> 12)) {
@@ -461,6 +463,27 @@ mod tests {
         assert_eq!(mem.writes, 0);
         assert_eq!(mem.peek(last, 4), [0; 4]);
         assert_eq!(read_obj::<u32, _>(&mut mem, last, s, true), Ok(0));
+    }
+
+    /// Found by the fuzz target `emulator`: the flat test memory let an access that starts on
+    /// the last byte of the address space wrap around to 0, where the shadow MMU (and the
+    /// `GuestMemory` contract) refuse it as not canonical. A model bug, fixed in the model.
+    #[test]
+    fn an_access_running_off_the_top_of_the_address_space_is_gp_and_writes_nothing() {
+        let mut mem = FlatMemory::default();
+        mem.map(u64::MAX & !0xFFF, 0x1000, RW_KERNEL);
+        mem.map(0, 0x1000, RW_KERNEL);
+        let s = Privilege::Supervisor;
+        assert_eq!(
+            write_obj(&mut mem, u64::MAX - 3, u64::MAX, s, false),
+            Err(Fault::Raise(Event::gp(0)))
+        );
+        assert_eq!(
+            read_obj::<u16, _>(&mut mem, u64::MAX, s, true),
+            Err(Fault::Raise(Event::ss(0)))
+        );
+        assert_eq!(mem.writes, 0);
+        assert_eq!(read_obj::<u32, _>(&mut mem, u64::MAX - 3, s, false), Ok(0));
     }
 
     /// The first non-canonical address above the lower half.
