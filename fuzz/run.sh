@@ -27,9 +27,9 @@ the number of executions.
 
 options:
   --help            show this help and exit
-  --merge TARGET    replace fuzz/corpus/TARGET by the smallest set of its inputs and the
-                    working corpus's that covers as much (libFuzzer -merge=1); crash-* files
-                    are kept
+  --merge TARGET    replace fuzz/corpus/TARGET by a small set of its inputs and the working
+                    corpus's that covers every edge they cover (libFuzzer -merge=1, then a
+                    greedy set cover; needs python3); crash-* and plant-* files are kept
   -- OPTIONS        passed to libFuzzer as they are (e.g. -- -runs=1000000 -max_len=512)
 EOF
 }
@@ -102,12 +102,17 @@ artifacts="$OUT/artifacts/$target"
 mkdir -p "$work" "$artifacts"
 
 if $merge; then
-    # Crash reproducers stay as they are (they are regression inputs, whatever they cover).
-    fresh=$(mktemp -d)
-    trap 'rm -rf "$fresh"' EXIT
-    "$bin" -merge=1 "$fresh" "$seeds" "$work" 2>&1 | grep -E "MERGE-OUTER: [0-9]+ new files" || true
-    find "$seeds" -maxdepth 1 -type f ! -name 'crash-*' -delete
-    cp "$fresh"/* "$seeds"/
+    # libFuzzer's merge keeps the inputs that add an edge (counters off: edges, not hit
+    # counts), taken smallest first; fuzz/cover.py then keeps a greedy set cover of those,
+    # a fraction of them. Crash reproducers (crash-*) stay as they are: they are regression
+    # inputs, whatever they cover.
+    scratch=$(mktemp -d)
+    trap 'rm -rf "$scratch"' EXIT
+    mkdir "$scratch/merged"
+    "$bin" -merge=1 -use_counters=0 "$scratch/merged" "$seeds" "$work" 2>&1 |
+        grep -E "MERGE-OUTER: [0-9]+ new files" || true
+    find "$seeds" -maxdepth 1 -type f ! -name 'crash-*' ! -name 'plant-*' -delete
+    python3 "$ROOT/fuzz/cover.py" "$bin" "$scratch/merged" "$seeds"
     echo "fuzz/corpus/$target: $(find "$seeds" -maxdepth 1 -type f | wc -l) inputs"
     exit 0
 fi

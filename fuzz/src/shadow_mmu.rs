@@ -120,3 +120,24 @@ fn raw_entry(u: &mut Unstructured) -> Result<u64> {
     };
     Ok(target | flags | high)
 }
+
+/// The MMU configuration, initial entries and steps `data` stands for, as text: what a crash
+/// input means (`cargo test -p fuzz-targets` prints it for a failing corpus input).
+pub fn describe(data: &[u8]) -> String {
+    let mut u = Unstructured::new(data);
+    let Ok((config, initial, steps)) = decode(&mut u) else {
+        return "(no complete configuration)".into();
+    };
+    let mut text = format!(
+        "cached={} unsync={} sharing={} prefetch={} quota={}\n",
+        config.cached, config.unsync, config.sharing, config.prefetch, config.quota
+    );
+    for ((level, at), (kind, target, flags)) in slots().into_iter().zip(initial) {
+        let value = shadow_mmu::testing::model::entry(level, kind, target, flags);
+        text += &format!("  level {level} entry at {at:#x} = {value:#x}\n");
+    }
+    for (i, step) in steps.iter().enumerate() {
+        text += &format!("{i}: {step:?}\n");
+    }
+    text
+}

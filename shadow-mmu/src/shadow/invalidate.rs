@@ -96,7 +96,12 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
                 return;
             }
             // Below a guest large page: the whole page goes, so drop the table that holds it.
-            if self.pages.get(&e.addr()).is_some_and(|p| p.large) {
+            // An entry of an unsynced guest directory goes too: the guest may have changed it
+            // natively, and INVLPG also drops the paging-structure-cache entries for the
+            // address (§4.10.4.1), which this shadow entry stands for. Kept, it would still
+            // lead to the shadow of the table the guest replaced, and a fill through another
+            // entry that shares that shadow would make this address translate through it.
+            if self.pages.get(&e.addr()).is_some_and(|p| p.large) || self.mirrors_unsynced(table) {
                 if self.zap_entry(table, idx) {
                     self.stats.zaps += 1;
                 }

@@ -8,10 +8,11 @@
 //! entry must invalidate it (INVLPG, or a CR3 load) before it can rely on the change, and the
 //! VMM catches up there. Every CR3 load resyncs every unsynced table (zaps all the shadow
 //! entries that mirror it, freeing what hangs below a directory's, and write-protects it
-//! again). INVLPG zaps the address's leaf ([`ShadowMmu::invlpg`]); the next access then walks
-//! the guest's tables as they are, and a shadow directory entry that no longer mirrors the
-//! guest's (another table below it, other rights above it) is replaced on the way (`fill.rs`,
-//! `shadow_child`). A not-present → present store needs no invalidation on the CPU, and none
+//! again). INVLPG zaps the address's leaf ([`ShadowMmu::invlpg`]), or its entry in the first
+//! unsynced directory on the way down (INVLPG drops the paging-structure caches for the
+//! address too, SDM §4.10.4.1); the next access then walks the guest's tables as they are,
+//! and a shadow directory entry that no longer mirrors the guest's (another table below it,
+//! other rights above it) is replaced on the way (`fill.rs`, `shadow_child`). A not-present → present store needs no invalidation on the CPU, and none
 //! here: the shadow has no entry for it, so the next access faults and fills from the guest's
 //! table as it is now. That store is the one a demand-paging guest kernel makes on every page
 //! fault; a process's teardown makes the present → not-present ones, in its page tables and
@@ -39,6 +40,15 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
     /// Whether the guest table in frame `gfn` is unsynced (writable to the guest).
     pub fn is_unsync(&self, gfn: u64) -> bool {
         self.unsync.contains(&gfn)
+    }
+
+    /// Whether the shadow table `table` mirrors a guest table that is unsynced (its entries
+    /// may be behind the guest's).
+    pub(super) fn mirrors_unsynced(&self, table: u64) -> bool {
+        self.pages
+            .get(&table)
+            .and_then(|p| p.guest_table)
+            .is_some_and(|gfn| self.unsync.contains(&gfn))
     }
 
     /// A guest store faulted on the write-protected guest table `gfn`: unsync it instead of

@@ -1144,6 +1144,73 @@ fn a_directory_is_unsynced_and_its_entries_catch_up_at_invlpg_and_cr3_loads() {
     m.audit().unwrap();
 }
 
+/// Found by the fuzz target `shadow_mmu` (fuzz/corpus/shadow_mmu/crash-stale-unsynced-pde):
+/// the guest repoints an entry of an unsynced directory natively and invalidates the addresses
+/// it maps, as the SDM asks (§4.10.4.2). INVLPG drops the paging-structure-cache entries for
+/// the address too (§4.10.4.1), so the shadow directory entry must go with the leaf. It used to
+/// stay: still linked to the shadow of the old page table, which a fill through another
+/// directory entry then gave a leaf, so the address translated through the table the guest
+/// had replaced, to the frame the old one maps.
+#[test]
+fn invlpg_drops_the_stale_entry_of_an_unsynced_directory() {
+    for sharing in [false, true] {
+        let mut m = mmu(Policy::Cached, 64, CR3);
+        m.set_unsync(true);
+        m.set_sharing(sharing);
+        // Directory entries 2 (a) and 3 (b) both point at page table T[3]: a + 0x1000 and
+        // b + 0x1000 both map frame 0x21_0000 through its entry 1.
+        let (a, b, window) = (0x40_0000u64, 0x60_0000u64, 0x80_0000u64);
+        map_4k(&mut m, T, a, 0x20_0000, P | RW | US, P | RW | US);
+        map_4k(&mut m, T, b + 0x1000, 0x21_0000, P | RW | US, P | RW | US);
+        // The guest's window on its page directory T[2], through another page table.
+        let window_tables = [T[0], T[1], T[2], 0x14000];
+        map_4k(
+            &mut m,
+            window_tables,
+            window,
+            T[2],
+            P | RW | US,
+            P | RW | US,
+        );
+        let access = |m: &mut Mmu, va: u64, write: bool| {
+            let present = m.shadow_lookup(View::Kernel, gva(va)).is_some();
+            m.handle_page_fault(View::Kernel, gva(va), hw(write, present))
+        };
+        assert_eq!(access(&mut m, a, false), FaultOutcome::Filled);
+        assert_eq!(access(&mut m, window, false), FaultOutcome::Filled);
+        assert_eq!(access(&mut m, window, true), FaultOutcome::Filled);
+        assert!(m.is_unsync(T[2] / 4096));
+        // Natively: directory entry 2 now points at page table 0x15000, which maps a + 0x1000
+        // to 0x22_0000; then INVLPG of both addresses the entry maps here.
+        poke(&mut m, 0x15000 + 8, 0x22_0000 | P | RW | US);
+        let pde = T[2] + ((a >> 21) & 0x1FF) * 8;
+        m.write_guest_phys_natively(
+            GuestPhysAddr::new(pde),
+            &(0x15000 | P | RW | US).to_le_bytes(),
+        )
+        .unwrap();
+        m.invlpg(gva(a));
+        m.invlpg(gva(a + 0x1000));
+        // A fill through directory entry 3 gives the shadow of T[3] a leaf for entry 1.
+        assert_eq!(access(&mut m, b + 0x1000, false), FaultOutcome::Filled);
+        if let Some(s) = m.shadow_lookup(View::Kernel, gva(a + 0x1000)) {
+            assert_eq!(
+                Some(s.frame),
+                m.p2m().lookup(0x22_0000 / 4096),
+                "a + 0x1000 through the replaced page table (sharing {sharing})"
+            );
+        }
+        assert_eq!(access(&mut m, a + 0x1000, false), FaultOutcome::Filled);
+        assert_eq!(
+            m.shadow_lookup(View::Kernel, gva(a + 0x1000))
+                .unwrap()
+                .frame,
+            frame_of(&m, 0x22_0000)
+        );
+        m.audit().unwrap();
+    }
+}
+
 /// `read_through_shadow` reads only what the shadow maps for the access, inside one page, and
 /// walks nothing (no guest bit set, nothing filled).
 #[test]
