@@ -471,7 +471,7 @@ mod tests {
     #[test]
     fn an_access_running_off_the_top_of_the_address_space_is_gp_and_writes_nothing() {
         let mut mem = FlatMemory::default();
-        mem.map(u64::MAX & !0xFFF, 0x1000, RW_KERNEL);
+        mem.map(0xFFFF_FFFF_FFFF_F000, 0x1000, RW_KERNEL);
         mem.map(0, 0x1000, RW_KERNEL);
         let s = Privilege::Supervisor;
         assert_eq!(
