@@ -1079,6 +1079,25 @@ fn prefetch_shadows_only_accessed_neighbours_and_sets_no_guest_bit() {
     }
 }
 
+/// An access through the kernel view, faulting as the real CPU reports it.
+fn kernel_access(m: &mut Mmu, va: u64, write: bool) -> FaultOutcome {
+    let present = m.shadow_lookup(View::Kernel, gva(va)).is_some();
+    m.handle_page_fault(View::Kernel, gva(va), hw(write, present))
+}
+
+/// Maps `window` onto the guest's page directory T[2] (through page table 0x14000) and stores
+/// to the directory through it: the first store unsyncs it (a directory, not a root).
+fn unsync_directory_through(m: &mut Mmu, window: u64) {
+    let tables = [T[0], T[1], T[2], 0x14000];
+    map_4k(m, tables, window, T[2], P | RW | US, P | RW | US);
+    assert_eq!(kernel_access(m, window, false), FaultOutcome::Filled);
+    assert_eq!(kernel_access(m, window, true), FaultOutcome::Filled);
+    assert!(
+        m.is_unsync(T[2] / 4096),
+        "a directory, not a root: unsynced"
+    );
+}
+
 /// Unsynced directories: a store to a shadowed page directory unsyncs it too. A directory
 /// entry the guest then clears natively (a process's teardown) keeps the old subtree until the
 /// guest's CR3 load, as the paging-structure caches may; one it points at another page table,
@@ -1089,27 +1108,9 @@ fn a_directory_is_unsynced_and_its_entries_catch_up_at_invlpg_and_cr3_loads() {
     m.set_unsync(true);
     let (a, window) = (0x40_0000u64, 0x60_0000u64);
     map_4k(&mut m, T, a, 0x20_0000, P | RW | US, P | RW | US);
-    // The guest's window on its page directory T[2], through another page table.
-    map_4k(
-        &mut m,
-        [T[0], T[1], T[2], 0x14000],
-        window,
-        T[2],
-        P | RW | US,
-        P | RW | US,
-    );
-    let access = |m: &mut Mmu, va: u64, write: bool| {
-        let present = m.shadow_lookup(View::Kernel, gva(va)).is_some();
-        m.handle_page_fault(View::Kernel, gva(va), hw(write, present))
-    };
+    let access = kernel_access;
     assert_eq!(access(&mut m, a, false), FaultOutcome::Filled);
-    assert_eq!(access(&mut m, window, false), FaultOutcome::Filled);
-    // The first store to the directory unsyncs it.
-    assert_eq!(access(&mut m, window, true), FaultOutcome::Filled);
-    assert!(
-        m.is_unsync(T[2] / 4096),
-        "a directory, not a root: unsynced"
-    );
+    unsync_directory_through(&mut m, window);
     m.audit().unwrap();
     let pde = T[2] + ((a >> 21) & 0x1FF) * 8;
     let store = |m: &mut Mmu, at: u64, v: u64| {
@@ -1162,24 +1163,9 @@ fn invlpg_drops_the_stale_entry_of_an_unsynced_directory() {
         let (a, b, window) = (0x40_0000u64, 0x60_0000u64, 0x80_0000u64);
         map_4k(&mut m, T, a, 0x20_0000, P | RW | US, P | RW | US);
         map_4k(&mut m, T, b + 0x1000, 0x21_0000, P | RW | US, P | RW | US);
-        // The guest's window on its page directory T[2], through another page table.
-        let window_tables = [T[0], T[1], T[2], 0x14000];
-        map_4k(
-            &mut m,
-            window_tables,
-            window,
-            T[2],
-            P | RW | US,
-            P | RW | US,
-        );
-        let access = |m: &mut Mmu, va: u64, write: bool| {
-            let present = m.shadow_lookup(View::Kernel, gva(va)).is_some();
-            m.handle_page_fault(View::Kernel, gva(va), hw(write, present))
-        };
+        let access = kernel_access;
         assert_eq!(access(&mut m, a, false), FaultOutcome::Filled);
-        assert_eq!(access(&mut m, window, false), FaultOutcome::Filled);
-        assert_eq!(access(&mut m, window, true), FaultOutcome::Filled);
-        assert!(m.is_unsync(T[2] / 4096));
+        unsync_directory_through(&mut m, window);
         // Natively: directory entry 2 now points at page table 0x15000, which maps a + 0x1000
         // to 0x22_0000; then INVLPG of both addresses the entry maps here.
         poke(&mut m, 0x15000 + 8, 0x22_0000 | P | RW | US);
