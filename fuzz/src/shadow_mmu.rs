@@ -1,6 +1,6 @@
 //! The fuzz target of shadow-mmu: guest page tables and a sequence of steps (accesses through
 //! either view, page-table stores of well-formed entries or of any value, INVLPG, CR3 loads,
-//! flushes, CR0.WP toggles, policy switches) played through the same model as the crate's
+//! flushes, CR0.WP toggles, policy switches; CR4.PGE on or off) played through the same model as the crate's
 //! property tests (`shadow_mmu::testing::model`), with its checks after every step: the audit
 //! (VMM slot intact in every root, every shadow leaf on a frame the P2M gave this guest, the
 //! quota, no writable mapping of a write-protected table), and the current shadows allowing
@@ -8,7 +8,9 @@
 //! supervisor page in the user view), no live root freed, no frame leaked.
 
 use arbitrary::{Result, Unstructured};
-use shadow_mmu::testing::model::{run_with, slots, Step, ADDRS, FRAMES, PDPTS, PDS, PML4S, PTS};
+use shadow_mmu::testing::model::{
+    run_with, slots, Step, Switches, ADDRS, FRAMES, PDPTS, PDS, PML4S, PTS,
+};
 use shadow_mmu::{Policy, MIN_SHADOW_QUOTA};
 
 /// Most steps one input plays.
@@ -25,15 +27,13 @@ pub fn run(data: &[u8]) {
     } else {
         Policy::Flush
     };
-    run_with(
-        policy,
-        config.unsync,
-        config.sharing,
-        config.prefetch,
-        config.quota,
-        initial,
-        steps,
-    );
+    let switches = Switches {
+        unsync: config.unsync,
+        sharing: config.sharing,
+        prefetch: config.prefetch,
+        pge: config.pge,
+    };
+    run_with(policy, switches, config.quota, initial, steps);
 }
 
 /// The MMU's switches.
@@ -43,6 +43,8 @@ struct Config {
     sharing: bool,
     prefetch: bool,
     quota: usize,
+    /// CR4.PGE: global pages (the flush policy keeps their shadows across a CR3 load).
+    pge: bool,
 }
 
 type Initial = Vec<(u8, u8, u8)>;
@@ -54,6 +56,7 @@ fn decode(u: &mut Unstructured) -> Result<(Config, Initial, Vec<Step>)> {
         sharing: u.arbitrary()?,
         prefetch: u.arbitrary()?,
         quota: u.int_in_range(MIN_SHADOW_QUOTA..=40)?,
+        pge: u.arbitrary()?,
     };
     let initial = (0..slots().len())
         .map(|_| u.arbitrary())
@@ -129,8 +132,8 @@ pub fn describe(data: &[u8]) -> String {
         return "(no complete configuration)".into();
     };
     let mut text = format!(
-        "cached={} unsync={} sharing={} prefetch={} quota={}\n",
-        config.cached, config.unsync, config.sharing, config.prefetch, config.quota
+        "cached={} unsync={} sharing={} prefetch={} quota={} pge={}\n",
+        config.cached, config.unsync, config.sharing, config.prefetch, config.quota, config.pge
     );
     for ((level, at), (kind, target, flags)) in slots().into_iter().zip(initial) {
         let value = shadow_mmu::testing::model::entry(level, kind, target, flags);
