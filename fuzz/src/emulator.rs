@@ -73,6 +73,7 @@ pub fn run(data: &[u8]) {
         rig.cpu.take_effects();
         match make(&mut rig, call) {
             Ok(events) => check(&before, &mut rig.cpu, &events),
+            // A stop (triple fault, not emulated, unsupported) ends the guest cleanly.
             Err(_stop) => break,
         }
     }
