@@ -5,12 +5,13 @@
 //! `--trace` prints one line per trap, and the bench attribution charges traps to the guest's
 //! benchmark ops.
 
+use super::console::GuestConsole;
 use super::{cli_sti_stub, Action, Vm};
 use crate::trap::{self, vector};
 use core::sync::atomic::{AtomicBool, Ordering};
 use vmm_core::accounting::{Phase, TrapKind};
 use vmm_core::cpu::emulate::LaneInstruction;
-use vmm_core::trace::TraceKind;
+use vmm_core::trace::{TraceKind, Tracer};
 
 /// The time-stamp counter (under `--icount`, retired instructions).
 pub(super) fn rdtsc() -> u64 {
@@ -243,44 +244,24 @@ impl Vm {
         let injected = self.injected.take();
         // A host IRQ that made no virtual interrupt deliverable is the host's own business.
         let host_only = matches!(action, Action::Resume("host IRQ")) && injected.is_none();
-        let line = match host_only {
-            true => None,
-            false => self.tracer.step(TraceKind::of(&kind), injected.is_some()),
-        };
-        if let Some(line) = line {
-            if line.starts {
-                crate::serial::write_line(format_args!(
-                    "[vmm] trace: {} traps of the kinds {} skipped (trace_skip=); from here on, every one",
-                    self.tracer.skip(),
-                    self.tracer.kinds()
-                ));
-            }
-            match injected {
-                Some(vector) => crate::serial::write_line(format_args!(
-                    "[vmm] trace: rip={trap_rip:#x} {} -> {action}, then interrupt {vector:#x} injected",
-                    self.last_trap
-                )),
-                None => crate::serial::write_line(format_args!(
-                    "[vmm] trace: rip={trap_rip:#x} {} -> {action}",
-                    self.last_trap
-                )),
-            }
-            if line.last {
-                let limit = self.tracer.limit();
-                crate::serial::write_line(format_args!(
-                    "[vmm] trace: limit reached: {limit} lines (host option trace={limit}; --append trace=N for more); no more trace lines"
-                ));
-            }
-        }
-        let console = self.bus.com1().sink();
-        if self.tracer.waiting_for_marker() && console.marker_seen {
-            self.tracer.marker_seen();
+        let event = (!host_only).then(|| (TraceKind::of(&kind), injected.is_some()));
+        let last_trap = &self.last_trap;
+        let line = || {
+            let then = match injected {
+                Some(vector) => alloc::format!(", then interrupt {vector:#x} injected"),
+                None => alloc::string::String::new(),
+            };
             crate::serial::write_line(format_args!(
-                "[vmm] trace: the guest printed '{}' (trace_from=): tracing traps of the kinds {} from here",
-                console.marker.as_deref().unwrap_or_default(),
-                self.tracer.kinds()
+                "[vmm] trace: rip={trap_rip:#x} {last_trap} -> {action}{then}"
             ));
-        }
+        };
+        trace_event(
+            &mut self.tracer,
+            self.bus.com1().sink(),
+            event,
+            "traps",
+            line,
+        );
     }
 
     /// After a trap the fast lane finished (no trace: the lane is off while trace lines
@@ -410,4 +391,52 @@ struct BenchMark {
     begun: u64,
     line_start: (u64, u64),
     line_end: (u64, u64),
+}
+
+/// One trap's (or, under `backend=svm`, one exit's) `--trace` output, the same for both
+/// backends: `event` (its kind, and whether it injected an interrupt) goes through the tracer's
+/// filters, and when it is traced: the start line after `trace_skip=`, `line` (which prints the
+/// event itself), the limit line after the last. Then whether the guest has printed the
+/// `trace_from=` marker. `what` names the events ("traps", "exits").
+pub(super) fn trace_event(
+    tracer: &mut Tracer,
+    console: &GuestConsole,
+    event: Option<(TraceKind, bool)>,
+    what: &str,
+    line: impl FnOnce(),
+) {
+    if let Some(traced) = event.and_then(|(kind, injected)| tracer.step(kind, injected)) {
+        if traced.starts {
+            crate::serial::write_line(format_args!(
+                "[vmm] trace: {} {what} of the kinds {} skipped (trace_skip=); from here on, every one",
+                tracer.skip(),
+                tracer.kinds()
+            ));
+        }
+        line();
+        if traced.last {
+            let limit = tracer.limit();
+            crate::serial::write_line(format_args!(
+                "[vmm] trace: limit reached: {limit} lines (host option trace={limit}; --append trace=N for more); no more trace lines"
+            ));
+        }
+    }
+    if tracer.waiting_for_marker() && console.marker_seen {
+        tracer.marker_seen();
+        crate::serial::write_line(format_args!(
+            "[vmm] trace: the guest printed '{}' (trace_from=): tracing {what} of the kinds {} from here",
+            console.marker.as_deref().unwrap_or_default(),
+            tracer.kinds()
+        ));
+    }
+}
+
+/// At the end of the run: a `trace_from=` marker the guest never printed.
+pub(super) fn report_unseen_marker(tracer: &Tracer, console: &GuestConsole) {
+    if tracer.waiting_for_marker() {
+        crate::serial::write_line(format_args!(
+            "[vmm] trace: no guest line contained '{}' (trace_from=), so nothing was traced",
+            console.marker.as_deref().unwrap_or_default()
+        ));
+    }
 }

@@ -42,12 +42,7 @@ pub(super) fn cost_unit(icount: bool) -> (&'static str, &'static str) {
 /// The end-of-run report: trap table, shadow-mmu statistics, unknown ports.
 pub(super) fn report(vm: &mut Vm) {
     vm.bus.com1_mut().sink_mut().flush();
-    if vm.tracer.waiting_for_marker() {
-        crate::serial::write_line(format_args!(
-            "[vmm] trace: no guest line contained '{}' (trace_from=), so nothing was traced",
-            vm.bus.com1().sink().marker.as_deref().unwrap_or_default()
-        ));
-    }
+    super::instrument::report_unseen_marker(&vm.tracer, vm.bus.com1().sink());
     let mut table = alloc::string::String::new();
     let _ = vm.accounting.write_table(&mut table);
     let (unit, meaning) = cost_unit(vm.icount);

@@ -7,7 +7,7 @@
 use super::console::GuestConsole;
 use super::exit::poll_devices;
 use super::host::{DirectMap, HostClock, HostFrames, RealCpu};
-use super::instrument::BenchAttribution;
+use super::instrument::{report_unseen_marker, trace_event, BenchAttribution};
 use super::report::{cost_unit, print_lines};
 use super::watchdog::Watchdog;
 use super::{guest_exit_code, GuestBus};
@@ -256,7 +256,7 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
         host.unbooked = Some((TrapKind::VmExit(code.name()), came, 0));
         host.trace(rip, code.name(), (info_1, info_2), outcome, injected);
         if let Some(code) = host.bus.exit_requested() {
-            host.book_now();
+            host.book_last_exit();
             host.report(&machine);
             crate::exit::exit(guest_exit_code(code))
         }
@@ -267,7 +267,7 @@ pub fn run(config: &HostConfig<'_>, module: &Module) -> ! {
             ExitOutcome::Stop(why) => Some(alloc::format!("{why}")),
         };
         if let Some(why) = stop {
-            host.book_now();
+            host.book_last_exit();
             crate::serial::write_line(format_args!(
                 "[vmm] guest stopped: {why} at rip={rip:#x} (backend=svm, exit {} info1={info_1:#x} info2={info_2:#x})",
                 code.name()
@@ -305,10 +305,6 @@ impl SvmHost {
                 (totals.count(), totals.total())
             });
         }
-    }
-
-    fn book_now(&mut self) {
-        self.book_last_exit();
     }
 
     /// A physical interrupt made the guest exit: take it (the host's timer or serial), then
@@ -387,50 +383,29 @@ impl SvmHost {
         if !self.tracer.on() {
             return;
         }
-        let kind = TraceKind::of(&TrapKind::VmExit(name));
-        if let Some(line) = self.tracer.step(kind, injected.is_some()) {
-            if line.starts {
+        let event = Some((TraceKind::of(&TrapKind::VmExit(name)), injected.is_some()));
+        trace_event(
+            &mut self.tracer,
+            self.bus.com1().sink(),
+            event,
+            "exits",
+            || {
+                let injected = match injected {
+                    Some(vector) => alloc::format!(", interrupt {vector:#x} injected at entry"),
+                    None => alloc::string::String::new(),
+                };
                 crate::serial::write_line(format_args!(
-                    "[vmm] trace: {} exits of the kinds {} skipped (trace_skip=); from here on, every one",
-                    self.tracer.skip(),
-                    self.tracer.kinds()
-                ));
-            }
-            let injected = match injected {
-                Some(vector) => alloc::format!(", interrupt {vector:#x} injected at entry"),
-                None => alloc::string::String::new(),
-            };
-            crate::serial::write_line(format_args!(
                 "[vmm] trace: rip={rip:#x} exit {name} info1={:#x} info2={:#x} -> {outcome:?}{injected}",
                 info.0, info.1
             ));
-            if line.last {
-                let limit = self.tracer.limit();
-                crate::serial::write_line(format_args!(
-                    "[vmm] trace: limit reached: {limit} lines (host option trace={limit}; --append trace=N for more); no more trace lines"
-                ));
-            }
-        }
-        let console = self.bus.com1().sink();
-        if self.tracer.waiting_for_marker() && console.marker_seen {
-            self.tracer.marker_seen();
-            crate::serial::write_line(format_args!(
-                "[vmm] trace: the guest printed '{}' (trace_from=): tracing exits of the kinds {} from here",
-                console.marker.as_deref().unwrap_or_default(),
-                self.tracer.kinds()
-            ));
-        }
+            },
+        );
     }
 
     /// The end-of-run report: the exit table in the trap table's format, and the nested tables.
     fn report(&mut self, machine: &Machine) {
         self.bus.com1_mut().sink_mut().flush();
-        if self.tracer.waiting_for_marker() {
-            crate::serial::write_line(format_args!(
-                "[vmm] trace: no guest line contained '{}' (trace_from=), so nothing was traced",
-                self.bus.com1().sink().marker.as_deref().unwrap_or_default()
-            ));
-        }
+        report_unseen_marker(&self.tracer, self.bus.com1().sink());
         let (_, meaning) = cost_unit(self.icount);
         let mut table = alloc::string::String::new();
         let _ = self.accounting.write_table(&mut table);
