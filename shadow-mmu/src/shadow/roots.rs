@@ -56,6 +56,18 @@ impl PresentBits {
         }
     }
 
+    /// The present bits of a table's 512 entries as stored in memory (the present bit is bit 0
+    /// of an entry's first byte).
+    pub(super) fn of_table(raw: &[u8; 4096]) -> Self {
+        let mut words = [0u64; 8];
+        for (word, entries) in words.iter_mut().zip(raw.chunks_exact(512)) {
+            for (bit, entry) in entries.chunks_exact(8).enumerate() {
+                *word |= u64::from(entry[0] & 1) << bit;
+            }
+        }
+        Self(words)
+    }
+
     /// The indices whose bit is set, in order.
     pub(super) fn indices(self) -> impl Iterator<Item = usize> {
         self.0.into_iter().enumerate().flat_map(|(word, mut bits)| {

@@ -2,8 +2,8 @@
 // The entry-bit constants are named as in the manual; each says itself what it is.
 #![allow(missing_docs)]
 
+use alloc::boxed::Box;
 use alloc::collections::BTreeSet;
-use alloc::vec;
 use alloc::vec::Vec;
 
 use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
@@ -13,26 +13,73 @@ use crate::shadow::{FastMap, MmuConfig, Policy, ShadowMmu, VMM_PML4_SLOT};
 use crate::walk::PagingMode;
 
 /// Host RAM: frames created on first write or zeroing; reading a frame that was never written
-/// or zeroed panics (it would be a VMM bug). Frames are found by hash, not by a tree search:
-/// every shadow and guest table read goes through here, and the fuzz target's instrumented
-/// build spent most of its time in the tree's comparisons.
+/// or zeroed panics (it would be a VMM bug). Every shadow and guest table read goes through
+/// here, so frames are found by index, not by a search: the fuzz target's build traces every
+/// comparison, and a tree's or a hash table's comparisons were most of its time. The frames
+/// the tests use lie in two dense ranges (the low RAM the tests place by hand, and
+/// `FakeAllocator`'s frames from `ALLOCATOR_BASE` up); any other frame goes to a map.
 #[derive(Debug, Default)]
 pub struct FakeMemory {
-    frames: FastMap<u64, Vec<u8>>,
+    /// Frames below `LOW_FRAMES` pages, by frame number.
+    low: Vec<Option<Box<[u8; 4096]>>>,
+    /// `FakeAllocator`'s frames, by frame number less `ALLOCATOR_BASE`'s.
+    allocated: Vec<Option<Box<[u8; 4096]>>>,
+    other: FastMap<u64, Box<[u8; 4096]>>,
+}
+
+/// Where `FakeAllocator` starts handing out frames.
+const ALLOCATOR_BASE: u64 = 0x1_0000_0000;
+/// The low range: the first 64 MiB.
+const LOW_FRAMES: u64 = (64 << 20) / PAGE_SIZE;
+/// The allocator range held densely: 1 GiB of frames.
+const ALLOCATED_FRAMES: u64 = (1 << 30) / PAGE_SIZE;
+
+/// Where a frame lives in `FakeMemory`.
+enum Slot {
+    Low(usize),
+    Allocated(usize),
+    Other(u64),
+}
+
+fn slot(base: u64) -> Slot {
+    let n = base / PAGE_SIZE;
+    if n < LOW_FRAMES {
+        Slot::Low(n as usize)
+    } else if let Some(i) = n
+        .checked_sub(ALLOCATOR_BASE / PAGE_SIZE)
+        .filter(|&i| i < ALLOCATED_FRAMES)
+    {
+        Slot::Allocated(i as usize)
+    } else {
+        Slot::Other(base)
+    }
+}
+
+fn dense_mut(v: &mut Vec<Option<Box<[u8; 4096]>>>, i: usize) -> &mut [u8; 4096] {
+    if v.len() <= i {
+        v.resize_with(i + 1, || None);
+    }
+    v[i].get_or_insert_with(|| Box::new([0; 4096]))
 }
 
 impl FakeMemory {
-    fn frame(&self, hpa: HostPhysAddr) -> (&Vec<u8>, usize) {
+    fn frame(&self, hpa: HostPhysAddr) -> (&[u8; 4096], usize) {
         let base = hpa.as_u64() & !(PAGE_SIZE - 1);
-        let f = self
-            .frames
-            .get(&base)
-            .unwrap_or_else(|| panic!("read of unknown host frame {base:#x}"));
+        let f = match slot(base) {
+            Slot::Low(i) => self.low.get(i).and_then(Option::as_deref),
+            Slot::Allocated(i) => self.allocated.get(i).and_then(Option::as_deref),
+            Slot::Other(b) => self.other.get(&b).map(|f| &**f),
+        };
+        let f = f.unwrap_or_else(|| panic!("read of unknown host frame {base:#x}"));
         (f, (hpa.as_u64() - base) as usize)
     }
-    fn frame_mut(&mut self, hpa: HostPhysAddr) -> (&mut Vec<u8>, usize) {
+    fn frame_mut(&mut self, hpa: HostPhysAddr) -> (&mut [u8; 4096], usize) {
         let base = hpa.as_u64() & !(PAGE_SIZE - 1);
-        let f = self.frames.entry(base).or_insert_with(|| vec![0; 4096]);
+        let f = match slot(base) {
+            Slot::Low(i) => dense_mut(&mut self.low, i),
+            Slot::Allocated(i) => dense_mut(&mut self.allocated, i),
+            Slot::Other(b) => self.other.entry(b).or_insert_with(|| Box::new([0; 4096])),
+        };
         (f, (hpa.as_u64() - base) as usize)
     }
 }
@@ -74,7 +121,7 @@ pub struct FakeAllocator {
 impl FakeAllocator {
     pub fn new(limit: usize) -> Self {
         Self {
-            next: 0x1_0000_0000,
+            next: ALLOCATOR_BASE,
             free: Vec::new(),
             live: BTreeSet::new(),
             limit,
