@@ -470,8 +470,10 @@ impl Vm {
     }
     /// A SYSCALL from the guest, forwarded through its virtual MSRs.
     fn forward_syscall(&mut self) -> (Action, TrapKind) {
-        let stepping = self.cpu.rflags & rflags::TF != 0;
         let result = syscall::syscall(&mut self.cpu);
+        // The TF SYSCALL leaves decides, after IA32_FMASK (XSA-204; vmm_core's
+        // `Flow::JumpedWithNewFlags` says why).
+        let stepping = self.cpu.rflags & rflags::TF != 0;
         if result.is_ok() && !stepping {
             self.coalesce_swapgs_at_handler();
         }
@@ -497,8 +499,9 @@ impl Vm {
     }
 
     /// After SYSCALL/SYSENTER forwarding: a fault it raised (#UD without EFER.SCE) is
-    /// delivered like any other; with the guest's TF set when it began, the single-step trap
-    /// follows, at the first instruction of the guest's handler (SDM Vol. 3 §17.3.1.4).
+    /// delivered like any other; when `stepping` (SYSENTER: TF set when it began, which it
+    /// keeps; SYSCALL: TF left set by IA32_FMASK), the single-step trap follows, at the first
+    /// instruction of the guest's handler (SDM Vol. 3 §17.3.1.4).
     fn after_forward(
         &mut self,
         result: Result<(), vmm_core::cpu::Fault>,

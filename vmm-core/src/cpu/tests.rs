@@ -956,9 +956,11 @@ fn sysretq_loads_rflags_from_r11_without_rf_vm_or_reserved_bits() {
     let mut r = Rig::kernel();
     fast_syscall_msrs(&mut r);
     r.cpu.set_reg(Gpr::Rcx, UCODE + 0x40);
-    r.cpu.set_reg(Gpr::R11, u64::MAX);
+    // Every bit but TF (which would add the single-step trap after the SYSRET, tested in
+    // syscall_and_sysret_single_step_by_the_tf_they_leave_not_the_tf_they_began_with).
+    r.cpu.set_reg(Gpr::R11, u64::MAX & !rflags::TF);
     r.ok(&[0x48, 0x0F, 0x07]);
-    assert_eq!(r.cpu.rflags, 0x3C_7FD7, "(R11 & 3C7FD7H) | 2");
+    assert_eq!(r.cpu.rflags, 0x3C_7ED7, "(R11 & 3C7FD7H) | 2");
     let mut r = Rig::kernel();
     fast_syscall_msrs(&mut r);
     r.cpu.set_reg(Gpr::Rcx, UCODE + 0x40);
@@ -1818,6 +1820,51 @@ fn no_single_step_db_without_tf_or_after_an_instruction_that_opens_an_interrupt_
     r.cpu.set_reg(Gpr::Rax, u64::from(KDATA));
     r.ok(&[0x8E, 0xD0]);
     assert_eq!(r.cpu.interrupt_shadow, Some(CODE + 2));
+}
+
+#[test]
+fn syscall_and_sysret_single_step_by_the_tf_they_leave_not_the_tf_they_began_with() {
+    // SYSCALL from a user program with TF set, through the emulator: with IA32_FMASK clearing
+    // TF no #DB follows (XSA-204), without it the #DB is on the kernel's first instruction.
+    for (fmask_clears_tf, traps) in [(true, false), (false, true)] {
+        let mut r = Rig::user();
+        fast_syscall_msrs(&mut r);
+        if fmask_clears_tf {
+            r.cpu.msr.sfmask |= rflags::TF;
+        }
+        r.cpu.rflags |= rflags::TF;
+        r.code(&[0x0F, 0x05]);
+        let h = r.run().expect("stopped");
+        match (traps, h.outcome) {
+            (true, Outcome::Delivered(e)) => {
+                assert_eq!(e.vector, 1);
+                assert_eq!(r.stack(0), HANDLERS + 0x800, "#DB at the SYSCALL entry");
+            }
+            (false, Outcome::Emulated) => assert_eq!(r.cpu.rip, HANDLERS + 0x800),
+            (_, other) => panic!("fmask clears TF: {fmask_clears_tf}: got {other:?}"),
+        }
+    }
+    // SYSRETQ restoring TF from R11 traps at once, in user mode at the return address, before
+    // the first user instruction...
+    let mut r = Rig::kernel();
+    fast_syscall_msrs(&mut r);
+    r.cpu.set_reg(Gpr::Rcx, UCODE + 0x40);
+    r.cpu.set_reg(Gpr::R11, 0x202 | rflags::TF);
+    r.code(&[0x48, 0x0F, 0x07]);
+    match r.run().expect("stopped").outcome {
+        Outcome::Delivered(e) => assert_eq!((e.vector, e.error_code), (1, None)),
+        other => panic!("expected the single-step #DB after SYSRET, got {other:?}"),
+    }
+    assert_eq!((r.stack(0), r.stack(1)), (UCODE + 0x40, 0x23), "at CPL 3");
+    assert_ne!(r.cpu.dr6 & state::dr::DR6_BS, 0);
+    // ...and a kernel single-stepping through a SYSRETQ that clears TF gets no trap after it.
+    let mut r = Rig::kernel();
+    fast_syscall_msrs(&mut r);
+    r.cpu.rflags |= rflags::TF;
+    r.cpu.set_reg(Gpr::Rcx, UCODE + 0x40);
+    r.cpu.set_reg(Gpr::R11, 0x202);
+    r.ok(&[0x48, 0x0F, 0x07]);
+    assert_eq!((r.cpu.rip, r.cpu.cpl), (UCODE + 0x40, 3));
 }
 
 #[test]

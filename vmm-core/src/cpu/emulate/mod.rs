@@ -111,6 +111,15 @@ pub(crate) enum Flow {
     Next,
     /// RIP was set by the instruction.
     Jumped,
+    /// RIP and RFLAGS were switched wholesale by SYSCALL or SYSRET. For these two the
+    /// single-step trap after the instruction follows the TF it *leaves*, not the TF it began
+    /// with as for every other instruction (SDM Vol. 3 §17.3.1.4: a POPF that clears TF still
+    /// traps): IA32_FMASK clearing TF keeps a user program's TF from trapping on the kernel's
+    /// first instruction (deciding by the old flags was Xen's XSA-204, a privilege escalation
+    /// inside the guest), and a SYSRET that restores TF from R11 traps at once, in user mode
+    /// before the first user instruction (Linux's entry code relies on both; QEMU's CPU
+    /// behaves so).
+    JumpedWithNewFlags,
     /// HLT: continue at the next instruction once an interrupt arrives.
     Halted,
     /// Not an instruction the VMM emulates: the hardware fault that brought it here is the
@@ -154,17 +163,23 @@ where
     M: GuestMemory + ?Sized,
     P: PortIo + ?Sized,
 {
-    let single_stepping = cpu.rflags & rflags::TF != 0;
+    let tf_at_start = cpu.rflags & rflags::TF != 0;
     let (decoded, result) = emulate(cpu, mem, ports, cpuid, cause, mark, code);
     let mnemonic = decoded.map(|d| d.0);
     let name = decoded.map_or("fetch", |d| d.1);
+    let single_stepping = match result {
+        Ok(Flow::JumpedWithNewFlags) => cpu.rflags & rflags::TF != 0,
+        _ => tf_at_start,
+    };
     // An instruction that opens an interrupt shadow (MOV SS, SDM Vol. 3 §6.8.3; STI that sets
     // IF, as QEMU's CPU does too) delays the single-step trap past the next instruction, which
     // the CPU then runs with TF set and traps after by itself.
     let opened_shadow = cpu.interrupt_shadow.is_some() && cpu.interrupt_shadow == Some(cpu.rip);
     let outcome = match result {
         Ok(Flow::Halted) => Outcome::Halted,
-        Ok(Flow::Next | Flow::Jumped) if single_stepping && !opened_shadow => {
+        Ok(Flow::Next | Flow::Jumped | Flow::JumpedWithNewFlags)
+            if single_stepping && !opened_shadow =>
+        {
             let delivered = single_step_trap(cpu, mem);
             mark(Phase::Injection);
             Outcome::Delivered(delivered?)

@@ -64,7 +64,7 @@ pub(super) fn iret_instruction<M: GuestMemory + ?Sized>(
 /// SYSRET (`to_64`: SYSRETQ, to 64-bit code).
 pub(super) fn sysret_instruction(cpu: &mut VCpu, to_64: bool) -> Result<Flow, Fault> {
     sysret(cpu, to_64)?;
-    Ok(Flow::Jumped)
+    Ok(Flow::JumpedWithNewFlags)
 }
 
 /// SYSEXIT (`to_64`: SYSEXITQ, to 64-bit code).
@@ -88,7 +88,7 @@ fn syscall_instruction(cpu: &mut VCpu, next: u64) -> Result<Flow, Fault> {
     }
     cpu.rip = next;
     syscall(cpu)?;
-    Ok(Flow::Jumped)
+    Ok(Flow::JumpedWithNewFlags)
 }
 
 /// INT3 (a software exception: the gate DPL is checked, #DF rules apply as for exceptions).
