@@ -156,6 +156,21 @@ fn unknown_ports_and_msrs_and_rep_bombs_under_svm() {
     run.expect_line("[guest] rep-bomb insb: #PF error=0x2 cr2=0x4000001000 rip=insn+0");
 }
 
+/// Single-stepping across SYSCALL/SYSENTER/SYSRET (XSA-204) and MOV SS (CVE-2018-8897's shape)
+/// is the CPU's own under SVM.
+#[test]
+fn single_steps_around_syscall_sysret_and_mov_ss_under_svm() {
+    let run = guest_under_svm("tf-syscall-sysenter", &[]);
+    run.expect_status(0);
+    run.expect_line(
+        "tf-syscall-fmask: 1 single-step traps, last in the kernel at the entry point: false -> ok",
+    );
+    run.expect_line("tf-sysret: 1 single-step traps, at once in user mode: true -> ok");
+    let run = guest_under_svm("mov-ss-pending-db", &["dr=0"]);
+    run.expect_status(0);
+    run.expect_line("mov-ss-pending-db: 8 phases, 0 wrong");
+}
+
 /// Under SVM the VMM has no range in the guest's address space: the guest may map what
 /// trap-and-emulate reserves (docs/writing-a-guest.md), and its nested tables still reach only
 /// its own frames.

@@ -457,6 +457,11 @@ const TF_SYSCALL_SYSENTER: &[&str] = &[
     "(the entry point) cs=0x10",
     "tf-syscall: 2 single-step traps, last in the kernel at the entry point: true -> ok",
     "tf-sysenter: 2 single-step traps, last in the kernel at the entry point: true -> ok",
+    // XSA-204: SYSCALL and SYSRET trap by the TF they leave.
+    "tf-syscall-fmask: 1 single-step traps, last in the kernel at the entry point: false -> ok",
+    "tf-sysret: #DB rip=0x",
+    "(the return address) cs=0x33",
+    "tf-sysret: 1 single-step traps, at once in user mode: true -> ok",
 ];
 
 cpu_correct_natively_and_under_the_vmm!(
@@ -465,6 +470,43 @@ cpu_correct_natively_and_under_the_vmm!(
     syscall_and_sysenter_with_tf_trap_on_the_entry_point_natively,
     syscall_and_sysenter_with_tf_trap_on_the_entry_point_under_the_vmm
 );
+
+/// MOV SS then INT3 / INT 0x80 / SYSCALL / POP SS with TF, at CPL 3 and CPL 0 (CVE-2018-8897's
+/// shape without the data breakpoint).
+const MOV_SS_WITH_TF: &[&str] = &[
+    "mov-ss-pending-db tf-int3 cpl3: #DB@mov/3 #BP@after/3 (expected #DB@mov/3 #BP@after/3) -> ok",
+    "mov-ss-pending-db tf-int3 cpl0: #DB@mov/0 #BP@after/0 (expected #DB@mov/0 #BP@after/0) -> ok",
+    "mov-ss-pending-db tf-int80 cpl3: #DB@mov/3 int80@after/3 (expected #DB@mov/3 int80@after/3) -> ok",
+    "mov-ss-pending-db tf-int80 cpl0: #DB@mov/0 int80@after/0 (expected #DB@mov/0 int80@after/0) -> ok",
+    "mov-ss-pending-db tf-syscall cpl3: #DB@mov/3 syscall-entry (expected #DB@mov/3 syscall-entry) -> ok",
+    "mov-ss-pending-db tf-syscall cpl0: #DB@mov/0 syscall-entry (expected #DB@mov/0 syscall-entry) -> ok",
+    "mov-ss-pending-db pop-ss cpl3: #DB@mov/3 #UD@mov/3 (expected #DB@mov/3 #UD@mov/3) -> ok",
+    "mov-ss-pending-db pop-ss cpl0: #DB@mov/0 #UD@mov/0 (expected #DB@mov/0 #UD@mov/0) -> ok",
+];
+
+#[test]
+fn mov_ss_then_int3_or_syscall_with_a_pending_db_natively() {
+    let run = native_guest("mov-ss-pending-db", &[]);
+    cpu_correct(&run, MOV_SS_WITH_TF);
+    // With the data breakpoint, QEMU's TCG takes the #DB before the INT3/SYSCALL (a named quirk;
+    // the SDM holds it pending to the handler's first instruction at CPL 0).
+    run.expect_line("dr-int3 cpl3: #DB@next/3 #BP@after/3 (expected #DB@bp-entry/0 #BP@after/3) -> QEMU TCG quirk");
+    run.expect_line("dr-syscall cpl3: #DB@next/3 syscall-entry (expected #DB@syscall-entry/0 syscall-entry) -> QEMU TCG quirk");
+    run.expect_line("mov-ss-pending-db: 10 phases, 0 wrong");
+}
+
+#[test]
+fn mov_ss_then_int3_or_syscall_with_a_pending_db_under_the_vmm() {
+    let run = vmm_guest("mov-ss-pending-db", &["dr=0"]);
+    cpu_correct(&run, MOV_SS_WITH_TF);
+    run.expect_line("mov-ss-pending-db: 8 phases, 0 wrong");
+    // The data breakpoint that would hold a #DB pending across the VMM's own entry points is
+    // never armed: the guest is stopped when it enables one.
+    let run = vmm_guest("mov-ss-pending-db", &[]);
+    run.expect_status(4);
+    run.expect_line("mov-ss-pending-db dr-int3 cpl3: arming DR0");
+    run.expect_line("[vmm] guest stopped: unsupported: hardware breakpoints");
+}
 
 // ---- the guest's CR0/CR4 controls over instructions it runs natively (the real CR0.TS/EM/MP,
 // CR0.AM and CR4.OSFXSR/OSXMMEXCPT follow the virtual ones) ----

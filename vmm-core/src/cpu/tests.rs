@@ -958,7 +958,7 @@ fn sysretq_loads_rflags_from_r11_without_rf_vm_or_reserved_bits() {
     r.cpu.set_reg(Gpr::Rcx, UCODE + 0x40);
     // Every bit but TF (which would add the single-step trap after the SYSRET, tested in
     // syscall_and_sysret_single_step_by_the_tf_they_leave_not_the_tf_they_began_with).
-    r.cpu.set_reg(Gpr::R11, u64::MAX & !rflags::TF);
+    r.cpu.set_reg(Gpr::R11, !rflags::TF);
     r.ok(&[0x48, 0x0F, 0x07]);
     assert_eq!(r.cpu.rflags, 0x3C_7ED7, "(R11 & 3C7FD7H) | 2");
     let mut r = Rig::kernel();

@@ -206,8 +206,9 @@ where
 
 /// The single-step trap after an instruction the guest did not really execute (one the VMM
 /// emulated, or a SYSCALL/SYSENTER it forwarded): with RFLAGS.TF set when the instruction
-/// began, a #DB follows it once it retires, with RIP at the next instruction (SDM Vol. 3
-/// §17.3.1.4). The hardware cannot raise it: the instruction trapped before it could retire.
+/// began (for SYSCALL and SYSRET: left set by it, see [`Flow::JumpedWithNewFlags`]), a #DB
+/// follows it once it retires, with RIP at the next instruction (SDM Vol. 3 §17.3.1.4). The
+/// hardware cannot raise it: the instruction trapped before it could retire.
 pub fn single_step_trap<M: GuestMemory + ?Sized>(
     cpu: &mut VCpu,
     mem: &mut M,
