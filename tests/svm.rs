@@ -171,6 +171,20 @@ fn single_steps_around_syscall_sysret_and_mov_ss_under_svm() {
     run.expect_line("mov-ss-pending-db: 8 phases, 0 wrong");
 }
 
+/// The guest's own LDT and call gate, which trap-and-emulate offers only for data segments,
+/// are the CPU's under SVM; the reset LDTR is never the guest's way out.
+#[test]
+fn an_ldt_and_a_call_gate_in_use_under_svm() {
+    let run = guest_under_svm("ldt-and-call-gates", &["use=all"]);
+    run.expect_status(0);
+    run.expect_line("ldt-and-call-gates mov ds, 0x0c: no fault; ds=0xc -> ok");
+    run.expect_line("ldt-and-call-gates use call-gate: no fault; at CPL 0 cs=0x8;");
+    run.expect_line("ldt-and-call-gates: 11 checks, 0 wrong");
+    let run = guest_under_svm("ldt-reset-value", &[]);
+    run.expect_status(0);
+    run.expect_line("ldt-reset-value: 1 checks, 0 wrong");
+}
+
 /// Under SVM the VMM has no range in the guest's address space: the guest may map what
 /// trap-and-emulate reserves (docs/writing-a-guest.md), and its nested tables still reach only
 /// its own frames.

@@ -1145,6 +1145,72 @@ cpu_correct_natively_and_under_the_vmm!(
     bad_descriptor_loads_are_the_guests_faults_under_the_vmm
 );
 
+/// A call gate planted where the reset LDTR points (linear 0x8), reached by an LDT selector
+/// after `lldt 0`: #GP(0x0c) as on the CPU. Before the host loaded a null LDTR itself, the real
+/// CPU took the gate to the host's code selector and ran the guest's code at the real CPL 0.
+const LDT_RESET_VALUE: &[&str] = &[
+    "ldt-reset-value call far 0x0f (a gate at linear 0x8, LDTR null): #GP vector=13 error=0xc at the instruction (1 trap) -> ok",
+    "ldt-reset-value: 1 checks, 0 wrong",
+];
+
+cpu_correct_natively_and_under_the_vmm!(
+    "ldt-reset-value",
+    LDT_RESET_VALUE,
+    an_ldt_selector_after_lldt_0_is_gp_natively,
+    an_ldt_selector_after_lldt_0_is_gp_and_never_reaches_the_real_ldt_under_the_vmm
+);
+
+/// The probes of `ldt-and-call-gates` both ways (the guest's module doc).
+const LDT_PROBES: &[&str] = &[
+    "ldt-and-call-gates lldt 0x38: no fault; sldt=0x38 -> ok",
+    "ldt-and-call-gates mov fs, 0x0c: no fault; fs.base=0x12345000 -> ok",
+    "ldt-and-call-gates mov es, 0x17: no fault -> ok",
+    "ldt-and-call-gates mov ds, 0x1c (absent): #NP vector=11 error=0x1c at the instruction (1 trap) -> ok",
+    "ldt-and-call-gates mov ds, 0x3c (past the limit): #GP vector=13 error=0x3c at the instruction (1 trap) -> ok",
+    "ldt-and-call-gates user mov ds, 0x0f: #GP vector=13 error=0xc at the instruction (1 trap) -> ok",
+];
+
+#[test]
+fn an_ldt_and_a_call_gate_in_use_natively() {
+    let run = native_guest("ldt-and-call-gates", &["use=all"]);
+    cpu_correct(&run, LDT_PROBES);
+    for line in [
+        "ldt-and-call-gates mov ds, 0x0c: no fault; ds=0xc -> ok",
+        "ldt-and-call-gates user mov ds, 0x17: no fault; ds=0x17 -> ok",
+        "ldt-and-call-gates use ldt-ss: no fault; ss=0xc -> ok",
+        "ldt-and-call-gates use ldt-cs: no fault; cs=0x27, read 0x27 -> ok",
+        "ldt-and-call-gates use call-gate: no fault; at CPL 0 cs=0x8; pushed rip=caller+7 cs=0x23 rsp=the user stack ss=0x1b -> ok",
+        "ldt-and-call-gates: 11 checks, 0 wrong",
+    ] {
+        run.expect_line(line);
+    }
+}
+
+#[test]
+fn ldt_data_segments_are_emulated_and_ldt_code_stack_and_call_gates_stop_under_the_vmm() {
+    let run = vmm_guest("ldt-and-call-gates", &[]);
+    cpu_correct(&run, LDT_PROBES);
+    // The named hole: the real register holds null (docs/virtualization-holes.md).
+    run.expect_line("ldt-and-call-gates mov ds, 0x0c: no fault; ds=0x0 (the named hole: an LDT selector reads back as null under trap-and-emulate) -> ok");
+    run.expect_line("ldt-and-call-gates user mov ds, 0x17: no fault; ds=0x0 (the named hole");
+    run.expect_line("ldt-and-call-gates: 8 checks, 0 wrong");
+    for (name, why) in [
+        (
+            "use=ldt-ss",
+            "running on a code or stack segment from the LDT",
+        ),
+        (
+            "use=ldt-cs",
+            "running on a code or stack segment from the LDT",
+        ),
+        ("use=call-gate", "far transfer through a call gate or TSS"),
+    ] {
+        let run = vmm_guest("ldt-and-call-gates", &[name]);
+        run.expect_status(4);
+        run.expect_line(&format!("[vmm] guest stopped: unsupported: {why}"));
+    }
+}
+
 /// Under the VMM only: natively QEMU's TCG can starve the guest for good at this rate on a loaded
 /// host (the guest's module doc).
 #[test]

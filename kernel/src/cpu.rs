@@ -21,6 +21,8 @@ pub struct Features {
     pub syscall: bool,
     /// User-mode instruction prevention: SGDT/SIDT/SLDT/SMSW/STR fault at CPL > 0.
     pub umip: bool,
+    /// Supervisor-mode execution prevention: CPL 0 cannot fetch from user pages.
+    pub smep: bool,
     /// Global pages.
     pub pge: bool,
     /// 1 GiB pages.
@@ -48,6 +50,7 @@ impl Features {
             pge: basic.as_ref().is_some_and(|b| b.has_pge()),
             tsc: basic.as_ref().is_some_and(|b| b.has_tsc()),
             umip: leaf7.as_ref().is_some_and(|l| l.has_umip()),
+            smep: leaf7.as_ref().is_some_and(|l| l.has_smep()),
         }
     }
 
@@ -89,7 +92,8 @@ impl Features {
 
 /// Turns on CR4.UMIP when the CPU has it, so the guest's SGDT/SIDT/SLDT/SMSW/STR at real CPL 3
 /// fault with #GP and the VMM can emulate them (the article's ring-aliasing challenge); without
-/// UMIP they would silently reveal the host's tables.
+/// UMIP they would silently reveal the host's tables. Turns on CR4.SMEP when the CPU has it, as
+/// a second wall between guest code and the real CPL 0.
 pub fn enable_host_features(features: &Features) {
     if features.umip {
         // SAFETY: reading CR4 at CPL 0 has no side effects.
@@ -102,6 +106,17 @@ pub fn enable_host_features(features: &Features) {
         log::warn!(
             "cpu: no UMIP: guest SGDT/SIDT/SLDT/SMSW/STR will not trap (ring-aliasing hole)"
         );
+    }
+    if features.smep {
+        // SAFETY: reading CR4 at CPL 0 has no side effects.
+        let now = unsafe { cr4() };
+        // SAFETY: SMEP only stops CPL 0 from fetching instructions from user pages; the host's
+        // code is on supervisor pages, and every guest page (the guest kernel's too: it runs
+        // at CPL 3) is a user page of the shadow tables, so a guest that ever got the CPU to
+        // CPL 0 at an address of its own (as the reset LDTR once allowed: gdt.rs) faults
+        // instead of running. Every other bit is written back as just read.
+        unsafe { cr4_write(now | Cr4::CR4_ENABLE_SMEP) };
+        log::info!("cpu: CR4.SMEP on: CPL 0 never runs code from a guest page");
     }
 }
 

@@ -127,6 +127,14 @@ pub fn init() {
     // SAFETY: the TSS descriptor in the loaded GDT points at the static TSS and is marked
     // available, as LTR requires.
     unsafe { x86::task::load_tr(SegmentSelector::new(TSS / 8, Ring::Ring0)) };
+    // The real LDTR must be null, so that every guest LDT selector faults and is checked against
+    // the guest's *virtual* LDT (vmm-core `cpu::shadow_gdt`). It is not null by itself: at reset
+    // it is usable with base 0 and limit 0xFFFF (SDM Vol. 3 §10.1.1), and then the real CPU
+    // resolves a guest's LDT selectors through linear 0..0xFFFF of the guest's own address
+    // space: a call gate the guest writes there to the host code selector ran guest code at the
+    // real CPL 0 (the `ldt-reset-value` test guest; docs/hostile-guests.md).
+    // SAFETY: the null selector marks the LDTR unusable; the host uses no LDT selector.
+    unsafe { core::arch::asm!("lldt {0:x}", in(reg) 0u16, options(nostack, preserves_flags)) };
 }
 
 /// The guest part of the real GDT (every guest index and the null-SS stand-in), for the VMM's
