@@ -185,6 +185,16 @@ fn an_ldt_and_a_call_gate_in_use_under_svm() {
     run.expect_line("ldt-reset-value: 1 checks, 0 wrong");
 }
 
+/// COM1's interrupt, re-armed by the guest's handler 5000 times: one injection per edge.
+#[test]
+fn a_storm_of_com1_interrupts_under_svm() {
+    let run = guest_under_svm("uart-irq-storm", &[]);
+    run.expect_status(0);
+    run.expect_line(
+        "uart-irq-storm: 5000 interrupts, IIR 0x2 in each; 0 after the source was disabled -> ok",
+    );
+}
+
 /// Under SVM the VMM has no range in the guest's address space: the guest may map what
 /// trap-and-emulate reserves (docs/writing-a-guest.md), and its nested tables still reach only
 /// its own frames.

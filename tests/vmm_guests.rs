@@ -1088,6 +1088,8 @@ const PORT_MSR_SWEEP: &[&str] = &[
     "[guest] port-msr-sweep ports: 4337 reads, 0 faults -> ok",
     "[guest] port-msr-sweep msrs: 5376 reads, ",
     " #GP(0) at the instruction, 0 other faults -> ok",
+    "[guest] port-msr-sweep msr space: 65536 reads (every 0x10001st), ",
+    "[guest] port-msr-sweep: still running",
 ];
 
 cpu_correct_natively_and_under_the_vmm!(
@@ -1096,6 +1098,17 @@ cpu_correct_natively_and_under_the_vmm!(
     port_and_msr_sweeps_read_or_gp_natively,
     port_and_msr_sweeps_read_or_gp_under_the_vmm
 );
+
+/// Writes too, under the VMM only (on the bare machine some ports reset it): 0xFF to every port
+/// but the exit port and COM1, every MSR of the ranges written back (or 0 where it reads #GP).
+#[test]
+fn port_and_msr_write_sweeps_are_dropped_or_gp_under_the_vmm() {
+    let run = vmm_guest("port-msr-sweep", &["writes"]);
+    cpu_correct(&run, PORT_MSR_SWEEP);
+    run.expect_line("[guest] port-msr-sweep port writes: 65524 writes, 0 faults -> ok");
+    run.expect_line("[guest] port-msr-sweep msr writes: 5376 writes, ");
+    run.expect_line(", 0 wrong -> ok");
+}
 
 /// Every phase of `large-page-over-tables` as the CPU gives it.
 const LARGE_PAGE_OVER_TABLES: &[&str] = &[
@@ -1210,6 +1223,13 @@ fn ldt_data_segments_are_emulated_and_ldt_code_stack_and_call_gates_stop_under_t
         run.expect_line(&format!("[vmm] guest stopped: unsupported: {why}"));
     }
 }
+
+cpu_correct_natively_and_under_the_vmm!(
+    "uart-irq-storm",
+    &["[guest] uart-irq-storm: 5000 interrupts, IIR 0x2 in each; 0 after the source was disabled -> ok"],
+    a_storm_of_com1_interrupts_is_one_per_edge_natively,
+    a_storm_of_com1_interrupts_is_one_per_edge_under_the_vmm
+);
 
 /// Under the VMM only: natively QEMU's TCG can starve the guest for good at this rate on a loaded
 /// host (the guest's module doc).
