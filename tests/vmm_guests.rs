@@ -1231,6 +1231,21 @@ cpu_correct_natively_and_under_the_vmm!(
     a_storm_of_com1_interrupts_is_one_per_edge_under_the_vmm
 );
 
+const SELF_MODIFYING_CODE: &[&str] = &[
+    "self-modifying-code patch-immediate: no fault; returned 1 then 2 -> ok",
+    "self-modifying-code patch-privileged: no fault; returned CR0 then CR4: true -> ok",
+    "self-modifying-code sgdt-over-next: no fault; the stored limit 0x08eb ran as `jmp +8` -> ok",
+    "self-modifying-code remap-code-page: no fault; returned 2 (1: the old page's instruction ran) -> ok",
+    "self-modifying-code: 4 checks, 0 wrong",
+];
+
+cpu_correct_natively_and_under_the_vmm!(
+    "self-modifying-code",
+    SELF_MODIFYING_CODE,
+    modified_code_runs_as_modified_natively,
+    modified_code_runs_as_modified_under_the_vmm
+);
+
 /// Under the VMM only: natively QEMU's TCG can starve the guest for good at this rate on a loaded
 /// host (the guest's module doc).
 #[test]

@@ -434,11 +434,17 @@ impl PageTables {
 
     /// Maps the 4 KiB page at `va` to `pa` with `flags` (0 unmaps it).
     pub fn map(&self, va: u64, pa: u64, flags: u64) {
+        // SAFETY: `pte` points into a pool table.
+        unsafe { *self.pte(va) = if flags == 0 { 0 } else { pa | flags } };
+    }
+
+    /// The address of the PTE that maps the 4 KiB page at `va` (its tables created if missing;
+    /// not for the 2 MiB pages of `identity`).
+    pub fn pte(&self, va: u64) -> *mut u64 {
         let pdpt = next(self.root, (va >> 39) & 511);
         let pd = next(pdpt, (va >> 30) & 511);
         let pt = next(pd, (va >> 21) & 511);
-        // SAFETY: `pt` is a pool table.
-        unsafe { *entry(pt, (va >> 12) & 511) = if flags == 0 { 0 } else { pa | flags } };
+        entry(pt, (va >> 12) & 511)
     }
 
     /// Sets the flags of the identity-mapped pages covering `[start, start + len)`.

@@ -34,6 +34,14 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// No exception (for a check whose instructions ran outside a probe).
+    pub const NO_FAULT: Outcome = Outcome {
+        traps: 0,
+        vector: 0,
+        error: 0,
+        at_insn: false,
+    };
+
     /// An outcome from a trap frame (one exception, `at_insn` when RIP is `insn`).
     pub fn from_frame(frame: &Frame, insn: u64) -> Self {
         Outcome {

@@ -281,7 +281,7 @@ fn probes() {
     let user = ring3::enter(user_load_udata, 0x2);
     // Expected: the loads retire and the `ud2` after them is the first exception.
     let outcome = if user.vector == 6 {
-        NO_FAULT
+        probe::Outcome::NO_FAULT
     } else {
         probe::Outcome::from_frame(&user, user_load_udata as *const () as u64 + 5)
     };
@@ -297,14 +297,6 @@ fn probes() {
         ),
     );
 }
-
-/// A probe that raised nothing.
-const NO_FAULT: probe::Outcome = probe::Outcome {
-    traps: 0,
-    vector: 0,
-    error: 0,
-    at_insn: false,
-};
 
 const USES: [&str; 3] = ["ldt-ss", "ldt-cs", "call-gate"];
 
@@ -377,7 +369,7 @@ extern "C" fn after_use() -> ! {
         let read = SEEN[1].load(Ordering::SeqCst);
         probe::check(
             "ldt-and-call-gates use ldt-cs",
-            NO_FAULT,
+            probe::Outcome::NO_FAULT,
             None,
             cs == u64::from(LDT_UCODE) && read == u64::from(LDT_UCODE),
             format_args!("cs={cs:#x}, read {read:#x}"),
@@ -387,7 +379,7 @@ extern "C" fn after_use() -> ! {
         let return_rip = user_call_gate as *const () as u64 + 7;
         probe::check(
             "ldt-and-call-gates use call-gate",
-            NO_FAULT,
+            probe::Outcome::NO_FAULT,
             None,
             cs == u64::from(ring3::KERNEL_CS)
                 && rip == return_rip
