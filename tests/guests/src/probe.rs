@@ -141,6 +141,15 @@ pub fn record(frame: &mut Frame) -> bool {
     true
 }
 
+/// A whole trap handler for guests that only probe: records the trap and skips to the end of
+/// the probe; a trap outside a probe is unexpected (the guest fails).
+pub fn handler(frame: &mut Frame) {
+    if !record(frame) {
+        crate::machine::unexpected(frame)
+    }
+    skip(frame);
+}
+
 /// Makes the trap return after the probed instructions.
 pub fn skip(frame: &mut Frame) {
     frame.rip = PROBE_RESUME.load(Ordering::SeqCst);

@@ -25,15 +25,8 @@
 #![no_std]
 #![no_main]
 
-use test_guests::machine::{self, code64, data, Frame};
+use test_guests::machine::{self, code64, data};
 use test_guests::{probe, ring3};
-
-fn handler(frame: &mut Frame) {
-    if !probe::record(frame) {
-        machine::unexpected(frame)
-    }
-    probe::skip(frame);
-}
 
 /// P (bit 47), R for code / W for data (bit 41).
 const DESC_P: u64 = 1 << 47;
@@ -62,7 +55,7 @@ fn restore_segments() {
 
 #[no_mangle]
 extern "C" fn _start() -> ! {
-    ring3::setup(handler);
+    ring3::setup(probe::handler);
     let tss = machine::tss_descriptor(machine::tss_base());
     let gdt = [
         0,

@@ -20,15 +20,7 @@
 #![no_std]
 #![no_main]
 
-use test_guests::machine::{self, Frame};
 use test_guests::{probe, ring3};
-
-fn handler(frame: &mut Frame) {
-    if !probe::record(frame) {
-        machine::unexpected(frame)
-    }
-    probe::skip(frame);
-}
 
 /// The IDT's base (SIDT).
 fn idt_base() -> u64 {
@@ -61,7 +53,7 @@ const TCG_GATE_INDEX: &str =
 
 #[no_mangle]
 extern "C" fn _start() -> ! {
-    ring3::setup(handler);
+    ring3::setup(probe::handler);
     change_gate(0x81, |g| g & !GATE_P);
     change_gate(0x82, |g| (g & !GATE_TYPE) | CALL_GATE);
     change_gate(0x83, |g| (g & !GATE_SELECTOR) | (0x10 << 16));

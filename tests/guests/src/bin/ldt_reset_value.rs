@@ -21,20 +21,12 @@
 #![no_std]
 #![no_main]
 
-use test_guests::machine::{self, Frame};
 use test_guests::{probe, ring3};
 
 /// The host code selector of this VMM's real GDT (vmm-core `cpu::shadow_gdt::HOST_CODE`).
 const HOST_CODE: u16 = 0xFFE0;
 /// LDT index 1, TI = 1, RPL 3.
 const LDT_GATE: u16 = 0x0F;
-
-fn handler(frame: &mut Frame) {
-    if !probe::record(frame) {
-        machine::unexpected(frame)
-    }
-    probe::skip(frame);
-}
 
 core::arch::global_asm!(
     r#"
@@ -73,7 +65,7 @@ extern "C" {
 
 #[no_mangle]
 extern "C" fn _start() -> ! {
-    ring3::setup(handler);
+    ring3::setup(probe::handler);
     // SAFETY: the null selector only marks the LDTR unusable.
     unsafe { core::arch::asm!("lldt {0:x}", in(reg) 0u16, options(nostack)) };
     let offset = ldt_escape_payload as *const () as u64;

@@ -20,15 +20,8 @@
 #![no_std]
 #![no_main]
 
-use test_guests::machine::{self, Frame};
+use test_guests::machine::{self};
 use test_guests::{exit, println, probe, ring3};
-
-fn handler(frame: &mut Frame) {
-    if !probe::record(frame) {
-        machine::unexpected(frame)
-    }
-    probe::skip(frame);
-}
 
 /// The ports read: every one below 0x1000, then every 256th up to 0xFF00, and 0xFFFF.
 fn ports() -> impl Iterator<Item = u16> {
@@ -117,7 +110,7 @@ extern "C" fn _start(info: *const boot::BootInfo) -> ! {
     // SAFETY: RDI at entry, per the contract.
     let cmdline = unsafe { machine::cmdline(info) };
     let writes = cmdline.split_whitespace().any(|w| w == "writes");
-    ring3::setup(handler);
+    ring3::setup(probe::handler);
     let (mut reads, mut faults, mut first_fault) = (0u32, 0u32, None);
     for port in ports() {
         let o = probe!("in al, dx"; in("dx") port,);

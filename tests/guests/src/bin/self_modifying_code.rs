@@ -18,15 +18,8 @@
 #![no_std]
 #![no_main]
 
-use test_guests::machine::{self, Frame, Page, PTE_P, PTE_W};
+use test_guests::machine::{self, Page, PTE_P, PTE_W};
 use test_guests::{println, probe, ring3};
-
-fn handler(frame: &mut Frame) {
-    if !probe::record(frame) {
-        machine::unexpected(frame)
-    }
-    probe::skip(frame);
-}
 
 /// Code copied into data pages and run from there.
 static mut CODE: Page = Page::zeroed();
@@ -193,7 +186,7 @@ extern "C" fn _start(info: *const boot::BootInfo) -> ! {
     let skip_sgdt = cmdline
         .split_whitespace()
         .any(|w| w == "skip=sgdt-over-next");
-    let pt = ring3::setup(handler);
+    let pt = ring3::setup(probe::handler);
     patch_immediate();
     patch_privileged();
     if skip_sgdt {

@@ -11,7 +11,6 @@
 #![no_std]
 #![no_main]
 
-use test_guests::machine::{self, Frame};
 use test_guests::{probe, ring3, wrmsr};
 
 const IA32_SYSENTER_CS: u32 = 0x174;
@@ -20,16 +19,9 @@ const NONCANONICAL: u64 = 0x0000_8000_0000_0000;
 /// A canonical address (never reached: it is where a wrong SYSEXIT would go).
 const CANONICAL: u64 = 0x1000;
 
-fn handler(frame: &mut Frame) {
-    if !probe::record(frame) {
-        machine::unexpected(frame)
-    }
-    probe::skip(frame);
-}
-
 #[no_mangle]
 extern "C" fn _start() -> ! {
-    ring3::setup(handler);
+    ring3::setup(probe::handler);
     wrmsr(IA32_SYSENTER_CS, u64::from(ring3::KERNEL_CS));
     let rip = probe!("sysexitq"; in("rdx") NONCANONICAL, in("rcx") CANONICAL,);
     probe::check(
