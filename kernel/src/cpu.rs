@@ -137,6 +137,11 @@ pub fn enable_fast_syscall_entries() {
     // SAFETY: only SYSCALL reads LSTAR, and the host itself never executes it; `syscall_entry`
     // is the stub that builds a TrapFrame on the trap stack and enters the dispatcher.
     unsafe { x86::msr::wrmsr(x86::msr::IA32_LSTAR, syscall_entry as *const () as u64) };
+    // SAFETY: only SYSCALL from compatibility mode reads CSTAR. No guest reaches compatibility
+    // mode here (the shadow GDT refuses a CS with L = 0), but left at its reset value 0 a
+    // SYSCALL from there would enter CPL 0 at linear 0, in the guest's own memory (the kind of
+    // hole the reset LDTR was: gdt.rs); the VMM's own stub is the only safe target.
+    unsafe { x86::msr::wrmsr(x86::msr::IA32_CSTAR, syscall_entry as *const () as u64) };
     // SAFETY: only SYSCALL/SYSRET read STAR; bits 47:32 are the host's 64-bit code selector
     // (SS = that + 8, the host's data), which is what the stub expects to run on.
     unsafe { x86::msr::wrmsr(x86::msr::IA32_STAR, star) };
