@@ -7,10 +7,14 @@
 //! CPL 0 or at CPL 3 — and records what happened: fault or not, vector, error code, CR2, the
 //! faulting RIP and the value of every entry on the path afterwards. It also computes the
 //! outcome the SDM prescribes ([`expect`]: §4.6 access rights, §4.7 the error code, §4.8 the
-//! accessed and dirty flags, §4.5 the reserved bits) and prints every case where the two differ.
+//! accessed and dirty flags, §4.5 the reserved bits) and prints a line for each case where the
+//! two differ (the first 200 of them; the count covers all).
 //!
 //! The cases (each run for the 4 combinations of CR0.WP and EFER.NXE × the 6 accesses, read,
-//! write and fetch at CPL 0 and CPL 3: 24 per variant). The full product over every level is
+//! write and fetch at CPL 0 and CPL 3: 24 per variant; in the two leaf sections each access is
+//! also done right after a read at CPL 0 and, at CPL 3, right after one at CPL 3, without
+//! INVLPG between — access.c's `AC_ACCESS_TWICE` — so that a write finds a translation with D = 0
+//! cached: 60 per variant). The full product over every level is
 //! 6.7 million cases, over a minute under the VMM, so, as access.c does, the default run takes
 //! the full product at the leaf and varies one upper level at a time, the others permissive (P,
 //! R/W, U/S and A set, XD clear); an upper level under test has its A clear, so a walk through
@@ -18,21 +22,22 @@
 //!
 //! | section | what varies | variants | cases |
 //! |---|---|---|---|
-//! | `pte` | the PTE's P, R/W, U/S, XD, A, D (all 64) | 64 | 1536 |
-//! | `pde-2m` | a PDE with PS = 1 (a 2 MiB page): its P, R/W, U/S, XD, A, D (all 64) | 64 | 1536 |
+//! | `pte` | the PTE's P, R/W, U/S, XD, A, D (all 64) | 64 | 3840 |
+//! | `pde-2m` | a PDE with PS = 1 (a 2 MiB page): its P, R/W, U/S, XD, A, D (all 64) | 64 | 3840 |
 //! | `pml4e`, `pdpte`, `pde` | that level's P, R/W, U/S, XD (16) × the PTE's 64 | 1024 each | 73728 |
 //! | `reserved` | one reserved bit, the rest permissive: bit 51 (above MAXPHYADDR) in the PML4E, PDPTE, PDE, PTE and a 2 MiB PDE, PS in the PML4E, bit 13 in a 2 MiB PDE (§4.5, Tables 4-15 to 4-20) | 7 | 168 |
 //! | `product` (`full` only) | P, R/W, U/S, XD of the PML4E, PDPTE and PDE (16 × 16 × 16) × the PTE's 64 | 262144 | 6291456 |
 //! | `product-2m` (`full` only) | P, R/W, U/S, XD of the PML4E and PDPTE × a 2 MiB PDE's 64 | 16384 | 393216 |
 //!
-//! That is 76968 cases by default (about 5 s under the VMM, under a second natively on QEMU's
-//! TCG) and 6761640 with the guest option `full`, a soak. XD set while EFER.NXE = 0 is a
-//! reserved bit too (§4.5), so every section with XD covers that rule at its levels.
+//! That is 81576 cases by default (about 5 s under the VMM, under a second natively on QEMU's
+//! TCG) and 6766248 with the guest option `full`, a soak (SOAK_TIME). XD set while
+//! EFER.NXE = 0 is a reserved bit too (§4.5), so every section with XD covers that rule at its
+//! levels.
 //!
 //! What is recorded per case, and checksummed (FNV-1a over every case, printed at the end): the
 //! vector (or none), the error code, CR2 relative to the page, whether the fault RIP is the access
 //! and the A and D flags of every entry on the path (the rest of each entry is compared with the
-//! model but never changes). Two things the SDM leaves open are taken out of the record:
+//! model but never changes). Two known differences are taken out of the record:
 //!
 //! - on a faulting access, the A flag of a non-leaf entry the walk went through before the
 //!   fault: §4.8 says the processor sets A in the entries it *uses* for a translation, and a
@@ -40,16 +45,16 @@
 //!   (shadow-mmu `walk`), and access.c ignores them too (`ignore_pde`). The guest counts the walks
 //!   that set one (`implementation-specific:` line), but they are neither a mismatch nor
 //!   checksummed;
-//! - QEMU's TCG's quirk: a reserved-bit #PF is pushed with P = 0 (the CPU sets P: §4.7, "RSVD
-//!   ... the fault was caused by a reserved bit set to 1 in some paging-structure entry", which
-//!   is present). It is accepted when the error code is the model's with P clear, counted on a
+//! - QEMU's TCG's quirk: a reserved-bit #PF is pushed with P = 0 (the CPU sets P: §4.7, P is 0
+//!   only when a P flag on the path was 0, and an entry with a reserved bit set is present;
+//!   tests/guests/src/bin/reserved_bits.rs names the same quirk). It is accepted when the error code is the model's with P clear, counted on a
 //!   `quirk:` line, and recorded as the model's code, so the checksum is the same natively and
 //!   under the VMM.
 //!
 //! SMEP, SMAP and protection keys are out of scope (CR4 keeps them clear).
 //!
 //! Expected outcome, natively and under the VMM with either shadow policy: every section
-//! `0 mismatches`, `access: 76968 cases, 0 mismatches` with the same checksum, exit success.
+//! `0 mismatches`, `access: 81576 cases, 0 mismatches` with the same checksum, exit success.
 //! Options: `full` (the soak above); anything else is refused with the list of options.
 #![no_std]
 #![no_main]
@@ -213,6 +218,9 @@ struct Case {
     nxe: bool,
     kind: Kind,
     user: bool,
+    /// A read of the page first, at CPL 3 (`Some(true)`) or CPL 0 (`Some(false)`), and this
+    /// access right after it without INVLPG.
+    read_first: Option<bool>,
 }
 
 impl Case {
@@ -280,10 +288,15 @@ impl core::fmt::Display for Case {
         };
         write!(
             f,
-            "wp={} nxe={} {kind} cpl{}",
+            "wp={} nxe={} {kind} cpl{}{}",
             u8::from(self.wp),
             u8::from(self.nxe),
-            if self.user { 3 } else { 0 }
+            if self.user { 3 } else { 0 },
+            match self.read_first {
+                None => "",
+                Some(false) => " after a cpl0 read",
+                Some(true) => " after a cpl3 read",
+            }
         )
     }
 }
@@ -439,11 +452,7 @@ fn invlpg(a: u64) {
 /// Sets CR0.WP and EFER.NXE as `case` says (writing only what changes).
 fn set_mode(case: &Case) {
     let cr0 = machine::read_cr0();
-    let want = if case.wp {
-        cr0 | CR0_WP
-    } else {
-        cr0 & !CR0_WP
-    };
+    let want = if case.wp { cr0 | CR0_WP } else { cr0 & !CR0_WP };
     if want != cr0 {
         // SAFETY: only CR0.WP changes (PE and PG stay), which changes which supervisor writes
         // fault; the kernel's own pages are all writable.
@@ -522,7 +531,11 @@ fn perform(case: &Case, entries: &[*mut u64; 4]) -> Outcome {
     };
     Outcome {
         fault,
-        error: if fault { ERROR.load(Ordering::SeqCst) } else { 0 },
+        error: if fault {
+            ERROR.load(Ordering::SeqCst)
+        } else {
+            0
+        },
         cr2: if fault { CR2.load(Ordering::SeqCst) } else { 0 },
         // Another exception than #PF is neither: a mismatch whatever the case.
         at_access: if fault {
@@ -562,11 +575,13 @@ fn fnv(hash: u64, v: u64) -> u64 {
 }
 
 /// Runs one case: writes its entries (only those that change: under a shadowing VMM each write
-/// to a page table is a trap), sets CR0.WP and EFER.NXE, INVLPGs, accesses, compares.
+/// to a page table is a trap), sets CR0.WP and EFER.NXE, INVLPGs, accesses, compares; a case
+/// with `read_first` first does that read, checked the same way, and then its access without
+/// INVLPG, through whatever the read left cached (access.c's `AC_ACCESS_TWICE`, which reads at
+/// CPL 0; the read at CPL 3 fills this VMM's other shadow view, the user one).
 fn run(index: u64, section: &str, case: &Case, entries: &[*mut u64; 4], m: u32, t: &mut Totals) {
     let wanted = entry_values(case);
-    let levels = case.levels();
-    for (p, &v) in entries.iter().zip(&wanted).take(levels) {
+    for (p, &v) in entries.iter().zip(&wanted).take(case.levels()) {
         // SAFETY: the entries are ours (`entry_pointers`).
         if unsafe { p.read_volatile() } != v {
             // SAFETY: as above.
@@ -575,9 +590,45 @@ fn run(index: u64, section: &str, case: &Case, entries: &[*mut u64; 4], m: u32, 
     }
     set_mode(case);
     invlpg(VA);
-    let before = read_entries(entries);
-    let (want, open) = expect(case, before, m);
+    t.cases += 1;
+    let mut before = read_entries(entries);
+    let mut still_open = [0; 4];
+    if let Some(user) = case.read_first {
+        let read = Case {
+            kind: Kind::Read,
+            user,
+            read_first: None,
+            ..*case
+        };
+        (before, still_open) = check(index, section, &read, before, [0; 4], entries, m, t);
+    }
+    check(index, section, case, before, still_open, entries, m, t);
+}
+
+/// Performs `case`'s access on the entries holding `before`, compares it with [`expect`] (the A
+/// flags `still_open` from an earlier faulting walk stay open if this access faults too), folds
+/// it into the checksum and prints it if it differs. Returns the entries afterwards and the A
+/// flags left open.
+#[allow(clippy::too_many_arguments)]
+fn check(
+    index: u64,
+    section: &str,
+    case: &Case,
+    before: [u64; 4],
+    still_open: [u64; 4],
+    entries: &[*mut u64; 4],
+    m: u32,
+    t: &mut Totals,
+) -> ([u64; 4], [u64; 4]) {
+    let levels = case.levels();
+    let (mut want, mut open) = expect(case, before, m);
+    if want.fault {
+        for (o, s) in open.iter_mut().zip(still_open) {
+            *o |= s;
+        }
+    }
     let mut got = perform(case, entries);
+    let after = got.entries;
     // QEMU's TCG pushes a reserved-bit #PF without P (the CPU sets it, §4.7): accepted when it
     // is the only difference, and recorded as the CPU's code.
     if got.fault && want.error & PF_RSVD != 0 && got.error == want.error & !PF_P {
@@ -589,18 +640,14 @@ fn run(index: u64, section: &str, case: &Case, entries: &[*mut u64; 4], m: u32, 
     for i in 0..levels {
         open_set |= (got.entries[i] & !before[i]) & open[i] != 0;
         got.entries[i] &= !open[i];
-    }
-    t.open_a_set += u64::from(open_set);
-    let mut want = want;
-    for i in 0..levels {
         want.entries[i] &= !open[i];
     }
+    t.open_a_set += u64::from(open_set);
     for i in levels..4 {
         // Not on the path: not recorded.
         got.entries[i] = 0;
         want.entries[i] = 0;
     }
-    t.cases += 1;
     let mut h = fnv(t.checksum, index);
     h = fnv(h, u64::from(got.fault));
     h = fnv(h, got.error);
@@ -611,6 +658,7 @@ fn run(index: u64, section: &str, case: &Case, entries: &[*mut u64; 4], m: u32, 
     }
     t.checksum = h;
     if got != want {
+        // A case whose first read and access both differ counts twice.
         t.mismatches += 1;
         if t.printed < PRINT_LIMIT {
             t.printed += 1;
@@ -621,6 +669,7 @@ fn run(index: u64, section: &str, case: &Case, entries: &[*mut u64; 4], m: u32, 
             ));
         }
     }
+    (after, open)
 }
 
 /// An outcome as a mismatch line shows it.
@@ -668,6 +717,17 @@ impl Section {
             Section::Reserved => "reserved",
             Section::Product => "product",
             Section::Product2M => "product-2m",
+        }
+    }
+
+    /// The reads an access at CPL 3 (`user`) or CPL 0 is also done right after: none, and in
+    /// the leaf sections a CPL 0 read and one at the access's own CPL (each leaves a translation
+    /// with D = 0 cached for a write to find).
+    fn reads_first(self, user: bool) -> &'static [Option<bool>] {
+        match self {
+            Section::Pte | Section::Pde2M if user => &[None, Some(false), Some(true)],
+            Section::Pte | Section::Pde2M => &[None, Some(false)],
+            _ => &[None],
         }
     }
 
@@ -819,13 +879,17 @@ extern "C" fn _start(info: *const boot::BootInfo) -> ! {
         // CR0.WP and EFER.NXE outermost, so each is written rarely (a trap under the VMM).
         for env in 0..4 {
             for v in 0..section.variants() {
-                for (kind, user) in ACCESSES {
+                for ((kind, user), &read_first) in ACCESSES
+                    .into_iter()
+                    .flat_map(|(k, u)| section.reads_first(u).iter().map(move |r| ((k, u), r)))
+                {
                     let case = Case {
                         flags: section.flags(v),
                         wp: env & 1 != 0,
                         nxe: env & 2 != 0,
                         kind,
                         user,
+                        read_first,
                     };
                     run(index, section.name(), &case, &entries, m, &mut t);
                     index += 1;
