@@ -15,8 +15,26 @@ pub const PTE_P: u64 = 1 << 0;
 pub const PTE_W: u64 = 1 << 1;
 /// User-accessible.
 pub const PTE_U: u64 = 1 << 2;
+/// Accessed: set by the CPU in each entry a translation uses (§4.8).
+pub const PTE_A: u64 = 1 << 5;
+/// Dirty: set by the CPU in the entry that maps a page written to (§4.8).
+pub const PTE_D: u64 = 1 << 6;
 /// Large page (in a PDE: 2 MiB).
 pub const PTE_PS: u64 = 1 << 7;
+/// Execute-disable (honoured with IA32_EFER.NXE = 1, reserved otherwise).
+pub const PTE_XD: u64 = 1 << 63;
+
+/// #PF error code bits (SDM Vol. 3 §4.7): P (0 = a not-present entry), W/R (a write), U/S (at
+/// CPL 3), RSVD (a reserved bit), I/D (an instruction fetch).
+pub const PF_P: u64 = 1 << 0;
+/// W/R.
+pub const PF_W: u64 = 1 << 1;
+/// U/S.
+pub const PF_US: u64 = 1 << 2;
+/// RSVD.
+pub const PF_RSVD: u64 = 1 << 3;
+/// I/D.
+pub const PF_ID: u64 = 1 << 4;
 
 /// RFLAGS.TF (single-step).
 pub const RFLAGS_TF: u64 = 1 << 8;

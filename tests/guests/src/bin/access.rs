@@ -61,7 +61,10 @@
 
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use test_guests::machine::{self, Frame, Page, PageTables, PTE_P, PTE_PS, PTE_U, PTE_W};
+use test_guests::machine::{
+    self, Frame, Page, PageTables, PF_ID, PF_P, PF_RSVD, PF_US, PF_W, PTE_A, PTE_D, PTE_P, PTE_PS,
+    PTE_U, PTE_W, PTE_XD,
+};
 use test_guests::{exit, println, rdmsr, ring3, wrmsr};
 
 /// The linear address under test: PML4 slot 2, nothing else maps there.
@@ -73,10 +76,6 @@ const LARGE_PAGE: u64 = 0x40_0000;
 /// `jmp rcx`: what a fetch at the page runs, back to the caller's resume point.
 const JMP_RCX: [u8; 2] = [0xFF, 0xE1];
 
-/// Paging-structure entry flags (SDM Vol. 3 §4.5, Tables 4-15 to 4-20) besides P, R/W, U/S, PS.
-const PTE_A: u64 = 1 << 5;
-const PTE_D: u64 = 1 << 6;
-const PTE_XD: u64 = 1 << 63;
 /// Bit 51: reserved in every entry when MAXPHYADDR < 52.
 const BIT51: u64 = 1 << 51;
 /// Bit 13: reserved in a PDE that maps a 2 MiB page (bits 20:13).
@@ -87,13 +86,6 @@ const LARGE_RESERVED: u64 = 0x1F_E000;
 const FLAGS: u64 = PTE_P | PTE_W | PTE_U | PTE_A | PTE_D | PTE_PS | PTE_XD;
 /// Permissive: present, writable, user, already accessed.
 const PERMISSIVE: u64 = PTE_P | PTE_W | PTE_U | PTE_A;
-
-/// #PF error code bits (SDM Vol. 3 §4.7).
-const PF_P: u64 = 1 << 0;
-const PF_W: u64 = 1 << 1;
-const PF_US: u64 = 1 << 2;
-const PF_RSVD: u64 = 1 << 3;
-const PF_ID: u64 = 1 << 4;
 
 /// CR0.WP: supervisor writes honour R/W (§4.6).
 const CR0_WP: u64 = 1 << 16;

@@ -21,7 +21,7 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use test_guests::machine::{self, Frame, PageTables, PTE_P, PTE_PS, PTE_W};
+use test_guests::machine::{self, Frame, PageTables, PF_P, PF_RSVD, PF_W, PTE_P, PTE_PS, PTE_W};
 use test_guests::{exit, println, probe, ring3};
 
 #[repr(C, align(4096))]
@@ -52,10 +52,6 @@ const LARGE_PAGE: u64 = 0x40_0000;
 const BIT51: u64 = 1 << 51;
 /// Bit 13: reserved in a PDE that maps a 2 MiB page (bits 20:13).
 const BIT13: u64 = 1 << 13;
-/// #PF error code bits: P (bit 0), W/R (bit 1), RSVD (bit 3).
-const PF_P: u64 = 1;
-const PF_W: u64 = 2;
-const PF_RSVD: u64 = 8;
 
 /// CR2 at the last trap.
 static CR2: AtomicU64 = AtomicU64::new(0);
