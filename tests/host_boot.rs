@@ -17,10 +17,11 @@ fn host_boot_passes_its_self_checks() {
         "frame-allocator",
         "heap",
         "error-code-vectors",
+        "isolation-registers",
     ] {
         run.expect_line(&format!("[vmm] self-check {check}: ok"));
     }
-    run.expect_line("[vmm] self-checks: 7 passed, 0 failed");
+    run.expect_line("[vmm] self-checks: 8 passed, 0 failed");
     run.expect_line("[vmm] module 0: ");
     assert!(
         run.lines()

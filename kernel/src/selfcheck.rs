@@ -6,6 +6,7 @@
 use crate::memory::{frames, heap, phys_to_virt, FRAME_SIZE};
 use crate::timer;
 use crate::trap::{self, vector, TRAP_COUNTS};
+use crate::{cpu, gdt};
 use alloc::vec::Vec;
 use core::sync::atomic::Ordering;
 
@@ -163,9 +164,74 @@ fn error_code_vectors_agree() -> Result<(), &'static str> {
     }
 }
 
+/// The state the real CPU consults while the guest runs at CPL 3 is the isolation boundary,
+/// including state the host itself never uses (a left-over reset value was an escape once:
+/// docs/hostile-guests.md, "What the suite found"). This checks what `trap::init`, `gdt::init`
+/// and `cpu::enable_host_features` set: every IDT gate present with DPL 0 (so a guest's INT n
+/// faults and is emulated), no I/O permission bitmap in the TSS (so every port access at CPL 3
+/// faults), the host's GDT descriptors DPL 0, and CR4.UMIP and CR4.SMEP on where the CPU has
+/// them. Not the null LDTR: SLDT reads selector 0 for the reset LDTR too (base 0, limit 0xFFFF,
+/// usable), and telling them apart means touching linear 0; the `ldt-reset-value` test guest
+/// checks it from the guest's side.
+fn isolation_registers() -> Result<(), &'static str> {
+    let mut idtr = [0u8; 10];
+    // SAFETY: SIDT stores 10 bytes into `idtr`.
+    unsafe { core::arch::asm!("sidt [{0}]", in(reg) idtr.as_mut_ptr(), options(nostack)) };
+    let idt_base = u64::from_le_bytes(idtr[2..].try_into().map_err(|_| "SIDT")?);
+    if u16::from_le_bytes([idtr[0], idtr[1]]) != 256 * 16 - 1 {
+        return Err("the IDT does not cover all 256 vectors");
+    }
+    for vector in 0..256u64 {
+        // SAFETY: the IDT is the host's, 256 gates of 16 bytes at `idt_base` (just checked).
+        let low = unsafe { ((idt_base + 16 * vector) as *const u64).read() };
+        let (present, dpl, typ) = ((low >> 47) & 1, (low >> 45) & 3, (low >> 40) & 0xF);
+        if present != 1 || dpl != 0 || typ != 0xE {
+            return Err("an IDT gate is not a present DPL-0 interrupt gate");
+        }
+    }
+    let mut gdtr = [0u8; 10];
+    // SAFETY: SGDT stores 10 bytes into `gdtr`.
+    unsafe { core::arch::asm!("sgdt [{0}]", in(reg) gdtr.as_mut_ptr(), options(nostack)) };
+    let gdt_base = u64::from_le_bytes(gdtr[2..].try_into().map_err(|_| "SGDT")?);
+    let descriptor = |selector: u16| {
+        // SAFETY: the host's selectors index the real GDT, 64 KiB long.
+        unsafe { ((gdt_base + u64::from(selector & !7)) as *const u64).read() }
+    };
+    for selector in [gdt::HOST_CODE, gdt::HOST_DATA, gdt::TSS] {
+        if (descriptor(selector) >> 45) & 3 != 0 {
+            return Err("a host GDT descriptor is not DPL 0");
+        }
+    }
+    let tss = descriptor(gdt::TSS);
+    let (tss_base, tss_limit) = (
+        ((tss >> 16) & 0xFF_FFFF) | (((tss >> 56) & 0xFF) << 24) | (descriptor(gdt::TSS + 8) << 32),
+        (tss & 0xFFFF) | (((tss >> 48) & 0xF) << 16),
+    );
+    // SAFETY: the TSS is the host's; the I/O map base is the u16 at offset 102.
+    let io_map_base = unsafe { ((tss_base + 102) as *const u16).read_unaligned() };
+    if u64::from(io_map_base) <= tss_limit {
+        return Err("the TSS has an I/O permission bitmap");
+    }
+    let features = cpu::Features::detect();
+    // SAFETY: reading CR4 at CPL 0 has no side effects.
+    let cr4 = unsafe { x86::controlregs::cr4() };
+    if features.umip && !cr4.contains(x86::controlregs::Cr4::CR4_ENABLE_UMIP) {
+        return Err("CR4.UMIP is off");
+    }
+    if features.smep && !cr4.contains(x86::controlregs::Cr4::CR4_ENABLE_SMEP) {
+        return Err("CR4.SMEP is off");
+    }
+    log::info!(
+        "self-check detail: 256 DPL-0 gates, no I/O bitmap, host descriptors DPL 0, UMIP {}, SMEP {}",
+        if features.umip { "on" } else { "absent" },
+        if features.smep { "on" } else { "absent" }
+    );
+    Ok(())
+}
+
 /// Runs every check and prints the results.
 pub fn run() -> Summary {
-    let checks: [(&str, Check); 7] = [
+    let checks: [(&str, Check); 8] = [
         ("breakpoint-returns", breakpoint_returns),
         (
             "trap-frame-preserves-registers",
@@ -176,6 +242,7 @@ pub fn run() -> Summary {
         ("frame-allocator", frames_allocate_and_free),
         ("heap", heap_allocates),
         ("error-code-vectors", error_code_vectors_agree),
+        ("isolation-registers", isolation_registers),
     ];
     let mut summary = Summary {
         passed: 0,
