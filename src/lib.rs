@@ -7,6 +7,7 @@
 //! runs `run-qemu.sh --no-build`.
 
 pub mod bench;
+pub mod chaos;
 pub mod labs;
 
 use std::path::{Path, PathBuf};

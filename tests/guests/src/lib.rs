@@ -7,6 +7,7 @@
 
 use core::fmt::{self, Write};
 
+pub mod chaos_rounds;
 pub mod machine;
 pub mod probe;
 pub mod ring3;

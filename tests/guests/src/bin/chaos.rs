@@ -3,111 +3,497 @@
 //! handler that abandons the round and starts the next. Whatever the bytes do — privileged
 //! instructions with garbage operands, wild jumps, `hlt`, loads of garbage into CR3 or the
 //! IDTR — the VMM must answer as the CPU would or stop the guest cleanly; it must never panic.
-//! Command line: `seed=N rounds=N user=0|1` (`user=1`: the rounds run at CPL 3, so every
-//! fault is delivered from user mode through the TSS's RSP0, as in a real kernel).
+//!
+//! Command line: `seed=N rounds=N user=0|1 diff=0|1 show=A,B,...` (`user=1`: the rounds run at
+//! CPL 3, so every fault is delivered from user mode, as in a real kernel).
+//!
+//! `diff=1` is the differential mode (`tests/chaos_diff.rs`, docs/testing.md): the same seed
+//! runs natively and under the VMM and the host compares what every round produced. For that a
+//! round is deterministic: it starts from a register state drawn from the seed (all general
+//! registers, the arithmetic flags and DF, a stack filled from the seed, a zeroed scratch
+//! area that RBX, RSI and RDI point into, the x87 unit reset), and its end — the exception
+//! that abandons it — is recorded: vector, error code, RIP, CS, RFLAGS, RSP, SS, CR2 for a
+//! #PF, every general register, DS/ES/FS/GS and a digest of its stack and scratch memory. Each
+//! round prints one line `r N vVV hDIGEST [rf]` (the vector and a digest of all that but
+//! RFLAGS.RF, which follows when set); the rounds
+//! named in `show=` print every field and their bytes instead. A differential round runs with
+//! interrupts on and the PIT armed as a one-shot of about 55 ms, so a round that loops ends on
+//! the timer (`r N timer`: where a loop is when the timer fires is not deterministic, so such
+//! a round has no digest). At CPL 0 the generator replaces the bytes of instructions whose
+//! result cannot be compared (see `filter`).
 #![no_std]
 #![no_main]
 
-use test_guests::{boot_info, exit, load_idt, println};
+use test_guests::chaos_rounds::{Rng, BLOB, STACK_WORD_CLEARED};
+use test_guests::machine::{code64, data, tss_descriptor};
+use test_guests::{boot_info, exit, inb, load_idt, outb, println};
 
-/// Each round's bytes, then a `ud2` so a round that runs off the end faults too.
-const BLOB: usize = 24;
+/// Each round's bytes (`chaos_rounds::BLOB`), then a `ud2` so a round that runs off the end
+/// faults too.
 #[no_mangle]
 static mut CHAOS_CODE: [u8; BLOB + 2] = [0; BLOB + 2];
-#[no_mangle]
-static mut CHAOS_STACK: [u64; 2048] = [0; 2048];
-static mut ROUND: u64 = 0;
-static mut ROUNDS: u64 = 0;
-static mut STATE: u64 = 0;
-static mut USER: bool = false;
 
+/// The round's stack: RSP starts in the middle, so pushes and pops both stay inside it.
 #[repr(C, align(16))]
-struct Idt([u64; 512]);
-static mut IDT: Idt = Idt([0; 512]);
+struct RoundStack([u64; 512]);
+static mut ROUND_STACK: RoundStack = RoundStack([0; 512]);
+/// The memory RBX, RSI and RDI point into (their offsets are drawn in the middle 4 KiB, so a
+/// displacement or a short string instruction stays inside).
+#[repr(C, align(4096))]
+struct Scratch([u8; 12288]);
+static mut SCRATCH: Scratch = Scratch([0; 12288]);
+/// The interrupt stack every vector switches to (IST1): a round may leave RSP anywhere.
+#[repr(C, align(16))]
+struct Stack([u64; 2048]);
+#[no_mangle]
+static mut HANDLER_STACK: Stack = Stack([0; 2048]);
+/// The kernel's own stack, from `_start` to the first round.
+#[no_mangle]
+static mut KERNEL_STACK: Stack = Stack([0; 2048]);
 
-// Every one of the 256 vectors: back onto a fresh stack and into `next_round`.
+/// Where `chaos_enter` loads the round's registers from before its `iretq`: RAX, RBX, RCX,
+/// RDX, RSI, RDI, RBP, R8..R15, then the `iretq` frame RIP, CS, RFLAGS, RSP, SS.
+#[repr(C)]
+struct Entry([u64; 20]);
+#[no_mangle]
+static mut ROUND_ENTRY: Entry = Entry([0; 20]);
+
+/// The run's settings, from the command line (written once by `_start`).
+#[derive(Clone, Copy)]
+struct Settings {
+    seed: u64,
+    rounds: u64,
+    user: bool,
+    diff: bool,
+    show: [u64; 8],
+}
+static mut SETTINGS: Settings = Settings {
+    seed: 1,
+    rounds: 2000,
+    user: false,
+    diff: false,
+    show: [0; 8],
+};
+static mut ROUND: u64 = 0;
+
+/// Selectors of the guest's GDT: kernel code and data, user data and code (RPL 3), the TSS.
+const KERNEL_CS: u64 = 0x08;
+const KERNEL_SS: u64 = 0x10;
+const USER_SS: u64 = 0x1b;
+const USER_CS: u64 = 0x23;
+const TSS_SELECTOR: u16 = 0x28;
+
+/// RFLAGS bits a round's start state draws: CF, PF, AF, ZF, SF, OF and DF.
+const DRAWN_FLAGS: u64 = 0x0CD5;
+/// RFLAGS.IF, and the always-one bit 1.
+const RFLAGS_IF: u64 = 1 << 9;
+const RFLAGS_FIXED: u64 = 0x2;
+
+/// The 8259A master (command, data) and the 8254's channel 0 and control ports.
+const PIC1: u16 = 0x20;
+const PIC1_DATA: u16 = 0x21;
+const PIC2_DATA: u16 = 0xA1;
+const PIT_CHANNEL0: u16 = 0x40;
+const PIT_CONTROL: u16 = 0x43;
+/// The vector the master PIC is remapped to (IRQ 0, the timer).
+const TIMER_VECTOR: u64 = 0x20;
+
+// Every one of the 256 vectors has a 16-byte stub that pushes its number and joins
+// `chaos_common`, which saves the registers and calls `round_end`. All gates use IST1, so the
+// frame always starts at the top of HANDLER_STACK and `round_end` can tell from where it lies
+// whether the CPU pushed an error code (a software `int 14` at CPL 0 pushes none, a #PF does).
+// `chaos_enter` starts a round: registers from ROUND_ENTRY, then `iretq` into the code.
 core::arch::global_asm!(
     r#"
 .section .text
-.global chaos_resume
-chaos_resume:
-    lea CHAOS_STACK+16384(%rip), %rsp
+.balign 16
+.global chaos_vectors
+chaos_vectors:
+.set chaos_vector, 0
+.rept 256
+    .balign 16
+    pushq $chaos_vector
+    jmp chaos_common
+    .set chaos_vector, chaos_vector + 1
+.endr
+chaos_common:
+    push %rax
+    push %rbx
+    push %rcx
+    push %rdx
+    push %rsi
+    push %rdi
+    push %rbp
+    push %r8
+    push %r9
+    push %r10
+    push %r11
+    push %r12
+    push %r13
+    push %r14
+    push %r15
+    mov %rsp, %rdi
     and $-16, %rsp
-    call next_round
+    cld
+    call round_end
     ud2
 .global chaos_enter
 chaos_enter:
-    lea CHAOS_STACK+16384(%rip), %rsp
-    and $-16, %rsp
-    lea CHAOS_CODE(%rip), %rax
-    jmp *%rax
+    lea ROUND_ENTRY(%rip), %rsp
+    pop %rax
+    pop %rbx
+    pop %rcx
+    pop %rdx
+    pop %rsi
+    pop %rdi
+    pop %rbp
+    pop %r8
+    pop %r9
+    pop %r10
+    pop %r11
+    pop %r12
+    pop %r13
+    pop %r14
+    pop %r15
+    iretq
+.global chaos_start_on_own_stack
+chaos_start_on_own_stack:
+    lea KERNEL_STACK+16384(%rip), %rsp
+    call chaos_main
+    ud2
 "#,
     options(att_syntax)
 );
 
 extern "C" {
-    fn chaos_resume();
+    static chaos_vectors: u8;
     fn chaos_enter() -> !;
+    fn chaos_start_on_own_stack() -> !;
 }
 
-fn next_random() -> u64 {
-    let state = core::ptr::addr_of_mut!(STATE);
-    // SAFETY: single-threaded guest: nothing else accesses STATE while we update it.
-    let mut x = unsafe { state.read() };
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    // SAFETY: as above.
-    unsafe { state.write(x) };
-    x
+/// What `chaos_common` saved, lowest address first: R15..RAX, the vector, then what the CPU
+/// pushed (an error code or not, RIP, CS, RFLAGS, RSP, SS).
+#[repr(C)]
+struct Saved {
+    r15: u64,
+    r14: u64,
+    r13: u64,
+    r12: u64,
+    r11: u64,
+    r10: u64,
+    r9: u64,
+    r8: u64,
+    rbp: u64,
+    rdi: u64,
+    rsi: u64,
+    rdx: u64,
+    rcx: u64,
+    rbx: u64,
+    rax: u64,
+    vector: u64,
+    // Then the CPU's words: `[error,] rip, cs, rflags, rsp, ss` (five or six).
 }
 
-#[no_mangle]
-extern "C" fn next_round() -> ! {
-    // Single-threaded guest; the handler runs with interrupts off.
-    // The IDT and the code buffer may have been trashed by the last round's bytes (they
-    // live in writable memory): rebuild both.
-    install_idt();
-    // SAFETY: single-threaded guest: nothing else accesses ROUND.
-    unsafe { ROUND += 1 };
-    // SAFETY: as above.
-    let round = unsafe { ROUND };
-    // SAFETY: written once by `_start` before the first round.
-    if round > unsafe { ROUNDS } {
-        println(format_args!("chaos: {} rounds survived", round - 1));
-        exit(boot::exit_code::SUCCESS);
+/// The architectural state a round ended in.
+struct Outcome {
+    vector: u64,
+    error: Option<u64>,
+    rip: u64,
+    cs: u64,
+    rflags: u64,
+    rsp: u64,
+    ss: u64,
+    /// CR2, for a #PF only (other vectors leave it alone, so it would carry an older fault).
+    cr2: Option<u64>,
+    /// RAX, RBX, RCX, RDX, RSI, RDI, RBP, R8..R15 (RSP is `rsp`).
+    gprs: [u64; 15],
+    /// DS, ES, FS, GS.
+    segments: [u64; 4],
+    /// FNV-1a of the round's stack and scratch memory.
+    memory: u64,
+}
+
+const GPR_NAMES: [&str; 15] = [
+    "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11", "r12", "r13", "r14",
+    "r15",
+];
+
+/// FNV-1a, 64-bit: a digest that any changed bit changes.
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
     }
-    let code = core::ptr::addr_of_mut!(CHAOS_CODE);
-    // SAFETY: the buffer is not running (we got here from an exception or `_start`) and no
-    // other reference to it exists.
-    let code = unsafe { &mut *code };
-    for chunk in code[..BLOB].chunks_mut(8) {
-        let r = next_random().to_le_bytes();
-        chunk.copy_from_slice(&r[..chunk.len()]);
+    fn bytes(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
     }
+    fn word(&mut self, w: u64) {
+        self.bytes(&w.to_le_bytes());
+    }
+}
+
+/// RFLAGS.RF: left out of the digest and printed apart (`rf`), because QEMU's TCG does not
+/// set it in a fault's frame as the SDM says and the VMM does (docs/virtualization-holes.md).
+const RFLAGS_RF: u64 = 1 << 16;
+
+impl Outcome {
+    fn digest(&self) -> u64 {
+        let mut h = Fnv::new();
+        for w in [
+            self.vector,
+            self.error.unwrap_or(u64::MAX),
+            self.rip,
+            self.cs,
+            self.rflags & !RFLAGS_RF,
+            self.rsp,
+            self.ss,
+            self.cr2.unwrap_or(u64::MAX),
+            self.memory,
+        ] {
+            h.word(w);
+        }
+        self.gprs
+            .iter()
+            .chain(&self.segments)
+            .for_each(|w| h.word(*w));
+        h.0
+    }
+}
+
+fn settings() -> Settings {
+    // SAFETY: written once by `_start` before any round; read-only afterwards.
+    unsafe { core::ptr::addr_of!(SETTINGS).read() }
+}
+
+/// Fills the code buffer and the start state for `round` and enters it.
+fn start_round(round: u64) -> ! {
+    let s = settings();
+    let mut rng = Rng::for_round(s.seed, round);
+    // SAFETY: no round is running (we come from `_start` or `round_end`), so nothing else
+    // touches the buffer, the stack, the scratch area or the entry block.
+    let (code, stack, scratch, entry) = unsafe {
+        (
+            &mut *core::ptr::addr_of_mut!(CHAOS_CODE),
+            &mut *core::ptr::addr_of_mut!(ROUND_STACK),
+            &mut *core::ptr::addr_of_mut!(SCRATCH),
+            &mut *core::ptr::addr_of_mut!(ROUND_ENTRY),
+        )
+    };
+    code[..BLOB].copy_from_slice(&rng.code(s.diff && !s.user));
     code[BLOB] = 0x0F;
     code[BLOB + 1] = 0x0B;
-    // SAFETY: written once by `_start` before the first round.
-    if unsafe { USER } {
-        user_mode::enter()
+    let cleared = if s.diff { STACK_WORD_CLEARED } else { 0 };
+    stack
+        .0
+        .iter_mut()
+        .for_each(|w| *w = rng.next_u64() & !cleared);
+    scratch.0.fill(0);
+    let scratch_middle = scratch.0.as_ptr() as u64 + 4096;
+    let stack_middle = stack.0.as_ptr() as u64 + 2048;
+    for (i, value) in entry.0[..15].iter_mut().enumerate() {
+        let r = rng.next_u64();
+        *value = match GPR_NAMES[i] {
+            "rbx" | "rsi" | "rdi" => scratch_middle + (r & 0xFFF),
+            "rbp" => stack_middle + (r & 0x3F8) - 0x200,
+            // Small counts: a REP string instruction or LOOP ends (inside the scratch area).
+            "rcx" => r & 0xFF,
+            _ => r,
+        };
     }
-    // SAFETY: `chaos_enter` switches to a fresh CHAOS_STACK and jumps into the code buffer just
-    // filled; every way out of it is an exception, which comes back here through the IDT just
-    // rebuilt.
+    let (cs, ss) = if s.user {
+        (USER_CS, USER_SS)
+    } else {
+        (KERNEL_CS, KERNEL_SS)
+    };
+    let interrupts = if s.diff { RFLAGS_IF } else { 0 };
+    entry.0[15] = code.as_ptr() as u64;
+    entry.0[16] = cs;
+    entry.0[17] = (rng.next_u64() & DRAWN_FLAGS) | RFLAGS_FIXED | interrupts;
+    entry.0[18] = stack_middle;
+    entry.0[19] = ss;
+    if s.diff {
+        // Mode 0 with the largest count: one IRQ 0 about 55 ms from now, unless the round ends
+        // first (`round_end` stops the count).
+        outb(PIT_CHANNEL0, 0xFF);
+        outb(PIT_CHANNEL0, 0xFF);
+    }
+    // SAFETY: resets the x87 unit (its state is not compared but a round may read it) and
+    // null DS, ES, FS, GS, which are valid at any CPL in 64-bit mode; no memory is touched.
+    unsafe {
+        core::arch::asm!(
+            "fninit",
+            "mov ds, {z:e}",
+            "mov es, {z:e}",
+            "mov fs, {z:e}",
+            "mov gs, {z:e}",
+            z = in(reg) 0u64,
+            options(nostack)
+        )
+    };
+    // SAFETY: `chaos_enter` loads the registers just drawn and `iretq`s into the code buffer
+    // just filled; every way out of it is an exception through the IDT, whose every gate leads
+    // back to `round_end` on HANDLER_STACK.
     unsafe { chaos_enter() }
 }
 
-/// 256 interrupt gates, DPL 0, all to `chaos_resume`.
-fn install_idt() {
-    let h = chaos_resume as *const () as u64;
-    let idt = core::ptr::addr_of_mut!(IDT);
-    // SAFETY: single-threaded guest; nothing else holds a reference to the IDT.
-    let idt = unsafe { &mut *idt };
-    for v in 0..256 {
-        idt.0[2 * v] = (h & 0xFFFF) | (0x08 << 16) | (0x8E00 << 32) | ((h >> 16) & 0xFFFF) << 48;
-        idt.0[2 * v + 1] = h >> 32;
+/// Every vector's handler: records how the round ended, prints it, starts the next round.
+#[no_mangle]
+extern "C" fn round_end(saved: &Saved) -> ! {
+    let s = settings();
+    if s.diff {
+        // Stop the one-shot (a control word halts the count in mode 0) before anything else.
+        outb(PIT_CONTROL, 0x30);
     }
-    load_idt(core::ptr::addr_of!(IDT) as u64, (256 * 16 - 1) as u16);
+    // The IDT, GDT, TSS and page tables live in writable memory and the round may have written
+    // them: rebuild them before anything can fault.
+    machine::load();
+    let top = core::ptr::addr_of!(HANDLER_STACK) as u64 + 8 * 2048;
+    let cpu_words = (saved as *const Saved).wrapping_add(1) as *const u64;
+    // The CPU's frame ends at the IST top: six words with an error code, five without.
+    let has_error = cpu_words as u64 == top - 48;
+    let word = |i: usize| {
+        // SAFETY: the five or six words between `saved` and the top of HANDLER_STACK are the
+        // frame the CPU pushed; `i` stays below their count.
+        unsafe { cpu_words.add(i).read() }
+    };
+    let (error, frame) = if has_error {
+        (Some(word(0)), [word(1), word(2), word(3), word(4), word(5)])
+    } else {
+        (None, [word(0), word(1), word(2), word(3), word(4)])
+    };
+    let vector = saved.vector;
+    let timer = s.diff && vector == TIMER_VECTOR && timer_in_service();
+    let mut segments = [0u64; 4];
+    // SAFETY: reads the data segment registers; no memory effects.
+    unsafe {
+        core::arch::asm!(
+            "mov {0:e}, ds", "mov {1:e}, es", "mov {2:e}, fs", "mov {3:e}, gs",
+            out(reg) segments[0], out(reg) segments[1], out(reg) segments[2], out(reg) segments[3],
+            options(nomem, nostack)
+        )
+    };
+    let mut memory = Fnv::new();
+    // SAFETY: the round is over; only this handler reads its stack and scratch memory.
+    unsafe {
+        memory.bytes(&*(core::ptr::addr_of!(ROUND_STACK) as *const [u8; 4096]));
+        memory.bytes(&(*core::ptr::addr_of!(SCRATCH)).0);
+    }
+    let outcome = Outcome {
+        vector,
+        error,
+        rip: frame[0],
+        cs: frame[1],
+        rflags: frame[2],
+        rsp: frame[3],
+        ss: frame[4],
+        cr2: (vector == 14).then(read_cr2),
+        gprs: [
+            saved.rax, saved.rbx, saved.rcx, saved.rdx, saved.rsi, saved.rdi, saved.rbp, saved.r8,
+            saved.r9, saved.r10, saved.r11, saved.r12, saved.r13, saved.r14, saved.r15,
+        ],
+        segments,
+        memory: memory.0,
+    };
+    // SAFETY: single-threaded guest: nothing else accesses ROUND.
+    let round = unsafe { ROUND };
+    if timer {
+        outb(PIC1, 0x20); // EOI
+        if s.diff {
+            println(format_args!("r {round} timer"));
+        }
+    } else if s.show.contains(&round) {
+        show(round, &outcome);
+    } else if s.diff {
+        let rf = if outcome.rflags & RFLAGS_RF != 0 {
+            " rf"
+        } else {
+            ""
+        };
+        println(format_args!(
+            "r {round} v{vector:02x} h{:016x}{rf}",
+            outcome.digest()
+        ));
+    }
+    next_round()
+}
+
+/// Prints every field of a round's outcome and its bytes, as `show r=N key=value ...` lines
+/// of a few fields each (a long line is more than the UART should have to buffer).
+fn show(round: u64, o: &Outcome) {
+    let code = core::ptr::addr_of!(CHAOS_CODE) as u64;
+    println(format_args!(
+        "show r={round} vec={:#x} err={} rip={:#x} code={code:#x} cs={:#x} rflags={:#x} rsp={:#x} ss={:#x} cr2={}",
+        o.vector,
+        o.error.map(Hex).unwrap_or(Hex::NONE),
+        o.rip,
+        o.cs,
+        o.rflags,
+        o.rsp,
+        o.ss,
+        o.cr2.map(Hex).unwrap_or(Hex::NONE),
+    ));
+    for (names, values) in GPR_NAMES.chunks(3).zip(o.gprs.chunks(3)) {
+        println(format_args!(
+            "show r={round} {}={:#x} {}={:#x} {}={:#x}",
+            names[0], values[0], names[1], values[1], names[2], values[2]
+        ));
+    }
+    let [ds, es, fs, gs] = o.segments;
+    println(format_args!(
+        "show r={round} ds={ds:#x} es={es:#x} fs={fs:#x} gs={gs:#x} memory={:#x}",
+        o.memory
+    ));
+}
+
+/// A value printed in hex, or `none` (for an absent error code or CR2).
+#[derive(Clone, Copy)]
+struct Hex(u64);
+
+impl Hex {
+    const NONE: Hex = Hex(u64::MAX);
+}
+
+impl core::fmt::Display for Hex {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        if self.0 == u64::MAX {
+            f.write_str("none")
+        } else {
+            write!(f, "{:#x}", self.0)
+        }
+    }
+}
+
+fn read_cr2() -> u64 {
+    let cr2: u64;
+    // SAFETY: reads CR2 (the handler runs at CPL 0); no memory effects.
+    unsafe { core::arch::asm!("mov {}, cr2", out(reg) cr2, options(nomem, nostack)) };
+    cr2
+}
+
+/// Whether the master PIC has IRQ 0 in service (OCW3: read the ISR), i.e. vector 0x20 came
+/// from the timer and not from an `int 0x20` in the round.
+fn timer_in_service() -> bool {
+    outb(PIC1, 0x0B);
+    let isr = inb(PIC1);
+    outb(PIC1, 0x0A);
+    isr & 1 != 0
+}
+
+/// Counts the round and starts the next, or ends the run after the last.
+fn next_round() -> ! {
+    // SAFETY: single-threaded guest: nothing else accesses ROUND.
+    let round = unsafe {
+        ROUND += 1;
+        ROUND
+    };
+    if round > settings().rounds {
+        println(format_args!("chaos: {} rounds survived", round - 1));
+        exit(boot::exit_code::SUCCESS);
+    }
+    start_round(round)
 }
 
 fn arg(cmdline: &str, key: &str, default: u64) -> u64 {
@@ -127,120 +513,224 @@ extern "C" fn _start(info: *const boot::BootInfo) -> ! {
         core::slice::from_raw_parts(info.cmdline_addr as *const u8, info.cmdline_len as usize)
     };
     let cmdline = core::str::from_utf8(cmdline).unwrap_or("");
-    let seed = arg(cmdline, "seed=", 1).max(1);
-    let rounds = arg(cmdline, "rounds=", 2000);
-    let user = arg(cmdline, "user=", 0) != 0;
-    let cpl = if user { 3 } else { 0 };
-    println(format_args!(
-        "chaos: seed {seed}, {rounds} rounds of random code at CPL {cpl}"
-    ));
-    if user {
-        user_mode::setup(info.ram_bytes);
+    let mut show = [0u64; 8];
+    let listed = cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("show="))
+        .unwrap_or("");
+    for (slot, n) in show
+        .iter_mut()
+        .zip(listed.split(',').filter_map(|n| n.parse().ok()))
+    {
+        *slot = n;
     }
+    let settings = Settings {
+        seed: arg(cmdline, "seed=", 1).max(1),
+        rounds: arg(cmdline, "rounds=", 2000),
+        user: arg(cmdline, "user=", 0) != 0,
+        diff: arg(cmdline, "diff=", 0) != 0,
+        show,
+    };
     // SAFETY: single-threaded guest, before any round runs (the only readers).
-    unsafe { STATE = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1 };
-    // SAFETY: as above.
-    unsafe { ROUNDS = rounds };
-    // SAFETY: as above.
-    unsafe { USER = user };
+    unsafe { SETTINGS = settings };
+    // SAFETY: RAM is identity-mapped from 0; only the pages of the run's own map are used.
+    unsafe { RAM_BYTES = info.ram_bytes };
+    // SAFETY: switches to KERNEL_STACK (in this image) before the boot area, which holds the
+    // boot stack, is unmapped.
+    unsafe { chaos_start_on_own_stack() }
+}
+
+static mut RAM_BYTES: u64 = 0;
+
+#[no_mangle]
+extern "C" fn chaos_main() -> ! {
+    let s = settings();
+    let cpl = if s.user { 3 } else { 0 };
+    println(format_args!(
+        "chaos: seed {}, {} rounds of random code at CPL {cpl}{}",
+        s.seed,
+        s.rounds,
+        if s.diff { ", differential" } else { "" }
+    ));
+    // SAFETY: written by `_start`.
+    machine::setup(unsafe { RAM_BYTES });
+    if s.diff {
+        timer_setup();
+    }
     next_round()
 }
 
-/// `user=1`: the rounds run at CPL 3 instead, under a GDT with user segments, a TSS whose RSP0
-/// the faults switch to, and page tables that let user code reach all of RAM (the kernel's
-/// tables included: the rounds may trash them, which is part of the chaos).
-mod user_mode {
+/// The master PIC remapped to vector 0x20 with only IRQ 0 unmasked (the slave all masked),
+/// the PIT's channel 0 in mode 0 with no count yet (`start_round` arms it).
+fn timer_setup() {
+    // The PIT first: until it is in mode 0 without a count, the firmware's periodic mode may
+    // still raise IRQ 0, which must not be left pending in the PIC.
+    for (port, value) in [
+        (PIT_CONTROL, 0x30), // channel 0, LSB then MSB, mode 0, binary
+        (PIC1, 0x11),        // ICW1: edge, cascade, ICW4 follows
+        (PIC1_DATA, 0x20),   // ICW2: vectors 0x20..0x27
+        (PIC1_DATA, 0x04),   // ICW3: a slave on IRQ 2
+        (PIC1_DATA, 0x01),   // ICW4: 8086 mode
+        (PIC1_DATA, 0xFE),   // OCW1: only IRQ 0
+        (PIC2_DATA, 0xFF),
+    ] {
+        outb(port, value);
+    }
+}
+
+/// The machine the rounds run on, rebuilt after every round: a GDT with kernel and user
+/// segments and a TSS whose IST1 is HANDLER_STACK, an IDT whose 256 interrupt gates all use
+/// IST1, and page tables that map RAM from 2 MiB up to a whole number of 2 MiB pages,
+/// user-accessible (so the CPL 3 rounds reach it too, the kernel's tables included: the rounds
+/// may trash them, which is part of the chaos). The first 2 MiB is left unmapped: there
+/// natively lie the firmware's data, VGA memory and the BIOS ROM, under the VMM the boot area,
+/// so a round reading it would see different bytes for reasons that are not the CPU's.
+mod machine {
     use super::*;
 
     #[repr(C, align(4096))]
-    pub struct Table(pub [u64; 512]);
-    pub static mut PML4: Table = Table([0; 512]);
-    pub static mut PDPT: Table = Table([0; 512]);
-    pub static mut PD: Table = Table([0; 512]);
+    struct Table([u64; 512]);
+    static mut PML4: Table = Table([0; 512]);
+    static mut PDPT: Table = Table([0; 512]);
+    static mut PD: Table = Table([0; 512]);
     #[repr(C, align(16))]
-    pub struct Tss(pub [u32; 26]);
-    pub static mut TSS: Tss = Tss([0; 26]);
-    pub static mut GDT: [u64; 7] = [0; 7];
-    pub static mut KSTACK: [u64; 1024] = [0; 1024];
-    pub static mut USTACK: [u64; 1024] = [0; 1024];
+    struct Tss([u32; 26]);
+    static mut TSS: Tss = Tss([0; 26]);
+    static mut GDT: [u64; 7] = [0; 7];
+    #[repr(C, align(16))]
+    struct Idt([u64; 512]);
+    static mut IDT: Idt = Idt([0; 512]);
+    /// 2 MiB pages mapped (from the second), set by `setup`.
+    static mut PAGES: usize = 0;
 
-    /// Builds the tables and loads them (once); `ram_bytes` of identity map, user-accessible.
+    /// Builds and loads everything once and zeroes RAM above the image (natively it holds
+    /// the boot loader's data; under the VMM nothing).
     pub fn setup(ram_bytes: u64) {
-        // Single-threaded guest, before any user round: nothing else refers to these statics.
-        let (pml4, pdpt, pd) = (
-            core::ptr::addr_of_mut!(PML4),
-            core::ptr::addr_of_mut!(PDPT),
-            core::ptr::addr_of_mut!(PD),
-        );
-        // SAFETY: the only reference to PML4 (see above).
-        let pml4 = unsafe { &mut *pml4 };
-        // SAFETY: the only reference to PDPT.
-        let pdpt = unsafe { &mut *pdpt };
-        // SAFETY: the only reference to PD.
-        let pd = unsafe { &mut *pd };
-        let pages = (ram_bytes >> 21).clamp(1, 512) as usize;
-        for (i, e) in pd.0.iter_mut().take(pages).enumerate() {
-            // 2 MiB pages, present, writable, user, PS.
-            *e = ((i as u64) << 21) | 0x87;
+        // SAFETY: single-threaded guest, before any round.
+        unsafe { PAGES = (ram_bytes >> 21).clamp(2, 512) as usize };
+        load_tables(true);
+        extern "C" {
+            static __mb_bss_end: u8;
         }
-        pdpt.0[0] = core::ptr::addr_of!(PD) as u64 | 0x7;
-        pml4.0[0] = core::ptr::addr_of!(PDPT) as u64 | 0x7;
-        let tss = core::ptr::addr_of!(TSS) as u64;
-        let rsp0 = core::ptr::addr_of!(KSTACK) as u64 + 8 * 1024;
-        let t = core::ptr::addr_of_mut!(TSS);
-        // SAFETY: the only reference to TSS.
-        let t = unsafe { &mut *t };
-        t.0[1] = rsp0 as u32;
-        t.0[2] = (rsp0 >> 32) as u32;
-        t.0[25] = 104 << 16; // I/O map base beyond the limit: no bitmap
-        let gdt = core::ptr::addr_of_mut!(GDT);
-        // SAFETY: the only reference to GDT.
-        let gdt = unsafe { &mut *gdt };
-        gdt[1] = 0x00AF_9A00_0000_FFFF; // 0x08 kernel code
-        gdt[2] = 0x00CF_9200_0000_FFFF; // 0x10 kernel data
-        gdt[3] = 0x00CF_F200_0000_FFFF; // 0x18 user data
-        gdt[4] = 0x00AF_FA00_0000_FFFF; // 0x20 user code
-        gdt[5] = 103 | ((tss & 0xFF_FFFF) << 16) | (0x89 << 40) | (((tss >> 24) & 0xFF) << 56);
-        gdt[6] = tss >> 32;
+        // Only the address of the linker symbol is taken.
+        let end = core::ptr::addr_of!(__mb_bss_end) as u64;
+        // SAFETY: set just above.
+        let ram_end = unsafe { PAGES as u64 } << 21;
+        let start = (end + 4095) & !4095;
+        // SAFETY: [start, ram_end) is RAM above this image, mapped by the tables just loaded,
+        // and nothing lives there.
+        unsafe { core::ptr::write_bytes(start as *mut u8, 0, (ram_end - start) as usize) };
+    }
+
+    /// Rebuilds the tables a round may have written and reloads the registers that cache them.
+    pub fn load() {
+        load_tables(false);
+    }
+
+    fn load_tables(first: bool) {
+        // SAFETY: single-threaded guest and no round running: nothing else refers to these
+        // statics.
+        let (pml4, pdpt, pd, tss, gdt, idt, pages) = unsafe {
+            (
+                &mut *core::ptr::addr_of_mut!(PML4),
+                &mut *core::ptr::addr_of_mut!(PDPT),
+                &mut *core::ptr::addr_of_mut!(PD),
+                &mut *core::ptr::addr_of_mut!(TSS),
+                &mut *core::ptr::addr_of_mut!(GDT),
+                &mut *core::ptr::addr_of_mut!(IDT),
+                PAGES,
+            )
+        };
+        // Every table is written only where it differs from what it should hold: under the VMM
+        // a write to a page table (or to the GDT or IDT) may trap, and most rounds change
+        // nothing. CR3 is reloaded after a page-table change, to flush what the TLB holds.
+        let mut changed = first;
+        for (i, e) in pd.0.iter_mut().enumerate() {
+            // 2 MiB pages, present, writable, user, PS; none for the first 2 MiB.
+            let value = if (1..pages).contains(&i) {
+                ((i as u64) << 21) | 0x87
+            } else {
+                0
+            };
+            changed |= update(e, value);
+        }
+        for (i, e) in pdpt.0.iter_mut().enumerate() {
+            let value = if i == 0 {
+                core::ptr::addr_of!(PD) as u64 | 0x7
+            } else {
+                0
+            };
+            changed |= update(e, value);
+        }
+        for (i, e) in pml4.0.iter_mut().enumerate() {
+            let value = if i == 0 {
+                core::ptr::addr_of!(PDPT) as u64 | 0x7
+            } else {
+                0
+            };
+            changed |= update(e, value);
+        }
+        if changed {
+            let root = core::ptr::addr_of!(PML4) as u64;
+            // SAFETY: the tables identity-map RAM above 2 MiB, where this image, its stacks
+            // and data are.
+            unsafe { core::arch::asm!("mov cr3, {}", in(reg) root, options(nostack)) };
+        }
+        let ist1 = core::ptr::addr_of!(HANDLER_STACK) as u64 + 8 * 2048;
+        let mut want = [0u32; 26];
+        want[9] = ist1 as u32; // IST1 at byte 36
+        want[10] = (ist1 >> 32) as u32;
+        want[25] = 104 << 16; // I/O map base beyond the limit: no bitmap
+        if tss.0 != want {
+            tss.0 = want;
+        }
+        let tss_base = core::ptr::addr_of!(TSS) as u64;
+        let [tss_low, tss_high] = tss_descriptor(tss_base);
+        // The TSS descriptor as the CPU leaves it once TR is loaded: busy (type 0xB).
+        let busy = 0x2 << 40;
+        let want = [
+            0,
+            code64(0),
+            data(0),
+            data(3),
+            code64(3),
+            tss_low | if first { 0 } else { busy },
+            tss_high,
+        ];
+        for (e, value) in gdt.iter_mut().zip(want) {
+            update(e, value);
+        }
         let mut pointer = [0u8; 10];
         pointer[..2].copy_from_slice(&(7u16 * 8 - 1).to_le_bytes());
         pointer[2..].copy_from_slice(&(gdt.as_ptr() as u64).to_le_bytes());
-        let root = core::ptr::addr_of!(PML4) as u64;
-        // SAFETY: the new GDT keeps 0x08/0x10 as the boot GDT had them, so CS and SS stay
-        // valid; 0x28 is the available TSS just described; the new PML4 identity-maps RAM
-        // (this code, its stack and data included) as the boot tables did.
-        unsafe {
-            core::arch::asm!(
-                "lgdt [{p}]",
-                "mov ax, 0x28",
-                "ltr ax",
-                "mov cr3, {root}",
-                p = in(reg) pointer.as_ptr(),
-                root = in(reg) root,
-                out("ax") _,
-                options(nostack)
-            )
-        };
+        // SAFETY: the GDT keeps 0x08/0x10 as the boot GDT had them, so CS and SS stay valid.
+        unsafe { core::arch::asm!("lgdt [{}]", in(reg) pointer.as_ptr(), options(nostack)) };
+        if first {
+            // SAFETY: 0x28 is the available TSS just described.
+            unsafe { core::arch::asm!("ltr {0:x}", in(reg) TSS_SELECTOR, options(nostack)) };
+        }
+        // Only the address of the stubs is taken.
+        let stubs = core::ptr::addr_of!(chaos_vectors) as u64;
+        for v in 0..256 {
+            let h = stubs + 16 * v as u64;
+            // Interrupt gate (IF cleared on entry), DPL 0, IST1, the kernel code selector.
+            let low = (h & 0xFFFF)
+                | (KERNEL_CS << 16)
+                | (1 << 32)
+                | (0x8E << 40)
+                | ((h >> 16) & 0xFFFF) << 48;
+            update(&mut idt.0[2 * v], low);
+            update(&mut idt.0[2 * v + 1], h >> 32);
+        }
+        load_idt(core::ptr::addr_of!(IDT) as u64, (256 * 16 - 1) as u16);
     }
 
-    /// Enters the round's code at CPL 3 (interrupts off, a fresh user stack).
-    pub fn enter() -> ! {
-        let rsp = core::ptr::addr_of!(USTACK) as u64 + 8 * 1024;
-        let rip = core::ptr::addr_of!(CHAOS_CODE) as u64;
-        // SAFETY: an iretq to the round's code on the user selectors; every way out of it is an
-        // exception, which comes back to `chaos_resume` on RSP0.
-        unsafe {
-            core::arch::asm!(
-                "push 0x1b",
-                "push {rsp}",
-                "push 0x2",
-                "push 0x23",
-                "push {rip}",
-                "iretq",
-                rsp = in(reg) rsp,
-                rip = in(reg) rip,
-                options(noreturn)
-            )
+    /// Writes `value` into `entry` unless it already holds it; whether it wrote.
+    fn update(entry: &mut u64, value: u64) -> bool {
+        let differs = *entry != value;
+        if differs {
+            *entry = value;
         }
+        differs
     }
 }

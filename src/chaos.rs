@@ -1,0 +1,720 @@
+//! Differential chaos (docs/testing.md, "Differential chaos"): the `chaos` test guest's random
+//! rounds run with the same seed natively on bare QEMU and under the VMM, and this module
+//! compares what every round ended in. The guest prints one line per round (`r N vVV hDIGEST
+//! [rf]`, or `r N timer`); a round whose line differs is run again on both sides with
+//! `show=N`, which prints every field, and is accepted only when the difference is one the
+//! docs name: RFLAGS.RF in a fault's frame (QEMU's TCG does not set it, the SDM and the VMM
+//! do), or a field that a listed virtualization hole's instruction on the round's path
+//! explains (docs/virtualization-holes.md, "Differential chaos"), with the hole's documented
+//! value where it has one. Anything else is a problem, reported with the round's instructions
+//! (decoded here with iced-x86; the round's bytes are recomputed from the seed by the guest's
+//! own generator) and the differing fields.
+
+use std::collections::BTreeMap;
+
+use iced_x86::{
+    Decoder, DecoderOptions, FlowControl, Formatter, Instruction, IntelFormatter, Mnemonic,
+    Register, RflagsBits,
+};
+
+use crate::{Hole, Run};
+
+// The guest's own generator; the host needs only the bytes (not the stack words' filter).
+#[path = "../tests/guests/src/chaos_rounds.rs"]
+#[allow(dead_code)]
+mod chaos_rounds;
+
+use chaos_rounds::{Rng, BLOB};
+
+/// One run's settings (the guest's command line is `seed=N rounds=N user=0|1 diff=1`).
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// The seed both sides run.
+    pub seed: u64,
+    /// Rounds per run.
+    pub rounds: u64,
+    /// Rounds at CPL 3 instead of CPL 0.
+    pub user: bool,
+}
+
+impl Settings {
+    /// The guest's command-line words, with `show=` when `show` is not empty.
+    pub fn words(&self, show: &[u64]) -> Vec<String> {
+        let mut words = vec![
+            format!("seed={}", self.seed),
+            format!("rounds={}", self.rounds),
+            format!("user={}", u8::from(self.user)),
+            "diff=1".to_string(),
+        ];
+        if !show.is_empty() {
+            let list: Vec<String> = show.iter().map(u64::to_string).collect();
+            words.push(format!("show={}", list.join(",")));
+        }
+        words
+    }
+
+    /// The code bytes of `round`, as the guest generated them.
+    pub fn code(&self, round: u64) -> [u8; BLOB] {
+        Rng::for_round(self.seed, round).code(!self.user)
+    }
+}
+
+/// How a round ended, from its one-line summary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// An exception or interrupt: its vector, the digest of the state, whether RFLAGS.RF was
+    /// set in the frame.
+    Vector { vector: u8, digest: u64, rf: bool },
+    /// The one-shot timer ended it (a loop): nothing deterministic to compare.
+    Timer,
+}
+
+/// The summary lines of a run, by round. A line may be preceded on the serial port by bytes
+/// the round itself wrote to the UART, so `[guest] r ` is looked for anywhere in it.
+pub fn rounds(serial: &str) -> BTreeMap<u64, End> {
+    let mut out = BTreeMap::new();
+    for line in serial.lines() {
+        let Some(at) = line.find("[guest] r ") else {
+            continue;
+        };
+        let words: Vec<&str> = line[at + 10..].split_whitespace().collect();
+        let Some(round) = words.first().and_then(|w| w.parse().ok()) else {
+            continue;
+        };
+        let end = match words[1..] {
+            ["timer"] => Some(End::Timer),
+            [v, h, ref rest @ ..] => {
+                let vector = v
+                    .strip_prefix('v')
+                    .and_then(|v| u8::from_str_radix(v, 16).ok());
+                let digest = h
+                    .strip_prefix('h')
+                    .and_then(|h| u64::from_str_radix(h, 16).ok());
+                vector.zip(digest).map(|(vector, digest)| End::Vector {
+                    vector,
+                    digest,
+                    rf: rest == ["rf"],
+                })
+            }
+            _ => None,
+        };
+        if let Some(end) = end {
+            out.insert(round, end);
+        }
+    }
+    out
+}
+
+/// The fields of the rounds a run showed (`show r=N key=value ...`, several lines a round),
+/// by round.
+pub fn shown(serial: &str) -> BTreeMap<u64, BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for line in serial.lines() {
+        let Some(at) = line.find("[guest] show ") else {
+            continue;
+        };
+        let fields: BTreeMap<String, String> = line[at + 13..]
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        if let Some(round) = fields.get("r").and_then(|r| r.parse().ok()) {
+            out.entry(round)
+                .or_insert_with(BTreeMap::new)
+                .extend(fields);
+        }
+    }
+    out
+}
+
+/// The vectors of fault-class exceptions (SDM Vol. 3 Table 6-1): their frame's RFLAGS image
+/// has RF = 1 (Vol. 3 §17.3.1.1), which the VMM pushes and QEMU's TCG does not.
+const FAULT_VECTORS: [u8; 14] = [0, 5, 6, 7, 10, 11, 12, 13, 14, 16, 17, 19, 20, 21];
+
+/// A listed virtualization hole's instruction: what it is, the hole (a row of
+/// docs/virtualization-holes.md) and, for the selector reads, the register whose value the
+/// hole documents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HoleInstruction {
+    /// `MOV r/m, CS` (hole `cs_selector`) or `MOV r/m, SS` (`ss_selector`): the RPL read is 3.
+    SelectorRead(Register),
+    /// `PUSHF`: pushes the real IF (`pushf_if_after_cli`).
+    Pushf,
+    /// `POPF`: IF and IOPL changes are ignored at the real CPL 3 (`popf_clears_if`).
+    Popf,
+    /// `LAR`: reads the shadow GDT's compressed DPL and present bit (`lar_*`).
+    Lar,
+}
+
+/// RFLAGS.NT: set by a POPF or IRET at the real CPL 3 without a trap, and not kept by the VMM
+/// (hole `rflags_nt`).
+const RFLAGS_NT: u64 = 1 << 14;
+
+/// Whether `instruction` loads RFLAGS from memory (POPF, IRET): it may set NT (hole
+/// `rflags_nt`, at either CPL).
+fn loads_rflags(instruction: &Instruction) -> bool {
+    matches!(
+        instruction.mnemonic(),
+        Mnemonic::Popf | Mnemonic::Popfq | Mnemonic::Iret | Mnemonic::Iretd | Mnemonic::Iretq
+    )
+}
+
+/// Whether `instruction` is RCL or RCR: after one QEMU's TCG leaves SF, ZF, AF and PF (which
+/// they do not affect) different natively and under the VMM (`qemu_rcl_rcr_flags`).
+fn rotates_through_carry(instruction: &Instruction) -> bool {
+    matches!(instruction.mnemonic(), Mnemonic::Rcl | Mnemonic::Rcr)
+}
+
+/// The RFLAGS bits the SDM leaves undefined after some instruction of `path` (IMUL's SF, ZF,
+/// AF and PF, ...): QEMU computes them one way natively and may compute them another way under
+/// the VMM; no answer is wrong.
+fn undefined_flags(path: &[Instruction]) -> u64 {
+    let bits = path.iter().fold(0, |acc, i| acc | i.rflags_undefined());
+    [
+        (RflagsBits::OF, 0x800),
+        (RflagsBits::SF, 0x80),
+        (RflagsBits::ZF, 0x40),
+        (RflagsBits::AF, 0x10),
+        (RflagsBits::PF, 0x4),
+        (RflagsBits::CF, 0x1),
+    ]
+    .iter()
+    .filter(|(iced, _)| bits & iced != 0)
+    .fold(0, |acc, (_, rflags)| acc | rflags)
+}
+
+/// Where native QEMU departs from the SDM and the VMM follows it, in how a round ends
+/// (docs/virtualization-holes.md, "Differential chaos"): the name and the fields it accounts
+/// for, when the round's difference is exactly that.
+fn reference_deviation(
+    user: bool,
+    bytes: &[u8],
+    code: u64,
+    path: &[Instruction],
+    native: &Event,
+    vmm: &Event,
+) -> Option<(&'static str, &'static [&'static str])> {
+    let instruction_at = |rip: u64| {
+        let offset = rip.checked_sub(code)? as usize;
+        let rest = bytes.get(offset..)?;
+        Some(Decoder::with_ip(64, rest, rip, DecoderOptions::NONE).decode())
+    };
+    let decodes_at = |rip: u64| instruction_at(rip).map(|i| !i.is_invalid());
+    match (native.vector, native.error, vmm.vector, vmm.error) {
+        // A software INT n through a gate of lower DPL: #GP with the IDT index in bits 3..15,
+        // (n << 3) | 2 (SDM Vol. 3 §6.13); QEMU's 64-bit path pushes (n << 4) | 2.
+        (13, Some(n), 13, Some(v))
+            if n & 0xF == 2 && v & 7 == 2 && n >> 4 == v >> 3 && native.rip == vmm.rip =>
+        {
+            Some(("qemu_int_gp_error_code", &["err"]))
+        }
+        // A far RET or IRET at CPL 3 pops its stack as a user access (error code U/S = 1);
+        // QEMU's helpers read it with supervisor rights.
+        (14, Some(n), 14, Some(v))
+            if user
+                && n & 4 == 0
+                && v == n | 4
+                && native.rip == vmm.rip
+                && path.iter().any(|i| {
+                    matches!(
+                        i.mnemonic(),
+                        Mnemonic::Retf | Mnemonic::Iret | Mnemonic::Iretd | Mnemonic::Iretq
+                    )
+                }) =>
+        {
+            Some(("qemu_far_return_pops_as_supervisor", &["err"]))
+        }
+        // INT1 (F1, prefixes allowed) raises #DB as a trap (RIP after it); QEMU raises #UD.
+        (6, None, 1, None)
+            if instruction_at(native.rip).is_some_and(|i| {
+                i.mnemonic() == Mnemonic::Int1 && vmm.rip == native.rip + i.len() as u64
+            }) =>
+        {
+            Some(("qemu_int1_undefined", &["vec", "rip"]))
+        }
+        // An undefined opcode (C6 /1, 8F /1, ...) with a memory operand whose address is not
+        // canonical: #UD (decoding comes first, SDM Vol. 3 §6.9); QEMU computes the address
+        // first and raises #GP(0).
+        (13, Some(0), 6, None)
+            if native.rip == vmm.rip && decodes_at(native.rip) == Some(false) =>
+        {
+            Some(("qemu_gp_before_ud", &["vec", "err"]))
+        }
+        _ => None,
+    }
+}
+
+/// How a shown round ended: vector, error code, RIP.
+#[derive(Debug, Clone, Copy)]
+struct Event {
+    vector: u64,
+    error: Option<u64>,
+    rip: u64,
+}
+
+impl HoleInstruction {
+    fn of(instruction: &Instruction) -> Option<Self> {
+        match instruction.mnemonic() {
+            Mnemonic::Mov if matches!(instruction.op1_register(), Register::CS | Register::SS) => {
+                Some(HoleInstruction::SelectorRead(instruction.op1_register()))
+            }
+            Mnemonic::Pushf | Mnemonic::Pushfq => Some(HoleInstruction::Pushf),
+            Mnemonic::Popf | Mnemonic::Popfq => Some(HoleInstruction::Popf),
+            Mnemonic::Lar => Some(HoleInstruction::Lar),
+            _ => None,
+        }
+    }
+
+    /// The hole's name in docs/virtualization-holes.md.
+    fn hole(self) -> &'static str {
+        match self {
+            HoleInstruction::SelectorRead(Register::CS) => "cs_selector",
+            HoleInstruction::SelectorRead(_) => "ss_selector",
+            HoleInstruction::Pushf => "pushf_if_after_cli",
+            HoleInstruction::Popf => "popf_clears_if",
+            HoleInstruction::Lar => "lar_kernel_code",
+        }
+    }
+
+    /// Whether the hole exists at this CPL: at CPL 3 the guest really runs at CPL 3, so only
+    /// LAR (which reads the shadow GDT) still differs.
+    fn applies(self, user: bool) -> bool {
+        !user || self == HoleInstruction::Lar
+    }
+}
+
+/// RFLAGS bits a hole may change: IF and IOPL (POPF), and the arithmetic flags a later
+/// instruction computes from a value a hole changed.
+const RFLAGS_POPF_BITS: u64 = 0x3200;
+const RFLAGS_ARITHMETIC: u64 = 0x08D5;
+
+/// The fields a hole may change: the general registers (RSP included), the round's memory,
+/// the data segment registers and CR2 (a value a hole changed may be stored, loaded or used as
+/// an address anywhere), RFLAGS as above. Never the vector, error code, RIP, CS or SS.
+fn hole_may_change(field: &str) -> bool {
+    ["memory", "cr2", "rsp"].contains(&field)
+        || ["ds", "es", "fs", "gs"].contains(&field)
+        || ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp"].contains(&field)
+        || (field.starts_with('r') && field[1..].parse::<u8>().is_ok())
+}
+
+/// The instructions of a round's bytes at `code` (its linear address), decoded from the start
+/// until the first that cannot be decoded or runs past the buffer.
+fn decode(bytes: &[u8], code: u64) -> Vec<Instruction> {
+    let mut decoder = Decoder::with_ip(64, bytes, code, DecoderOptions::NONE);
+    let mut out = Vec::new();
+    while decoder.can_decode() {
+        let instruction = decoder.decode();
+        if instruction.is_invalid() {
+            break;
+        }
+        out.push(instruction);
+    }
+    out
+}
+
+/// Every instruction the round's bytes can reach from their start: decoded linearly from the
+/// start and from every branch target inside the buffer, ordered by address.
+fn reachable(bytes: &[u8], code: u64) -> Vec<Instruction> {
+    let mut found: BTreeMap<u64, Instruction> = BTreeMap::new();
+    let mut starts = vec![code];
+    while let Some(start) = starts.pop() {
+        let offset = (start - code) as usize;
+        for instruction in decode(&bytes[offset..], start) {
+            if found.insert(instruction.ip(), instruction).is_some() {
+                break;
+            }
+            let target = instruction.near_branch_target();
+            if target >= code && target < code + bytes.len() as u64 && !found.contains_key(&target)
+            {
+                starts.push(target);
+            }
+        }
+    }
+    found.into_values().collect()
+}
+
+/// The instructions the round ran, as far as its bytes tell: the straight line from its start
+/// to the instruction at the frame's RIP when it gets there without a branch, else every
+/// instruction it could reach.
+fn path(bytes: &[u8], code: u64, rip: u64) -> Vec<Instruction> {
+    let linear = decode(bytes, code);
+    if let Some(at) = linear.iter().position(|i| i.ip() == rip) {
+        if linear[..at]
+            .iter()
+            .all(|i| i.flow_control() == FlowControl::Next)
+        {
+            return linear[..=at].to_vec();
+        }
+    }
+    reachable(bytes, code)
+}
+
+/// The round's instructions in Intel syntax, `; `-separated.
+fn listing(instructions: &[Instruction]) -> String {
+    let mut formatter = IntelFormatter::new();
+    let mut text = Vec::new();
+    for instruction in instructions {
+        let mut s = String::new();
+        formatter.format(instruction, &mut s);
+        text.push(format!("+{:x}: {s}", instruction.ip() & 0xFFF));
+    }
+    text.join("; ")
+}
+
+/// What comparing one seed found.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Rounds whose outcome was compared (ended by an exception on both sides).
+    pub compared: u64,
+    /// Rounds both sides ended on the timer (not comparable).
+    pub timer: u64,
+    /// Rounds that differed only in RFLAGS.RF of a fault's frame.
+    pub rf_only: u64,
+    /// Differing rounds accepted as a listed hole, one line each.
+    pub accepted: Vec<String>,
+    /// Everything else: each a failure, with what the round did.
+    pub problems: Vec<String>,
+}
+
+/// How many differing rounds one seed shows in full at most (eight a rerun of both sides).
+const SHOWN_AT_MOST: usize = 32;
+
+/// Compares one seed: `boot(native, words)` runs the chaos guest natively or under the VMM
+/// with the guest command-line `words`; `holes` is the trap backend's holes table.
+pub fn compare_seed(
+    settings: Settings,
+    boot: impl Fn(bool, &[String]) -> Run,
+    holes: &[Hole],
+) -> Report {
+    let mut report = Report::default();
+    let words = settings.words(&[]);
+    let (native, vmm) = (boot(true, &words), boot(false, &words));
+    let label = format!(
+        "seed {} at CPL {}",
+        settings.seed,
+        if settings.user { 3 } else { 0 }
+    );
+    for (side, run) in [("natively", &native), ("under the VMM", &vmm)] {
+        if run.status != 0 || !run.has_line(&format!("chaos: {} rounds survived", settings.rounds))
+        {
+            let stop = run
+                .lines()
+                .find(|l| l.contains("guest stopped") || l.contains("PANIC"))
+                .unwrap_or("");
+            report.problems.push(format!(
+                "{label}: the run did not finish {side} (status {}) {stop}\n{run}",
+                run.status
+            ));
+        }
+    }
+    let (native_rounds, vmm_rounds) = (rounds(&native.serial), rounds(&vmm.serial));
+    let mut to_show = Vec::new();
+    for round in 1..=settings.rounds {
+        let (Some(n), Some(v)) = (native_rounds.get(&round), vmm_rounds.get(&round)) else {
+            report.problems.push(format!(
+                "{label}: round {round} has no summary line on both sides"
+            ));
+            break;
+        };
+        match (*n, *v) {
+            (End::Timer, End::Timer) => report.timer += 1,
+            (n, v) if n == v => report.compared += 1,
+            (
+                End::Vector {
+                    vector,
+                    digest,
+                    rf: false,
+                },
+                End::Vector {
+                    vector: vmm_vector,
+                    digest: vmm_digest,
+                    rf: true,
+                },
+            ) if (vector, digest) == (vmm_vector, vmm_digest)
+                && FAULT_VECTORS.contains(&vector)
+                && !software_interrupt_possible(&settings.code(round), vector) =>
+            {
+                report.compared += 1;
+                report.rf_only += 1;
+            }
+            _ => to_show.push(round),
+        }
+    }
+    if to_show.is_empty() {
+        return report;
+    }
+    // Each rerun shows up to eight rounds (the guest's `show=` list); at most four reruns.
+    let mut native_show = BTreeMap::new();
+    let mut vmm_show = BTreeMap::new();
+    for batch in to_show.chunks(8).take(SHOWN_AT_MOST / 8) {
+        let words = settings.words(batch);
+        native_show.extend(shown(&boot(true, &words).serial));
+        vmm_show.extend(shown(&boot(false, &words).serial));
+    }
+    let shown_rounds: Vec<u64> = to_show.iter().copied().take(SHOWN_AT_MOST).collect();
+    for round in &to_show[shown_rounds.len()..] {
+        report.problems.push(format!(
+            "{label}: round {round} differs too (not shown: only the first {SHOWN_AT_MOST} are)"
+        ));
+    }
+    for round in shown_rounds {
+        let (Some(n), Some(v)) = (native_show.get(&round), vmm_show.get(&round)) else {
+            report.problems.push(format!(
+                "{label}: round {round} differs ({:?} natively, {:?} under the VMM) and its \
+                 rerun with show={round} printed no fields on both sides (not deterministic?)",
+                native_rounds.get(&round),
+                vmm_rounds.get(&round)
+            ));
+            continue;
+        };
+        match classify(&settings, round, n, v, holes) {
+            Ok(line) => report.accepted.push(format!("{label}: {line}")),
+            Err(problem) => report.problems.push(format!("{label}: {problem}")),
+        }
+    }
+    report
+}
+
+/// Whether the round's bytes hold `INT vector` (CD ib): the frame of a software interrupt has
+/// RF as it was, so a round that may have ended by one is not accepted by the vector alone.
+fn software_interrupt_possible(code: &[u8], vector: u8) -> bool {
+    code.windows(2).any(|w| w == [0xCD, vector])
+}
+
+/// Accepts a differing round as listed holes (`Ok`: the line saying which) or explains why not.
+fn classify(
+    settings: &Settings,
+    round: u64,
+    native: &BTreeMap<String, String>,
+    vmm: &BTreeMap<String, String>,
+    holes: &[Hole],
+) -> Result<String, String> {
+    let number = |fields: &BTreeMap<String, String>, key: &str| {
+        fields
+            .get(key)
+            .and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok())
+    };
+    let code_address = number(native, "code").unwrap_or(0);
+    let bytes = settings.code(round);
+    let rip = number(native, "rip").unwrap_or(0);
+    let path = &path(&bytes, code_address, rip)[..];
+    let instructions = decode(&bytes, code_address);
+    let mut differing: Vec<(String, String, String)> = Vec::new();
+    for (key, n) in native {
+        let v = vmm.get(key).cloned().unwrap_or_else(|| "(none)".into());
+        if key != "r" && key != "bytes" && *n != v {
+            differing.push((key.clone(), n.clone(), v));
+        }
+    }
+    for (key, v) in vmm {
+        if !native.contains_key(key) {
+            differing.push((key.clone(), "(none)".into(), v.clone()));
+        }
+    }
+    let describe = |differing: &[(String, String, String)]| {
+        differing
+            .iter()
+            .map(|(k, n, v)| format!("{k}: native {n}, VMM {v}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let event = |fields: &BTreeMap<String, String>| Event {
+        vector: number(fields, "vec").unwrap_or(u64::MAX),
+        error: number(fields, "err"),
+        rip: number(fields, "rip").unwrap_or(0),
+    };
+    let deviation = reference_deviation(
+        settings.user,
+        &bytes,
+        code_address,
+        path,
+        &event(native),
+        &event(vmm),
+    );
+    if let Some((_, fields)) = deviation {
+        differing.retain(|(key, _, _)| !fields.contains(&key.as_str()));
+    }
+    let hole_instructions: Vec<HoleInstruction> = path
+        .iter()
+        .filter_map(HoleInstruction::of)
+        .filter(|h| h.applies(settings.user))
+        .collect();
+    let vector = number(native, "vec").unwrap_or(u64::MAX);
+    let software = software_interrupt_possible(&bytes, vector as u8)
+        && rip.checked_sub(2).is_some_and(|at| {
+            at >= code_address && bytes.get((at - code_address) as usize) == Some(&0xCD)
+        });
+    let mut unexplained = Vec::new();
+    let mut nt_lost = false;
+    let mut rcl_rcr = false;
+    for (field, n, v) in &differing {
+        let explained = match field.as_str() {
+            "rflags" => {
+                let (Some(n), Some(v)) = (number(native, "rflags"), number(vmm, "rflags")) else {
+                    unexplained.push((field.clone(), n.clone(), v.clone()));
+                    continue;
+                };
+                let mut bits = n ^ v;
+                // RF: QEMU does not push it for a fault; the VMM does, as the SDM says.
+                if bits & (1 << 16) != 0
+                    && v & (1 << 16) != 0
+                    && FAULT_VECTORS.contains(&(vector as u8))
+                    && !software
+                {
+                    bits &= !(1 << 16);
+                }
+                if hole_instructions.contains(&HoleInstruction::Popf) {
+                    bits &= !RFLAGS_POPF_BITS;
+                }
+                if bits & RFLAGS_NT != 0 && n & RFLAGS_NT != 0 && path.iter().any(loads_rflags) {
+                    bits &= !RFLAGS_NT;
+                    nt_lost = true;
+                }
+                if bits & RFLAGS_ARITHMETIC != 0 && path.iter().any(rotates_through_carry) {
+                    bits &= !RFLAGS_ARITHMETIC;
+                    rcl_rcr = true;
+                }
+                bits &= !undefined_flags(path);
+                if !hole_instructions.is_empty() {
+                    bits &= !RFLAGS_ARITHMETIC;
+                }
+                bits == 0
+            }
+            field => !hole_instructions.is_empty() && hole_may_change(field),
+        };
+        if !explained {
+            unexplained.push((field.clone(), n.clone(), v.clone()));
+        }
+    }
+    let what = format!(
+        "round {round} ({}; vector {:#x}, RIP {})",
+        listing(&instructions),
+        vector,
+        native.get("rip").map(String::as_str).unwrap_or("?")
+    );
+    if !unexplained.is_empty() {
+        let holes_seen: Vec<&str> = hole_instructions.iter().map(|h| h.hole()).collect();
+        return Err(format!(
+            "{what} differs in what no listed hole explains: {}{}",
+            describe(&unexplained),
+            if holes_seen.is_empty() {
+                String::new()
+            } else {
+                format!(" (hole instructions on its path: {holes_seen:?})")
+            }
+        ));
+    }
+    let mut names: Vec<&str> = hole_instructions.iter().map(|h| h.hole()).collect();
+    if nt_lost {
+        names.push("rflags_nt");
+    }
+    // Every hole must be a row of the holes table, and a selector read whose destination
+    // still holds the native selector must hold the documented VMM value.
+    for name in &names {
+        if !holes.iter().any(|row| row.name == *name) {
+            return Err(format!(
+                "{what}: explained by hole {name}, which docs/virtualization-holes.md does not list"
+            ));
+        }
+    }
+    for h in &hole_instructions {
+        let Some(row) = holes.iter().find(|row| row.name == h.hole()) else {
+            continue;
+        };
+        if let (HoleInstruction::SelectorRead(_), Some((native_value, vmm_value))) =
+            (h, &row.values)
+        {
+            let parse = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok();
+            let (Some(documented_native), Some(documented_vmm)) =
+                (parse(native_value), parse(vmm_value))
+            else {
+                continue;
+            };
+            for (field, _, _) in &differing {
+                let (Some(n), Some(v)) = (number(native, field), number(vmm, field)) else {
+                    continue;
+                };
+                if n & 0xFFFF == documented_native && v & 0xFFFF != documented_vmm {
+                    return Err(format!(
+                        "{what}: {field} holds the selector {documented_native:#x} natively but \
+                         {:#x} under the VMM, where {} documents {documented_vmm:#x}",
+                        v & 0xFFFF,
+                        h.hole()
+                    ));
+                }
+            }
+        }
+    }
+    names.extend(deviation.map(|(name, _)| name));
+    if rcl_rcr {
+        names.push("qemu_rcl_rcr_flags");
+    }
+    if names.is_empty() {
+        names.push("RF and the undefined flags");
+    }
+    Ok(format!(
+        "{what}: {} explained by {}",
+        describe(&differing),
+        names.join(", ")
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_and_show_lines_are_parsed() {
+        let serial = "[guest] r 1 v0e h00000000000000ff rf\nxx[guest] r 2 timer\n\
+                      [guest] show r=3 vec=0xd rax=0x5\n[guest] r 4 garbage\n\
+                      [guest] show r=3 rbx=0x6\n";
+        let r = rounds(serial);
+        assert_eq!(
+            r.get(&1),
+            Some(&End::Vector {
+                vector: 0xe,
+                digest: 0xff,
+                rf: true
+            })
+        );
+        assert_eq!(r.get(&2), Some(&End::Timer));
+        assert_eq!(r.len(), 2);
+        let s = shown(serial);
+        assert_eq!(s[&3]["rax"], "0x5");
+        assert_eq!(s[&3]["rbx"], "0x6");
+    }
+
+    #[test]
+    fn the_host_draws_the_guests_bytes() {
+        // Round 1 of seed 1 as the guest printed it (`show=1`, CPL 0, differential).
+        let settings = Settings {
+            seed: 1,
+            rounds: 1,
+            user: false,
+        };
+        let hex: String = settings
+            .code(1)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(hex, "399f1b908d600b1847464fce367d9a850ba9dc8a2390c570");
+    }
+
+    #[test]
+    fn hole_instructions_are_recognised() {
+        let of = |bytes: &[u8]| decode(bytes, 0x1000).first().and_then(HoleInstruction::of);
+        assert_eq!(
+            of(&[0x8C, 0xC8]),
+            Some(HoleInstruction::SelectorRead(Register::CS))
+        );
+        assert_eq!(
+            of(&[0x8C, 0xD0]),
+            Some(HoleInstruction::SelectorRead(Register::SS))
+        );
+        assert_eq!(of(&[0x8C, 0xD8]), None); // mov eax, ds: not a hole
+        assert_eq!(of(&[0x9C]), Some(HoleInstruction::Pushf));
+        assert_eq!(of(&[0x9D]), Some(HoleInstruction::Popf));
+        assert_eq!(of(&[0x0F, 0x02, 0xC0]), Some(HoleInstruction::Lar));
+    }
+}
