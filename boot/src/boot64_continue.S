@@ -81,6 +81,8 @@ boot64_continue:
     mov %rax, 48(%rbx)
 
     lidt boot_null_idtr(%rip)       /* IDTR limit 0: a fault before lidt is a triple fault */
+    xor %eax, %eax                  /* LDTR null, as under the VMM: an LDT selector is #GP */
+    lldt %ax
     pushq $0x2
     popfq
     lea boot_stack_top(%rip), %rsp

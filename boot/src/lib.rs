@@ -14,8 +14,9 @@
 //! # The guest entry contract (kept by the VMM loader and by the native trampoline)
 //!
 //! At `e_entry`: long mode, virtual CPL 0, RFLAGS = 0x2, CR0 = PE|MP|ET|NE|WP|PG, CR4 = PAE,
-//! EFER = LME|LMA|NXE, IDTR limit 0, GDTR at a boot GDT with [`BOOT_CODE_SELECTOR`] (64-bit code,
-//! DPL 0) and [`BOOT_DATA_SELECTOR`] (data, DPL 0); CS = 0x08, SS = DS = ES = 0x10, FS = GS = 0.
+//! EFER = LME|LMA|NXE, IDTR limit 0, LDTR null (an LDT selector is #GP), GDTR at a boot GDT
+//! with [`BOOT_CODE_SELECTOR`] (64-bit code, DPL 0) and [`BOOT_DATA_SELECTOR`] (data, DPL 0);
+//! CS = 0x08, SS = DS = ES = 0x10, FS = GS = 0.
 //! CR3 identity-maps guest-physical `[0, min(RAM, 4 GiB))` with 2 MiB supervisor writable pages
 //! (plus every `PT_LOAD` at its `p_vaddr` when that differs). RSP = top of a 16 KiB boot stack,
 //! RDI = identity-mapped address of a [`BootInfo`].

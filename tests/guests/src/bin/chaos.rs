@@ -28,10 +28,16 @@ use test_guests::chaos_rounds::{Rng, BLOB, STACK_WORD_CLEARED};
 use test_guests::machine::{code64, data, tss_descriptor};
 use test_guests::{boot_info, exit, inb, load_idt, outb, println};
 
-/// Each round's bytes (`chaos_rounds::BLOB`), then a `ud2` so a round that runs off the end
-/// faults too.
+/// The page the rounds run in: each round's bytes (`chaos_rounds::BLOB`) at `CODE_OFFSET`, then
+/// a `ud2` so a round that runs off the end faults too, and `int3` everywhere else, refilled
+/// every round, so a short jump out of the bytes lands on the same instructions natively and
+/// under the VMM (and not on data that may differ, such as the native boot area).
+#[repr(C, align(4096))]
+struct CodePage([u8; 4096]);
 #[no_mangle]
-static mut CHAOS_CODE: [u8; BLOB + 2] = [0; BLOB + 2];
+static mut CHAOS_CODE: CodePage = CodePage([0xCC; 4096]);
+/// Where in the page a round's bytes start.
+const CODE_OFFSET: usize = 2048;
 
 /// The round's stack: RSP starts in the middle, so pushes and pops both stay inside it.
 #[repr(C, align(16))]
@@ -264,27 +270,35 @@ impl Outcome {
 }
 
 fn settings() -> Settings {
+    let settings = core::ptr::addr_of!(SETTINGS);
     // SAFETY: written once by `_start` before any round; read-only afterwards.
-    unsafe { core::ptr::addr_of!(SETTINGS).read() }
+    unsafe { settings.read() }
 }
 
 /// Fills the code buffer and the start state for `round` and enters it.
 fn start_round(round: u64) -> ! {
     let s = settings();
     let mut rng = Rng::for_round(s.seed, round);
+    let (code, stack, scratch, entry) = (
+        core::ptr::addr_of_mut!(CHAOS_CODE),
+        core::ptr::addr_of_mut!(ROUND_STACK),
+        core::ptr::addr_of_mut!(SCRATCH),
+        core::ptr::addr_of_mut!(ROUND_ENTRY),
+    );
     // SAFETY: no round is running (we come from `_start` or `round_end`), so nothing else
-    // touches the buffer, the stack, the scratch area or the entry block.
-    let (code, stack, scratch, entry) = unsafe {
-        (
-            &mut *core::ptr::addr_of_mut!(CHAOS_CODE),
-            &mut *core::ptr::addr_of_mut!(ROUND_STACK),
-            &mut *core::ptr::addr_of_mut!(SCRATCH),
-            &mut *core::ptr::addr_of_mut!(ROUND_ENTRY),
-        )
-    };
-    code[..BLOB].copy_from_slice(&rng.code(s.diff && !s.user));
-    code[BLOB] = 0x0F;
-    code[BLOB + 1] = 0x0B;
+    // touches the buffer, the stack, the scratch area or the entry block; one reference each.
+    let code = unsafe { &mut *code };
+    // SAFETY: as above.
+    let stack = unsafe { &mut *stack };
+    // SAFETY: as above.
+    let scratch = unsafe { &mut *scratch };
+    // SAFETY: as above.
+    let entry = unsafe { &mut *entry };
+    code.0.fill(0xCC);
+    let bytes = &mut code.0[CODE_OFFSET..CODE_OFFSET + BLOB + 2];
+    bytes[..BLOB].copy_from_slice(&rng.code(s.diff && !s.user));
+    bytes[BLOB] = 0x0F;
+    bytes[BLOB + 1] = 0x0B;
     let cleared = if s.diff { STACK_WORD_CLEARED } else { 0 };
     stack
         .0
@@ -309,7 +323,7 @@ fn start_round(round: u64) -> ! {
         (KERNEL_CS, KERNEL_SS)
     };
     let interrupts = if s.diff { RFLAGS_IF } else { 0 };
-    entry.0[15] = code.as_ptr() as u64;
+    entry.0[15] = bytes.as_ptr() as u64;
     entry.0[16] = cs;
     entry.0[17] = (rng.next_u64() & DRAWN_FLAGS) | RFLAGS_FIXED | interrupts;
     entry.0[18] = stack_middle;
@@ -357,7 +371,9 @@ extern "C" fn round_end(saved: &Saved) -> ! {
     let word = |i: usize| {
         // SAFETY: the five or six words between `saved` and the top of HANDLER_STACK are the
         // frame the CPU pushed; `i` stays below their count.
-        unsafe { cpu_words.add(i).read() }
+        let at = unsafe { cpu_words.add(i) };
+        // SAFETY: as above: `at` is one of those words.
+        unsafe { at.read() }
     };
     let (error, frame) = if has_error {
         (Some(word(0)), [word(1), word(2), word(3), word(4), word(5)])
@@ -376,11 +392,14 @@ extern "C" fn round_end(saved: &Saved) -> ! {
         )
     };
     let mut memory = Fnv::new();
+    let (stack, scratch) = (
+        core::ptr::addr_of!(ROUND_STACK) as *const [u8; 4096],
+        core::ptr::addr_of!(SCRATCH),
+    );
     // SAFETY: the round is over; only this handler reads its stack and scratch memory.
-    unsafe {
-        memory.bytes(&*(core::ptr::addr_of!(ROUND_STACK) as *const [u8; 4096]));
-        memory.bytes(&(*core::ptr::addr_of!(SCRATCH)).0);
-    }
+    memory.bytes(unsafe { &*stack });
+    // SAFETY: as above.
+    memory.bytes(unsafe { &(*scratch).0 });
     let outcome = Outcome {
         vector,
         error,
@@ -423,7 +442,7 @@ extern "C" fn round_end(saved: &Saved) -> ! {
 /// Prints every field of a round's outcome and its bytes, as `show r=N key=value ...` lines
 /// of a few fields each (a long line is more than the UART should have to buffer).
 fn show(round: u64, o: &Outcome) {
-    let code = core::ptr::addr_of!(CHAOS_CODE) as u64;
+    let code = core::ptr::addr_of!(CHAOS_CODE) as u64 + CODE_OFFSET as u64;
     println(format_args!(
         "show r={round} vec={:#x} err={} rip={:#x} code={code:#x} cs={:#x} rflags={:#x} rsp={:#x} ss={:#x} cr2={}",
         o.vector,
@@ -484,11 +503,11 @@ fn timer_in_service() -> bool {
 
 /// Counts the round and starts the next, or ends the run after the last.
 fn next_round() -> ! {
+    let counter = core::ptr::addr_of_mut!(ROUND);
     // SAFETY: single-threaded guest: nothing else accesses ROUND.
-    let round = unsafe {
-        ROUND += 1;
-        ROUND
-    };
+    let round = unsafe { counter.read() } + 1;
+    // SAFETY: as above.
+    unsafe { counter.write(round) };
     if round > settings().rounds {
         println(format_args!("chaos: {} rounds survived", round - 1));
         exit(boot::exit_code::SUCCESS);
@@ -533,14 +552,28 @@ extern "C" fn _start(info: *const boot::BootInfo) -> ! {
     };
     // SAFETY: single-threaded guest, before any round runs (the only readers).
     unsafe { SETTINGS = settings };
-    // SAFETY: RAM is identity-mapped from 0; only the pages of the run's own map are used.
-    unsafe { RAM_BYTES = info.ram_bytes };
+    let boot = Boot {
+        ram_bytes: info.ram_bytes,
+        area: (info.boot_area_start, info.boot_area_end),
+    };
+    // SAFETY: single-threaded guest, before any round runs (the only readers).
+    unsafe { BOOT = boot };
     // SAFETY: switches to KERNEL_STACK (in this image) before the boot area, which holds the
     // boot stack, is unmapped.
     unsafe { chaos_start_on_own_stack() }
 }
 
-static mut RAM_BYTES: u64 = 0;
+/// What `_start` learnt from the BootInfo, for after the switch to this image's own stack.
+#[derive(Clone, Copy)]
+struct Boot {
+    ram_bytes: u64,
+    /// The boot area (`BootInfo::boot_area_start..end`): natively inside this image.
+    area: (u64, u64),
+}
+static mut BOOT: Boot = Boot {
+    ram_bytes: 0,
+    area: (0, 0),
+};
 
 #[no_mangle]
 extern "C" fn chaos_main() -> ! {
@@ -552,8 +585,9 @@ extern "C" fn chaos_main() -> ! {
         s.rounds,
         if s.diff { ", differential" } else { "" }
     ));
-    // SAFETY: written by `_start`.
-    machine::setup(unsafe { RAM_BYTES });
+    let boot = core::ptr::addr_of!(BOOT);
+    // SAFETY: written by `_start`, read-only afterwards.
+    machine::setup(unsafe { boot.read() });
     if s.diff {
         timer_setup();
     }
@@ -590,36 +624,67 @@ mod machine {
 
     #[repr(C, align(4096))]
     struct Table([u64; 512]);
-    static mut PML4: Table = Table([0; 512]);
-    static mut PDPT: Table = Table([0; 512]);
-    static mut PD: Table = Table([0; 512]);
     #[repr(C, align(16))]
     struct Tss([u32; 26]);
-    static mut TSS: Tss = Tss([0; 26]);
-    static mut GDT: [u64; 7] = [0; 7];
     #[repr(C, align(16))]
     struct Idt([u64; 512]);
-    static mut IDT: Idt = Idt([0; 512]);
-    /// 2 MiB pages mapped (from the second), set by `setup`.
-    static mut PAGES: usize = 0;
+
+    /// Everything the machine is made of, in one static.
+    #[repr(C)]
+    struct Tables {
+        pml4: Table,
+        pdpt: Table,
+        pd: Table,
+        idt: Idt,
+        tss: Tss,
+        gdt: [u64; 7],
+        /// 2 MiB pages mapped (from the second), set by `setup`.
+        pages: usize,
+    }
+    static mut TABLES: Tables = Tables {
+        pml4: Table([0; 512]),
+        pdpt: Table([0; 512]),
+        pd: Table([0; 512]),
+        idt: Idt([0; 512]),
+        tss: Tss([0; 26]),
+        gdt: [0; 7],
+        pages: 0,
+    };
+
+    /// The tables.
+    fn tables() -> &'static mut Tables {
+        let tables = core::ptr::addr_of_mut!(TABLES);
+        // SAFETY: single-threaded guest, and only the handler and the setup before any round
+        // use the tables, never at the same time: one reference at a time.
+        unsafe { &mut *tables }
+    }
 
     /// Builds and loads everything once and zeroes RAM above the image (natively it holds
-    /// the boot loader's data; under the VMM nothing).
-    pub fn setup(ram_bytes: u64) {
-        // SAFETY: single-threaded guest, before any round.
-        unsafe { PAGES = (ram_bytes >> 21).clamp(2, 512) as usize };
+    /// the boot loader's data; under the VMM nothing) and the boot area when it is inside the
+    /// mapped RAM (natively it is in this image, filled by the trampoline; under the VMM it is
+    /// below 2 MiB): a round that reads or jumps there then finds the same bytes.
+    pub fn setup(boot: Boot) {
+        let pages = (boot.ram_bytes >> 21).clamp(2, 512) as usize;
+        tables().pages = pages;
         load_tables(true);
         extern "C" {
             static __mb_bss_end: u8;
         }
         // Only the address of the linker symbol is taken.
         let end = core::ptr::addr_of!(__mb_bss_end) as u64;
-        // SAFETY: set just above.
-        let ram_end = unsafe { PAGES as u64 } << 21;
+        let ram_end = (pages as u64) << 21;
         let start = (end + 4095) & !4095;
         // SAFETY: [start, ram_end) is RAM above this image, mapped by the tables just loaded,
         // and nothing lives there.
         unsafe { core::ptr::write_bytes(start as *mut u8, 0, (ram_end - start) as usize) };
+        let (area_start, area_end) = boot.area;
+        if area_start >= 1 << 21 && area_end <= ram_end && area_start < area_end {
+            // SAFETY: the boot area is no longer used (this code runs on KERNEL_STACK and the
+            // command line was read by `_start`) and is mapped by the tables just loaded.
+            unsafe {
+                core::ptr::write_bytes(area_start as *mut u8, 0, (area_end - area_start) as usize)
+            };
+        }
     }
 
     /// Rebuilds the tables a round may have written and reloads the registers that cache them.
@@ -628,19 +693,24 @@ mod machine {
     }
 
     fn load_tables(first: bool) {
-        // SAFETY: single-threaded guest and no round running: nothing else refers to these
-        // statics.
-        let (pml4, pdpt, pd, tss, gdt, idt, pages) = unsafe {
-            (
-                &mut *core::ptr::addr_of_mut!(PML4),
-                &mut *core::ptr::addr_of_mut!(PDPT),
-                &mut *core::ptr::addr_of_mut!(PD),
-                &mut *core::ptr::addr_of_mut!(TSS),
-                &mut *core::ptr::addr_of_mut!(GDT),
-                &mut *core::ptr::addr_of_mut!(IDT),
-                PAGES,
-            )
-        };
+        let t = tables();
+        let (pml4_address, pdpt_address, pd_address, tss_base, idt_base) = (
+            t.pml4.0.as_ptr() as u64,
+            t.pdpt.0.as_ptr() as u64,
+            t.pd.0.as_ptr() as u64,
+            t.tss.0.as_ptr() as u64,
+            t.idt.0.as_ptr() as u64,
+        );
+        let Tables {
+            pml4,
+            pdpt,
+            pd,
+            idt,
+            tss,
+            gdt,
+            pages,
+        } = t;
+        let pages = *pages;
         // Every table is written only where it differs from what it should hold: under the VMM
         // a write to a page table (or to the GDT or IDT) may trap, and most rounds change
         // nothing. CR3 is reloaded after a page-table change, to flush what the TLB holds.
@@ -655,23 +725,15 @@ mod machine {
             changed |= update(e, value);
         }
         for (i, e) in pdpt.0.iter_mut().enumerate() {
-            let value = if i == 0 {
-                core::ptr::addr_of!(PD) as u64 | 0x7
-            } else {
-                0
-            };
+            let value = if i == 0 { pd_address | 0x7 } else { 0 };
             changed |= update(e, value);
         }
         for (i, e) in pml4.0.iter_mut().enumerate() {
-            let value = if i == 0 {
-                core::ptr::addr_of!(PDPT) as u64 | 0x7
-            } else {
-                0
-            };
+            let value = if i == 0 { pdpt_address | 0x7 } else { 0 };
             changed |= update(e, value);
         }
         if changed {
-            let root = core::ptr::addr_of!(PML4) as u64;
+            let root = pml4_address;
             // SAFETY: the tables identity-map RAM above 2 MiB, where this image, its stacks
             // and data are.
             unsafe { core::arch::asm!("mov cr3, {}", in(reg) root, options(nostack)) };
@@ -684,7 +746,6 @@ mod machine {
         if tss.0 != want {
             tss.0 = want;
         }
-        let tss_base = core::ptr::addr_of!(TSS) as u64;
         let [tss_low, tss_high] = tss_descriptor(tss_base);
         // The TSS descriptor as the CPU leaves it once TR is loaded: busy (type 0xB).
         let busy = 0x2 << 40;
@@ -722,7 +783,7 @@ mod machine {
             update(&mut idt.0[2 * v], low);
             update(&mut idt.0[2 * v + 1], h >> 32);
         }
-        load_idt(core::ptr::addr_of!(IDT) as u64, (256 * 16 - 1) as u16);
+        load_idt(idt_base, (256 * 16 - 1) as u16);
     }
 
     /// Writes `value` into `entry` unless it already holds it; whether it wrote.
