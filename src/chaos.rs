@@ -350,14 +350,15 @@ fn path(bytes: &[u8], code: u64, rip: u64) -> Vec<Instruction> {
     reachable(bytes, code)
 }
 
-/// The round's instructions in Intel syntax, `; `-separated.
-fn listing(instructions: &[Instruction]) -> String {
+/// The round's instructions in Intel syntax, `; `-separated, each at its offset from the
+/// round's first byte at `code`.
+fn listing(instructions: &[Instruction], code: u64) -> String {
     let mut formatter = IntelFormatter::new();
     let mut text = Vec::new();
     for instruction in instructions {
         let mut s = String::new();
         formatter.format(instruction, &mut s);
-        text.push(format!("+{:x}: {s}", instruction.ip() & 0xFFF));
+        text.push(format!("+{:x}: {s}", instruction.ip().wrapping_sub(code)));
     }
     text.join("; ")
 }
@@ -589,7 +590,7 @@ fn classify(
     }
     let what = format!(
         "round {round} ({}; vector {:#x}, RIP {})",
-        listing(&instructions),
+        listing(&instructions, code_address),
         vector,
         native.get("rip").map(String::as_str).unwrap_or("?")
     );
