@@ -14,8 +14,8 @@
 //! area that RBX, RSI and RDI point into, the x87 unit reset), and its end — the exception
 //! that abandons it — is recorded: vector, error code, RIP, CS, RFLAGS, RSP, SS, CR2 for a
 //! #PF, every general register, DS/ES/FS/GS and a digest of its stack and scratch memory. Each
-//! round prints one line `r N vVV hDIGEST [rf]` (the vector and a digest of all that but
-//! RFLAGS.RF, which follows when set); the rounds
+//! round prints one line `r N vVV eERR hDIGEST [rf]` (the vector, the error code or `-`, and
+//! a digest of all the rest but RFLAGS.RF, which follows when set); the rounds
 //! named in `show=` print every field and their bytes instead. A differential round runs with
 //! interrupts on and the PIT armed as a one-shot of about 55 ms, so a round that loops ends on
 //! the timer (`r N timer`: where a loop is when the timer fires is not deterministic, so such
@@ -250,7 +250,6 @@ impl Outcome {
         let mut h = Fnv::new();
         for w in [
             self.vector,
-            self.error.unwrap_or(u64::MAX),
             self.rip,
             self.cs,
             self.rflags & !RFLAGS_RF,
@@ -432,7 +431,8 @@ extern "C" fn round_end(saved: &Saved) -> ! {
             ""
         };
         println(format_args!(
-            "r {round} v{vector:02x} h{:016x}{rf}",
+            "r {round} v{vector:02x} e{} h{:016x}{rf}",
+            ErrorCode(outcome.error),
             outcome.digest()
         ));
     }
@@ -465,6 +465,18 @@ fn show(round: u64, o: &Outcome) {
         "show r={round} ds={ds:#x} es={es:#x} fs={fs:#x} gs={gs:#x} memory={:#x}",
         o.memory
     ));
+}
+
+/// An error code in a summary line: hex without `0x`, or `-` when the CPU pushed none.
+struct ErrorCode(Option<u64>);
+
+impl core::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            Some(e) => write!(f, "{e:x}"),
+            None => f.write_str("-"),
+        }
+    }
 }
 
 /// A value printed in hex, or `none` (for an absent error code or CR2).
