@@ -206,6 +206,27 @@ fn a_storm_of_com1_interrupts_under_svm() {
     );
 }
 
+/// The `access` guest's permutations of page-table flags, CR0.WP, EFER.NXE and accesses
+/// (tests/vmm_guests.rs): under SVM the guest's walks are the CPU's own (QEMU's, through nested
+/// paging), so every line is the native run's, TCG's quirks and the A flags it sets in faulting
+/// walks included.
+#[test]
+fn page_table_access_rights_by_permutation_are_the_native_ones_under_svm() {
+    let guest = test_guest("access");
+    let native = boot(&["--native", "--timeout", "60", "--guest", &guest]);
+    let svm = guest_under_svm("access", &[]);
+    for run in [&native, &svm] {
+        run.expect_status(0);
+        run.expect_line("[guest] access: 85440 cases, 0 mismatches, checksum 0x");
+    }
+    if let Some(problem) = compare_other_guest_lines(
+        &other_guest_lines(&native.serial),
+        &other_guest_lines(&svm.serial),
+    ) {
+        panic!("{problem}\n{svm}");
+    }
+}
+
 /// Under SVM the VMM has no range in the guest's address space: the guest may map what
 /// trap-and-emulate reserves (docs/writing-a-guest.md), and its nested tables still reach only
 /// its own frames.

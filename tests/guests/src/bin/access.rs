@@ -1,17 +1,18 @@
 //! Page-table access rights, page-fault error codes and accessed/dirty updates by permutation,
 //! after kvm-unit-tests' x86/access.c: for each case the guest writes the flags of the four
 //! entries on the path to one linear address (PML4E, PDPTE, PDE and PTE, or a PDE with PS = 1
-//! mapping a 2 MiB page), sets CR0.WP and IA32_EFER.NXE, INVLPGs the address (SDM Vol. 3
+//! mapping a 2 MiB page, or a PDPTE with PS = 1 mapping 1 GiB), sets CR0.WP and IA32_EFER.NXE, INVLPGs the address (SDM Vol. 3
 //! §4.10.4.1: a change to a paging-structure entry takes effect only once the translations it
 //! made are invalidated) and performs one access — a read, a write or an instruction fetch, at
 //! CPL 0 or at CPL 3 — and records what happened: fault or not, vector, error code, CR2, the
-//! faulting RIP and the value of every entry on the path afterwards. It also computes the
+//! faulting RIP, whether a read found the tag every page holds (a wrong frame would not) and the
+//! value of every entry on the path afterwards. It also computes the
 //! outcome the SDM prescribes ([`expect`]: §4.6 access rights, §4.7 the error code, §4.8 the
 //! accessed and dirty flags, §4.5 the reserved bits) and prints a line for each case where the
 //! two differ (the first 200 of them; the count covers all).
 //!
 //! The cases (each run for the 4 combinations of CR0.WP and EFER.NXE × the 6 accesses, read,
-//! write and fetch at CPL 0 and CPL 3: 24 per variant; in the two leaf sections each access is
+//! write and fetch at CPL 0 and CPL 3: 24 per variant; in the three leaf sections each access is
 //! also done right after a read at CPL 0 and, at CPL 3, right after one at CPL 3, without
 //! INVLPG between — access.c's `AC_ACCESS_TWICE` — so that a write finds a translation with D = 0
 //! cached: 60 per variant). The full product over every level is
@@ -24,37 +25,47 @@
 //! |---|---|---|---|
 //! | `pte` | the PTE's P, R/W, U/S, XD, A, D (all 64) | 64 | 3840 |
 //! | `pde-2m` | a PDE with PS = 1 (a 2 MiB page): its P, R/W, U/S, XD, A, D (all 64) | 64 | 3840 |
+//! | `pdpte-1g` | a PDPTE with PS = 1 (a 1 GiB page, at guest-physical 0): its 64 | 64 | 3840 |
 //! | `pml4e`, `pdpte`, `pde` | that level's P, R/W, U/S, XD (16) × the PTE's 64 | 1024 each | 73728 |
-//! | `reserved` | one reserved bit, the rest permissive: bit 51 (above MAXPHYADDR) in the PML4E, PDPTE, PDE, PTE and a 2 MiB PDE, PS in the PML4E, bit 13 in a 2 MiB PDE (§4.5, Tables 4-15 to 4-20) | 7 | 168 |
+//! | `reserved` | one reserved bit, the rest permissive: bit 51 (above MAXPHYADDR) in the PML4E, PDPTE, PDE, PTE and a 2 MiB PDE, PS in the PML4E, bit 13 in a 2 MiB PDE and in a 1 GiB PDPTE (§4.5, Tables 4-15 to 4-20) | 8 | 192 |
 //! | `product` (`full` only) | P, R/W, U/S, XD of the PML4E, PDPTE and PDE (16 × 16 × 16) × the PTE's 64 | 262144 | 6291456 |
 //! | `product-2m` (`full` only) | P, R/W, U/S, XD of the PML4E and PDPTE × a 2 MiB PDE's 64 | 16384 | 393216 |
+//! | `product-1g` (`full` only) | P, R/W, U/S, XD of the PML4E × a 1 GiB PDPTE's 64 | 1024 | 24576 |
 //!
-//! That is 81576 cases by default (about 5 s under the VMM, under a second natively on QEMU's
-//! TCG) and 6766248 with the guest option `full`, a soak (SOAK_TIME). XD set while
+//! That is 85440 cases by default (about 5 s under the VMM, under a second natively on QEMU's
+//! TCG) and 6794688 with the guest option `full`, a soak (9 minutes under the VMM, 30 s natively,
+//! on a loaded 2-core machine). A PDPTE with PS = 1 is reserved on a CPU without 1 GiB pages
+//! (CPUID.80000001H:EDX[26]), and the model says so; QEMU's `-cpu max` has them. XD set while
 //! EFER.NXE = 0 is a reserved bit too (§4.5), so every section with XD covers that rule at its
 //! levels.
 //!
 //! What is recorded per case, and checksummed (FNV-1a over every case, printed at the end): the
-//! vector (or none), the error code, CR2 relative to the page, whether the fault RIP is the access
-//! and the A and D flags of every entry on the path (the rest of each entry is compared with the
-//! model but never changes). Two known differences are taken out of the record:
+//! vector (or none), the error code, CR2 relative to the page, whether the fault RIP is the
+//! access, whether a read found the tag, and the A and D flags of every entry on the path (the rest of each entry is compared with the
+//! model but never changes). Three known differences are taken out of the record:
 //!
 //! - on a faulting access, the A flag of a non-leaf entry the walk went through before the
 //!   fault: §4.8 says the processor sets A in the entries it *uses* for a translation, and a
 //!   faulting walk yields none; QEMU's TCG sets them as it walks, this VMM's walker does not
-//!   (shadow-mmu `walk`), and access.c ignores them too (`ignore_pde`). The guest counts the walks
-//!   that set one (`implementation-specific:` line), but they are neither a mismatch nor
+//!   (shadow-mmu `walk`), and access.c ignores them too (`ignore_pde`). The guest counts the
+//!   walks that set one (`implementation-specific:` line), but they are neither a mismatch nor
 //!   checksummed;
 //! - QEMU's TCG's quirk: a reserved-bit #PF is pushed with P = 0 (the CPU sets P: §4.7, P is 0
 //!   only when a P flag on the path was 0, and an entry with a reserved bit set is present;
-//!   tests/guests/src/bin/reserved_bits.rs names the same quirk). It is accepted when the error code is the model's with P clear, counted on a
-//!   `quirk:` line, and recorded as the model's code, so the checksum is the same natively and
-//!   under the VMM.
+//!   tests/guests/src/bin/reserved_bits.rs names the same quirk). It is accepted when the error
+//!   code is the model's with P clear, counted on a `quirk:` line, and recorded as the model's
+//!   code;
+//! - QEMU's TCG's quirk: a faulting access through a 1 GiB page sets A in its PDPTE (TCG sets it
+//!   before the access check there, unlike a 2 MiB PDE or a PTE, whose A a fault leaves as it
+//!   is). It is accepted when it is the only change to the entry, counted on a `quirk:` line,
+//!   and the entry is put back (with INVLPG) as the CPU leaves it.
+//!
+//! So the checksum is the same natively and under the VMM.
 //!
 //! SMEP, SMAP and protection keys are out of scope (CR4 keeps them clear).
 //!
 //! Expected outcome, natively and under the VMM with either shadow policy: every section
-//! `0 mismatches`, `access: 81576 cases, 0 mismatches` with the same checksum, exit success.
+//! `0 mismatches`, `access: 85440 cases, 0 mismatches` with the same checksum, exit success.
 //! Options: `full` (the soak above); anything else is refused with the list of options.
 #![no_std]
 #![no_main]
@@ -73,8 +84,14 @@ const VA: u64 = 2 << 39;
 const DATA_OFFSET: u64 = 8;
 /// A 2 MiB-aligned guest-physical address inside RAM (and above the image) for the 2 MiB page.
 const LARGE_PAGE: u64 = 0x40_0000;
+/// The 1 GiB page: the only 1 GiB-aligned guest-physical address in RAM. Its first bytes (the
+/// real-mode IVT's place, unused in long mode) hold the `jmp rcx` and the data.
+const HUGE_PAGE: u64 = 0;
 /// `jmp rcx`: what a fetch at the page runs, back to the caller's resume point.
 const JMP_RCX: [u8; 2] = [0xFF, 0xE1];
+/// What each of the three pages holds at `DATA_OFFSET` and what every write stores there: a read
+/// that returns anything else went to another frame.
+const TAG: u64 = 0xACCE_55ED_0000_5A5A;
 
 /// Bit 51: reserved in every entry when MAXPHYADDR < 52.
 const BIT51: u64 = 1 << 51;
@@ -82,6 +99,8 @@ const BIT51: u64 = 1 << 51;
 const BIT13: u64 = 1 << 13;
 /// Bits 20:13 of a 2 MiB PDE: reserved (the page frame starts at bit 21).
 const LARGE_RESERVED: u64 = 0x1F_E000;
+/// Bits 29:13 of a 1 GiB PDPTE: reserved (the page frame starts at bit 30).
+const HUGE_RESERVED: u64 = 0x3FFF_E000;
 /// The flag bits of an entry (the rest is the address, or reserved).
 const FLAGS: u64 = PTE_P | PTE_W | PTE_U | PTE_A | PTE_D | PTE_PS | PTE_XD;
 /// Permissive: present, writable, user, already accessed.
@@ -135,9 +154,10 @@ access_u_read_done:
 .global access_u_write
 access_u_write:
     movabs rdi, {va}
+    movabs rax, {tag}
 .global access_u_write_at
 access_u_write_at:
-    mov qword ptr [rdi + {off}], rdi
+    mov qword ptr [rdi + {off}], rax
 .global access_u_write_done
 access_u_write_done:
     ud2
@@ -153,10 +173,11 @@ access_u_fetch_done:
 "#,
     off = const DATA_OFFSET,
     va = const VA,
+    tag = const TAG,
 );
 
 extern "C" {
-    fn access_k_read(page: u64);
+    fn access_k_read(page: u64) -> u64;
     fn access_k_write(page: u64, value: u64);
     fn access_k_fetch(page: u64);
     static access_k_resume: u8;
@@ -216,9 +237,11 @@ struct Case {
 }
 
 impl Case {
-    /// The number of entries on the path: 3 with a 2 MiB page, else 4.
+    /// The number of entries on the path: 2 with a 1 GiB page, 3 with a 2 MiB page, else 4.
     fn levels(&self) -> usize {
-        if self.flags[2] & PTE_PS != 0 {
+        if self.flags[1] & PTE_PS != 0 {
+            2
+        } else if self.flags[2] & PTE_PS != 0 {
             3
         } else {
             4
@@ -305,25 +328,31 @@ struct Outcome {
     /// The fault was at the access (the data instruction, or the fetched address); true
     /// without a fault when the access ran to its end.
     at_access: bool,
+    /// A read without a fault returned `TAG` (true for everything else).
+    read_tag: bool,
     /// The entries on the path afterwards (the first `Case::levels`).
     entries: [u64; 4],
 }
 
 /// What the SDM prescribes for `case` with the entries holding `before`, and the bits of each
 /// entry it leaves to the implementation.
-fn expect(case: &Case, before: [u64; 4], max_phys_addr: u32) -> (Outcome, [u64; 4]) {
+fn expect(case: &Case, before: [u64; 4], cpu: &Cpu) -> (Outcome, [u64; 4]) {
     let levels = case.levels();
     // §4.5: bits 51:MAXPHYADDR are reserved in every entry; XD is reserved while EFER.NXE = 0
     // (Table 4-15 onwards, "Reserved (must be 0)" and "If IA32_EFER.NXE = 1 ... otherwise,
-    // reserved"); PS is reserved in a PML4E; bits 20:13 are reserved in a PDE mapping 2 MiB.
-    let above_max_phys = ((1u64 << 52) - 1) & !((1u64 << max_phys_addr) - 1);
+    // reserved"); PS is reserved in a PML4E, and in a PDPTE unless the CPU has 1 GiB pages;
+    // bits 29:13 are reserved in a PDPTE mapping 1 GiB, bits 20:13 in a PDE mapping 2 MiB.
+    let above_max_phys = ((1u64 << 52) - 1) & !((1u64 << cpu.max_phys_addr) - 1);
     let reserved = |level: usize, e: u64| {
         let mut mask = above_max_phys;
         if !case.nxe {
             mask |= PTE_XD;
         }
-        if level == 0 {
+        if level == 0 || (level == 1 && !cpu.page_1g) {
             mask |= PTE_PS;
+        }
+        if level == 1 && e & PTE_PS != 0 {
+            mask |= HUGE_RESERVED;
         }
         if level == 2 && e & PTE_PS != 0 {
             mask |= LARGE_RESERVED;
@@ -354,6 +383,7 @@ fn expect(case: &Case, before: [u64; 4], max_phys_addr: u32) -> (Outcome, [u64; 
             error,
             cr2: case.address(),
             at_access: true,
+            read_tag: true,
             entries: before,
         };
         (outcome, open)
@@ -400,6 +430,7 @@ fn expect(case: &Case, before: [u64; 4], max_phys_addr: u32) -> (Outcome, [u64; 
         error: 0,
         cr2: 0,
         at_access: true,
+        read_tag: true,
         entries,
     };
     (outcome, [0; 4])
@@ -422,6 +453,11 @@ fn entry_values(case: &Case) -> [u64; 4] {
     let pd = core::ptr::addr_of!(PD) as u64;
     let pt = core::ptr::addr_of!(PT) as u64;
     let data = core::ptr::addr_of!(DATA) as u64;
+    let pdpte_target = if case.flags[1] & PTE_PS != 0 {
+        HUGE_PAGE
+    } else {
+        pd
+    };
     let pde_target = if case.flags[2] & PTE_PS != 0 {
         LARGE_PAGE
     } else {
@@ -429,7 +465,7 @@ fn entry_values(case: &Case) -> [u64; 4] {
     };
     [
         pdpt | case.flags[0],
-        pd | case.flags[1],
+        pdpte_target | case.flags[1],
         pde_target | case.flags[2],
         data | case.flags[3],
     ]
@@ -489,6 +525,7 @@ fn perform(case: &Case, entries: &[*mut u64; 4]) -> Outcome {
         let fault = frame.vector == 14;
         return Outcome {
             fault,
+            read_tag: fault || case.kind != Kind::Read || frame.rax == TAG,
             error: if fault { frame.error } else { 0 },
             cr2: if fault { CR2.load(Ordering::SeqCst) } else { 0 },
             at_access: if fault {
@@ -503,14 +540,20 @@ fn perform(case: &Case, entries: &[*mut u64; 4]) -> Outcome {
     ARMED.store(true, Ordering::SeqCst);
     // Each access touches only the page at VA (a #PF there resumes at `access_k_resume`, which
     // returns) and clobbers only caller-saved registers.
-    match case.kind {
+    let value = match case.kind {
         // SAFETY: as above.
         Kind::Read => unsafe { access_k_read(VA) },
-        // SAFETY: as above.
-        Kind::Write => unsafe { access_k_write(VA, 0x5a5a) },
-        // SAFETY: as above.
-        Kind::Fetch => unsafe { access_k_fetch(VA) },
-    }
+        Kind::Write => {
+            // SAFETY: as above.
+            unsafe { access_k_write(VA, TAG) };
+            TAG
+        }
+        Kind::Fetch => {
+            // SAFETY: as above.
+            unsafe { access_k_fetch(VA) };
+            TAG
+        }
+    };
     ARMED.store(false, Ordering::SeqCst);
     let vector = VECTOR.load(Ordering::SeqCst);
     let fault = vector == 14;
@@ -523,6 +566,7 @@ fn perform(case: &Case, entries: &[*mut u64; 4]) -> Outcome {
     };
     Outcome {
         fault,
+        read_tag: fault || value == TAG,
         error: if fault {
             ERROR.load(Ordering::SeqCst)
         } else {
@@ -551,6 +595,8 @@ struct Totals {
     printed: u64,
     /// Reserved-bit faults pushed with P = 0 (QEMU's TCG).
     quirk_rsvd_without_p: u64,
+    /// Faulting accesses through a 1 GiB page that set A in its PDPTE (QEMU's TCG).
+    quirk_huge_page_a_on_fault: u64,
     /// Faulting walks that set A in a non-leaf entry above the fault (left open by §4.8).
     open_a_set: u64,
     checksum: u64,
@@ -571,7 +617,7 @@ fn fnv(hash: u64, v: u64) -> u64 {
 /// with `read_first` first does that read, checked the same way, and then its access without
 /// INVLPG, through whatever the read left cached (access.c's `AC_ACCESS_TWICE`, which reads at
 /// CPL 0; the read at CPL 3 fills this VMM's other shadow view, the user one).
-fn run(index: u64, section: &str, case: &Case, entries: &[*mut u64; 4], m: u32, t: &mut Totals) {
+fn run(index: u64, section: &str, case: &Case, entries: &[*mut u64; 4], cpu: &Cpu, t: &mut Totals) {
     let wanted = entry_values(case);
     for (p, &v) in entries.iter().zip(&wanted).take(case.levels()) {
         // SAFETY: the entries are ours (`entry_pointers`).
@@ -592,9 +638,9 @@ fn run(index: u64, section: &str, case: &Case, entries: &[*mut u64; 4], m: u32, 
             read_first: None,
             ..*case
         };
-        (before, still_open) = check(index, section, &read, before, [0; 4], entries, m, t);
+        (before, still_open) = check(index, section, &read, before, [0; 4], entries, cpu, t);
     }
-    check(index, section, case, before, still_open, entries, m, t);
+    check(index, section, case, before, still_open, entries, cpu, t);
 }
 
 /// Performs `case`'s access on the entries holding `before`, compares it with [`expect`] (the A
@@ -609,23 +655,40 @@ fn check(
     before: [u64; 4],
     still_open: [u64; 4],
     entries: &[*mut u64; 4],
-    m: u32,
+    cpu: &Cpu,
     t: &mut Totals,
 ) -> ([u64; 4], [u64; 4]) {
     let levels = case.levels();
-    let (mut want, mut open) = expect(case, before, m);
+    let (mut want, mut open) = expect(case, before, cpu);
     if want.fault {
         for (o, s) in open.iter_mut().zip(still_open) {
             *o |= s;
         }
     }
     let mut got = perform(case, entries);
-    let after = got.entries;
+    let mut after = got.entries;
     // QEMU's TCG pushes a reserved-bit #PF without P (the CPU sets it, §4.7): accepted when it
     // is the only difference, and recorded as the CPU's code.
     if got.fault && want.error & PF_RSVD != 0 && got.error == want.error & !PF_P {
         got.error = want.error;
         t.quirk_rsvd_without_p += 1;
+    }
+    // QEMU's TCG sets A in a PDPTE mapping 1 GiB before it checks the access (it does not for a
+    // 2 MiB PDE or a PTE). Accepted when that is the only change to the entry, which is put back
+    // as the CPU leaves it (§4.8: A is set in the entries a translation uses, and a fault makes
+    // none), so that what follows starts from the CPU's state, natively as under the VMM.
+    let leaf = levels - 1;
+    if levels == 2
+        && want.fault
+        && before[leaf] & PTE_A == 0
+        && got.entries[leaf] == before[leaf] | PTE_A
+    {
+        // SAFETY: the entry is ours (`entry_pointers`).
+        unsafe { entries[leaf].write_volatile(before[leaf]) };
+        invlpg(VA);
+        got.entries[leaf] = before[leaf];
+        after[leaf] = before[leaf];
+        t.quirk_huge_page_a_on_fault += 1;
     }
     // The A flags §4.8 leaves open: counted when a faulting walk set one, never compared.
     let mut open_set = false;
@@ -645,6 +708,7 @@ fn check(
     h = fnv(h, got.error);
     h = fnv(h, got.cr2.wrapping_sub(VA));
     h = fnv(h, u64::from(got.at_access));
+    h = fnv(h, u64::from(got.read_tag));
     for e in got.entries {
         h = fnv(h, e & (PTE_A | PTE_D));
     }
@@ -678,6 +742,9 @@ impl core::fmt::Display for Shown<'_> {
         if !o.at_access {
             write!(f, " NOT at the access")?;
         }
+        if !o.read_tag {
+            write!(f, " READ ANOTHER FRAME")?;
+        }
         for (name, e) in LEVELS.iter().zip(o.entries).take(self.1) {
             // The flags only: the address bits (bit 13 and 51 among them) are the table's.
             write!(f, " {name}={}", Flags(e & FLAGS))?;
@@ -691,6 +758,7 @@ impl core::fmt::Display for Shown<'_> {
 enum Section {
     Pte,
     Pde2M,
+    Pdpte1G,
     /// One upper level's sweep: 0 = PML4E, 1 = PDPTE, 2 = PDE.
     Upper(usize),
     Reserved,
@@ -698,6 +766,8 @@ enum Section {
     Product,
     /// `full` only: the PML4E's and the PDPTE's with a 2 MiB PDE's 64.
     Product2M,
+    /// `full` only: the PML4E's with a 1 GiB PDPTE's 64.
+    Product1G,
 }
 
 impl Section {
@@ -705,10 +775,12 @@ impl Section {
         match self {
             Section::Pte => "pte",
             Section::Pde2M => "pde-2m",
+            Section::Pdpte1G => "pdpte-1g",
             Section::Upper(level) => LEVELS[level],
             Section::Reserved => "reserved",
             Section::Product => "product",
             Section::Product2M => "product-2m",
+            Section::Product1G => "product-1g",
         }
     }
 
@@ -717,8 +789,10 @@ impl Section {
     /// with D = 0 cached for a write to find).
     fn reads_first(self, user: bool) -> &'static [Option<bool>] {
         match self {
-            Section::Pte | Section::Pde2M if user => &[None, Some(false), Some(true)],
-            Section::Pte | Section::Pde2M => &[None, Some(false)],
+            Section::Pte | Section::Pde2M | Section::Pdpte1G if user => {
+                &[None, Some(false), Some(true)]
+            }
+            Section::Pte | Section::Pde2M | Section::Pdpte1G => &[None, Some(false)],
             _ => &[None],
         }
     }
@@ -726,11 +800,12 @@ impl Section {
     /// Variants per combination of CR0.WP, EFER.NXE and access.
     fn variants(self) -> u64 {
         match self {
-            Section::Pte | Section::Pde2M => 64,
+            Section::Pte | Section::Pde2M | Section::Pdpte1G => 64,
             Section::Upper(_) => 16 * 64,
             Section::Reserved => RESERVED.len() as u64,
             Section::Product => 16 * 16 * 16 * 64,
             Section::Product2M => 16 * 16 * 64,
+            Section::Product1G => 16 * 64,
         }
     }
 
@@ -743,6 +818,7 @@ impl Section {
         match self {
             Section::Pte => [p, p, p, leaf_flags(v)],
             Section::Pde2M => [p, p, PTE_PS | leaf_flags(v), 0],
+            Section::Pdpte1G => [p, PTE_PS | leaf_flags(v), 0, 0],
             Section::Upper(level) => {
                 let mut flags = [p, p, p, leaf_flags(v % 64)];
                 flags[level] = upper(v / 64);
@@ -761,6 +837,7 @@ impl Section {
                 PTE_PS | leaf_flags(v % 64),
                 0,
             ],
+            Section::Product1G => [upper(v / 64), PTE_PS | leaf_flags(v % 64), 0, 0],
         }
     }
 }
@@ -776,7 +853,7 @@ fn leaf_flags(v: u64) -> u64 {
 
 /// The reserved-bit variants: one reserved bit in one entry, the rest permissive (the leaf's A
 /// clear).
-const RESERVED: [(&str, [u64; 4]); 7] = {
+const RESERVED: [(&str, [u64; 4]); 8] = {
     let p = PERMISSIVE;
     let leaf = PTE_P | PTE_W | PTE_U;
     [
@@ -787,19 +864,21 @@ const RESERVED: [(&str, [u64; 4]); 7] = {
         ("pte-bit51", [p, p, p, leaf | BIT51]),
         ("pde-2m-bit51", [p, p, leaf | PTE_PS | BIT51, 0]),
         ("pde-2m-bit13", [p, p, leaf | PTE_PS | BIT13, 0]),
+        ("pdpte-1g-bit13", [p, leaf | PTE_PS | BIT13, 0, 0]),
     ]
 };
 
 /// The default run's sections, and the ones `full` adds.
-const SECTIONS: [Section; 6] = [
+const SECTIONS: [Section; 7] = [
     Section::Pte,
     Section::Pde2M,
+    Section::Pdpte1G,
     Section::Upper(0),
     Section::Upper(1),
     Section::Upper(2),
     Section::Reserved,
 ];
-const FULL_SECTIONS: [Section; 2] = [Section::Product, Section::Product2M];
+const FULL_SECTIONS: [Section; 3] = [Section::Product, Section::Product2M, Section::Product1G];
 
 /// The six accesses: read, write, fetch at CPL 0, then at CPL 3.
 const ACCESSES: [(Kind, bool); 6] = [
@@ -811,14 +890,23 @@ const ACCESSES: [(Kind, bool); 6] = [
     (Kind::Fetch, true),
 ];
 
-fn max_phys_addr() -> u32 {
-    let eax: u32;
+/// What the CPU's paging has that changes the rules (CPUID, SDM Vol. 3 §4.1.4).
+struct Cpu {
+    /// MAXPHYADDR: CPUID.80000008H:EAX[7:0].
+    max_phys_addr: u32,
+    /// 1 GiB pages: CPUID.80000001H:EDX[26].
+    page_1g: bool,
+}
+
+/// CPUID leaf `leaf`'s EAX and EDX.
+fn cpuid(leaf: u32) -> (u32, u32) {
+    let (eax, edx): (u32, u32);
     // SAFETY: CPUID has no memory effects; RBX is saved by hand (LLVM reserves it).
     unsafe {
         core::arch::asm!("mov {t:r}, rbx", "cpuid", "mov rbx, {t:r}", t = out(reg) _,
-            inout("eax") 0x8000_0008u32 => eax, out("ecx") _, out("edx") _, options(nostack))
+            inout("eax") leaf => eax, inout("ecx") 0 => _, out("edx") edx, options(nostack))
     };
-    eax & 0xFF
+    (eax, edx)
 }
 
 #[no_mangle]
@@ -838,22 +926,39 @@ extern "C" fn _start(info: *const boot::BootInfo) -> ! {
         }
     }
     let pt = ring3::setup(handler);
-    let m = max_phys_addr();
+    let cpu = Cpu {
+        max_phys_addr: cpuid(0x8000_0008).0 & 0xFF,
+        page_1g: cpuid(0x8000_0001).1 & (1 << 26) != 0,
+    };
+    let m = cpu.max_phys_addr;
     if m >= 52 {
         println(format_args!(
             "access: MAXPHYADDR {m}: bit 51 is not reserved here"
         ));
         exit(boot::exit_code::FAILURE);
     }
-    // The bytes a fetch runs, at offset 0 of both pages (identity-mapped, supervisor-writable).
-    let data = core::ptr::addr_of_mut!(DATA).cast::<u8>();
-    // SAFETY: DATA is ours, a page long.
-    unsafe { data.copy_from_nonoverlapping(JMP_RCX.as_ptr(), 2) };
-    // SAFETY: LARGE_PAGE is guest RAM above the image, used by nothing else.
-    unsafe { (LARGE_PAGE as *mut u8).copy_from_nonoverlapping(JMP_RCX.as_ptr(), 2) };
+    // The bytes a fetch runs at offset 0 of the three pages, and the tag a read finds at
+    // `DATA_OFFSET` (each page identity-mapped, supervisor-writable). Address 0 is no pointer
+    // Rust may write through: the stores are the assembler's.
+    for page in [core::ptr::addr_of!(DATA) as u64, LARGE_PAGE, HUGE_PAGE] {
+        // SAFETY: DATA is ours, a page long; LARGE_PAGE is guest RAM above the image and
+        // HUGE_PAGE (0) guest RAM below it, both used by nothing else.
+        unsafe {
+            core::arch::asm!(
+                "mov word ptr [{p}], {code:x}",
+                "mov qword ptr [{p} + {off}], {tag}",
+                p = in(reg) page,
+                code = in(reg) u16::from_le_bytes(JMP_RCX),
+                off = const DATA_OFFSET,
+                tag = in(reg) TAG,
+                options(nostack)
+            )
+        };
+    }
     let entries = entry_pointers(&pt);
     println(format_args!(
-        "access: MAXPHYADDR {m}, page at {VA:#x}, {}",
+        "access: MAXPHYADDR {m}, 1 GiB pages {}, page at {VA:#x}, {}",
+        if cpu.page_1g { "yes" } else { "no" },
         if full { "full run" } else { "default run" }
     ));
     let mut t = Totals {
@@ -861,6 +966,7 @@ extern "C" fn _start(info: *const boot::BootInfo) -> ! {
         mismatches: 0,
         printed: 0,
         quirk_rsvd_without_p: 0,
+        quirk_huge_page_a_on_fault: 0,
         open_a_set: 0,
         checksum: 0xCBF2_9CE4_8422_2325,
     };
@@ -883,7 +989,7 @@ extern "C" fn _start(info: *const boot::BootInfo) -> ! {
                         user,
                         read_first,
                     };
-                    run(index, section.name(), &case, &entries, m, &mut t);
+                    run(index, section.name(), &case, &entries, &cpu, &mut t);
                     index += 1;
                 }
             }
@@ -899,6 +1005,12 @@ extern "C" fn _start(info: *const boot::BootInfo) -> ! {
         println(format_args!(
             "access: quirk: QEMU's TCG left P = 0 in {} reserved-bit #PF error codes (the CPU sets it, SDM Vol. 3 §4.7)",
             t.quirk_rsvd_without_p
+        ));
+    }
+    if t.quirk_huge_page_a_on_fault > 0 {
+        println(format_args!(
+            "access: quirk: QEMU's TCG set A in the PDPTE of a 1 GiB page in {} faulting accesses (the CPU leaves it, SDM Vol. 3 §4.8)",
+            t.quirk_huge_page_a_on_fault
         ));
     }
     println(format_args!(
