@@ -56,7 +56,7 @@ impl Settings {
 
     /// The code bytes of `round`, as the guest generated them.
     pub fn code(&self, round: u64) -> [u8; BLOB] {
-        Rng::for_round(self.seed, round).code(!self.user)
+        Rng::for_round(self.seed, round).code(true, !self.user)
     }
 }
 
@@ -175,9 +175,23 @@ fn loads_rflags(instruction: &Instruction) -> bool {
 }
 
 /// Whether `instruction` is RCL or RCR: after one QEMU's TCG leaves SF, ZF, AF and PF (which
-/// they do not affect) different natively and under the VMM (`qemu_rcl_rcr_flags`).
+/// they do not affect) different natively and under the VMM (`qemu_lazy_flags`).
 fn rotates_through_carry(instruction: &Instruction) -> bool {
     matches!(instruction.mnemonic(), Mnemonic::Rcl | Mnemonic::Rcr)
+}
+
+/// Whether `instruction` reads an arithmetic flag (SETcc, ADC, SBB, CMOVcc, RCL, ...): when it
+/// faults QEMU's TCG pushes arithmetic flags that are not the ones before it, and different
+/// ones natively and under the VMM (`qemu_lazy_flags`).
+fn reads_arithmetic_flags(instruction: &Instruction) -> bool {
+    instruction.rflags_read()
+        & (RflagsBits::OF
+            | RflagsBits::SF
+            | RflagsBits::ZF
+            | RflagsBits::AF
+            | RflagsBits::CF
+            | RflagsBits::PF)
+        != 0
 }
 
 /// The RFLAGS bits the SDM leaves undefined after some instruction of `path` (IMUL's SF, ZF,
@@ -209,12 +223,24 @@ fn reference_deviation(
     native: &Event,
     vmm: &Event,
 ) -> Option<(&'static str, &'static [&'static str])> {
-    let instruction_at = |rip: u64| {
-        let offset = rip.checked_sub(code)? as usize;
-        let rest = bytes.get(offset..)?;
-        Some(Decoder::with_ip(64, rest, rip, DecoderOptions::NONE).decode())
+    let strict_at = |rip: u64| instruction_at(bytes, code, rip, true);
+    let decodes_at = |rip: u64| strict_at(rip).map(|i| !i.is_invalid());
+    let legacy_prefix = |b: u8| {
+        matches!(
+            b,
+            0x26 | 0x2E | 0x36 | 0x3E | 0x64 | 0x65 | 0x66 | 0x67 | 0xF0 | 0xF2 | 0xF3
+        )
     };
-    let decodes_at = |rip: u64| instruction_at(rip).map(|i| !i.is_invalid());
+    let byte_at = |rip: u64| {
+        rip.checked_sub(code)
+            .and_then(|o| bytes.get(o as usize))
+            .copied()
+    };
+    let lock_only_invalid = |rip: u64| {
+        strict_at(rip).is_some_and(|i| i.is_invalid())
+            && instruction_at(bytes, code, rip, false)
+                .is_some_and(|i| !i.is_invalid() && i.has_lock_prefix())
+    };
     match (native.vector, native.error, vmm.vector, vmm.error) {
         // A software INT n through a gate of lower DPL: #GP with the IDT index in bits 3..15,
         // (n << 3) | 2 (SDM Vol. 3 §6.13); QEMU's 64-bit path pushes (n << 4) | 2.
@@ -239,7 +265,7 @@ fn reference_deviation(
         }
         // INT1 (F1, prefixes allowed) raises #DB as a trap (RIP after it); QEMU raises #UD.
         (6, None, 1, None)
-            if instruction_at(native.rip).is_some_and(|i| {
+            if strict_at(native.rip).is_some_and(|i| {
                 i.mnemonic() == Mnemonic::Int1 && vmm.rip == native.rip + i.len() as u64
             }) =>
         {
@@ -249,9 +275,30 @@ fn reference_deviation(
         // canonical: #UD (decoding comes first, SDM Vol. 3 §6.9); QEMU computes the address
         // first and raises #GP(0).
         (13, Some(0), 6, None)
-            if native.rip == vmm.rip && decodes_at(native.rip) == Some(false) =>
+            if native.rip == vmm.rip
+                && decodes_at(native.rip) == Some(false)
+                && !lock_only_invalid(vmm.rip) =>
         {
             Some(("qemu_gp_before_ud", &["vec", "err"]))
+        }
+        // A LOCK prefix on an instruction that does not take it (RET FAR, POPF, STI, ...):
+        // #UD (SDM Vol. 2A §2.1.1); QEMU runs the instruction as if the prefix were not there,
+        // so natively the round goes on and anything after may differ.
+        (_, _, 6, None)
+            if lock_only_invalid(vmm.rip) && (native.vector, native.rip) != (6, vmm.rip) =>
+        {
+            Some(("qemu_lock_ignored", &["*"]))
+        }
+        // A REX prefix followed by a legacy prefix is ignored (SDM Vol. 2A §2.2.1); QEMU
+        // applies it (here: a base register that makes the address non-canonical, #GP(0)),
+        // and under the VMM that #GP traps and vmm-core's emulator, which ignores the REX,
+        // runs the instruction: natively the round ends there, under the VMM it goes on.
+        (13, Some(0), _, _)
+            if vmm.rip != native.rip
+                && byte_at(native.rip).is_some_and(|b| (0x40..=0x4F).contains(&b))
+                && byte_at(native.rip + 1).is_some_and(legacy_prefix) =>
+        {
+            Some(("qemu_rex_before_prefix", &["*"]))
         }
         _ => None,
     }
@@ -318,18 +365,35 @@ fn hole_may_change(field: &str) -> bool {
 }
 
 /// The instructions of a round's bytes at `code` (its linear address), decoded from the start
-/// until the first that cannot be decoded or runs past the buffer.
+/// to the end of the buffer. Decoded as QEMU runs them rather than as the SDM allows them
+/// (`NO_INVALID_CHECK`: QEMU ignores a misplaced LOCK prefix, say), and on past an
+/// undecodable one (listed as `(bad)`: QEMU may run what iced-x86 rejects, such as C7 /1):
+/// this is for finding the instructions a round may have run, so more is safer than fewer.
 fn decode(bytes: &[u8], code: u64) -> Vec<Instruction> {
-    let mut decoder = Decoder::with_ip(64, bytes, code, DecoderOptions::NONE);
+    let mut decoder = Decoder::with_ip(64, bytes, code, DecoderOptions::NO_INVALID_CHECK);
     let mut out = Vec::new();
     while decoder.can_decode() {
+        let position = decoder.position();
         let instruction = decoder.decode();
-        if instruction.is_invalid() {
+        if decoder.position() == position {
             break;
         }
         out.push(instruction);
     }
     out
+}
+
+/// The instruction at `rip` among a round's bytes at `code`, decoded as the SDM defines them
+/// (`strict`) or as QEMU runs them.
+fn instruction_at(bytes: &[u8], code: u64, rip: u64, strict: bool) -> Option<Instruction> {
+    let offset = rip.checked_sub(code)? as usize;
+    let rest = bytes.get(offset..).filter(|rest| !rest.is_empty())?;
+    let options = if strict {
+        DecoderOptions::NONE
+    } else {
+        DecoderOptions::NO_INVALID_CHECK
+    };
+    Some(Decoder::with_ip(64, rest, rip, options).decode())
 }
 
 /// Every instruction the round's bytes can reach from their start: decoded linearly from the
@@ -568,7 +632,7 @@ fn classify(
         &event(vmm),
     );
     if let Some((_, fields)) = deviation {
-        differing.retain(|(key, _, _)| !fields.contains(&key.as_str()));
+        differing.retain(|(key, _, _)| fields != ["*"] && !fields.contains(&key.as_str()));
     }
     let hole_instructions: Vec<HoleInstruction> = path
         .iter()
@@ -606,7 +670,11 @@ fn classify(
                     bits &= !RFLAGS_NT;
                     nt_lost = true;
                 }
-                if bits & RFLAGS_ARITHMETIC != 0 && path.iter().any(rotates_through_carry) {
+                let faulting_reader = instruction_at(&bytes, code_address, rip, false)
+                    .is_some_and(|i| reads_arithmetic_flags(&i));
+                if bits & RFLAGS_ARITHMETIC != 0
+                    && (faulting_reader || path.iter().any(rotates_through_carry))
+                {
                     bits &= !RFLAGS_ARITHMETIC;
                     rcl_rcr = true;
                 }
@@ -683,7 +751,7 @@ fn classify(
     }
     names.extend(deviation.map(|(name, _)| name));
     if rcl_rcr {
-        names.push("qemu_rcl_rcr_flags");
+        names.push("qemu_lazy_flags");
     }
     if names.is_empty() {
         names.push("RF and the undefined flags");

@@ -30,33 +30,33 @@ impl Rng {
     }
 
     /// The round's code bytes: the generator's first draws, filtered as [`filter`] says in the
-    /// differential mode at CPL 0. The rest of the round's start state is drawn after them.
-    pub fn code(&mut self, differential_cpl0: bool) -> [u8; BLOB] {
+    /// differential mode. The rest of the round's start state is drawn after them.
+    pub fn code(&mut self, differential: bool, cpl0: bool) -> [u8; BLOB] {
         let mut code = [0u8; BLOB];
         for chunk in code.chunks_mut(8) {
             let r = self.next_u64().to_le_bytes();
             chunk.copy_from_slice(&r[..chunk.len()]);
         }
-        if differential_cpl0 {
-            filter(&mut code);
+        if differential {
+            filter(&mut code, cpl0);
         }
         code
     }
 }
 
-/// Replaces, in a CPL 0 round of the differential mode, the bytes of instructions whose result
-/// is not the CPU's to decide, so that native and VMM runs can be compared (the plain mode runs
-/// them all): port I/O (IN, OUT, INS, OUTS: the VMM's machine has a PIC, a PIT, a UART and the
-/// exit port, QEMU's has many more devices, and a write to the reset or exit port ends the
-/// run), CLI (native interrupts then stay off and a loop after it hangs the machine: nothing
-/// ends the round), and the time and entropy sources RDTSC, RDTSCP, RDRAND and RDSEED. Each
-/// such opcode byte becomes a NOP (0x90) wherever it appears, an operand byte included; at
-/// CPL 3 the I/O and CLI fault anyway and are left alone.
-pub fn filter(code: &mut [u8]) {
+/// Replaces, in a round of the differential mode, the bytes of instructions whose result is
+/// not the CPU's to decide, so that native and VMM runs can be compared (the plain mode runs
+/// them all): the time and entropy sources RDTSC, RDTSCP, RDRAND and RDSEED, and at CPL 0 (at
+/// CPL 3 they fault anyway) port I/O (IN, OUT, INS, OUTS: the VMM's machine has a PIC, a PIT,
+/// a UART and the exit port, QEMU's has many more devices, and a write to the reset or exit
+/// port ends the run) and CLI (native interrupts then stay off and a loop after it hangs the
+/// machine: nothing ends the round). Each such opcode byte becomes a NOP (0x90) wherever it
+/// appears, an operand byte included.
+pub fn filter(code: &mut [u8], cpl0: bool) {
     for i in 0..code.len() {
         let next = code.get(i + 1).copied();
         match code[i] {
-            0xE4..=0xE7 | 0xEC..=0xEF | 0x6C..=0x6F | 0xFA => code[i] = 0x90,
+            0xE4..=0xE7 | 0xEC..=0xEF | 0x6C..=0x6F | 0xFA if cpl0 => code[i] = 0x90,
             // 0F 31 RDTSC; 0F 01 F9 RDTSCP; 0F C7 /6 RDRAND and /7 RDSEED (register forms).
             0x0F if next == Some(0x31) => code[i + 1] = 0x90,
             0x0F if next == Some(0x01) && code.get(i + 2) == Some(&0xF9) => code[i + 2] = 0x90,
@@ -72,3 +72,8 @@ pub fn filter(code: &mut [u8]) {
 /// virtual-8086 mode in long mode, which real CPUs do not (docs/ARCHITECTURE.md), and the VMM
 /// then stops the guest, which would end every comparison within a few hundred rounds.
 pub const STACK_WORD_CLEARED: u64 = 1 << 17;
+
+/// RFLAGS.IF, set in every word of the round's stack in the differential mode: a POPF or IRET
+/// of a stack word that cleared IF would natively keep the one-shot timer out, and a loop or
+/// HLT after it would hang the machine (under the VMM IF stays set, hole `popf_clears_if`).
+pub const STACK_WORD_SET: u64 = 1 << 9;

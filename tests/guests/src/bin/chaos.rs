@@ -15,16 +15,17 @@
 //! that abandons it — is recorded: vector, error code, RIP, CS, RFLAGS, RSP, SS, CR2 for a
 //! #PF, every general register, DS/ES/FS/GS and a digest of its stack and scratch memory. Each
 //! round prints one line `r N vVV eERR hDIGEST [rf]` (the vector, the error code or `-`, and
-//! a digest of all the rest but RFLAGS.RF, which follows when set); the rounds
-//! named in `show=` print every field and their bytes instead. A differential round runs with
-//! interrupts on and the PIT armed as a one-shot of about 55 ms, so a round that loops ends on
-//! the timer (`r N timer`: where a loop is when the timer fires is not deterministic, so such
-//! a round has no digest). At CPL 0 the generator replaces the bytes of instructions whose
-//! result cannot be compared (see `filter`).
+//! a digest of all the rest but RFLAGS.RF, which follows when set); the rounds named in
+//! `show=` print every field instead (the host recomputes their bytes from the seed). A
+//! differential round runs with interrupts on and the PIT armed as a one-shot of about 55 ms,
+//! so a round that loops ends on the timer (`r N timer`: where a loop is when the timer fires
+//! is not deterministic, so such a round has no digest). The generator replaces the bytes of
+//! instructions whose result cannot be compared (`chaos_rounds::filter`), and the stack words
+//! never have RFLAGS.VM set (`chaos_rounds::STACK_WORD_CLEARED`).
 #![no_std]
 #![no_main]
 
-use test_guests::chaos_rounds::{Rng, BLOB, STACK_WORD_CLEARED};
+use test_guests::chaos_rounds::{Rng, BLOB, STACK_WORD_CLEARED, STACK_WORD_SET};
 use test_guests::machine::{code64, data, tss_descriptor};
 use test_guests::{boot_info, exit, inb, load_idt, outb, println};
 
@@ -39,10 +40,19 @@ static mut CHAOS_CODE: CodePage = CodePage([0xCC; 4096]);
 /// Where in the page a round's bytes start.
 const CODE_OFFSET: usize = 2048;
 
-/// The round's stack: RSP starts in the middle, so pushes and pops both stay inside it.
-#[repr(C, align(16))]
-struct RoundStack([u64; 512]);
-static mut ROUND_STACK: RoundStack = RoundStack([0; 512]);
+/// The round's stack: RSP starts in the middle of `words`, so pushes and pops both stay
+/// inside it. The page below it, `guard`, is left unmapped (`machine`): a round that pushes in
+/// a loop page-faults there instead of writing down over this image's code, which would end
+/// the run natively and under the VMM alike.
+#[repr(C, align(4096))]
+struct RoundStack {
+    guard: [u8; 4096],
+    words: [u64; 512],
+}
+static mut ROUND_STACK: RoundStack = RoundStack {
+    guard: [0; 4096],
+    words: [0; 512],
+};
 /// The memory RBX, RSI and RDI point into (their offsets are drawn in the middle 4 KiB, so a
 /// displacement or a short string instruction stays inside).
 #[repr(C, align(4096))]
@@ -295,17 +305,21 @@ fn start_round(round: u64) -> ! {
     let entry = unsafe { &mut *entry };
     code.0.fill(0xCC);
     let bytes = &mut code.0[CODE_OFFSET..CODE_OFFSET + BLOB + 2];
-    bytes[..BLOB].copy_from_slice(&rng.code(s.diff && !s.user));
+    bytes[..BLOB].copy_from_slice(&rng.code(s.diff, !s.user));
     bytes[BLOB] = 0x0F;
     bytes[BLOB + 1] = 0x0B;
-    let cleared = if s.diff { STACK_WORD_CLEARED } else { 0 };
+    let (cleared, set) = if s.diff {
+        (STACK_WORD_CLEARED, STACK_WORD_SET)
+    } else {
+        (0, 0)
+    };
     stack
-        .0
+        .words
         .iter_mut()
-        .for_each(|w| *w = rng.next_u64() & !cleared);
+        .for_each(|w| *w = (rng.next_u64() & !cleared) | set);
     scratch.0.fill(0);
     let scratch_middle = scratch.0.as_ptr() as u64 + 4096;
-    let stack_middle = stack.0.as_ptr() as u64 + 2048;
+    let stack_middle = stack.words.as_ptr() as u64 + 2048;
     for (i, value) in entry.0[..15].iter_mut().enumerate() {
         let r = rng.next_u64();
         *value = match GPR_NAMES[i] {
@@ -392,7 +406,7 @@ extern "C" fn round_end(saved: &Saved) -> ! {
     };
     let mut memory = Fnv::new();
     let (stack, scratch) = (
-        core::ptr::addr_of!(ROUND_STACK) as *const [u8; 4096],
+        (core::ptr::addr_of!(ROUND_STACK) as *const u8).wrapping_add(4096) as *const [u8; 4096],
         core::ptr::addr_of!(SCRATCH),
     );
     // SAFETY: the round is over; only this handler reads its stack and scratch memory.
@@ -647,6 +661,8 @@ mod machine {
         pml4: Table,
         pdpt: Table,
         pd: Table,
+        /// The 4 KiB pages of the 2 MiB that hold the round stack's guard page.
+        pt: Table,
         idt: Idt,
         tss: Tss,
         gdt: [u64; 7],
@@ -657,6 +673,7 @@ mod machine {
         pml4: Table([0; 512]),
         pdpt: Table([0; 512]),
         pd: Table([0; 512]),
+        pt: Table([0; 512]),
         idt: Idt([0; 512]),
         tss: Tss([0; 26]),
         gdt: [0; 7],
@@ -706,17 +723,20 @@ mod machine {
 
     fn load_tables(first: bool) {
         let t = tables();
-        let (pml4_address, pdpt_address, pd_address, tss_base, idt_base) = (
+        let (pml4_address, pdpt_address, pd_address, pt_address, tss_base, idt_base) = (
             t.pml4.0.as_ptr() as u64,
             t.pdpt.0.as_ptr() as u64,
             t.pd.0.as_ptr() as u64,
+            t.pt.0.as_ptr() as u64,
             t.tss.0.as_ptr() as u64,
             t.idt.0.as_ptr() as u64,
         );
+        let guard = core::ptr::addr_of!(ROUND_STACK) as u64;
         let Tables {
             pml4,
             pdpt,
             pd,
+            pt,
             idt,
             tss,
             gdt,
@@ -728,12 +748,21 @@ mod machine {
         // nothing. CR3 is reloaded after a page-table change, to flush what the TLB holds.
         let mut changed = first;
         for (i, e) in pd.0.iter_mut().enumerate() {
-            // 2 MiB pages, present, writable, user, PS; none for the first 2 MiB.
-            let value = if (1..pages).contains(&i) {
+            // 2 MiB pages, present, writable, user, PS; none for the first 2 MiB; 4 KiB pages
+            // (present, writable, user) where the guard page is.
+            let value = if i as u64 == guard >> 21 {
+                pt_address | 0x7
+            } else if (1..pages).contains(&i) {
                 ((i as u64) << 21) | 0x87
             } else {
                 0
             };
+            changed |= update(e, value);
+        }
+        let region = guard & !((1 << 21) - 1);
+        for (i, e) in pt.0.iter_mut().enumerate() {
+            let page = region + ((i as u64) << 12);
+            let value = if page == guard { 0 } else { page | 0x7 };
             changed |= update(e, value);
         }
         for (i, e) in pdpt.0.iter_mut().enumerate() {
