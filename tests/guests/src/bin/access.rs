@@ -33,8 +33,8 @@
 //! | `product-1g` (`full` only) | P, R/W, U/S, XD of the PML4E × a 1 GiB PDPTE's 64 | 1024 | 24576 |
 //!
 //! That is 85440 cases by default (about 5 s under the VMM, under a second natively on QEMU's
-//! TCG) and 6794688 with the guest option `full`, a soak (9 minutes under the VMM, 30 s natively,
-//! on a loaded 2-core machine). A PDPTE with PS = 1 is reserved on a CPU without 1 GiB pages
+//! TCG) and 6794688 with the guest option `full`, a soak (8½ minutes under the VMM, 24 s
+//! natively, on a loaded 2-core machine; docs/hostile-guests.md has its result). A PDPTE with PS = 1 is reserved on a CPU without 1 GiB pages
 //! (CPUID.80000001H:EDX[26]), and the model says so; QEMU's `-cpu max` has them. XD set while
 //! EFER.NXE = 0 is a reserved bit too (§4.5), so every section with XD covers that rule at its
 //! levels.
