@@ -47,7 +47,8 @@ impl Rng {
 /// Replaces, in a round of the differential mode, the bytes of instructions whose result is
 /// not the CPU's to decide, so that native and VMM runs can be compared (the plain mode runs
 /// them all): the time and entropy sources RDTSC, RDTSCP, RDRAND and RDSEED, and at CPL 0 (at
-/// CPL 3 they fault anyway) port I/O (IN, OUT, INS, OUTS: the VMM's machine has a PIC, a PIT,
+/// CPL 3 they fault anyway) RDMSR, WRMSR and RDPMC (the MSRs and counters are the machine's:
+/// QEMU answers 0 for an MSR it does not know, the VMM #GP), port I/O (IN, OUT, INS, OUTS: the VMM's machine has a PIC, a PIT,
 /// a UART and the exit port, QEMU's has many more devices, and a write to the reset or exit
 /// port ends the run) and CLI (native interrupts then stay off and a loop after it hangs the
 /// machine: nothing ends the round). Each such opcode byte becomes a NOP (0x90) wherever it
@@ -59,6 +60,8 @@ pub fn filter(code: &mut [u8], cpl0: bool) {
             0xE4..=0xE7 | 0xEC..=0xEF | 0x6C..=0x6F | 0xFA if cpl0 => code[i] = 0x90,
             // 0F 31 RDTSC; 0F 01 F9 RDTSCP; 0F C7 /6 RDRAND and /7 RDSEED (register forms).
             0x0F if next == Some(0x31) => code[i + 1] = 0x90,
+            // 0F 30 WRMSR, 0F 32 RDMSR, 0F 33 RDPMC.
+            0x0F if cpl0 && matches!(next, Some(0x30 | 0x32 | 0x33)) => code[i + 1] = 0x90,
             0x0F if next == Some(0x01) && code.get(i + 2) == Some(&0xF9) => code[i + 2] = 0x90,
             0x0F if next == Some(0xC7) && code.get(i + 2).is_some_and(|m| *m >= 0xF0) => {
                 code[i + 2] = 0x90

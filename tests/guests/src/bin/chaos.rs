@@ -759,10 +759,23 @@ mod machine {
             };
             changed |= update(e, value);
         }
+        // This image's code is read-only (CR0.WP = 1 holds CPL 0 to it too): a round's stray
+        // store would otherwise rewrite the handler or `chaos_enter`, and every later round
+        // would run that (natively and under the VMM alike), not the round's own bytes.
+        extern "C" {
+            static __utext_end: u8;
+        }
+        let code_end = core::ptr::addr_of!(__utext_end) as u64;
         let region = guard & !((1 << 21) - 1);
         for (i, e) in pt.0.iter_mut().enumerate() {
             let page = region + ((i as u64) << 12);
-            let value = if page == guard { 0 } else { page | 0x7 };
+            let value = if page == guard {
+                0
+            } else if page < code_end {
+                page | 0x5
+            } else {
+                page | 0x7
+            };
             changed |= update(e, value);
         }
         for (i, e) in pdpt.0.iter_mut().enumerate() {
