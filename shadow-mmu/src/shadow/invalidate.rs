@@ -5,6 +5,8 @@
 //! the guest does to invalidate its TLB drops the matching shadow entries; any entry dropped
 //! may still be cached in the real TLB, which `take_tlb_flush` reports.
 
+use alloc::vec::Vec;
+
 use crate::addr::GuestVirtAddr;
 use crate::machine::{FrameAllocator, HostMemory};
 use crate::pte::{PageTableEntry, PteFlags};
@@ -19,6 +21,38 @@ impl<M: HostMemory, A: FrameAllocator> ShadowMmu<M, A> {
         if let Some(pair) = self.roots.get(&self.current_key).copied() {
             for root in [pair.kernel, pair.user] {
                 self.invlpg_in(root.as_u64(), gva);
+            }
+        }
+        self.invlpg_unsynced(gva);
+    }
+
+    /// The address's entry in *every* shadow of an unsynced guest table, not only those the
+    /// current roots reach now. A shared shadow table (`sharing.rs`) keeps its links when no
+    /// root reaches it, and a fill through another entry can link it into the current address
+    /// space again, without a CR3 load to resync what hangs below it: an entry the guest changed
+    /// natively and invalidated would then translate again as it was. Found by the `shadow_mmu`
+    /// fuzz target (docs/fuzzing.md): a 2 MiB mapping the guest had replaced by a page table
+    /// came back through a shadow page directory linked from another root's subtree. Zapping
+    /// the entry at the address's index in each is at worst one refill too many.
+    fn invlpg_unsynced(&mut self, gva: GuestVirtAddr) {
+        if self.unsync.is_empty() {
+            return;
+        }
+        let tables: Vec<u64> = self
+            .unsync
+            .iter()
+            .filter_map(|gfn| self.shadowed.get(gfn))
+            .flatten()
+            .copied()
+            .collect();
+        for table in tables {
+            // An earlier zap of this loop may have freed it (it hung below another's entry).
+            let Some(level) = self.pages.get(&table).map(|p| p.level) else {
+                continue;
+            };
+            let idx = gva.table_index(level);
+            if !is_vmm_slot(level, idx) && self.zap_entry(table, idx) {
+                self.stats.zaps += 1;
             }
         }
     }
