@@ -40,7 +40,9 @@
 use core::fmt::Write as _;
 use core::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 
-use test_guests::machine::{self, set_gate, Frame, Layout, Page, PageTables, LINUX_GDT};
+use test_guests::machine::{
+    self, set_gate, Frame, Layout, Page, PageTables, LINUX_GDT, RFLAGS_IF, RFLAGS_TF,
+};
 use test_guests::{exit, println, rdmsr, wrmsr};
 
 const KCS: u16 = 0x10;
@@ -56,8 +58,6 @@ const LAYOUT: Layout = Layout {
     user_ds: UDS,
     tss: 0x40,
 };
-const RFLAGS_TF: u64 = machine::RFLAGS_TF;
-const RFLAGS_IF: u64 = machine::RFLAGS_IF;
 
 static mut USER_STACK: Page = Page::zeroed();
 static mut RSP0_STACK: [Page; 2] = [const { Page::zeroed() }; 2];
