@@ -759,13 +759,17 @@ mod machine {
             };
             changed |= update(e, value);
         }
-        // This image's code is read-only (CR0.WP = 1 holds CPL 0 to it too): a round's stray
-        // store would otherwise rewrite the handler or `chaos_enter`, and every later round
-        // would run that (natively and under the VMM alike), not the round's own bytes.
+        // This image's code, read-only data and GOT are read-only (CR0.WP = 1 holds CPL 0 to
+        // them too): a round's stray store would otherwise rewrite the handler or
+        // `chaos_enter`, or the GOT entry every `memset` is called through, and every later
+        // round would run that (natively and under the VMM alike), not the round's own bytes.
+        // (Seed 2018 at CPL 0, round 352: an `sbb [rdi], edx` rewrote the GOT's `memset`; each
+        // later round then ended in a #PF inside this harness, the frames differing only where
+        // QEMU's IST delivery departs from the SDM, docs/virtualization-holes.md.)
         extern "C" {
-            static __utext_end: u8;
+            static __rodata_end: u8;
         }
-        let code_end = core::ptr::addr_of!(__utext_end) as u64;
+        let code_end = core::ptr::addr_of!(__rodata_end) as u64;
         let region = guard & !((1 << 21) - 1);
         for (i, e) in pt.0.iter_mut().enumerate() {
             let page = region + ((i as u64) << 12);
