@@ -225,12 +225,6 @@ fn reference_deviation(
 ) -> Option<(&'static str, &'static [&'static str])> {
     let strict_at = |rip: u64| instruction_at(bytes, code, rip, true);
     let decodes_at = |rip: u64| strict_at(rip).map(|i| !i.is_invalid());
-    let legacy_prefix = |b: u8| {
-        matches!(
-            b,
-            0x26 | 0x2E | 0x36 | 0x3E | 0x64 | 0x65 | 0x66 | 0x67 | 0xF0 | 0xF2 | 0xF3
-        )
-    };
     let byte_at = |rip: u64| {
         rip.checked_sub(code)
             .and_then(|o| bytes.get(o as usize))
@@ -417,10 +411,47 @@ fn reachable(bytes: &[u8], code: u64) -> Vec<Instruction> {
     found.into_values().collect()
 }
 
-/// The instructions the round ran, as far as its bytes tell: the straight line from its start
+/// Whether `b` is a legacy prefix (SDM Vol. 2A §2.1.1).
+fn legacy_prefix(b: u8) -> bool {
+    matches!(
+        b,
+        0x26 | 0x2E | 0x36 | 0x3E | 0x64 | 0x65 | 0x66 | 0x67 | 0xF0 | 0xF2 | 0xF3
+    )
+}
+
+/// The round's bytes as QEMU reads them: a REX prefix followed by legacy prefixes is ignored
+/// by the CPU (SDM Vol. 2A §2.2.1) but applied by QEMU (`qemu_rex_before_prefix`), so each
+/// such REX is moved after its run of prefixes, where iced-x86 applies it too. Every
+/// instruction keeps its address and length.
+fn qemu_order(bytes: &[u8]) -> Vec<u8> {
+    let mut out = bytes.to_vec();
+    let mut at = 0;
+    while at < out.len() {
+        let run = out[at + 1..].iter().take_while(|&&b| legacy_prefix(b)).count();
+        if (0x40..=0x4F).contains(&out[at]) && run > 0 {
+            out[at..=at + run].rotate_left(1);
+            at += run;
+        }
+        at += 1;
+    }
+    out
+}
+
+/// The instructions the round ran, as far as its bytes tell, as the SDM and as QEMU decode
+/// them (`qemu_order`; more is safer than fewer): for each, the straight line from its start
 /// to the instruction at the frame's RIP when it gets there without a branch, else every
 /// instruction it could reach.
 fn path(bytes: &[u8], code: u64, rip: u64) -> Vec<Instruction> {
+    let mut instructions = path_as_decoded(bytes, code, rip);
+    let qemu = qemu_order(bytes);
+    if qemu != bytes {
+        instructions.extend(path_as_decoded(&qemu, code, rip));
+    }
+    instructions
+}
+
+/// `path` for one decoding of the bytes.
+fn path_as_decoded(bytes: &[u8], code: u64, rip: u64) -> Vec<Instruction> {
     let linear = decode(bytes, code);
     if let Some(at) = linear.iter().position(|i| i.ip() == rip) {
         if linear[..at]
@@ -812,6 +843,31 @@ mod tests {
         assert!(!int_gp_error_codes(0x1a, 0x1a));
         assert!(!int_gp_error_codes(0x32, 0x18)); // the IDT bit lost
         assert!(!int_gp_error_codes(0x32, 0x22)); // another vector
+    }
+
+    #[test]
+    fn the_path_includes_what_qemu_runs_after_a_rex_before_a_legacy_prefix() {
+        // Seed 2021, round 120: REX.WX, DS, MOV EDI, imm32 as the SDM reads it; QEMU applies
+        // the REX (MOV RDI, imm64), which runs the POPF at +0xb that set NT natively.
+        let bytes = [
+            0x4a, 0x3e, 0xbf, 0x66, 0xcb, 0x9f, 0x93, 0x11, 0xb6, 0x92, 0x18, 0x9d, 0x13, 0x56,
+            0x5b, 0x2f,
+        ];
+        assert_eq!(qemu_order(&bytes)[..3], [0x3e, 0x4a, 0xbf]);
+        assert_eq!(qemu_order(&bytes)[3..], bytes[3..]);
+        let code = 0x1000;
+        let sdm = path_as_decoded(&bytes, code, code + 0xf);
+        assert!(!sdm.iter().any(loads_rflags), "{}", listing(&sdm, code));
+        let both = path(&bytes, code, code + 0xf);
+        assert!(
+            both.iter()
+                .any(|i| i.mnemonic() == Mnemonic::Popfq && i.ip() == code + 0xb),
+            "{}",
+            listing(&both, code)
+        );
+        // Without a REX before a prefix, QEMU reads the bytes as the SDM does.
+        assert_eq!(qemu_order(&[0x3e, 0x4a, 0xbf]), [0x3e, 0x4a, 0xbf]);
+        assert_eq!(qemu_order(&[0x48, 0x89, 0xc3]), [0x48, 0x89, 0xc3]);
     }
 
     #[test]
