@@ -50,14 +50,17 @@ impl Rng {
 /// CPL 3 they fault anyway) RDMSR, WRMSR and RDPMC (the MSRs and counters are the machine's:
 /// QEMU answers 0 for an MSR it does not know, the VMM #GP), port I/O (IN, OUT, INS, OUTS: the VMM's machine has a PIC, a PIT,
 /// a UART and the exit port, QEMU's has many more devices, and a write to the reset or exit
-/// port ends the run) and CLI (native interrupts then stay off and a loop after it hangs the
-/// machine: nothing ends the round). Each such opcode byte becomes a NOP (0x90) wherever it
-/// appears, an operand byte included.
+/// port ends the run), CLI (native interrupts then stay off and a loop after it hangs the
+/// machine: nothing ends the round) and STI (QEMU 7.2's TCG can keep the interrupt shadow of an
+/// STI followed by a jump into a loop for good, so the one-shot timer never ends the round
+/// natively: seed 2022 at CPL 0, round 470, `sti; jns $`; asterinas PR 537 describes the same
+/// QEMU bug). Each such opcode byte becomes a NOP (0x90) wherever it appears, an operand byte
+/// included.
 pub fn filter(code: &mut [u8], cpl0: bool) {
     for i in 0..code.len() {
         let next = code.get(i + 1).copied();
         match code[i] {
-            0xE4..=0xE7 | 0xEC..=0xEF | 0x6C..=0x6F | 0xFA if cpl0 => code[i] = 0x90,
+            0xE4..=0xE7 | 0xEC..=0xEF | 0x6C..=0x6F | 0xFA | 0xFB if cpl0 => code[i] = 0x90,
             // 0F 31 RDTSC; 0F 01 F9 RDTSCP; 0F C7 /6 RDRAND and /7 RDSEED (register forms).
             0x0F if next == Some(0x31) => code[i + 1] = 0x90,
             // 0F 30 WRMSR, 0F 32 RDMSR, 0F 33 RDPMC.

@@ -26,7 +26,7 @@
 #![no_main]
 
 use test_guests::chaos_rounds::{Rng, BLOB, STACK_WORD_CLEARED, STACK_WORD_SET};
-use test_guests::machine::{code64, data, tss_descriptor};
+use test_guests::machine::{code64, data, tss_descriptor, PTE_XD};
 use test_guests::{boot_info, exit, inb, load_idt, outb, println};
 
 /// The page the rounds run in: each round's bytes (`chaos_rounds::BLOB`) at `CODE_OFFSET`, then
@@ -753,7 +753,7 @@ mod machine {
             let value = if i as u64 == guard >> 21 {
                 pt_address | 0x7
             } else if (1..pages).contains(&i) {
-                ((i as u64) << 21) | 0x87
+                ((i as u64) << 21) | 0x87 | PTE_XD
             } else {
                 0
             };
@@ -766,10 +766,18 @@ mod machine {
         // (Seed 2018 at CPL 0, round 352: an `sbb [rdi], edx` rewrote the GOT's `memset`; each
         // later round then ended in a #PF inside this harness, the frames differing only where
         // QEMU's IST delivery departs from the SDM, docs/virtualization-holes.md.)
+        // And only the code runs: the rest (read-only data, the GOT, the round's stack and
+        // scratch area, the tables, every 2 MiB page) is execute-disable (EFER.NXE = 1 by the
+        // entry contract). A round that jumps into its stack (seed 2004 at CPL 0, round 298:
+        // `push rsp; ret`) would otherwise run the stack's random words, which the generator
+        // never filtered (port I/O whose answer is the platform's, not the CPU's).
         extern "C" {
+            static __utext_end: u8;
             static __rodata_end: u8;
         }
-        let code_end = core::ptr::addr_of!(__rodata_end) as u64;
+        let code_end = core::ptr::addr_of!(__utext_end) as u64;
+        let read_only_end = core::ptr::addr_of!(__rodata_end) as u64;
+        let round_code = core::ptr::addr_of!(CHAOS_CODE) as u64;
         let region = guard & !((1 << 21) - 1);
         for (i, e) in pt.0.iter_mut().enumerate() {
             let page = region + ((i as u64) << 12);
@@ -777,8 +785,12 @@ mod machine {
                 0
             } else if page < code_end {
                 page | 0x5
-            } else {
+            } else if page < read_only_end {
+                page | 0x5 | PTE_XD
+            } else if page == round_code {
                 page | 0x7
+            } else {
+                page | 0x7 | PTE_XD
             };
             changed |= update(e, value);
         }
