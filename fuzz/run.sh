@@ -6,7 +6,7 @@
 #   ./fuzz/run.sh shadow_mmu 600      the same for the shadow MMU
 #   ./fuzz/run.sh --merge emulator    minimize the working corpus into fuzz/corpus/emulator
 #
-# Exit status: 0 nothing found, 1 a crash was found (the input is in target/fuzz/artifacts/),
+# Exit status: 0 nothing found (also when interrupted with Ctrl-C), 1 a crash was found (the input is in target/fuzz/artifacts/),
 # 2 bad usage or a failed build.
 set -euo pipefail
 
@@ -126,6 +126,11 @@ grep -q "Done [0-9]* runs" "$OUT/$target.log" || status=1
 runs=$(grep -oE 'stat::number_of_executed_units: [0-9]+' "$OUT/$target.log" | grep -oE '[0-9]+$' || echo 0)
 echo "fuzz/run.sh: $target: $runs executions in this run (log: target/fuzz/$target.log)"
 if [[ $status -ne 0 ]]; then
+    if grep -q "libFuzzer: run interrupted" "$OUT/$target.log"; then
+        # Ctrl-C (SIGINT): libFuzzer stops early and still prints its counts; nothing failed.
+        echo "fuzz/run.sh: $target: interrupted before SECONDS; no failure" >&2
+        exit 0
+    fi
     echo "fuzz/run.sh: $target: crash; the input is in target/fuzz/artifacts/$target/" >&2
 fi
 exit $status
