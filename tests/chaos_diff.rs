@@ -40,12 +40,14 @@ fn compare_seeds(seeds: impl Iterator<Item = u64>, rounds: u64) -> Vec<Report> {
     let total = |f: fn(&Report) -> u64| reports.iter().map(f).sum::<u64>();
     eprintln!(
         "differential chaos: {} runs, {} rounds compared ({} with QEMU's RF, {} with QEMU's INT n \
-         #GP error code), {} ended on the timer, {} accepted after a show:",
+         #GP error code), {} ended on the timer ({} more on one side only), {} accepted after a \
+         show:",
         reports.len(),
         total(|r| r.compared),
         total(|r| r.rf_only),
         total(|r| r.int_gp_error_code),
         total(|r| r.timer),
+        total(|r| r.timer_one_side),
         reports.iter().map(|r| r.accepted.len()).sum::<usize>()
     );
     for line in reports.iter().flat_map(|r| &r.accepted) {
