@@ -28,7 +28,7 @@ use crate::cpu::Event;
 /// in the trap frame before its `iretq` back to the guest (`kernel/src/vmm/registers.rs`).
 ///
 /// The real register carries the guest's own flags where the hardware updates them without
-/// trapping (`rflags::HARDWARE_OWNED`: the arithmetic flags, TF, DF, AC, ID); everything else
+/// trapping (`rflags::HARDWARE_OWNED`: the arithmetic flags, TF, DF, NT, AC, ID); everything else
 /// must keep the host in control. Think about what happens to the host's timer if IF is 0 while
 /// the guest runs, and to `cli` if IOPL is 3. Bit 1 (`rflags::FIXED`) always reads 1.
 pub fn real_rflags(cpu: &VCpu) -> u64 {

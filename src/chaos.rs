@@ -171,12 +171,8 @@ enum HoleInstruction {
     Lar,
 }
 
-/// RFLAGS.NT: set by a POPF or IRET at the real CPL 3 without a trap, and not kept by the VMM
-/// (hole `rflags_nt`).
-const RFLAGS_NT: u64 = 1 << 14;
-
-/// Whether `instruction` loads RFLAGS from memory (POPF, IRET): it may set NT (hole
-/// `rflags_nt`, at either CPL).
+/// Whether `instruction` loads RFLAGS from memory (POPF, IRET).
+#[cfg(test)]
 fn loads_rflags(instruction: &Instruction) -> bool {
     matches!(
         instruction.mnemonic(),
@@ -733,21 +729,6 @@ fn classify(
     if let Some((_, fields)) = deviation {
         differing.retain(|(key, _, _)| fields != ["*"] && !fields.contains(&key.as_str()));
     }
-    // Hole `rflags_nt` reaching an IRET: natively the NT a POPF or IRET set makes the IRET
-    // #GP(0) (IA-32e mode has no task return, SDM Vol. 2A, IRET); under the VMM that NT was
-    // lost at the trap before, so the IRET went on and anything after may differ.
-    let nt_at_iret = (event(native).vector, event(native).error) == (13, Some(0))
-        && number(native, "rflags").is_some_and(|f| f & RFLAGS_NT != 0)
-        && instruction_at(&bytes, code_address, rip, true).is_some_and(|i| {
-            matches!(
-                i.mnemonic(),
-                Mnemonic::Iret | Mnemonic::Iretd | Mnemonic::Iretq
-            )
-        })
-        && path.iter().any(loads_rflags);
-    if nt_at_iret {
-        differing.clear();
-    }
     let hole_instructions: Vec<HoleInstruction> = path
         .iter()
         .filter_map(HoleInstruction::of)
@@ -759,7 +740,6 @@ fn classify(
             at >= code_address && bytes.get((at - code_address) as usize) == Some(&0xCD)
         });
     let mut unexplained = Vec::new();
-    let mut nt_lost = nt_at_iret;
     let mut rcl_rcr = false;
     let lazy_flags_written = lazy_flags_destinations(path);
     for (field, n, v) in &differing {
@@ -780,10 +760,6 @@ fn classify(
                 }
                 if hole_instructions.contains(&HoleInstruction::Popf) {
                     bits &= !RFLAGS_POPF_BITS;
-                }
-                if bits & RFLAGS_NT != 0 && n & RFLAGS_NT != 0 && path.iter().any(loads_rflags) {
-                    bits &= !RFLAGS_NT;
-                    nt_lost = true;
                 }
                 let faulting_reader = instruction_at(&bytes, code_address, rip, false)
                     .is_some_and(|i| reads_arithmetic_flags(&i));
@@ -828,9 +804,6 @@ fn classify(
         ));
     }
     let mut names: Vec<&str> = hole_instructions.iter().map(|h| h.hole()).collect();
-    if nt_lost {
-        names.push("rflags_nt");
-    }
     // Every hole must be a row of the holes table, and a selector read whose destination
     // still holds the native selector must hold the documented VMM value.
     for name in &names {

@@ -169,6 +169,10 @@ fn single_steps_around_syscall_sysret_and_mov_ss_under_svm() {
     let run = guest_under_svm("mov-ss-pending-db", &["dr=0"]);
     run.expect_status(0);
     run.expect_line("mov-ss-pending-db: 8 phases, 0 wrong");
+    let run = guest_under_svm("nt-syscall-sysenter", &[]);
+    run.expect_status(0);
+    run.expect_line("nt-sysenter: NT at the entry point 1 -> ok");
+    run.expect_line("nt-syscall-sysenter: done");
 }
 
 /// The guest's own LDT and call gate, which trap-and-emulate offers only for data segments,

@@ -471,6 +471,23 @@ cpu_correct_natively_and_under_the_vmm!(
     syscall_and_sysenter_with_tf_trap_on_the_entry_point_under_the_vmm
 );
 
+/// RFLAGS.NT set by a POPF, then SYSCALL and SYSENTER: the guest's entry points see NT, as on
+/// the CPU, and the host, whose own IRETQ would #GP with it, is not hurt (it panicked before
+/// its SYSCALL and SYSENTER entries cleared NT).
+const NT_SYSCALL_SYSENTER: &[&str] = &[
+    "nt-syscall-r11: NT at the entry point 1 -> ok",
+    "nt-syscall: NT at the entry point 1 -> ok",
+    "nt-sysenter: NT at the entry point 1 -> ok",
+    "nt-syscall-sysenter: done",
+];
+
+cpu_correct_natively_and_under_the_vmm!(
+    "nt-syscall-sysenter",
+    NT_SYSCALL_SYSENTER,
+    syscall_and_sysenter_keep_nt_natively,
+    syscall_and_sysenter_keep_nt_under_the_vmm_and_the_host_survives_it
+);
+
 /// MOV SS then INT3 / INT 0x80 / SYSCALL / POP SS with TF, at CPL 3 and CPL 0 (CVE-2018-8897's
 /// shape without the data breakpoint).
 const MOV_SS_WITH_TF: &[&str] = &[

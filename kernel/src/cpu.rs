@@ -127,12 +127,14 @@ extern "C" {
 
 /// Points the real SYSCALL at the VMM's entry stub (asm/trap_entry.S): IA32_LSTAR, CS/SS from
 /// IA32_STAR (host code and data), IA32_FMASK clearing IF, TF, DF and AC so nothing runs
-/// between the instruction and the stub's stack switch. Both SYSCALL (EFER.SCE) and SYSENTER
+/// between the instruction and the stub's stack switch, and NT, which a guest's POPF may set
+/// at any CPL and which would make the host's own IRETQ #GP(0) (IA-32e mode has no task return,
+/// SDM Vol. 2A, IRET; the `nt-syscall-sysenter` guest panicked the host that way). Both SYSCALL (EFER.SCE) and SYSENTER
 /// start disabled: they follow the guest's own settings ([`set_syscall_enabled`],
 /// [`set_sysenter_enabled`]).
 pub fn enable_fast_syscall_entries() {
     use vmm_core::cpu::state::rflags;
-    const FMASK: u64 = rflags::IF | rflags::TF | rflags::DF | rflags::AC;
+    const FMASK: u64 = rflags::IF | rflags::TF | rflags::DF | rflags::AC | rflags::NT;
     let star = u64::from(crate::gdt::HOST_CODE) << 32;
     // SAFETY: only SYSCALL reads LSTAR, and the host itself never executes it; `syscall_entry`
     // is the stub that builds a TrapFrame on the trap stack and enters the dispatcher.
@@ -146,7 +148,8 @@ pub fn enable_fast_syscall_entries() {
     // (SS = that + 8, the host's data), which is what the stub expects to run on.
     unsafe { x86::msr::wrmsr(x86::msr::IA32_STAR, star) };
     // SAFETY: only SYSCALL reads FMASK; clearing IF, TF, DF and AC keeps interrupts, single
-    // steps and alignment checks away until the stub has switched stacks.
+    // steps and alignment checks away until the stub has switched stacks, and NT the host's
+    // IRETQ.
     unsafe { x86::msr::wrmsr(x86::msr::IA32_FMASK, FMASK) };
     // SAFETY: only SYSENTER reads SYSENTER_ESP; the trap stack's top is where the stub expects
     // to build its TrapFrame.

@@ -136,9 +136,21 @@ syscall_entry:
  */
 .global sysenter_entry
 sysenter_entry:
-    pushq $GUEST_DATA_SELECTOR
-    pushq $0
-    pushq $0x202
+    /* The guest's RFLAGS as SYSENTER left them, first: with TF the single step traps after this
+     * instruction, and the #DB handler resumes the stub without TF and NT. */
+    pushfq                               /* for now at the SS slot */
+    pushq $0                             /* RSP */
+    pushq $0x202                         /* RFLAGS: IF and the fixed bit ... */
+    testq $0x4000, 16(%rsp)
+    jz 1f
+    orq $0x4000, (%rsp)                  /* ... and the guest's NT, which SYSENTER leaves */
+1:  movq $GUEST_DATA_SELECTOR, 16(%rsp)  /* SS */
+    /* SYSENTER clears only VM, IF and RF: NT is still the guest's (POPF may set it at any CPL),
+     * and an IRET with NT set is #GP(0) in IA-32e mode (SDM vol. 2A, IRET), so the host's own
+     * IRETQ would fault: clear it before going on (SYSCALL's FMASK clears it). */
+    pushfq
+    andq $~0x4000, (%rsp)
+    popfq
     pushq $GUEST_CODE_SELECTOR
     pushq $0
     pushq $0

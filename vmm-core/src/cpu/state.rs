@@ -51,9 +51,12 @@ pub mod rflags {
     /// The arithmetic flags.
     pub const STATUS: u64 = CF | PF | AF | ZF | SF | OF;
     /// The bits the guest's *real* RFLAGS carries while it runs: the hardware updates them
-    /// without trapping, so the real value is the truth for them. Everything else (IF, IOPL, NT,
-    /// RF, VM, VIF, VIP) is virtual and lives in [`super::VCpu::rflags`].
-    pub const HARDWARE_OWNED: u64 = STATUS | TF | DF | AC | ID;
+    /// without trapping (POPF and IRET set NT at any CPL), so the real value is the truth for
+    /// them. Everything else (IF, IOPL, RF, VM, VIF, VIP) is virtual and lives in
+    /// [`super::VCpu::rflags`]. NT is safe to hand the guest because every way into the host
+    /// clears it: interrupt and exception delivery (SDM Vol. 3 §6.12.1), SYSCALL through
+    /// IA32_FMASK, and the SYSENTER stub itself (an IRET with NT set would #GP in the host).
+    pub const HARDWARE_OWNED: u64 = STATUS | TF | DF | NT | AC | ID;
     /// Every bit that exists; the others are reserved and read as 0.
     pub const DEFINED: u64 =
         STATUS | FIXED | TF | IF | DF | IOPL | NT | RF | VM | AC | VIF | VIP | ID;
