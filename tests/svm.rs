@@ -172,6 +172,7 @@ fn single_steps_around_syscall_sysret_and_mov_ss_under_svm() {
     let run = guest_under_svm("nt-syscall-sysenter", &[]);
     run.expect_status(0);
     run.expect_line("nt-sysenter: NT at the entry point 1 -> ok");
+    run.expect_line("nt-tf-sysenter-db: NT at the entry point 1 -> ok");
     run.expect_line("nt-syscall-sysenter: done");
 }
 

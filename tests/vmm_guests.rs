@@ -478,6 +478,9 @@ const NT_SYSCALL_SYSENTER: &[&str] = &[
     "nt-syscall-r11: NT at the entry point 1 -> ok",
     "nt-syscall: NT at the entry point 1 -> ok",
     "nt-sysenter: NT at the entry point 1 -> ok",
+    // With TF too: the single step traps first in the host's SYSENTER stub under the VMM.
+    "nt-tf-sysenter-db: NT at the entry point 1 -> ok",
+    "nt-tf-sysenter: NT at the entry point 1 -> ok",
     "nt-syscall-sysenter: done",
 ];
 
@@ -950,6 +953,10 @@ fn with_the_fast_paths_off_the_cpu_is_the_same() {
     cpu_correct(
         &vmm_guest_with("tf-syscall-sysenter", off, &[]),
         TF_SYSCALL_SYSENTER,
+    );
+    cpu_correct(
+        &vmm_guest_with("nt-syscall-sysenter", off, &[]),
+        NT_SYSCALL_SYSENTER,
     );
     cpu_correct(
         &vmm_guest_with("pushf-after-sti", off, &[]),

@@ -339,9 +339,10 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
             // SYSENTER does not clear TF (SDM Vol. 2B): a guest that single-steps into it
             // traps once in our stub. Finish the stub without TF, and tell the VMM, which
             // gives the guest its single-step trap at its own SYSENTER handler.
-            // A step after the stub's first instruction comes before it cleared NT: this
-            // IRETQ must not give it back.
-            frame.rflags &= !(vmm_core::cpu::state::rflags::TF | vmm_core::cpu::state::rflags::NT);
+            // The step comes before the stub's first instruction, which records the guest's
+            // NT and clears it: leave NT to the stub (this IRETQ runs with NT clear, as every
+            // exception handler does, and may restore it).
+            frame.rflags &= !vmm_core::cpu::state::rflags::TF;
             SYSENTER_SINGLE_STEP.store(true, Ordering::Relaxed);
         }
         vector::PAGE_FAULT if frame.rip == core::ptr::addr_of!(fixup_copy_insn) as u64 => {

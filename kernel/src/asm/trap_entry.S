@@ -136,8 +136,8 @@ syscall_entry:
  */
 .global sysenter_entry
 sysenter_entry:
-    /* The guest's RFLAGS as SYSENTER left them, first: with TF the single step traps after this
-     * instruction, and the #DB handler resumes the stub without TF and NT. */
+    /* The guest's RFLAGS as SYSENTER left them, first (with TF the single step traps before
+     * this instruction, and the #DB handler resumes here without TF, NT as the guest had it). */
     pushfq                               /* for now at the SS slot */
     pushq $0                             /* RSP */
     pushq $0x202                         /* RFLAGS: IF and the fixed bit ... */

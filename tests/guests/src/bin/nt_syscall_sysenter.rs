@@ -5,6 +5,11 @@
 //! stubs kept the guest's NT would run on with it and fault at its own IRETQ (an IRET with
 //! NT = 1 in IA-32e mode is #GP(0), SDM Vol. 2A, IRET): the VMM's SYSCALL and SYSENTER stubs
 //! clear it.
+//!
+//! Last, SYSENTER with NT and TF: the single step traps on the entry point (SYSENTER leaves TF
+//! too), and under the VMM it first traps in the host's own SYSENTER stub, whose #DB path must
+//! not give the host the guest's NT back (nor lose it for the guest): the #DB frame at the
+//! guest's entry point holds NT = 1.
 #![no_std]
 #![no_main]
 
@@ -57,6 +62,24 @@ nt_sysenter_entry:
     lea rsp, [rip + {stack} + 4096]
     call after_sysenter
     ud2
+.global nt_tf_sysenter
+nt_tf_sysenter:
+    pushfq
+    or qword ptr [rsp], 0x4100
+    popfq
+    sysenter
+    ud2
+.global nt_tf_sysenter_entry
+nt_tf_sysenter_entry:
+    pushfq
+    pop rax
+    mov [rip + {flags}], rax
+    and rax, ~0x4000
+    push rax
+    popfq
+    lea rsp, [rip + {stack} + 4096]
+    call after_tf_sysenter
+    ud2
 "#,
     r11 = sym SEEN_R11,
     flags = sym SEEN_FLAGS,
@@ -68,7 +91,12 @@ extern "C" {
     fn nt_syscall_entry();
     fn nt_sysenter() -> !;
     fn nt_sysenter_entry();
+    fn nt_tf_sysenter() -> !;
+    fn nt_tf_sysenter_entry();
 }
+
+/// RFLAGS in the #DB frame at `nt_tf_sysenter_entry` (0: none came).
+static DB_FLAGS: AtomicU64 = AtomicU64::new(0);
 
 #[no_mangle]
 extern "C" fn _start(info: *const boot::BootInfo) -> ! {
@@ -115,11 +143,27 @@ extern "C" fn after_syscall() -> ! {
 extern "C" fn after_sysenter() -> ! {
     let flags = SEEN_FLAGS.load(Ordering::SeqCst);
     report("sysenter", flags & RFLAGS_NT != 0);
+    wrmsr(0x176, nt_tf_sysenter_entry as *const () as u64); // SYSENTER_EIP
+    // SAFETY: the entry point moves to ENTRY_STACK and calls `after_tf_sysenter`.
+    unsafe { nt_tf_sysenter() }
+}
+
+#[no_mangle]
+extern "C" fn after_tf_sysenter() -> ! {
+    let db = DB_FLAGS.load(Ordering::SeqCst);
+    report("tf-sysenter-db", db & RFLAGS_NT != 0);
+    report("tf-sysenter", SEEN_FLAGS.load(Ordering::SeqCst) & RFLAGS_NT != 0);
     println!("nt-syscall-sysenter: done");
     exit(boot::exit_code::SUCCESS)
 }
 
 fn fault_handler(frame: &mut Frame) {
+    if frame.vector == 1 && frame.rip == nt_tf_sysenter_entry as *const () as u64 {
+        // The single step after SYSENTER, on the entry point: record, stop stepping, go on.
+        DB_FLAGS.store(frame.rflags, Ordering::SeqCst);
+        frame.rflags &= !(1 << 8);
+        return;
+    }
     println!(
         "fault vector={} error={:#x} rip={:#x}",
         frame.vector, frame.error, frame.rip
