@@ -143,7 +143,8 @@ extern "C" fn after_syscall() -> ! {
 extern "C" fn after_sysenter() -> ! {
     let flags = SEEN_FLAGS.load(Ordering::SeqCst);
     report("sysenter", flags & RFLAGS_NT != 0);
-    wrmsr(0x176, nt_tf_sysenter_entry as *const () as u64); // SYSENTER_EIP
+    // SYSENTER_EIP: the entry point of the last phase.
+    wrmsr(0x176, nt_tf_sysenter_entry as *const () as u64);
     // SAFETY: the entry point moves to ENTRY_STACK and calls `after_tf_sysenter`.
     unsafe { nt_tf_sysenter() }
 }
@@ -152,7 +153,10 @@ extern "C" fn after_sysenter() -> ! {
 extern "C" fn after_tf_sysenter() -> ! {
     let db = DB_FLAGS.load(Ordering::SeqCst);
     report("tf-sysenter-db", db & RFLAGS_NT != 0);
-    report("tf-sysenter", SEEN_FLAGS.load(Ordering::SeqCst) & RFLAGS_NT != 0);
+    report(
+        "tf-sysenter",
+        SEEN_FLAGS.load(Ordering::SeqCst) & RFLAGS_NT != 0,
+    );
     println!("nt-syscall-sysenter: done");
     exit(boot::exit_code::SUCCESS)
 }
