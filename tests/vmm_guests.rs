@@ -478,6 +478,7 @@ const NT_SYSCALL_SYSENTER: &[&str] = &[
     "nt-syscall-r11: NT at the entry point 1 -> ok",
     "nt-syscall: NT at the entry point 1 -> ok",
     "nt-sysenter: NT at the entry point 1 -> ok",
+    "nt-sysenter: CF and DF at the entry point 1 -> ok",
     // With TF too: the single step traps first in the host's SYSENTER stub under the VMM.
     "nt-tf-sysenter-db: NT at the entry point 1 -> ok",
     "nt-tf-sysenter: NT at the entry point 1 -> ok",

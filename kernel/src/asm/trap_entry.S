@@ -132,7 +132,9 @@ syscall_entry:
 /*
  * SYSENTER (SDM vol. 2B): RSP = IA32_SYSENTER_ESP (the trap stack top), IF cleared; the caller's
  * RIP and RSP are not saved anywhere (by convention the guest passes them in registers), so the
- * frame carries zeros there and the VMM takes the new ones from the guest's virtual MSRs.
+ * frame carries zeros there and the VMM takes the new ones from the guest's virtual MSRs. Its
+ * RFLAGS are the guest's as SYSENTER left them (VM, IF and RF clear; TF too when it single-stepped
+ * into the stub, which the #DB handler reports apart).
  */
 .global sysenter_entry
 sysenter_entry:
@@ -140,11 +142,8 @@ sysenter_entry:
      * this instruction, and the #DB handler resumes here without TF, NT as the guest had it). */
     pushfq                               /* for now at the SS slot */
     pushq $0                             /* RSP */
-    pushq $0x202                         /* RFLAGS: IF and the fixed bit ... */
-    testq $0x4000, 16(%rsp)
-    jz 1f
-    orq $0x4000, (%rsp)                  /* ... and the guest's NT, which SYSENTER leaves */
-1:  movq $GUEST_DATA_SELECTOR, 16(%rsp)  /* SS */
+    pushq 8(%rsp)                        /* RFLAGS: the guest's, NT, DF and the arithmetic flags included */
+    movq $GUEST_DATA_SELECTOR, 16(%rsp)  /* SS */
     /* SYSENTER clears only VM, IF and RF: NT is still the guest's (POPF may set it at any CPL),
      * and an IRET with NT set is #GP(0) in IA-32e mode (SDM vol. 2A, IRET), so the host's own
      * IRETQ would fault: clear it before going on (SYSCALL's FMASK clears it). */

@@ -19,6 +19,8 @@ use test_guests::machine::{self, Frame};
 use test_guests::{exit, println, rdmsr, wrmsr};
 
 const RFLAGS_NT: u64 = 1 << 14;
+const RFLAGS_CF: u64 = 1 << 0;
+const RFLAGS_DF: u64 = 1 << 10;
 static mut ENTRY_STACK: [u64; 512] = [0; 512];
 static SEEN_R11: AtomicU64 = AtomicU64::new(0);
 static SEEN_FLAGS: AtomicU64 = AtomicU64::new(0);
@@ -49,6 +51,8 @@ nt_sysenter:
     pushfq
     or qword ptr [rsp], 0x4000
     popfq
+    stc
+    std
     sysenter
     ud2
 .global nt_sysenter_entry
@@ -56,7 +60,7 @@ nt_sysenter_entry:
     pushfq
     pop rax
     mov [rip + {flags}], rax
-    and rax, ~0x4000
+    and rax, ~0x4400
     push rax
     popfq
     lea rsp, [rip + {stack} + 4096]
@@ -143,6 +147,13 @@ extern "C" fn after_syscall() -> ! {
 extern "C" fn after_sysenter() -> ! {
     let flags = SEEN_FLAGS.load(Ordering::SeqCst);
     report("sysenter", flags & RFLAGS_NT != 0);
+    // SYSENTER leaves the arithmetic flags and DF too (it clears only VM, IF and RF).
+    let kept = flags & (RFLAGS_CF | RFLAGS_DF) == RFLAGS_CF | RFLAGS_DF;
+    println!(
+        "nt-sysenter: CF and DF at the entry point {} -> {}",
+        u8::from(kept),
+        if kept { "ok" } else { "WRONG" }
+    );
     // SYSENTER_EIP: the entry point of the last phase.
     wrmsr(0x176, nt_tf_sysenter_entry as *const () as u64);
     // SAFETY: the entry point moves to ENTRY_STACK and calls `after_tf_sysenter`.
