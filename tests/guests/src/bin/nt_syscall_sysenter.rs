@@ -15,7 +15,7 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use test_guests::machine::{self, Frame};
+use test_guests::machine::{self, Frame, RFLAGS_TF};
 use test_guests::{exit, println, rdmsr, wrmsr};
 
 const RFLAGS_NT: u64 = 1 << 14;
@@ -34,18 +34,25 @@ nt_syscall:
     popfq
     syscall
     ud2
-.global nt_syscall_entry
-nt_syscall_entry:
-    mov [rip + {r11}], r11
+/* An entry point: records RFLAGS as it arrived, clears NT and DF (Rust code follows), moves
+ * to ENTRY_STACK and calls `after`. */
+.macro entry name, after
+.global \name
+\name:
     pushfq
     pop rax
     mov [rip + {flags}], rax
-    and rax, ~0x4000
+    and rax, ~0x4400
     push rax
     popfq
     lea rsp, [rip + {stack} + 4096]
-    call after_syscall
+    call \after
     ud2
+.endm
+.global nt_syscall_entry
+nt_syscall_entry:
+    mov [rip + {r11}], r11
+    entry nt_syscall_entry_flags, after_syscall
 .global nt_sysenter
 nt_sysenter:
     pushfq
@@ -55,17 +62,7 @@ nt_sysenter:
     std
     sysenter
     ud2
-.global nt_sysenter_entry
-nt_sysenter_entry:
-    pushfq
-    pop rax
-    mov [rip + {flags}], rax
-    and rax, ~0x4400
-    push rax
-    popfq
-    lea rsp, [rip + {stack} + 4096]
-    call after_sysenter
-    ud2
+    entry nt_sysenter_entry, after_sysenter
 .global nt_tf_sysenter
 nt_tf_sysenter:
     pushfq
@@ -73,17 +70,7 @@ nt_tf_sysenter:
     popfq
     sysenter
     ud2
-.global nt_tf_sysenter_entry
-nt_tf_sysenter_entry:
-    pushfq
-    pop rax
-    mov [rip + {flags}], rax
-    and rax, ~0x4000
-    push rax
-    popfq
-    lea rsp, [rip + {stack} + 4096]
-    call after_tf_sysenter
-    ud2
+    entry nt_tf_sysenter_entry, after_tf_sysenter
 "#,
     r11 = sym SEEN_R11,
     flags = sym SEEN_FLAGS,
@@ -176,7 +163,7 @@ fn fault_handler(frame: &mut Frame) {
     if frame.vector == 1 && frame.rip == nt_tf_sysenter_entry as *const () as u64 {
         // The single step after SYSENTER, on the entry point: record, stop stepping, go on.
         DB_FLAGS.store(frame.rflags, Ordering::SeqCst);
-        frame.rflags &= !(1 << 8);
+        frame.rflags &= !RFLAGS_TF;
         return;
     }
     println!(
