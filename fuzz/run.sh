@@ -128,7 +128,7 @@ echo "fuzz/run.sh: $target: $runs executions in this run (log: target/fuzz/$targ
 if [[ $status -ne 0 ]]; then
     if grep -q "libFuzzer: run interrupted" "$OUT/$target.log"; then
         # Ctrl-C (SIGINT): libFuzzer stops early and still prints its counts; nothing failed.
-        echo "fuzz/run.sh: $target: interrupted before SECONDS; no failure" >&2
+        echo "fuzz/run.sh: $target: interrupted before ${seconds} s; no failure" >&2
         exit 0
     fi
     echo "fuzz/run.sh: $target: crash; the input is in target/fuzz/artifacts/$target/" >&2
