@@ -6,8 +6,8 @@
 #   ./fuzz/run.sh shadow_mmu 600      the same for the shadow MMU
 #   ./fuzz/run.sh --merge emulator    minimize the working corpus into fuzz/corpus/emulator
 #
-# Exit status: 0 nothing found (also when interrupted with Ctrl-C), 1 a crash was found (the input is in target/fuzz/artifacts/),
-# 2 bad usage or a failed build.
+# Exit status: 0 nothing found (also when interrupted with Ctrl-C), 1 a crash was found (the
+# input is in target/fuzz/artifacts/), 2 bad usage or a failed build.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

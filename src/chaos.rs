@@ -171,15 +171,6 @@ enum HoleInstruction {
     Lar,
 }
 
-/// Whether `instruction` loads RFLAGS from memory (POPF, IRET).
-#[cfg(test)]
-fn loads_rflags(instruction: &Instruction) -> bool {
-    matches!(
-        instruction.mnemonic(),
-        Mnemonic::Popf | Mnemonic::Popfq | Mnemonic::Iret | Mnemonic::Iretd | Mnemonic::Iretq
-    )
-}
-
 /// Whether `instruction` is RCL or RCR: after one QEMU's TCG leaves SF, ZF, AF and PF (which
 /// they do not affect) different natively and under the VMM (`qemu_lazy_flags`).
 fn rotates_through_carry(instruction: &Instruction) -> bool {
@@ -740,7 +731,7 @@ fn classify(
             at >= code_address && bytes.get((at - code_address) as usize) == Some(&0xCD)
         });
     let mut unexplained = Vec::new();
-    let mut rcl_rcr = false;
+    let mut lazy_flags = false;
     let lazy_flags_written = lazy_flags_destinations(path);
     for (field, n, v) in &differing {
         let explained = match field.as_str() {
@@ -767,7 +758,7 @@ fn classify(
                     && (faulting_reader || path.iter().any(rotates_through_carry))
                 {
                     bits &= !RFLAGS_ARITHMETIC;
-                    rcl_rcr = true;
+                    lazy_flags = true;
                 }
                 bits &= !undefined_flags(path);
                 if !hole_instructions.is_empty() {
@@ -776,7 +767,7 @@ fn classify(
                 bits == 0
             }
             field if lazy_flags_written.iter().any(|w| w == field) => {
-                rcl_rcr = true;
+                lazy_flags = true;
                 true
             }
             field => !hole_instructions.is_empty() && hole_may_change(field),
@@ -842,7 +833,7 @@ fn classify(
         }
     }
     names.extend(deviation.map(|(name, _)| name));
-    if rcl_rcr {
+    if lazy_flags {
         names.push("qemu_lazy_flags");
     }
     if names.is_empty() {
@@ -904,6 +895,14 @@ mod tests {
         assert!(!int_gp_error_codes(0x1a, 0x1a));
         assert!(!int_gp_error_codes(0x32, 0x18)); // the IDT bit lost
         assert!(!int_gp_error_codes(0x32, 0x22)); // another vector
+    }
+
+    /// Whether `instruction` loads RFLAGS from memory (POPF, IRET).
+    fn loads_rflags(instruction: &Instruction) -> bool {
+        matches!(
+            instruction.mnemonic(),
+            Mnemonic::Popf | Mnemonic::Popfq | Mnemonic::Iret | Mnemonic::Iretd | Mnemonic::Iretq
+        )
     }
 
     #[test]

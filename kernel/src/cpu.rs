@@ -128,10 +128,10 @@ extern "C" {
 /// Points the real SYSCALL at the VMM's entry stub (asm/trap_entry.S): IA32_LSTAR, CS/SS from
 /// IA32_STAR (host code and data), IA32_FMASK clearing IF, TF, DF and AC so nothing runs
 /// between the instruction and the stub's stack switch, and NT, which a guest's POPF may set
-/// at any CPL and which would make the host's own IRETQ #GP(0) (IA-32e mode has no task return,
-/// SDM Vol. 2A, IRET; the `nt-syscall-sysenter` guest panicked the host that way). Both SYSCALL (EFER.SCE) and SYSENTER
-/// start disabled: they follow the guest's own settings ([`set_syscall_enabled`],
-/// [`set_sysenter_enabled`]).
+/// at any CPL and which would make the host's own IRETQ #GP(0) (IA-32e mode has no task
+/// return, SDM Vol. 2A, IRET; the `nt-syscall-sysenter` guest panicked the host that way).
+/// Both SYSCALL (EFER.SCE) and SYSENTER start disabled: they follow the guest's own settings
+/// ([`set_syscall_enabled`], [`set_sysenter_enabled`]).
 pub fn enable_fast_syscall_entries() {
     use vmm_core::cpu::state::rflags;
     const FMASK: u64 = rflags::IF | rflags::TF | rflags::DF | rflags::AC | rflags::NT;

@@ -36,10 +36,16 @@ pub const PF_RSVD: u64 = 1 << 3;
 /// I/D.
 pub const PF_ID: u64 = 1 << 4;
 
+/// RFLAGS.CF (carry).
+pub const RFLAGS_CF: u64 = 1 << 0;
 /// RFLAGS.TF (single-step).
 pub const RFLAGS_TF: u64 = 1 << 8;
 /// RFLAGS.IF.
 pub const RFLAGS_IF: u64 = 1 << 9;
+/// RFLAGS.DF (direction).
+pub const RFLAGS_DF: u64 = 1 << 10;
+/// RFLAGS.NT (nested task).
+pub const RFLAGS_NT: u64 = 1 << 14;
 
 /// A 64-bit code descriptor (L = 1) with this DPL (SDM Vol. 3 §3.4.5).
 pub const fn code64(dpl: u64) -> u64 {

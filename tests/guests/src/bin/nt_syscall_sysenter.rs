@@ -15,12 +15,9 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use test_guests::machine::{self, Frame, RFLAGS_TF};
+use test_guests::machine::{self, Frame, RFLAGS_CF, RFLAGS_DF, RFLAGS_NT, RFLAGS_TF};
 use test_guests::{exit, println, rdmsr, wrmsr};
 
-const RFLAGS_NT: u64 = 1 << 14;
-const RFLAGS_CF: u64 = 1 << 0;
-const RFLAGS_DF: u64 = 1 << 10;
 static mut ENTRY_STACK: [u64; 512] = [0; 512];
 static SEEN_R11: AtomicU64 = AtomicU64::new(0);
 static SEEN_FLAGS: AtomicU64 = AtomicU64::new(0);
@@ -108,7 +105,8 @@ extern "C" fn _start(info: *const boot::BootInfo) -> ! {
     let stack = core::ptr::addr_of!(ENTRY_STACK) as u64 + 4096;
     wrmsr(0x175, stack); // SYSENTER_ESP
     wrmsr(0x176, nt_sysenter_entry as *const () as u64); // SYSENTER_EIP
-                                                         // SAFETY: the entry point moves to ENTRY_STACK and calls `after_syscall`.
+
+    // SAFETY: the entry point moves to ENTRY_STACK and calls `after_syscall`.
     unsafe { nt_syscall() }
 }
 
